@@ -1,0 +1,1 @@
+"""Thin Dagster assets over ``core``: each calls the library and attaches metadata."""

@@ -1,0 +1,29 @@
+"""What every asset does the same way: resolve its SAE, store a table, describe it in metadata."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+from core.registry import SaeRef, parse_key
+from orchestration.resources import StoreResource
+
+
+def sae_of(context: dg.AssetExecutionContext) -> SaeRef:
+    """The SAE named by the run's partition key."""
+    return parse_key(context.partition_key)
+
+
+def store_table(store: StoreResource, table: str, key: str, frame: pd.DataFrame) -> dict[str, dg.MetadataValue]:
+    """Write one partition's rows (atomically) and refresh the DuckDB views; return metadata saying
+    where the rows are and how to query them."""
+    tables = store.tables()
+    path = tables.write(table, key, frame)
+    views_ok = tables.refresh_views()
+    return {
+        f"{table}/rows": dg.MetadataValue.int(len(frame)),
+        f"{table}/parquet": dg.MetadataValue.path(str(path)),
+        f"{table}/duckdb": dg.MetadataValue.text(
+            f"{tables.db_path} view {table}" + ("" if views_ok else " (view refresh deferred: database busy)")
+        ),
+    }

@@ -1,0 +1,62 @@
+"""Which SAEs a release holds right now, and the files each SAE and its model need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from core.errors import WeightFileError
+from core.hub import Hub, Snapshot
+from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint
+from core.registry import Release, SaeRef, get_release
+from core.sae_formats import FORMATS
+
+
+@dataclass(frozen=True)
+class ReleaseListing:
+    """A release's SAE repository at one revision and the SAEs found in it."""
+
+    release: Release
+    revision: str
+    saes: list[SaeRef]
+
+
+def hub_for(release: Release, hub: Hub) -> Hub:
+    """Planted releases exist only in the local cache (the generator writes them there): always read
+    them offline, so a machine with hub access never asks the hub for them."""
+    return replace(hub, offline=True) if release.planted else hub
+
+
+def discover_saes(release_id: str, hub: Hub) -> ReleaseListing:
+    """List the SAE repository (hub, or the cache offline) and match the registry's folder pattern."""
+    release = get_release(release_id)
+    revision, files = hub_for(release, hub).list_files(release.sae_repo)
+    marker = FORMATS[release.format].files[0]
+    return ReleaseListing(release=release, revision=revision, saes=release.discover(files, marker))
+
+
+def fetch_sae(ref: SaeRef, hub: Hub) -> Snapshot:
+    """Download one SAE's files (only its folder)."""
+    release = get_release(ref.release)
+    return hub_for(release, hub).fetch(release.sae_repo, [f"{ref.folder}/{name}" for name in FORMATS[release.format].files])
+
+
+def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
+    """Download a release's model: its JSON files (config, shard index, tokenizer), then only the shards
+    that hold the tensors the analysis reads."""
+    release = get_release(release_id)
+    hub = hub_for(release, hub)
+    snapshot = hub.fetch(release.model_repo, ["*.json"])
+    checkpoint = ModelCheckpoint(snapshot.root)
+    needed = ModelCheckpoint.needed_tensors(checkpoint.geometry)
+    if snapshot.path(INDEX_FILE).exists():
+        weight_map = checkpoint.weight_map
+        missing = [n for n in needed if n not in weight_map]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise WeightFileError(snapshot.path(INDEX_FILE), f"weight map lacks tensors the analysis needs: {shown}")
+        shards = sorted({weight_map[n] for n in needed})
+    else:
+        shards = [SINGLE_FILE]
+    snapshot = hub.fetch(release.model_repo, ["*.json", *shards], revision=snapshot.revision)
+    return snapshot, ModelCheckpoint(snapshot.root)
+

@@ -1,0 +1,49 @@
+"""Engine statistics (``core.engine.RowStats``) as long-format DataFrames for the result tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from core.engine import RowStats
+from core.registry import SaeRef
+
+SUMMARY_COLUMNS = ("mean", "std", "median", "p75", "softmax_max", "softmax_entropy", "topk_mass")
+
+
+def summary_frame(stats: RowStats) -> pd.DataFrame:
+    """One row per engine row: ``row`` plus the summary statistics and ``top_mean`` (mean of top-k values)."""
+    frame = pd.DataFrame({name: getattr(stats, name).numpy() for name in SUMMARY_COLUMNS})
+    frame.insert(0, "row", range(len(frame)))
+    frame["top_mean"] = stats.top_values.mean(dim=1).numpy()
+    return frame
+
+
+def topk_frame(stats: RowStats, tokens: list[str]) -> pd.DataFrame:
+    """Top-k and bottom-k columns per row: ``row, side ('top'|'bottom'), rank (1 = most extreme),
+    token_id, token, value``."""
+    parts = []
+    for side, ids, values in (("top", stats.top_ids, stats.top_values), ("bottom", stats.bottom_ids, stats.bottom_values)):
+        n, k = ids.shape
+        flat_ids = ids.reshape(-1).tolist()
+        parts.append(
+            pd.DataFrame(
+                {
+                    "row": torch.arange(n).repeat_interleave(k).numpy(),
+                    "side": side,
+                    "rank": torch.arange(1, k + 1).repeat(n).numpy(),
+                    "token_id": flat_ids,
+                    "token": [tokens[i] for i in flat_ids],
+                    "value": values.reshape(-1).numpy(),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def with_sae(frame: pd.DataFrame, ref: SaeRef) -> pd.DataFrame:
+    """Prefix the SAE's identity columns ``release, sae_id, layer`` (every table carries them)."""
+    out = frame.copy()
+    for i, (name, value) in enumerate((("release", ref.release), ("sae_id", ref.sae_id), ("layer", ref.layer))):
+        out.insert(i, name, value)
+    return out

@@ -1,0 +1,200 @@
+"""SAE weight formats behind one interface: each format reads a folder into ``SaeWeights``.
+
+Conventions of ``SaeWeights`` (SAELens' ``W_enc``/``W_dec`` orientation), whatever the file layout:
+``W_enc (d_model, d_sae)``, ``W_dec (d_sae, d_model)``, ``b_enc (d_sae)``, ``b_dec (d_model)``,
+``threshold (d_sae)`` (JumpReLU: feature i fires when ``x·W_enc[:, i] + b_enc[i] > threshold[i]``), all
+float32 on CPU. The decoder keeps its raw row norms — unit directions go to the interaction math and the
+norms to the magnitude analysis.
+
+Formats:
+- Gemma Scope (``google/gemma-scope-*``): ``params.npz`` with exactly those five float32 arrays, decoder
+  rows unit-norm by training. Read with ``allow_pickle=False``: a pickled object is refused.
+- Llama Scope (``fnlp/Llama3_1-8B-Base-L*``): ``checkpoints/final.safetensors`` (bf16, PyTorch Linear
+  layout ``encoder.weight [d_sae, d_model]``, ``decoder.weight [d_model, d_sae]``) and
+  ``hyperparams.json``. Inputs are scaled by ``s = sqrt(d_model) / dataset_average_activation_norm.in``
+  before encoding (``norm_activation: dataset-wise``); that scale is folded into ``W_enc`` so the encoder
+  reads the raw residual stream, and the scalar ``jump_relu_threshold`` becomes a per-feature vector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from core.errors import WeightFileError
+
+
+@dataclass(frozen=True)
+class SaeWeights:
+    """One SAE's parameters in SAELens orientation (see module docstring), float32."""
+
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor
+    source: str  # the file the weights came from
+
+    @property
+    def d_model(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def encoder_norms(self) -> torch.Tensor:
+        """||W_enc[:, i]||, shape (d_sae,)."""
+        return self.W_enc.norm(dim=0)
+
+    @property
+    def decoder_norms(self) -> torch.Tensor:
+        """||W_dec[i]||, shape (d_sae,)."""
+        return self.W_dec.norm(dim=1)
+
+    def decoder_directions(self) -> torch.Tensor:
+        """Unit decoder directions d_i = W_dec[i] / ||W_dec[i]||, shape (d_sae, d_model)."""
+        return self.W_dec / self.decoder_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+
+    def encoder_directions(self) -> torch.Tensor:
+        """Unit encoder directions e_i = W_enc[:, i] / ||W_enc[:, i]||, as rows (d_sae, d_model)."""
+        return (self.W_enc / self.encoder_norms.clamp_min(torch.finfo(torch.float32).tiny)).T.contiguous()
+
+
+class SaeFormat(Protocol):
+    """A weight format: the files an SAE folder holds (the first marks an SAE) and how to read them."""
+
+    files: tuple[str, ...]
+
+    def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
+        """Read and validate; ``d_model`` is the model's residual width the SAE must match."""
+        ...
+
+
+def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | None = None) -> SaeWeights:
+    """Check shapes, dtypes and finiteness of SAELens-oriented tensors; return float32 ``SaeWeights``.
+
+    ``d_model``, when given, is the model's residual width the SAE must match.
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise WeightFileError(source, f"{name} has dtype {t.dtype}, expected a floating-point type")
+    W_enc, W_dec = tensors["W_enc"], tensors["W_dec"]
+    if W_enc.ndim != 2:
+        raise WeightFileError(source, f"W_enc must be 2-D (d_model, d_sae), got shape {tuple(W_enc.shape)}")
+    dm, ds = W_enc.shape
+    expected = {"W_dec": (ds, dm), "b_enc": (ds,), "b_dec": (dm,), "threshold": (ds,)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise WeightFileError(
+                source, f"{name} has shape {tuple(tensors[name].shape)}, expected {shape} given W_enc {(dm, ds)}"
+            )
+    if d_model is not None and dm != d_model:
+        raise WeightFileError(source, f"SAE d_model {dm} does not match the model's hidden size {d_model}")
+    out = {name: t.to(torch.float32).contiguous() for name, t in tensors.items()}
+    for name, t in out.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise WeightFileError(source, f"{name} has {bad} NaN/Inf values")
+    if bool((out["W_dec"].norm(dim=1) == 0).any()):
+        raise WeightFileError(source, "W_dec has all-zero rows (dead features cannot be given a direction)")
+    return SaeWeights(source=str(source), **out)
+
+
+class GemmaScopeNpz:
+    """Gemma Scope ``params.npz`` (see module docstring)."""
+
+    files = ("params.npz",)
+    names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+    def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
+        path = folder / self.files[0]
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                missing = [n for n in self.names if n not in npz.files]
+                if missing:
+                    raise WeightFileError(path, f"missing arrays {missing} (has {sorted(npz.files)})")
+                arrays = {n: torch.from_numpy(np.array(npz[n])) for n in self.names}
+        except WeightFileError:
+            raise
+        except FileNotFoundError as exc:
+            raise WeightFileError(path, "file not found") from exc
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise WeightFileError(path, f"unreadable npz ({type(exc).__name__}: {exc})") from exc
+        return validated(path, arrays, d_model)
+
+
+class LlamaScopeSafetensors:
+    """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json`` (see module docstring)."""
+
+    files = ("checkpoints/final.safetensors", "hyperparams.json")
+
+    def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
+        weights_path, hp_path = (folder / f for f in self.files)
+        hp = read_json(hp_path)
+        try:
+            hp_d_model = int(hp["d_model"])
+            threshold = float(hp["jump_relu_threshold"])
+            scale = 1.0
+            if hp.get("norm_activation") == "dataset-wise":
+                scale = math.sqrt(hp_d_model) / float(hp["dataset_average_activation_norm"]["in"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightFileError(hp_path, f"missing or malformed hyperparameter: {exc!r}") from exc
+        raw = read_safetensors(weights_path, ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"])
+        d_sae = raw["encoder.bias"].shape[0] if raw["encoder.bias"].ndim == 1 else -1
+        tensors = {
+            "W_enc": raw["encoder.weight"].T * scale,
+            "W_dec": raw["decoder.weight"].T,
+            "b_enc": raw["encoder.bias"],
+            "b_dec": raw["decoder.bias"],
+            "threshold": torch.full((max(d_sae, 0),), threshold),
+        }
+        if hp.get("d_sae") is not None and int(hp["d_sae"]) != d_sae:
+            raise WeightFileError(weights_path, f"has d_sae {d_sae} but {hp_path.name} says {hp['d_sae']}")
+        if d_model is not None and hp_d_model != d_model:
+            raise WeightFileError(hp_path, f"d_model {hp_d_model} does not match the model's hidden size {d_model}")
+        return validated(weights_path, tensors, d_model=hp_d_model)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a WeightFileError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise WeightFileError(path, "file not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightFileError(path, f"unreadable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise WeightFileError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Only the named tensors of a safetensors file (memory-mapped read), with file-naming errors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            missing = [n for n in names if n not in f.keys()]
+            if missing:
+                raise WeightFileError(path, f"missing tensors {missing}")
+            return {n: f.get_tensor(n) for n in names}
+    except WeightFileError:
+        raise
+    except FileNotFoundError as exc:
+        raise WeightFileError(path, "file not found") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightFileError(path, f"unreadable safetensors ({exc})") from exc
+
+
+FORMATS: dict[str, SaeFormat] = {
+    "gemma_scope_npz": GemmaScopeNpz(),
+    "llama_scope_safetensors": LlamaScopeSafetensors(),
+}

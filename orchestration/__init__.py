@@ -1,0 +1,1 @@
+"""Dagster wiring: Definitions, resources, partitions, sensors, schedules, checks."""

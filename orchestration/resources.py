@@ -1,0 +1,66 @@
+"""Resources: where weights come from (hub), where results go (store), how to compute (device)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+import torch
+
+from core.hub import Hub
+from core.storage import TableStore
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> str:
+    """``$WEIGHTLENS_DATA_DIR`` or ``<project>/data``."""
+    return os.environ.get("WEIGHTLENS_DATA_DIR", str(PROJECT_ROOT / "data"))
+
+
+class HubResource(dg.ConfigurableResource):
+    """Hugging Face hub access. ``cache_dir`` None = huggingface_hub's default cache (HF_HUB_CACHE /
+    HF_HOME); ``offline`` None = follow HF_HUB_OFFLINE. The token is never part of this config: it is
+    read by huggingface_hub from HF_TOKEN or ``hf auth login``."""
+
+    cache_dir: Optional[str] = None
+    offline: Optional[bool] = None
+
+    def client(self) -> Hub:
+        return Hub(cache_dir=Path(self.cache_dir) if self.cache_dir else None, offline=self.offline)
+
+
+class StoreResource(dg.ConfigurableResource):
+    """The data directory: Parquet tables + ``results.duckdb`` views, plots and reports."""
+
+    data_dir: str = default_data_dir()
+
+    def tables(self) -> TableStore:
+        return TableStore(self.data_dir)
+
+    def artifacts(self, kind: str) -> Path:
+        """A sub-directory for files users open directly (``plots``, ``reports``)."""
+        path = Path(self.data_dir).resolve() / kind
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Interaction-engine settings. ``device`` None = CUDA when available, else CPU; ``dtype`` is the
+    matmul precision (statistics are always accumulated in float32)."""
+
+    device: Optional[str] = None
+    dtype: str = "float32"
+    top_k: int = 10
+    null_directions: int = 1024
+
+    def torch_dtype(self) -> torch.dtype:
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if self.dtype not in dtypes:
+            raise ValueError(f"compute dtype {self.dtype!r} is not one of {sorted(dtypes)}")
+        return dtypes[self.dtype]
+
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up, generate the planted releases into the hub cache, materialise the whole chain, start the UI.
+#   bash scripts/demo.sh            (ends by serving the Dagster UI on http://127.0.0.1:3000)
+#   bash scripts/demo.sh --no-ui    (stops after materialising)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+export HF_HUB_OFFLINE=1   # the planted releases live only in the local hub cache
+python -m core.planted --cache-dir "$HF_HUB_CACHE"
+python -m orchestration.cli materialize
+cat <<MSG
+
+Results: $WEIGHTLENS_DATA_DIR/results.duckdb (DuckDB views over $WEIGHTLENS_DATA_DIR/tables/*/)
+Reports: $WEIGHTLENS_DATA_DIR/reports/<release>/report.md
+Example query:
+  .venv/bin/python -c "import duckdb; print(duckdb.connect('$WEIGHTLENS_DATA_DIR/results.duckdb', read_only=True).sql(\"SELECT release, layer, round(avg(output_predicting::int), 3) AS fraction FROM feature_classes GROUP BY ALL ORDER BY ALL\"))"
+MSG
+if [ "${1:-}" != "--no-ui" ]; then
+  echo "Dagster UI: http://127.0.0.1:3000  (Ctrl-C to stop)"
+  exec dagster dev -h 127.0.0.1 -p 3000
+fi
