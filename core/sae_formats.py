@@ -149,10 +149,11 @@ class LlamaScopeSafetensors:
                 scale = math.sqrt(hp_d_model) / float(hp["dataset_average_activation_norm"]["in"])
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightFileError(hp_path, f"missing or malformed hyperparameter: {exc!r}") from exc
-        raw = read_safetensors(weights_path, ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"])
+        names = ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
+        raw = {n: t.float() if t.is_floating_point() else t for n, t in read_safetensors(weights_path, names).items()}
         d_sae = raw["encoder.bias"].shape[0] if raw["encoder.bias"].ndim == 1 else -1
         tensors = {
-            "W_enc": raw["encoder.weight"].T * scale,
+            "W_enc": raw["encoder.weight"].T * scale,  # scaled in float32, not in the file's bf16
             "W_dec": raw["decoder.weight"].T,
             "b_enc": raw["encoder.bias"],
             "b_dec": raw["decoder.bias"],
