@@ -1,7 +1,5 @@
 """Feature-classification assets."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from assets.common import sae_of, store_table

@@ -1,7 +1,5 @@
 """What every asset does the same way: resolve its SAE, store a table, describe it in metadata."""
 
-from __future__ import annotations
-
 import dagster as dg
 import pandas as pd
 

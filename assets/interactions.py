@@ -1,7 +1,5 @@
 """Interaction assets: weight-only circuits between SAE features and the vocabulary."""
 
-from __future__ import annotations
-
 import time
 
 import dagster as dg

@@ -1,7 +1,5 @@
 """Report asset: the paper's claims measured over every stored SAE, per release, with plots."""
 
-from __future__ import annotations
-
 import base64
 import os
 
@@ -10,7 +8,7 @@ import dagster as dg
 from assets.common import store_table
 from core.claims import output_fraction_by_layer, recovery, render_report
 from core.plots import output_fraction_plot
-from core.planted import load_truth
+from core.truth import load_truth
 from core.registry import get_release
 from orchestration.resources import HubResource, StoreResource
 

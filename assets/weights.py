@@ -1,7 +1,5 @@
 """Weight assets: fetch and verify an SAE and its model, record provenance and per-feature norms."""
 
-from __future__ import annotations
-
 import dagster as dg
 import pandas as pd
 
