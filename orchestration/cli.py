@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import dagster as dg
 
@@ -34,15 +34,17 @@ def register_partitions(instance: dg.DagsterInstance, release_ids: Sequence[str]
     return keys
 
 
-def materialize_all(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:
+def materialize_all(
+    instance: dg.DagsterInstance, keys: Sequence[str], resources: Mapping[str, dg.ConfigurableResource]
+) -> None:
     """Materialise the SAE chain for every key, then the report; stop at the first failure."""
     for i, key in enumerate(keys, 1):
         print(f"[{i}/{len(keys)}] {key}", flush=True)
-        result = dg.materialize(SAE_ASSETS, partition_key=key, instance=instance, resources=resources(), raise_on_error=False)
+        result = dg.materialize(SAE_ASSETS, partition_key=key, instance=instance, resources=resources, raise_on_error=False)
         if not result.success:
             raise SystemExit(f"materialisation of {key} failed; see the run in the Dagster UI")
-    if not dg.materialize([claims_report], instance=instance, resources=resources()).success:
-        raise SystemExit("claims_report failed")
+    if not dg.materialize([claims_report], instance=instance, resources=resources, raise_on_error=False).success:
+        raise SystemExit("claims_report failed; see the run in the Dagster UI")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     releases = args.releases or [r.id for r in load_registry().values() if r.planted]
     with dg.DagsterInstance.get() as instance:
         keys = register_partitions(instance, releases, HubResource())
-        materialize_all(instance, keys)
+        materialize_all(instance, keys, resources())
     print("done: every SAE partition and the claims report are materialised", file=sys.stderr)
 
 

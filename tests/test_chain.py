@@ -1,0 +1,166 @@
+"""The whole asset chain on the planted releases, on a real (ephemeral) Dagster instance, offline.
+
+Weights → output lens → feature classes → report, read back from DuckDB; then bad inputs through the
+same chain: each a clear error naming the file, and the rows stored before are still there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from core.hub_cache import write_snapshot
+from core.registry import get_release, parse_key
+from orchestration.cli import materialize_all, register_partitions
+from orchestration.definitions import SAE_ASSETS, defs
+from orchestration.resources import ComputeResource, HubResource, StoreResource
+PLANTED = ("planted-gemma", "planted-llama")
+
+
+def chain_resources(cache: Path, data: Path) -> dict[str, dg.ConfigurableResource]:
+    return {
+        "hub": HubResource(cache_dir=str(cache), offline=True),
+        "store": StoreResource(data_dir=str(data)),
+        "compute": ComputeResource(device="cpu"),
+    }
+
+
+@pytest.fixture(scope="module")
+def chain(planted_cache, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    resources = chain_resources(planted_cache, data)
+    instance = dg.DagsterInstance.ephemeral()
+    keys = register_partitions(instance, PLANTED, resources["hub"])
+    materialize_all(instance, keys, resources)
+    return instance, data, keys
+
+
+def truth(cache: Path, release_id: str) -> dict:
+    repo = get_release(release_id).sae_repo.replace("/", "--")
+    (path,) = (cache / f"models--{repo}" / "snapshots").glob("*/planted_truth.json")
+    return json.loads(path.read_text())
+
+
+def test_definitions_load():
+    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
+        "sae_weights", "model_weights", "output_lens_tables", "feature_classes", "claims_report",
+    }
+
+
+def test_every_sae_partition_is_registered_and_materialised(chain):
+    instance, _, keys = chain
+    assert len(keys) == 6 + 8
+    assert set(instance.get_dynamic_partitions("sae")) == set(keys)
+    for asset in ("sae_weights", "output_lens_tables", "feature_classes"):
+        done = instance.get_materialized_partitions(dg.AssetKey(asset))
+        assert done == set(keys), asset
+    record = instance.get_latest_materialization_event(dg.AssetKey("sae_weights"))
+    assert record.asset_materialization.metadata["revision"].value  # the hub revision sha is recorded
+
+
+def test_tables_are_queryable_from_duckdb(chain):
+    _, data, keys = chain
+    with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
+        tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        assert {"sae_features", "output_lens_tokens", "output_lens_stats", "feature_classes", "output_fraction_by_layer"} <= tables
+        per_sae = dict(con.execute("SELECT release || ':' || sae_id, count(*) FROM sae_features GROUP BY ALL").fetchall())
+        assert set(per_sae) == set(keys)
+        assert per_sae["planted-gemma:layer_0/width_512/average_l0_32"] == 512
+        assert per_sae["planted-llama:l0r_8x"] == 1024
+        tokens = con.execute(
+            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 2"
+        ).fetchone()[0]
+        assert tokens == 1024 * 2 * 10  # top and bottom 10 per feature
+        nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE kind = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
+        assert nulls == 1024
+
+
+@pytest.mark.parametrize("release_id", PLANTED)
+def test_planted_output_tokens_are_recovered(chain, planted_cache, release_id):
+    """Each planted semantic feature's top output tokens are its planted token group."""
+    _, data, _ = chain
+    t = truth(planted_cache, release_id)
+    groups = {g["id"]: set(g["token_ids"]) for g in t["token_groups"]}
+    with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
+        top = con.execute(
+            "SELECT sae_id, feature, list(token_id ORDER BY rank) FROM output_lens_tokens "
+            "WHERE release = ? AND side = 'top' AND rank <= 5 GROUP BY ALL",
+            [release_id],
+        ).fetchall()
+    top = {(sae_id, feature): ids for sae_id, feature, ids in top}
+    checked = 0
+    for sae_id, sae in t["saes"].items():
+        for f in sae["semantic_features"]:
+            assert set(top[(sae_id, f["index"])]) <= groups[f["output_group"]], (sae_id, f["index"])
+            checked += 1
+    assert checked == round(t["semantic_fraction"] * len(top))
+
+
+@pytest.mark.parametrize("release_id", PLANTED)
+def test_output_predicting_fraction_matches_planted_truth(chain, planted_cache, release_id):
+    _, data, _ = chain
+    t = truth(planted_cache, release_id)
+    with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
+        calls = con.execute(
+            "SELECT sae_id, feature, output_predicting FROM feature_classes WHERE release = ?", [release_id]
+        ).df()
+    planted = {(s, f["index"]) for s, sae in t["saes"].items() for f in sae["semantic_features"]}
+    called = {(s, f) for s, f, hit in calls.itertuples(index=False) if hit}
+    assert planted <= called  # every planted feature found
+    false_positive_rate = len(called - planted) / (len(calls) - len(planted))
+    assert false_positive_rate < 0.03  # the null is calibrated at P99: about 1 % expected
+    assert abs(len(called) / len(calls) - t["semantic_fraction"]) < 0.02
+
+
+def test_report_and_plot_written(chain):
+    _, data, _ = chain
+    for release_id in PLANTED:
+        report = (data / "reports" / release_id / "report.md").read_text()
+        assert "C1 output-predicting fraction" in report and "Planted ground truth" in report
+        png = (data / "reports" / release_id / "c1_output_fraction.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def copy_cache(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_corrupt_sae_revision_fails_clearly_and_keeps_stored_rows(chain, planted_cache, tmp_path):
+    """A new hub revision with a truncated params.npz: the run fails naming the file; the rows of the
+    previous materialisation of that partition are untouched."""
+    instance, data, _ = chain
+    cache = copy_cache(planted_cache, tmp_path / "cache")
+    key = "planted-gemma:layer_2/width_512/average_l0_32"
+    ref = parse_key(key)
+    repo = get_release("planted-gemma").sae_repo
+    npz = next((cache / f"models--{repo.replace('/', '--')}" / "snapshots").glob(f"*/{ref.folder}/params.npz"))
+    write_snapshot(cache, repo, {f"{ref.folder}/params.npz": npz.read_bytes()[:1000]})
+    before = (data / "tables" / "sae_features").glob("*")
+    before = {p.name: p.read_bytes() for p in before}
+    result = dg.materialize(
+        SAE_ASSETS, partition_key=key, instance=instance, resources=chain_resources(cache, data), raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
+    assert "params.npz: unreadable npz" in message
+    assert {p.name: p.read_bytes() for p in (data / "tables" / "sae_features").glob("*")} == before
+
+
+def test_offline_empty_cache_and_missing_layer_are_clear_errors(chain, tmp_path):
+    instance, data, _ = chain
+    result = dg.materialize(
+        SAE_ASSETS[:1], partition_key="planted-llama:l3r_8x", instance=instance,
+        resources=chain_resources(tmp_path / "empty-cache", data), raise_on_error=False,
+    )
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    text = str(failure.step_failure_data.error.to_string())
+    assert "planted/Llama-Scope-tiny-LXR-8x" in text and "is not in" in text and "HF_HUB_OFFLINE" in text
+    with pytest.raises(Exception, match="layer 9 is outside release 'planted-llama'"):
+        parse_key("planted-llama:l9r_8x")
