@@ -7,7 +7,6 @@ from assets.classes import feature_classes
 from assets.interactions import output_lens_tables
 from assets.report import claims_report
 from assets.weights import model_weights, sae_weights
-from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
 SAE_ASSETS = [sae_weights, model_weights, output_lens_tables, feature_classes]
@@ -16,7 +15,6 @@ ALL_ASSETS = [*SAE_ASSETS, claims_report]
 sae_chain_job = dg.define_asset_job(
     "sae_chain",
     selection=dg.AssetSelection.assets(*SAE_ASSETS),
-    partitions_def=sae_partitions,
     description="Weights → output lens → feature classes for one SAE partition.",
 )
 report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(claims_report))

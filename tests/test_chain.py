@@ -126,6 +126,16 @@ def test_report_and_plot_written(chain):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def failure_text(result: dg.ExecuteInProcessResult) -> str:
+    """The messages of a failed step's error and its causes (what the UI shows)."""
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    error, parts = failure.step_failure_data.error, []
+    while error is not None:
+        parts.append(error.message)
+        error = error.cause
+    return "\n".join(parts)
+
+
 def copy_cache(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
@@ -147,9 +157,7 @@ def test_corrupt_sae_revision_fails_clearly_and_keeps_stored_rows(chain, planted
         SAE_ASSETS, partition_key=key, instance=instance, resources=chain_resources(cache, data), raise_on_error=False
     )
     assert not result.success
-    (failure,) = [e for e in result.all_events if e.is_step_failure]
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
-    assert "params.npz: unreadable npz" in message
+    assert f"{ref.folder}/params.npz: unreadable npz" in failure_text(result)
     assert {p.name: p.read_bytes() for p in (data / "tables" / "sae_features").glob("*")} == before
 
 
@@ -159,8 +167,7 @@ def test_offline_empty_cache_and_missing_layer_are_clear_errors(chain, tmp_path)
         SAE_ASSETS[:1], partition_key="planted-llama:l3r_8x", instance=instance,
         resources=chain_resources(tmp_path / "empty-cache", data), raise_on_error=False,
     )
-    (failure,) = [e for e in result.all_events if e.is_step_failure]
-    text = str(failure.step_failure_data.error.to_string())
+    text = failure_text(result)
     assert "planted/Llama-Scope-tiny-LXR-8x" in text and "is not in" in text and "HF_HUB_OFFLINE" in text
     with pytest.raises(Exception, match="layer 9 is outside release 'planted-llama'"):
         parse_key("planted-llama:l9r_8x")
