@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from core.errors import WeightFileError
-from core.hub import Hub, Snapshot
+from core.hub import Hub, Snapshot, content_id
 from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint
 from core.registry import Release, SaeRef, get_release
 from core.sae_formats import FORMATS
@@ -13,11 +13,18 @@ from core.sae_formats import FORMATS
 
 @dataclass(frozen=True)
 class ReleaseListing:
-    """A release's SAE repository at one revision and the SAEs found in it."""
+    """A release's SAE repository at one revision, the SAEs found in it and its files' content ids."""
 
     release: Release
     revision: str
     saes: list[SaeRef]
+    blobs: dict[str, str]
+
+    def sae_fingerprint(self, ref: SaeRef) -> str:
+        """Content id of one SAE's files (``core.hub.content_id``): it changes only when that SAE's bytes
+        change, and equals ``core.hub.fingerprint`` of the same files once downloaded."""
+        names = FORMATS[self.release.format].files
+        return content_id(self.blobs.get(f"{ref.folder}/{name}", "absent") for name in names)
 
 
 def hub_for(release: Release, hub: Hub) -> Hub:
@@ -29,9 +36,9 @@ def hub_for(release: Release, hub: Hub) -> Hub:
 def discover_saes(release_id: str, hub: Hub) -> ReleaseListing:
     """List the SAE repository (hub, or the cache offline) and match the registry's folder pattern."""
     release = get_release(release_id)
-    revision, files = hub_for(release, hub).list_files(release.sae_repo)
+    revision, blobs = hub_for(release, hub).list_blobs(release.sae_repo)
     marker = FORMATS[release.format].files[0]
-    return ReleaseListing(release=release, revision=revision, saes=release.discover(files, marker))
+    return ReleaseListing(release=release, revision=revision, saes=release.discover(blobs, marker), blobs=blobs)
 
 
 def fetch_sae(ref: SaeRef, hub: Hub) -> Snapshot:

@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
@@ -20,6 +21,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.hf_api import RepoFile
+
+from core.errors import HubError
 
 
 def offline_from_env() -> bool:
@@ -91,19 +95,27 @@ class Hub:
             raise HubError(f"{repo_id}@{snapshot.revision}: files not in the repository: {missing}")
         return snapshot
 
-    def list_files(self, repo_id: str, revision: str | None = None) -> tuple[str, list[str]]:
-        """(commit sha, all file paths) of a repository revision: from the hub, or offline the cache."""
+    def list_blobs(self, repo_id: str, revision: str | None = None) -> tuple[str, dict[str, str]]:
+        """(commit sha, {path: content id}) of a repository revision, from the hub or, offline, the cache.
+
+        The content id is what the cache names the file's blob: the sha256 for LFS files, the git blob
+        sha1 otherwise — so online and offline listings of the same revision agree, and a file whose
+        id is unchanged has unchanged bytes."""
         if self.is_offline:
-            snapshot = self.fetch(repo_id, ["*.json"], revision)  # resolves the ref in the cache only
-            return snapshot.revision, snapshot.files()
+            snapshot = self.fetch(repo_id, [], revision)  # resolves the ref in the cache only
+            return snapshot.revision, {path: file_fingerprint(snapshot.path(path)) for path in snapshot.files()}
+        api = HfApi()
         try:
-            info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
+            sha = str(api.model_info(repo_id, revision=revision).sha)
+            tree = api.list_repo_tree(repo_id, recursive=True, revision=sha)
+            blobs = {f.path: (f.lfs.sha256 if f.lfs else f.blob_id) for f in tree if isinstance(f, RepoFile)}
         except GatedRepoError as exc:
             raise HubError(f"{repo_id} is gated: set HF_TOKEN or run `hf auth login`") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise HubError(f"{repo_id}@{revision or 'main'}: not found on the hub") from exc
-        return str(info.sha), sorted(s.rfilename for s in info.siblings or [])
-
+        except OSError as exc:  # connection errors, timeouts, offline mode switched on by the environment
+            raise HubError(f"{repo_id}: the hub is not reachable ({type(exc).__name__}: {exc})") from exc
+        return sha, blobs
 
 def file_fingerprint(path: Path) -> str:
     """Content hash of a cached file: the blob name when ``path`` is a hub-cache symlink (the hub names
@@ -117,7 +129,11 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(paths: list[Path]) -> str:
-    """One short hash over several files' fingerprints (order-independent)."""
-    joined = "\n".join(sorted(file_fingerprint(p) for p in paths))
-    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+def content_id(ids: Iterable[str]) -> str:
+    """One short, order-independent hash over several content ids."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def fingerprint(paths: Iterable[Path]) -> str:
+    """``content_id`` of local files: equal to the same files' ids in a hub listing (``list_blobs``)."""
+    return content_id(file_fingerprint(p) for p in paths)

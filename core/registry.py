@@ -59,6 +59,7 @@ class Release:
     folder: str
     sae_id: str
     aliases: tuple[str, ...] = ()
+    track: bool = False
     planted: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def folder_regex(self) -> re.Pattern[str]:
