@@ -13,7 +13,6 @@ from orchestration.resources import StoreResource
 @dg.asset(
     partitions_def=sae_partitions,
     group_name="classes",
-    code_version="1",
     deps=["output_lens_tables"],
     kinds={"parquet"},
 )

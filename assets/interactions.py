@@ -20,7 +20,6 @@ from orchestration.resources import ComputeResource, HubResource, StoreResource
 @dg.asset(
     partitions_def=sae_partitions,
     group_name="interactions",
-    code_version="1",
     deps=["sae_weights", "model_weights"],
     pool="compute",
     kinds={"pytorch", "parquet"},

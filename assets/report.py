@@ -17,7 +17,6 @@ PLOT_NAME = "c1_output_fraction.png"
 
 @dg.asset(
     group_name="report",
-    code_version="1",
     deps=[dg.AssetDep("feature_classes", partition_mapping=dg.AllPartitionMapping())],
     kinds={"markdown", "seaborn"},
 )

@@ -13,7 +13,7 @@ from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource, StoreResource
 
 
-@dg.asset(partitions_def=sae_partitions, group_name="weights", code_version="1", kinds={"huggingface", "parquet"})
+@dg.asset(partitions_def=sae_partitions, group_name="weights", kinds={"huggingface", "parquet"})
 def sae_weights(context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource) -> dg.MaterializeResult:
     """One SAE's weights fetched from the hub cache and validated (shapes, dtype, finite values).
 
@@ -48,7 +48,7 @@ def sae_weights(context: dg.AssetExecutionContext, hub: HubResource, store: Stor
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fingerprint(files)))
 
 
-@dg.asset(partitions_def=sae_partitions, group_name="weights", code_version="1", kinds={"huggingface"})
+@dg.asset(partitions_def=sae_partitions, group_name="weights", kinds={"huggingface"})
 def model_weights(context: dg.AssetExecutionContext, hub: HubResource) -> dg.MaterializeResult:
     """The model the SAE reads: config.json geometry and only the safetensors shards holding the tensors
     the analysis needs (embedding, unembedding, norms, attention projections), each read and checked.

@@ -17,7 +17,7 @@ import dagster as dg
 
 from core.discovery import discover_saes
 from core.registry import load_registry
-from orchestration.definitions import SAE_ASSETS, claims_report, resources
+from orchestration.definitions import REPORT_ASSETS, SAE_ASSETS, resources
 from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource
 
@@ -43,7 +43,7 @@ def materialize_all(
         result = dg.materialize(SAE_ASSETS, partition_key=key, instance=instance, resources=resources, raise_on_error=False)
         if not result.success:
             raise SystemExit(f"materialisation of {key} failed; see the run in the Dagster UI")
-    if not dg.materialize([claims_report], instance=instance, resources=resources, raise_on_error=False).success:
+    if not dg.materialize(REPORT_ASSETS, instance=instance, resources=resources, raise_on_error=False).success:
         raise SystemExit("claims_report failed; see the run in the Dagster UI")
 
 

@@ -1,0 +1,46 @@
+"""The assets as the orchestration sees them — versioned and with automation conditions — and jobs.
+
+Automation (declarative; the default automation sensor runs it every 30 s once ``dagster dev`` is up):
+- weight assets rerun when their code version changes; new or changed SAE files reach them through
+  ``sae_release_sensor`` runs (it knows the hub, automation does not);
+- every downstream asset is ``eager() | code_version_changed()``: it reruns when a parent was updated
+  or its own code changed, and is left alone otherwise. ``eager()`` alone would ignore code changes.
+Partitions that were already missing when automation first saw them are not filled by ``eager()``:
+materialise them with ``python -m orchestration.cli materialize`` or a backfill in the UI.
+"""
+
+import sys
+
+import dagster as dg
+
+from assets.classes import feature_classes
+from assets.interactions import output_lens_tables
+from assets.report import claims_report
+from assets.weights import model_weights, sae_weights
+from orchestration.versions import code_version
+
+ON_CODE_CHANGE = dg.AutomationCondition.code_version_changed()
+ON_UPDATE_OR_CODE_CHANGE = dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()
+
+
+def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition) -> dg.AssetsDefinition:
+    """The asset with its derived code version and an automation condition."""
+    version = code_version(sys.modules[asset.op.compute_fn.decorated_fn.__module__])
+    return asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version, automation_condition=condition))
+
+
+SAE_ASSETS = [
+    orchestrated(sae_weights, ON_CODE_CHANGE),
+    orchestrated(model_weights, ON_CODE_CHANGE),
+    orchestrated(output_lens_tables, ON_UPDATE_OR_CODE_CHANGE),
+    orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
+]
+REPORT_ASSETS = [orchestrated(claims_report, ON_UPDATE_OR_CODE_CHANGE)]
+ALL_ASSETS = [*SAE_ASSETS, *REPORT_ASSETS]
+
+sae_chain_job = dg.define_asset_job(
+    "sae_chain",
+    selection=dg.AssetSelection.assets(*SAE_ASSETS),
+    description="Weights → output lens → feature classes for one SAE partition.",
+)
+report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(*REPORT_ASSETS))

@@ -1,0 +1,117 @@
+"""Rerun only on change, on a real Dagster instance: automation after a full materialisation requests
+nothing; a code-version bump reruns that asset and its descendants; a rewritten SAE file reruns only its
+partition; a new layer on the hub becomes a new partition with a run for it alone."""
+
+from __future__ import annotations
+
+import io
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from core.hub_cache import write_snapshot
+from core.planted import generate
+from core.registry import get_release, parse_key
+from orchestration.cli import materialize_all
+from orchestration.definitions import defs
+from orchestration.jobs import ALL_ASSETS, sae_chain_job
+from orchestration.resources import ComputeResource, HubResource, StoreResource
+from orchestration.sensors import sae_release_sensor
+
+GEMMA = get_release("planted-gemma")
+KEYS = [f"planted-gemma:layer_{layer}/width_512/average_l0_32" for layer in (0, 1)]
+
+
+def requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set[str]]:
+    return {r.key.to_user_string(): set(r.true_subset.expensively_compute_partition_keys() or {"(unpartitioned)"})
+            for r in result.results if r.true_subset.size}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A cache holding planted-gemma layers 0–1 only, both materialised on a fresh instance."""
+    cache = tmp_path_factory.mktemp("cache")
+    generate("planted-gemma", cache, layers=[0, 1])
+    resources = {
+        "hub": HubResource(cache_dir=str(cache), offline=True),
+        "store": StoreResource(data_dir=str(tmp_path_factory.mktemp("data"))),
+        "compute": ComputeResource(device="cpu", null_directions=256),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    sensor_result = sae_release_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert sorted(r.partition_key for r in sensor_result.run_requests if "planted-gemma" in r.partition_key) == KEYS
+    instance.add_dynamic_partitions("sae", KEYS)
+    materialize_all(instance, KEYS, resources)
+    return instance, cache, resources
+
+
+def sensor_runs(world) -> dict[str, str] | str:
+    instance, _, resources = world
+    result = sae_release_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    if isinstance(result, dg.SkipReason):
+        return result.skip_message
+    return {r.partition_key: r.tags["weightlens/reason"] for r in result.run_requests if r.partition_key.startswith("planted-gemma")}
+
+
+def test_nothing_reruns_when_nothing_changed(world):
+    instance = world[0]
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert requested(first) == {}
+    assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)) == {}
+    runs = sensor_runs(world)
+    assert isinstance(runs, str) or runs == {}  # planted-llama is not in this cache: only a problem, no run
+
+
+def test_code_version_bump_reruns_that_asset_and_descendants(world):
+    instance = world[0]
+    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
+    bumped = [
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped")) if a.key.to_user_string() == "output_lens_tables" else a
+        for a in ALL_ASSETS
+    ]
+    result = dg.evaluate_automation_conditions(defs=dg.Definitions(assets=bumped, resources=defs.resources), instance=instance, cursor=cursor)
+    assert requested(result) == {"output_lens_tables": set(KEYS), "feature_classes": set(KEYS)}
+
+
+def test_rewritten_sae_reruns_only_its_partition(world):
+    instance, cache, resources = world
+    ref = parse_key(KEYS[1])
+    snapshot = cache / f"models--{GEMMA.sae_repo.replace('/', '--')}" / "snapshots"
+    path = next(snapshot.glob(f"*/{ref.folder}/params.npz"))
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["threshold"] = arrays["threshold"] * 1.5  # a retrained SAE: same shapes, new values
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_snapshot(cache, GEMMA.sae_repo, {f"{ref.folder}/params.npz": buffer.getvalue()})
+
+    assert sensor_runs(world) == {KEYS[1]: "changed: sae_fingerprint"}
+    before = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("output_lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
+    result = sae_chain_job.resolve(asset_graph=defs.resolve_asset_graph()).execute_in_process(
+        instance=instance, partition_key=KEYS[1], resources=resources
+    )
+    assert result.success
+    after = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("output_lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
+    assert after == {KEYS[0]: before[KEYS[0]], KEYS[1]: before[KEYS[1]] + 1}
+    runs = sensor_runs(world)
+    assert isinstance(runs, str) or runs == {}  # up to date again
+
+
+def test_new_layer_on_the_hub_adds_one_partition_and_one_run(world):
+    instance, cache, resources = world
+    generate("planted-gemma", cache, layers=[2])  # the release grows a layer: a new revision on top
+    new_key = "planted-gemma:layer_2/width_512/average_l0_32"
+    result = sae_release_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert [r.partition_key for r in result.run_requests if r.partition_key.startswith("planted-gemma")] == [new_key]
+    (add,) = result.dynamic_partitions_requests
+    assert list(add.partition_keys) == [new_key]
+
+
+def test_unreachable_releases_skip_the_tick_with_a_reason(tmp_path):
+    context = dg.build_sensor_context(
+        instance=dg.DagsterInstance.ephemeral(), resources={"hub": HubResource(cache_dir=str(tmp_path), offline=True)}
+    )
+    result = sae_release_sensor(context)
+    assert isinstance(result, dg.SkipReason)
+    assert "planted-gemma:" in result.skip_message and "is not in" in result.skip_message
