@@ -28,10 +28,11 @@ def output_fraction_plot(by_layer: pd.DataFrame, release: str, path: Path, truth
     the paper's ≈ 1/4 and (planted releases) the planted fraction as reference lines."""
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7, 3.8))
+    layer, fraction = by_layer["layer"].to_numpy(), by_layer["fraction"].to_numpy()
     ax.errorbar(
-        by_layer["layer"],
-        by_layer["fraction"],
-        yerr=[by_layer["fraction"] - by_layer["ci_low"], by_layer["ci_high"] - by_layer["fraction"]],
+        layer,
+        fraction,
+        yerr=[fraction - by_layer["ci_low"].to_numpy(), by_layer["ci_high"].to_numpy() - fraction],
         fmt="o-",
         capsize=3,
         color=sns.color_palette()[0],
