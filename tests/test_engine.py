@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_cache_chunks_inside_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_matches(got, scores, 4)
 
 
-@pytest.mark.parametrize("sample, margin", [(16, 0.0), (64, 0.5), (4096, 3.5)])
+@pytest.mark.parametrize("sample, margin", [(16, 0.0), (64, 0.5), (4096, 3.0)])
 def test_quantile_brackets_hit_or_miss(monkeypatch: pytest.MonkeyPatch, sample: int, margin: float) -> None:
     """Tiny samples and margins make brackets miss (kthvalue fallback); results stay exact."""
     monkeypatch.setattr(engine, "_SAMPLE", sample)
@@ -104,7 +105,7 @@ def test_quantile_brackets_hit_or_miss(monkeypatch: pytest.MonkeyPatch, sample: 
 
 
 @pytest.mark.parametrize("transform", [lambda x: x.mul_(2).sub_(1), lambda x: x * 2 - 1])
-def test_transform_in_place_or_not(transform) -> None:
+def test_transform_in_place_or_not(transform: Callable[[Tensor], Tensor]) -> None:
     left, right = integer_inputs(13, 40, seed=4)
     got = row_stats(left, right, k=5, transform=transform, memory_budget_bytes=budget_for(4, 40))
     assert_matches(got, (left @ right.T) * 2 - 1, 5)

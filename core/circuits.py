@@ -1,0 +1,243 @@
+"""Input-side and attention circuits of SAE features, each one configuration of ``core.engine.row_stats``.
+
+Notation (transformers ``modeling_gemma2.py`` / ``modeling_llama.py``): n_l(x) = RMSNorm with layer l's
+``input_layernorm`` gain, ``x / sqrt(mean(x²) + eps) ⊙ g_l``; W_Q^h, W_K^c, W_V^c are the (head_dim, d_model)
+row blocks of q/k/v_proj for query head h and kv head c = kv(h) = h // (n_heads / n_kv_heads) (GQA,
+``repeat_kv``); W_O^h is the (d_model, head_dim) column block h of o_proj; s = attn_scale
+(``query_pre_attn_scalar^-1/2`` on Gemma-2, ``head_dim^-1/2`` on Llama); cap_attn = 50 and cap_final = 30
+on Gemma-2 (``eager_attention_forward``'s and ``Gemma2ForCausalLM``'s ``c·tanh(x/c)``), none on Llama.
+
+Input lens (encoder–embedding): ``score_i(t) = e_i · (σ W_E[t])`` with σ = sqrt(d_model) on Gemma-2 (as
+``Gemma2TextScaledWordEmbedding`` multiplies, in float32 here; a bf16 model rounds σ to bf16, e.g.
+sqrt(3584) → 60.0) and 1 on Llama.
+
+Attention circuits, for every (phase, layer l, query head h); the feature vector f_i and token vectors
+x_t depend on the phase:
+
+* ``"encoder_embedding"``: f_i = unit encoder direction e_i, x_t = σ W_E[t] (the model's input embedding);
+* ``"decoder_unembedding"``: f_i = unit decoder direction d_i, x_t = W_U[t] (``lm_head`` rows; = W_E if tied).
+
+Each vector enters layer l alone, as the residual stream at one position, through n_l. Query and key
+get the SAME position id (distance 0): RoPE rotates q and k by the same angle, R(p)q · R(p)k = q · k, so the
+content term is isolated and no position has to be chosen.
+
+* ``"qk_feature_query"``: score(i, t) = softcap_attn(s · (W_Q^h n_l(f_i)) · (W_K^c n_l(x_t))) — the feature
+  is the query. Softmax over t = the attention distribution the feature's query puts on a context that
+  holds every token once as a key at distance 0.
+* ``"qk_feature_key"``: score(i, t) = softcap_attn(s · (W_Q^h n_l(x_t)) · (W_K^c n_l(f_i))) — the feature is
+  the key. Softmax over t (the engine's row softmax) is NOT an attention distribution (those normalise over
+  keys): it is a Boltzmann distribution over the query tokens that most select the feature.
+* ``"ov"``: o_i = W_O^h W_V^c n_l(f_i) (what head h writes when it attends only to the feature); on Gemma-2
+  then the layer's ``post_attention_layernorm`` (gain g_post); logits(i, t) = softcap_final(W_U[t] ·
+  FinalNorm(o_i)). Softmax over t = the next-token distribution if that write were the whole residual stream.
+
+Pre-softmax statistics are the engine's value statistics (top/bottom-k, mean, std, median, p75); the
+post-softmax ones are ``softmax_max``, ``softmax_entropy``, ``topk_mass`` over the whole vocabulary.
+
+Every score is a rank-``head_dim`` bilinear form, so the engine receives (n_feat, head_dim) and
+(vocab, head_dim) operands. Because RMSNorm is a per-vector scalar times a gain, n_l(x_t) = ρ_t · (x_t ⊙ g_l)
+with ρ_t = 1/sqrt(mean(x_t²) + eps), and the vocabulary operands are ``keys = ρ ⊙ (X @ (W_K^c ⊙ g_l)ᵀ)``,
+``queries = ρ ⊙ (X @ (W_Q^h ⊙ g_l)ᵀ)`` (s is folded into the feature-side operand of both QK kinds) and,
+for OV, ``U_h = W_U @ (g ⊙ W_O^h)`` with g = g_post ⊙ g_final (Gemma-2) or g_final
+(Llama) and the feature side ``c_i · W_V^c n_l(f_i)``, c_i the product of the two norms' 1/rms factors
+(FinalNorm(PostNorm(o)) = c · (g ⊙ o)). So no vocab × d_model matrix is formed beyond W_E / W_U themselves.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from core.engine import RowStats, row_stats
+from core.geometry import rms_normalize, softcap
+from core.model_weights import AttentionWeights, ModelCheckpoint, ModelGeometry
+
+PHASES = ("encoder_embedding", "decoder_unembedding")
+KINDS = ("qk_feature_query", "qk_feature_key", "ov")
+# Vocabulary operands kept: in all_circuits' order a kv group's keys (both phases) and a head's OV operand are
+# reused while at most 4 other operands are touched in between, so each operand is computed once.
+OPERAND_CACHE_SIZE = 6
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """One attention circuit: the phase (which feature/token vectors), the kind, layer and query head."""
+
+    phase: str  # one of PHASES
+    kind: str  # one of KINDS
+    layer: int
+    head: int  # query head; its kv head is geometry.kv_head(head)
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES or self.kind not in KINDS:
+            raise ValueError(f"unknown phase/kind {self.phase!r}/{self.kind!r}; phases {PHASES}, kinds {KINDS}")
+
+
+def all_circuits(geometry: ModelGeometry) -> list[Circuit]:
+    """Every circuit, ordered layer → query head (kv groups contiguous) → phase → kind, the order in which
+    ``VocabOperands``' cache computes each vocabulary operand once."""
+    return [
+        Circuit(phase, kind, layer, head)
+        for layer in range(geometry.n_layers)
+        for head in range(geometry.n_heads)
+        for phase in PHASES
+        for kind in KINDS
+    ]
+
+
+class VocabOperands:
+    """The vocabulary-side operands of one checkpoint's circuits, computed on ``device`` in float32.
+
+    Holds W_E and W_U (one tensor if tied), the per-token 1/rms factors per phase, one layer's attention
+    weights and at most ``OPERAND_CACHE_SIZE`` (vocab, head_dim) operands (least recently used evicted).
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint, device: str | torch.device | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.geometry = checkpoint.geometry
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        embedding = checkpoint.embedding().to(self.device)
+        unembedding = embedding if self.geometry.tied_embeddings else checkpoint.unembedding().to(self.device)
+        self.raw = {"encoder_embedding": embedding, "decoder_unembedding": unembedding}
+        self.final_gain = checkpoint.final_norm_gain().to(self.device)
+        self._inv_rms: dict[str, Tensor] = {}
+        self._layer: tuple[int, AttentionWeights] | None = None
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def token_scale(self, phase: str) -> float:
+        """σ for the phase's token vectors: the embedding scale for inputs, 1 for unembedding rows."""
+        return self.geometry.embedding_scale if phase == "encoder_embedding" else 1.0
+
+    def inv_rms(self, phase: str) -> Tensor:
+        """(vocab,) factors ρ_t = σ / sqrt(mean((σ X[t])²) + eps), so that n_l(σ X[t]) = ρ_t · (X[t] ⊙ g_l)."""
+        if phase not in self._inv_rms:
+            sigma = self.token_scale(phase)
+            mean_sq = self.raw[phase].pow(2).mean(1) * sigma**2
+            self._inv_rms[phase] = torch.rsqrt(mean_sq + self.geometry.rms_norm_eps) * sigma
+        return self._inv_rms[phase]
+
+    def attention(self, layer: int) -> AttentionWeights:
+        """Layer ``layer``'s weights on the device (the last layer asked for is kept)."""
+        if self._layer is None or self._layer[0] != layer:
+            w = self.checkpoint.attention(layer)
+            gain = None if w.output_gain is None else w.output_gain.to(self.device)
+            moved = [t.to(self.device) for t in (w.q, w.k, w.v, w.o, w.input_gain)]
+            self._layer = (layer, AttentionWeights(*moved, output_gain=gain))
+        return self._layer[1]
+
+    def right(self, circuit: Circuit) -> Tensor:
+        """The (vocab, head_dim) operand of ``circuit``: token keys, token queries or U_h (see module doc)."""
+        g, c = self.geometry, circuit
+        if c.kind == "qk_feature_query":
+            key = ("k", c.phase, c.layer, g.kv_head(c.head))
+        elif c.kind == "qk_feature_key":
+            key = ("q", c.phase, c.layer, c.head)
+        else:
+            key = ("u", c.layer, c.head)  # phase-independent
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        w = self.attention(c.layer)
+        if c.kind == "ov":
+            out_gain = self.final_gain if w.output_gain is None else self.final_gain * w.output_gain
+            operand = self.raw["decoder_unembedding"] @ (out_gain[:, None] * _head_cols(w.o, c.head, g))
+        else:
+            proj = _head_rows(w.k, key[3], g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
+            operand = (self.raw[c.phase] @ (proj * w.input_gain).T) * self.inv_rms(c.phase)[:, None]
+        self._cache[key] = operand
+        if len(self._cache) > OPERAND_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return operand
+
+
+def circuit_operands(
+    features: Tensor, circuit: Circuit, operands: VocabOperands
+) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor] | None]:
+    """``(left, right, transform)`` with scores = transform(left @ rightᵀ), exactly what the engine receives.
+
+    ``features`` are the phase's feature directions f_i as rows (n_feat, d_model): unit encoder directions
+    for ``"encoder_embedding"``, unit decoder directions for ``"decoder_unembedding"``.
+    """
+    g, c = operands.geometry, circuit
+    w = operands.attention(c.layer)
+    normed = rms_normalize(features.to(operands.device, torch.float32), w.input_gain, g.rms_norm_eps)
+    if c.kind == "ov":
+        value = normed @ _head_rows(w.v, g.kv_head(c.head), g).T  # (n_feat, head_dim)
+        written = value @ _head_cols(w.o, c.head, g).T  # o_i, (n_feat, d_model)
+        scale = torch.rsqrt(written.pow(2).mean(1) + g.rms_norm_eps)
+        if w.output_gain is not None:  # Gemma-2: FinalNorm(PostNorm(o)); the second 1/rms is of PostNorm(o)
+            post = written * scale[:, None] * w.output_gain
+            scale = scale * torch.rsqrt(post.pow(2).mean(1) + g.rms_norm_eps)
+        left, cap = value * scale[:, None], g.final_softcap
+    else:
+        proj = _head_rows(w.q, c.head, g) if c.kind == "qk_feature_query" else _head_rows(w.k, g.kv_head(c.head), g)
+        left, cap = g.attn_scale * (normed @ proj.T), g.attn_softcap
+    return left, operands.right(c), (partial(softcap, cap=cap) if cap is not None else None)
+
+
+def circuit_scores(features: Tensor, circuit: Circuit, operands: VocabOperands) -> Tensor:
+    """The full (n_feat, vocab) score matrix of ``circuit`` — for small shapes (tests, inspection) only."""
+    left, right, transform = circuit_operands(features, circuit, operands)
+    scores = left @ right.T
+    return scores if transform is None else transform(scores)
+
+
+def circuit_stats(
+    features: Tensor,
+    circuit: Circuit,
+    operands: VocabOperands,
+    *,
+    k: int = 10,
+    compute_dtype: torch.dtype = torch.float32,
+    memory_budget_bytes: int = 1 << 30,
+    progress: Callable[[int, int], None] | None = None,
+) -> RowStats:
+    """Per-feature statistics over the vocabulary of ``circuit``'s scores (module docstring), streamed."""
+    left, right, transform = circuit_operands(features, circuit, operands)
+    return row_stats(
+        left,
+        right,
+        k=k,
+        transform=transform,
+        compute_dtype=compute_dtype,
+        device=operands.device,
+        memory_budget_bytes=memory_budget_bytes,
+        progress=progress,
+    )
+
+
+def input_lens(
+    encoder_dirs: Tensor,
+    checkpoint: ModelCheckpoint,
+    *,
+    k: int = 10,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    memory_budget_bytes: int = 1 << 30,
+    progress: Callable[[int, int], None] | None = None,
+) -> RowStats:
+    """Statistics over t of ``e_i · (σ W_E[t])`` (σ folded into the left operand) for each row e_i."""
+    return row_stats(
+        encoder_dirs.to(torch.float32) * checkpoint.geometry.embedding_scale,
+        checkpoint.embedding(),
+        k=k,
+        compute_dtype=compute_dtype,
+        device=device,
+        memory_budget_bytes=memory_budget_bytes,
+        progress=progress,
+    )
+
+
+def _head_rows(weight: Tensor, head: int, g: ModelGeometry) -> Tensor:
+    """Rows ``head·head_dim : (head+1)·head_dim`` of a q/k/v_proj weight, (head_dim, d_model)."""
+    return weight[head * g.head_dim : (head + 1) * g.head_dim]
+
+
+def _head_cols(weight: Tensor, head: int, g: ModelGeometry) -> Tensor:
+    """Columns of o_proj that read query head ``head``'s output, (d_model, head_dim)."""
+    return weight[:, head * g.head_dim : (head + 1) * g.head_dim]

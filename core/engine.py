@@ -1,0 +1,234 @@
+"""Exact per-row statistics of ``transform(left @ right.T)`` without materialising it.
+
+One engine serves every circuit (logit lens, embedding lens, feature-to-feature, ...):
+for each row ``i`` of ``left`` (n_a, r) it summarises the score row
+
+    x_i = transform(left[i] @ right.T)          # (n_b,), right is (n_b, r)
+
+over all ``n_b`` columns. The n_a x n_b matrix never exists in memory.
+
+Tiling and memory
+-----------------
+``left`` is processed in tiles of ``tile`` rows. Each tile's full score block
+(tile x n_b, float32; plus a bfloat16 copy of the same shape when
+``compute_dtype=torch.bfloat16``) is produced by one matmul into a reused buffer,
+then summarised in cache-sized chunks of ``chunk`` rows (one tile on GPU), whose
+temporaries (a float32 work block, the transform's output if it is not in place, two
+bool masks) are bounded by ``chunk x n_b x 10`` bytes. ``tile`` is the largest row
+count for which
+
+    tile * n_b * (4 + 2*[bf16]) + chunk * n_b * 10  <=  memory_budget_bytes
+
+(capped at ``MAX_TILE_ROWS``, where the matmul is already at its peak), so the peak
+working memory beyond the inputs, ``right``'s device copy and O(n_a * k) outputs is
+bounded by the budget plus O(chunk * n_b) bytes of selection scratch (bracketed values, gathered ids), and does
+not depend on n_a.
+
+Statistics (exact: every tile holds complete rows; accumulated in float32)
+-------------------------------------------------------------------------
+* ``top_ids/top_values``: the k largest values, descending; ``bottom_*`` the k
+  smallest, ascending. Ties: among equal values the LOWER column id comes first,
+  including at the k-th boundary (a row's selection is the first k of the stable
+  order (value, column id)).
+* ``mean``; ``std`` is the population standard deviation (correction = 0), two-pass.
+* ``median``/``p75``: the order statistic at 0-based sorted index floor(q * (n_b - 1)),
+  i.e. ``torch.quantile(x, q, interpolation="lower")`` (the median is the lower
+  median, as ``torch.median``). Found by a sample-bracketed selection: a fixed random
+  column sample brackets the target; values below/inside the bracket are counted and
+  only the bracket is sorted. A row whose bracket misses falls back to ``kthvalue``,
+  so the result is exact either way.
+* softmax over the n_b columns via logsumexp, lse = max + log sum exp(x - max):
+  ``softmax_max`` = exp(max - lse), ``softmax_entropy`` = lse - sum p * x,
+  ``topk_mass`` = sum over the top k of exp(x - lse).
+
+Values must be finite (no NaN / inf after ``transform``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MAX_TILE_ROWS = 512  # fp32/bf16 CPU matmul throughput is flat beyond this
+_CHUNK_BYTES = 32 << 20  # CPU stats chunk: ~last-level cache; fewer, larger ops beat smaller ones on a busy machine
+_CHUNK_TEMP_BYTES = 10  # per chunk element: work f32 + transform output f32 + 2 bool masks
+_SAMPLE = 4096  # bracket sample size for the quantile selection
+_MARGIN_SD = 3.0  # bracket half-width in binomial standard deviations of the sample rank
+_QUANTILES = (0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Per-row statistics; CPU tensors, float32 values, int64 ids, one row per row of ``left``."""
+
+    top_ids: Tensor  # (n_a, k), values descending
+    top_values: Tensor
+    bottom_ids: Tensor  # (n_a, k), values ascending
+    bottom_values: Tensor
+    mean: Tensor  # (n_a,)
+    std: Tensor
+    median: Tensor
+    p75: Tensor
+    softmax_max: Tensor
+    softmax_entropy: Tensor
+    topk_mass: Tensor
+
+
+def row_stats(
+    left: Tensor,
+    right: Tensor,
+    *,
+    k: int = 10,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    memory_budget_bytes: int = 1 << 30,
+    progress: Callable[[int, int], None] | None = None,
+) -> RowStats:
+    """Statistics of each row of ``transform(left @ right.T)`` over its n_b columns.
+
+    ``left`` is (n_a, r), ``right`` is (n_b, r). The matmul runs in ``compute_dtype``
+    (float32 or bfloat16); its result is upcast to float32 before ``transform`` (an
+    elementwise map, may act in place) and all statistics. See the module docstring for
+    the tiling, the memory bound, the exact definitions and the tie rule.
+    ``progress(done_rows, n_a)`` is called after each tile.
+    """
+    if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1]:
+        raise ValueError(f"need left (n_a, r) and right (n_b, r); got {tuple(left.shape)}, {tuple(right.shape)}")
+    if compute_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
+    n_a, n_b = left.shape[0], right.shape[0]
+    if not 1 <= k <= n_b:
+        raise ValueError(f"k must be in [1, n_b={n_b}], got {k}")
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = compute_dtype == torch.bfloat16
+    tile, chunk = _plan(n_a, n_b, memory_budget_bytes, bf16, dev.type == "cpu")
+
+    right_dev = right.to(dev, compute_dtype).contiguous()
+    scores = torch.empty(tile, n_b, device=dev)
+    raw = torch.empty(tile, n_b, device=dev, dtype=compute_dtype) if bf16 else scores
+    work = torch.empty(chunk, n_b, device=dev)
+    masks = torch.empty(2, chunk, n_b, device=dev, dtype=torch.bool)
+    sample = torch.randperm(n_b, generator=torch.Generator().manual_seed(0))[:_SAMPLE].sort().values.to(dev)
+
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, n_a, tile):
+        rows = min(tile, n_a - start)
+        torch.matmul(left[start : start + rows].to(dev, compute_dtype), right_dev.T, out=raw[:rows])
+        if bf16:
+            scores[:rows].copy_(raw[:rows])
+        for c0 in range(0, rows, chunk):
+            x = scores[c0 : min(rows, c0 + chunk)]
+            if transform is not None:
+                x = transform(x)
+            m = x.shape[0]
+            parts.append(_chunk_stats(x, work[:m], masks[:, :m], sample, k))
+        if progress is not None:
+            progress(start + rows, n_a)
+
+    if not parts:  # n_a == 0
+        empty = torch.empty(0)
+        ids = torch.empty(0, k, dtype=torch.int64)
+        return RowStats(ids, torch.empty(0, k), ids, torch.empty(0, k), *(empty,) * 7)
+    return RowStats(**{name: torch.cat([p[name] for p in parts]).cpu() for name in parts[0]})
+
+
+def _plan(n_a: int, n_b: int, budget: int, bf16: bool, on_cpu: bool) -> tuple[int, int]:
+    """(tile, chunk) row counts so that the working buffers fit in ``budget`` bytes."""
+    block_row = n_b * (4 + 2 * bf16)  # score buffer (+ bf16 matmul output) per tile row
+    temp_row = n_b * _CHUNK_TEMP_BYTES
+    chunk_cap = max(1, _CHUNK_BYTES // (4 * n_b)) if on_cpu else budget
+    tile = chunk = budget // (block_row + temp_row)  # stats on whole tiles
+    if tile > chunk_cap:  # stats on cache-sized chunks leave more of the budget to the tile
+        chunk = chunk_cap
+        tile = (budget - chunk * temp_row) // block_row
+    if tile < 1:
+        raise ValueError(f"memory_budget_bytes={budget} cannot hold one row of {n_b} scores")
+    tile = min(tile, MAX_TILE_ROWS, max(n_a, 1))
+    return tile, min(chunk, tile)
+
+
+def _chunk_stats(x: Tensor, work: Tensor, masks: Tensor, sample: Tensor, k: int) -> dict[str, Tensor]:
+    """All statistics of the rows of ``x`` (m, n), float32; ``work``/``masks`` are scratch."""
+    n = x.shape[1]
+    top_values, top_ids = _extreme(x, k, largest=True)
+    bottom_values, bottom_ids = _extreme(x, k, largest=False)
+
+    mean = x.sum(1) / n
+    torch.sub(x, mean[:, None], out=work)
+    std = (work.square_().sum(1) / n).sqrt_()
+
+    peak = top_values[:, 0]
+    torch.sub(x, peak[:, None], out=work).exp_()
+    z = work.sum(1)  # sum exp(x - max) >= 1
+    lse = peak + z.log()
+    expected_x = work.mul_(x).sum(1) / z
+    median, p75 = _quantiles(x, sample, masks)
+    return {
+        "top_ids": top_ids,
+        "top_values": top_values,
+        "bottom_ids": bottom_ids,
+        "bottom_values": bottom_values,
+        "mean": mean,
+        "std": std,
+        "median": median,
+        "p75": p75,
+        "softmax_max": z.reciprocal(),
+        "softmax_entropy": lse - expected_x,
+        "topk_mass": (top_values - lse[:, None]).exp().sum(1),
+    }
+
+
+def _extreme(x: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
+    """k largest (smallest) values per row and their ids; equal values: lower id first."""
+    n = x.shape[1]
+    values, ids = torch.topk(x, min(k + 1, n), dim=1, largest=largest, sorted=True)
+    if k < n:
+        # Only if the (k+1)-th value equals the k-th can topk have left out an equal
+        # value with a lower id; redo those rows exactly (rare for real-valued scores).
+        for r in (values[:, k - 1] == values[:, k]).nonzero().flatten().tolist():
+            edge = values[r, k - 1]
+            beyond = (x[r] > edge) if largest else (x[r] < edge)
+            keep = torch.cat([beyond.nonzero().flatten(), (x[r] == edge).nonzero().flatten()])[:k]
+            ids[r, :k] = keep
+            values[r, :k] = x[r, keep]
+    values, ids = values[:, :k], ids[:, :k]
+    ids, order = ids.sort(dim=1)  # then a stable sort by value keeps ascending ids among ties
+    values, order2 = values.gather(1, order).sort(dim=1, descending=largest, stable=True)
+    return values, ids.gather(1, order2)
+
+
+def _quantiles(x: Tensor, sample: Tensor, masks: Tensor) -> list[Tensor]:
+    """Per row and q in _QUANTILES, the value at 0-based sorted index floor(q * (n - 1)), exact.
+
+    Order statistics of a fixed column sample bracket each target in [lo, hi]; one pass
+    counts the values below lo and marks those inside the bracket, and only the marked
+    values are searched. A row whose bracket misses the target falls back to kthvalue.
+    """
+    m, n = x.shape
+    xs = x.index_select(1, sample)
+    s = xs.shape[1]
+    below, band = masks
+    results = []
+    for q in _QUANTILES:
+        target = math.floor(q * (n - 1))
+        centre, margin = (target + 0.5) * s / n, _MARGIN_SD * math.sqrt(s * q * (1 - q)) + 1
+        lo_rank, hi_rank = math.floor(centre - margin), math.ceil(centre + margin)  # 0-based in sample
+        lo = xs.kthvalue(lo_rank + 1, 1, keepdim=True).values if lo_rank >= 0 else x.new_full((m, 1), -math.inf)
+        hi = xs.kthvalue(hi_rank + 1, 1, keepdim=True).values if hi_rank < s else x.new_full((m, 1), math.inf)
+        torch.lt(x, lo, out=below)
+        ranks = (target - below.view(torch.uint8).sum(1, dtype=torch.int32)).tolist()
+        torch.le(x, hi, out=band).logical_xor_(below)  # lo <= x <= hi (below implies x <= hi)
+        rows, cols = band.nonzero(as_tuple=True)
+        vals = x[rows, cols]  # row-major: each row's bracketed values are contiguous
+        bounds = [0, *torch.bincount(rows, minlength=m).cumsum(0).tolist()]
+        picked = []
+        for i, rank in enumerate(ranks):
+            seg = vals[bounds[i] : bounds[i + 1]]
+            picked.append(seg.kthvalue(rank + 1).values if 0 <= rank < len(seg) else x[i].kthvalue(target + 1).values)
+        results.append(torch.stack(picked))
+    return results
