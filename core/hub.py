@@ -113,7 +113,7 @@ class Hub:
             raise HubError(f"{repo_id} is gated: set HF_TOKEN or run `hf auth login`") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise HubError(f"{repo_id}@{revision or 'main'}: not found on the hub") from exc
-        except OSError as exc:  # connection errors, timeouts, offline mode switched on by the environment
+        except Exception as exc:  # noqa: BLE001 — transport errors (the hub client's own types, not OSError)
             raise HubError(f"{repo_id}: the hub is not reachable ({type(exc).__name__}: {exc})") from exc
         return sha, blobs
 
