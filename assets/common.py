@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from core.registry import SaeRef, parse_key
+from core.table_checks import Check
 from orchestration.resources import StoreResource
 
 
@@ -25,3 +26,12 @@ def store_table(store: StoreResource, table: str, key: str, frame: pd.DataFrame)
             f"{tables.db_path} view {table}" + ("" if views_ok else " (view refresh deferred: database busy)")
         ),
     }
+
+
+def check_specs(asset: str, names: list[str]) -> list[dg.AssetCheckSpec]:
+    """Blocking integrity checks an asset reports with each materialisation (shown in the UI)."""
+    return [dg.AssetCheckSpec(name, asset=asset, blocking=True) for name in names]
+
+
+def check_results(checks: list[Check]) -> list[dg.AssetCheckResult]:
+    return [dg.AssetCheckResult(check_name=c.name, passed=c.passed, description=c.detail) for c in checks]

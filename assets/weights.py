@@ -3,17 +3,23 @@
 import dagster as dg
 import pandas as pd
 
-from assets.common import sae_of, store_table
+from assets.common import check_results, check_specs, sae_of, store_table
 from core.discovery import fetch_model, fetch_sae
 from core.frames import with_sae
 from core.hub import fingerprint
 from core.registry import get_release
 from core.sae_formats import FORMATS
+from core.table_checks import finite, rows_match
 from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource, StoreResource
 
 
-@dg.asset(partitions_def=sae_partitions, group_name="weights", kinds={"huggingface", "parquet"})
+@dg.asset(
+    partitions_def=sae_partitions,
+    group_name="weights",
+    kinds={"huggingface", "parquet"},
+    check_specs=check_specs("sae_weights", ["one_row_per_feature", "norms_finite"]),
+)
 def sae_weights(context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource) -> dg.MaterializeResult:
     """One SAE's weights fetched from the hub cache and validated (shapes, dtype, finite values).
 
@@ -45,7 +51,13 @@ def sae_weights(context: dg.AssetExecutionContext, hub: HubResource, store: Stor
             "decoder_norm_mean": dg.MetadataValue.float(float(frame["decoder_norm"].mean())),
         }
     )
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fingerprint(files)))
+    checks = [
+        rows_match("one_row_per_feature", frame, sae.d_sae),
+        finite("norms_finite", frame, ["encoder_norm", "decoder_norm", "threshold"]),
+    ]
+    return dg.MaterializeResult(
+        metadata=metadata, data_version=dg.DataVersion(fingerprint(files)), check_results=check_results(checks)
+    )
 
 
 @dg.asset(partitions_def=sae_partitions, group_name="weights", kinds={"huggingface"})

@@ -46,7 +46,7 @@ for OV, ``U_h = W_U @ (g ⊙ W_O^h)`` with g = g_post ⊙ g_final (Gemma-2) or g
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -78,12 +78,12 @@ class Circuit:
             raise ValueError(f"unknown phase/kind {self.phase!r}/{self.kind!r}; phases {PHASES}, kinds {KINDS}")
 
 
-def all_circuits(geometry: ModelGeometry) -> list[Circuit]:
-    """Every circuit, ordered layer → query head (kv groups contiguous) → phase → kind, the order in which
-    ``VocabOperands``' cache computes each vocabulary operand once."""
+def all_circuits(geometry: ModelGeometry, layers: Sequence[int] | None = None) -> list[Circuit]:
+    """Every circuit of ``layers`` (default: all), ordered layer → query head (kv groups contiguous) →
+    phase → kind, the order in which ``VocabOperands``' cache computes each vocabulary operand once."""
     return [
         Circuit(phase, kind, layer, head)
-        for layer in range(geometry.n_layers)
+        for layer in (range(geometry.n_layers) if layers is None else layers)
         for head in range(geometry.n_heads)
         for phase in PHASES
         for kind in KINDS

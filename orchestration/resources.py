@@ -49,12 +49,23 @@ class StoreResource(dg.ConfigurableResource):
 
 class ComputeResource(dg.ConfigurableResource):
     """Interaction-engine settings. ``device`` None = CUDA when available, else CPU; ``dtype`` is the
-    matmul precision (statistics are always accumulated in float32)."""
+    matmul precision (statistics are always accumulated in float32). ``null_directions`` random unit
+    directions calibrate the lenses, ``circuit_null_directions`` the attention circuits.
+    ``circuit_layers``: "sae" = the attention of the SAE's own layer (every head), "all" = every layer
+    (the full layer × head sweep: 26 × 8 × 6 circuits for a Gemma-2-2B SAE, a GPU job)."""
 
     device: Optional[str] = None
     dtype: str = "float32"
     top_k: int = 10
     null_directions: int = 1024
+    circuit_null_directions: int = 256
+    circuit_layers: str = "sae"
+
+    def attention_layers(self, sae_layer: int, n_layers: int) -> list[int]:
+        choices = {"sae": [sae_layer], "all": list(range(n_layers))}
+        if self.circuit_layers not in choices:
+            raise ValueError(f"circuit_layers {self.circuit_layers!r} is not one of {sorted(choices)}")
+        return choices[self.circuit_layers]
 
     def torch_dtype(self) -> torch.dtype:
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -48,7 +48,7 @@ def truth(cache: Path, release_id: str) -> dict:
 
 def test_definitions_load():
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
-        "sae_weights", "model_weights", "output_lens_tables", "feature_classes", "claims_report",
+        "sae_weights", "model_weights", "lens_tables", "feature_classes", "claims_report",
     }
 
 
@@ -56,7 +56,7 @@ def test_every_sae_partition_is_registered_and_materialised(chain):
     instance, _, keys = chain
     assert len(keys) == 6 + 8
     assert set(instance.get_dynamic_partitions("sae")) == set(keys)
-    for asset in ("sae_weights", "output_lens_tables", "feature_classes"):
+    for asset in ("sae_weights", "lens_tables", "feature_classes"):
         done = instance.get_materialized_partitions(dg.AssetKey(asset))
         assert done == set(keys), asset
     record = instance.get_latest_materialization_event(dg.AssetKey("sae_weights"))
@@ -73,10 +73,10 @@ def test_tables_are_queryable_from_duckdb(chain):
         assert per_sae["planted-gemma:layer_0/width_512/average_l0_32"] == 512
         assert per_sae["planted-llama:l0r_8x"] == 1024
         tokens = con.execute(
-            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 2"
+            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 2 AND sample = 'feature'"
         ).fetchone()[0]
         assert tokens == 1024 * 2 * 10  # top and bottom 10 per feature
-        nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE kind = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
+        nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
         assert nulls == 1024
 
 
@@ -89,7 +89,7 @@ def test_planted_output_tokens_are_recovered(chain, planted_cache, release_id):
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
         top = con.execute(
             "SELECT sae_id, feature, list(token_id ORDER BY rank) FROM output_lens_tokens "
-            "WHERE release = ? AND side = 'top' AND rank <= 5 GROUP BY ALL",
+            "WHERE release = ? AND sample = 'feature' AND side = 'top' AND rank <= 5 GROUP BY ALL",
             [release_id],
         ).fetchall()
     top = {(sae_id, feature): ids for sae_id, feature, ids in top}

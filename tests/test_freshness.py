@@ -67,11 +67,11 @@ def test_code_version_bump_reruns_that_asset_and_descendants(world):
     instance = world[0]
     cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
     bumped = [
-        a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped")) if a.key.to_user_string() == "output_lens_tables" else a
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped")) if a.key.to_user_string() == "lens_tables" else a
         for a in ALL_ASSETS
     ]
     result = dg.evaluate_automation_conditions(defs=dg.Definitions(assets=bumped, resources=defs.resources), instance=instance, cursor=cursor)
-    assert requested(result) == {"output_lens_tables": set(KEYS), "feature_classes": set(KEYS)}
+    assert requested(result) == {"lens_tables": set(KEYS), "feature_classes": set(KEYS)}
 
 
 def test_rewritten_sae_reruns_only_its_partition(world):
@@ -87,12 +87,12 @@ def test_rewritten_sae_reruns_only_its_partition(world):
     write_snapshot(cache, GEMMA.sae_repo, {f"{ref.folder}/params.npz": buffer.getvalue()})
 
     assert sensor_runs(world) == {KEYS[1]: "changed: sae_fingerprint"}
-    before = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("output_lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
+    before = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
     result = sae_chain_job.resolve(asset_graph=defs.resolve_asset_graph()).execute_in_process(
         instance=instance, partition_key=KEYS[1], resources=resources
     )
     assert result.success
-    after = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("output_lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
+    after = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
     assert after == {KEYS[0]: before[KEYS[0]], KEYS[1]: before[KEYS[1]] + 1}
     runs = sensor_runs(world)
     assert isinstance(runs, str) or runs == {}  # up to date again

@@ -23,4 +23,4 @@ def test_project_instance_config(tmp_path, monkeypatch):
         assert pools.default_pool_limit == 1
         # the heavy step is in that pool
         graph = defs.resolve_asset_graph()
-        assert graph.get(dg.AssetKey("output_lens_tables")).pools == {"compute"}
+        assert graph.get(dg.AssetKey("lens_tables")).pools == {"compute"}

@@ -87,7 +87,7 @@ def test_transformers_loads_the_model(cache: Path, truths: dict[str, PlantedTrut
         assert not config.tie_word_embeddings
         assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     tok = AutoTokenizer.from_pretrained(snap)
-    assert len(tok) == 50257
+    assert len(tok) == config.vocab_size == 16384  # the first 16384 GPT-2 tokens: a complete BPE tokenizer
     text = " The runner was running home"
     assert tok.decode(tok(text)["input_ids"]) == text
     assert len(tok(" running")["input_ids"]) == 1

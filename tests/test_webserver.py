@@ -94,8 +94,8 @@ def test_webserver_binds_loopback_only(server):
 def test_asset_graph_partitions_and_metadata_are_served(server):
     nodes = graphql(server, "{ assetNodes { assetKey { path } partitionKeys } }")["assetNodes"]
     by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
-    assert {"sae_weights", "model_weights", "output_lens_tables", "feature_classes", "claims_report"} <= set(by_key)
-    assert KEY in by_key["output_lens_tables"]["partitionKeys"]
+    assert {"sae_weights", "model_weights", "lens_tables", "feature_classes", "claims_report"} <= set(by_key)
+    assert KEY in by_key["lens_tables"]["partitionKeys"]
     report = graphql(server, """{ assetOrError(assetKey: {path: ["claims_report"]}) { ... on Asset {
         assetMaterializations(limit: 1) { metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }""")
     entries = report["assetOrError"]["assetMaterializations"][0]["metadataEntries"]
