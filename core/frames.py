@@ -5,7 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from core.circuits import Circuit
 from core.engine import RowStats
+from core.model_weights import ModelGeometry
 from core.registry import SaeRef
 
 SUMMARY_COLUMNS = ("mean", "std", "median", "p75", "softmax_max", "softmax_entropy", "topk_mass")
@@ -39,6 +41,20 @@ def topk_frame(stats: RowStats, tokens: list[str]) -> pd.DataFrame:
             )
         )
     return pd.concat(parts, ignore_index=True)
+
+
+def circuit_frame(stats: RowStats, circuit: Circuit, geometry: ModelGeometry) -> pd.DataFrame:
+    """Summary rows of one circuit: ``feature, phase, kind, attn_layer, head, kv_head``, the summary
+    statistics, and the top-k column ids and values as lists."""
+    frame = summary_frame(stats).rename(columns={"row": "feature"})
+    frame.insert(1, "phase", circuit.phase)
+    frame.insert(2, "kind", circuit.kind)
+    frame.insert(3, "attn_layer", circuit.layer)
+    frame.insert(4, "head", circuit.head)
+    frame.insert(5, "kv_head", geometry.kv_head(circuit.head))
+    frame["top_ids"] = stats.top_ids.tolist()
+    frame["top_values"] = stats.top_values.tolist()
+    return frame
 
 
 def with_sae(frame: pd.DataFrame, ref: SaeRef) -> pd.DataFrame:
