@@ -26,7 +26,7 @@ def chain_resources(cache: Path, data: Path) -> dict[str, dg.ConfigurableResourc
     return {
         "hub": HubResource(cache_dir=str(cache), offline=True),
         "store": StoreResource(data_dir=str(data)),
-        "compute": ComputeResource(device="cpu"),
+        "compute": ComputeResource(device="cpu", null_directions=512, circuit_null_directions=128),
     }
 
 
@@ -77,7 +77,7 @@ def test_tables_are_queryable_from_duckdb(chain):
         ).fetchone()[0]
         assert tokens == 1024 * 2 * 10  # top and bottom 10 per feature
         nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
-        assert nulls == 1024
+        assert nulls == 512  # ComputeResource.null_directions
 
 
 @pytest.mark.parametrize("release_id", PLANTED)

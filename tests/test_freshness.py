@@ -36,7 +36,7 @@ def world(tmp_path_factory):
     resources = {
         "hub": HubResource(cache_dir=str(cache), offline=True),
         "store": StoreResource(data_dir=str(tmp_path_factory.mktemp("data"))),
-        "compute": ComputeResource(device="cpu", null_directions=256),
+        "compute": ComputeResource(device="cpu", null_directions=256, circuit_null_directions=64),
     }
     instance = dg.DagsterInstance.ephemeral()
     sensor_result = sae_release_sensor(dg.build_sensor_context(instance=instance, resources=resources))

@@ -47,7 +47,7 @@ def server(tmp_path_factory):
     generate("planted-gemma", cache, layers=[0])
     env = {**os.environ, "DAGSTER_HOME": str(home), "WEIGHTLENS_DATA_DIR": str(data), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     chain = {"hub": HubResource(cache_dir=str(cache), offline=True), "store": StoreResource(data_dir=str(data)),
-             "compute": ComputeResource(device="cpu", null_directions=256)}
+             "compute": ComputeResource(device="cpu", null_directions=256, circuit_null_directions=64)}
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("sae", [KEY])
         materialize_all(instance, [KEY], chain)
