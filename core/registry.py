@@ -5,6 +5,11 @@ An SAE is named the SAELens way — a release id plus an SAE id (``gemma-scope-2
 ``"{release}:{sae_id}"``. Which SAEs a release holds is discovered from the repository's file listing
 by matching the release's ``folder`` pattern, so a new layer or L0 folder on the hub is a new SAE
 without any code change.
+
+SAELens' ``-canonical`` releases are aliases, not releases: ``gemma-scope-2b-pt-res-canonical`` +
+``layer_12/width_16k/canonical`` names the one L0 folder its base release's ``canonical`` table picks
+for (layer 12, width 16k), and resolves to that SAE's ``SaeRef`` — the same ``key`` as the concrete id,
+so an SAE has one partition whichever way it is named.
 """
 
 from __future__ import annotations
@@ -46,6 +51,67 @@ class SaeRef:
         return f"{self.release}:{self.sae_id}"
 
 
+def _id_fields(pattern: str, sae_id: str) -> dict[str, str] | None:
+    """The fields of ``sae_id`` read through an SAE id pattern (``layer_{layer}/width_{width}/...``), or
+    None when it does not match."""
+    regex = re.sub(r"\\\{(\w+)\\\}", lambda m: _FIELDS[m.group(1)], re.escape(pattern))
+    match = re.fullmatch(regex, sae_id)
+    return match.groupdict() if match else None
+
+
+def _unknown(subject: str, name: str, candidates: Iterable[str], known: str) -> UnknownReleaseError:
+    """The registry's error for a name it does not know: the nearest candidates, then what it knows."""
+    near = difflib.get_close_matches(name, list(candidates), n=3)
+    hint = f" Did you mean {', '.join(near)}?" if near else ""
+    return UnknownReleaseError(f"Unknown {subject}.{hint} {known}")
+
+
+def _span(layers: Iterable[int]) -> str:
+    """``0-25`` for a contiguous run of layers, else ``5, 12, 19``."""
+    s = sorted(layers)
+    return f"{s[0]}-{s[-1]}" if len(s) > 2 and s == list(range(s[0], s[-1] + 1)) else ", ".join(map(str, s))
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A release's SAELens ``-canonical`` alias (the ``canonical`` block of ``releases.yaml``).
+
+    ``release`` is the alias release id, ``sae_id`` its SAE id pattern (``{layer}`` and ``{width}``, no
+    L0), and ``l0[width][layer]`` the L0 of the base release's folder each alias id stands for.
+    """
+
+    release: str
+    sae_id: str
+    l0: dict[str, dict[int, int]] = field(compare=False, hash=False)
+
+    @classmethod
+    def from_yaml(cls, raw: dict[str, Any]) -> Canonical:
+        """Per width, either a list of L0s indexed by layer or a ``{layer: L0}`` mapping (widths released
+        at a few layers only)."""
+        l0 = {}
+        for width, l0s in raw["l0"].items():
+            pairs = enumerate(l0s) if isinstance(l0s, list) else l0s.items()
+            l0[str(width)] = {int(layer): int(value) for layer, value in pairs}
+        return cls(**{**raw, "l0": l0})
+
+    def ids(self) -> list[str]:
+        """Every alias SAE id, by width then layer."""
+        return [self.sae_id.format(layer=n, width=w) for w, table in self.l0.items() for n in sorted(table)]
+
+    def resolve(self, sae_id: str) -> dict[str, str] | None:
+        """The base release's fields (layer, width, l0) an alias id stands for; None if ``sae_id`` is not
+        of the alias pattern. An alias-shaped id absent from the table raises, naming the nearest ids."""
+        fields = _id_fields(self.sae_id, sae_id)
+        if fields is None:
+            return None
+        l0 = self.l0.get(fields["width"], {}).get(int(fields["layer"]))
+        if l0 is None:
+            known = "; ".join(f"width {w} at layer{'s' * (len(t) > 1)} {_span(t)}" for w, t in self.l0.items())
+            raise _unknown(f"canonical SAE id {sae_id!r} of release {self.release!r}", sae_id, self.ids(),
+                           f"Canonical SAEs: {known}.")
+        return {**fields, "l0": str(l0)}
+
+
 @dataclass(frozen=True)
 class Release:
     """A registry entry (see the comments at the top of ``releases.yaml`` for each field)."""
@@ -60,7 +126,19 @@ class Release:
     sae_id: str
     aliases: tuple[str, ...] = ()
     track: bool = False
+    canonical: Canonical | None = None
     planted: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:  # a canonical table may only name the model's layers
+        if self.canonical:
+            bad = sorted({n for t in self.canonical.l0.values() for n in t if not 0 <= n < self.n_layers})
+            if bad:
+                raise ValueError(f"canonical table names layers {bad} outside the model's {self.n_layers}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every id this release answers to: its id, its aliases and its canonical alias release."""
+        return (self.id, *self.aliases, *([self.canonical.release] if self.canonical else []))
 
     def folder_regex(self) -> re.Pattern[str]:
         """The ``folder`` pattern as a regex whose named groups are the pattern's fields."""
@@ -85,14 +163,17 @@ class Release:
         return sorted(refs.values(), key=lambda r: (r.layer, r.width or "", r.l0 or 0))
 
     def sae(self, sae_id: str) -> SaeRef:
-        """Parse an SAE id of this release (``layer_3/width_512/average_l0_32``, ``l3r_8x``)."""
-        id_regex = re.compile(re.sub(r"\\\{(\w+)\\\}", lambda m: _FIELDS[m.group(1)], re.escape(self.sae_id)))
-        match = id_regex.fullmatch(sae_id)
-        if not match:
+        """Parse an SAE id of this release (``layer_3/width_512/average_l0_32``, ``l3r_8x``) or of its
+        canonical alias (``layer_3/width_512/canonical``: the concrete SAE it stands for)."""
+        fields = _id_fields(self.sae_id, sae_id)
+        if fields is None and self.canonical:
+            fields = self.canonical.resolve(sae_id)
+        if fields is None:
+            also = f" or its canonical pattern {self.canonical.sae_id!r}" if self.canonical else ""
             raise UnknownReleaseError(
-                f"SAE id {sae_id!r} does not match release {self.id!r}'s pattern {self.sae_id!r}"
+                f"SAE id {sae_id!r} does not match release {self.id!r}'s pattern {self.sae_id!r}{also}"
             )
-        return self._ref(match.groupdict())
+        return self._ref(fields)
 
     def _ref(self, fields: dict[str, str]) -> SaeRef:
         layer = int(fields["layer"])
@@ -117,24 +198,24 @@ def load_registry(path: Path = REGISTRY_PATH) -> dict[str, Release]:
     releases = {}
     for rid, entry in (raw or {}).get("releases", {}).items():
         try:
-            releases[rid] = Release(id=rid, **{**entry, "aliases": tuple(entry.get("aliases", ()))})
-        except TypeError as exc:
+            canonical = Canonical.from_yaml(entry["canonical"]) if "canonical" in entry else None
+            releases[rid] = Release(id=rid, **{**entry, "aliases": tuple(entry.get("aliases", ())),
+                                               "canonical": canonical})
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path}: release {rid!r} is malformed: {exc}") from exc
     return releases
 
 
 def get_release(release_id: str, path: Path = REGISTRY_PATH) -> Release:
-    """Look a release up by id or alias; unknown ids raise an error listing the known ones."""
+    """Look a release up by id, alias or canonical alias id (which gives the base release: its ``sae``
+    resolves the canonical SAE ids); unknown ids raise an error listing the known ones."""
     releases = load_registry(path)
     for release in releases.values():
-        if release_id == release.id or release_id in release.aliases:
+        if release_id in release.names:
             return release
-    names = sorted({*releases, *(a for r in releases.values() for a in r.aliases)})
-    near = difflib.get_close_matches(release_id, names, n=3)
-    hint = f" Did you mean {', '.join(near)}?" if near else ""
-    raise UnknownReleaseError(
-        f"Unknown SAE release {release_id!r}.{hint} Known releases: {', '.join(sorted(releases))}"
-    )
+    known = sorted({*releases, *(r.canonical.release for r in releases.values() if r.canonical)})
+    names = sorted({n for r in releases.values() for n in r.names})
+    raise _unknown(f"SAE release {release_id!r}", release_id, names, f"Known releases: {', '.join(known)}")
 
 
 def parse_key(key: str, path: Path = REGISTRY_PATH) -> SaeRef:

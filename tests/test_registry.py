@@ -1,9 +1,11 @@
-"""The release registry: ids, aliases, SAE ids, folder discovery, clear errors."""
+"""The release registry: ids, aliases, SAELens canonical aliases, SAE ids, folder discovery, clear errors."""
 
 from __future__ import annotations
 
 import pytest
 
+from core.discovery import discover_saes
+from core.hub import Hub
 from core.registry import UnknownReleaseError, get_release, load_registry, parse_key
 
 
@@ -68,3 +70,90 @@ def test_partition_key_round_trip_and_errors():
         parse_key("l12r_8x")
     with pytest.raises(UnknownReleaseError, match="does not match release"):
         parse_key("llama-scope-lxr-8x:layer_12/width_16k/average_l0_82")
+
+
+# SAELens' -canonical ids and the folders they name, from sae_lens/pretrained_saes.yaml
+# (jbloomAus/SAELens ed4ade3c8999cc8556e8d6b49afce2d2444ce2c4): a sample of every width entered.
+SAELENS_CANONICAL = {
+    "gemma-scope-2b-pt-res-canonical": {
+        "layer_0/width_16k/canonical": "layer_0/width_16k/average_l0_105",
+        "layer_3/width_16k/canonical": "layer_3/width_16k/average_l0_59",
+        "layer_12/width_16k/canonical": "layer_12/width_16k/average_l0_82",
+        "layer_25/width_16k/canonical": "layer_25/width_16k/average_l0_116",
+        "layer_0/width_65k/canonical": "layer_0/width_65k/average_l0_73",
+        "layer_12/width_65k/canonical": "layer_12/width_65k/average_l0_72",
+        "layer_25/width_65k/canonical": "layer_25/width_65k/average_l0_93",
+        "layer_19/width_1m/canonical": "layer_19/width_1m/average_l0_88",
+        "layer_12/width_262k/canonical": "layer_12/width_262k/average_l0_121",
+    },
+    "gemma-scope-9b-pt-res-canonical": {
+        "layer_0/width_16k/canonical": "layer_0/width_16k/average_l0_129",
+        "layer_20/width_16k/canonical": "layer_20/width_16k/average_l0_68",
+        "layer_41/width_16k/canonical": "layer_41/width_16k/average_l0_113",
+        "layer_0/width_131k/canonical": "layer_0/width_131k/average_l0_41",
+        "layer_20/width_131k/canonical": "layer_20/width_131k/average_l0_114",
+        "layer_41/width_131k/canonical": "layer_41/width_131k/average_l0_84",
+        "layer_9/width_1m/canonical": "layer_9/width_1m/average_l0_122",
+        "layer_20/width_524k/canonical": "layer_20/width_524k/average_l0_48",
+    },
+}
+
+
+@pytest.mark.parametrize("canonical_release", sorted(SAELENS_CANONICAL))
+def test_canonical_ids_resolve_to_the_saelens_folder(canonical_release):
+    base = get_release(canonical_release)
+    assert base.id == canonical_release.removesuffix("-canonical") and base.canonical.release == canonical_release
+    for alias, concrete in SAELENS_CANONICAL[canonical_release].items():
+        ref = parse_key(f"{canonical_release}:{alias}")
+        assert ref == parse_key(f"{base.id}:{concrete}") == base.sae(alias)
+        assert (ref.key, ref.folder) == (f"{base.id}:{concrete}", concrete)  # one partition per folder
+    for width in {"gemma-scope-2b-pt-res": ("16k", "65k"), "gemma-scope-9b-pt-res": ("16k", "131k")}[base.id]:
+        assert sorted(base.canonical.l0[width]) == list(range(base.n_layers))  # every layer has one
+
+
+def test_canonical_release_is_a_known_release_name():
+    with pytest.raises(UnknownReleaseError) as err:
+        get_release("gemma-scope-2b-pt-res-canonicl")
+    message = str(err.value)
+    assert "Did you mean gemma-scope-2b-pt-res-canonical" in message
+    assert "gemma-scope-9b-pt-res-canonical" in message.split("Known releases:")[1]
+    assert "planted-gemma-canonical" in message.split("Known releases:")[1]
+
+
+def test_unknown_canonical_ids_name_the_nearest():
+    with pytest.raises(UnknownReleaseError) as err:
+        parse_key("gemma-scope-2b-pt-res-canonical:layer_12/width_131k/canonical")  # 131k is a 9b width
+    message = str(err.value)
+    assert message.startswith("Unknown canonical SAE id 'layer_12/width_131k/canonical' of release "
+                              "'gemma-scope-2b-pt-res-canonical'. Did you mean ")
+    assert "layer_12/width_16k/canonical" in message.split("?")[0]
+    assert "width 16k at layers 0-25; width 65k at layers 0-25; width 1m at layers 5, 12, 19" in message
+    with pytest.raises(UnknownReleaseError, match="Did you mean .*layer_25/width_16k/canonical"):
+        parse_key("gemma-scope-2b-pt-res-canonical:layer_26/width_16k/canonical")
+    with pytest.raises(UnknownReleaseError, match="or its canonical pattern 'layer_{layer}/width_{width}/canonical'"):
+        parse_key("gemma-scope-9b-pt-res-canonical:layer_12/width_16k/canonicl")
+    with pytest.raises(UnknownReleaseError, match="does not match release 'llama-scope-lxr-8x'"):
+        parse_key("llama-scope-lxr-8x:layer_12/width_16k/canonical")  # no canonical alias there
+
+
+def test_canonical_table_outside_the_model_is_rejected(tmp_path):
+    path = tmp_path / "releases.yaml"
+    path.write_text(
+        "releases:\n  tiny:\n    sae_repo: a/b\n    model_repo: a/c\n    format: gemma_scope_npz\n"
+        "    hook: resid_post\n    n_layers: 2\n    folder: 'layer_{layer}/average_l0_{l0}'\n"
+        "    sae_id: 'layer_{layer}/average_l0_{l0}'\n"
+        "    canonical: {release: tiny-canonical, sae_id: 'layer_{layer}/width_{width}/canonical', l0: {1k: [5, 6, 7]}}\n"
+    )
+    with pytest.raises(ValueError, match=r"releases.yaml: release 'tiny' is malformed: .*layers \[2\]"):
+        load_registry(path)
+
+
+def test_planted_canonical_ids_resolve_to_discovered_saes_offline(planted_cache):
+    listing = discover_saes("planted-gemma", Hub(cache_dir=planted_cache, offline=True))
+    canonical = listing.release.canonical
+    assert canonical.release == "planted-gemma-canonical"
+    refs = [parse_key(f"planted-gemma-canonical:{alias}") for alias in canonical.ids()]
+    assert refs == listing.saes  # one canonical SAE per layer: exactly the planted folders
+    assert [r.key for r in refs] == [f"planted-gemma:layer_{n}/width_512/average_l0_32" for n in range(6)]
+    # the canonical release id names the same release (and so the same listing) as its base
+    assert discover_saes("planted-gemma-canonical", Hub(cache_dir=planted_cache, offline=True)).saes == refs
