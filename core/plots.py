@@ -47,3 +47,112 @@ def output_fraction_plot(by_layer: pd.DataFrame, release: str, path: Path, truth
     ax.set_title(f"{release}: features whose decoder direction directly predicts output tokens")
     ax.legend(loc="upper right", fontsize=8)
     return save(fig, path)
+
+
+PHASE_LABELS = {
+    "encoder_embedding": "encoder–embedding phase (QK score excess over null)",
+    "decoder_unembedding": "decoder–unembedding phase (OV write-norm excess over null)",
+}
+STAT_LABELS = {"mean": "mean", "median": "median", "p75": "75th percentile"}
+
+
+def depth_profile_plot(
+    profile: pd.DataFrame, shapes: pd.DataFrame, release: str, path: Path, truth: pd.DataFrame | None = None
+) -> Path:
+    """One panel per phase: mean / median / P75 over features of the per-feature participation score
+    (mean over heads) against normalised depth, with 95 % bootstrap bands; the fitted shape of each
+    statistic in the legend; planted releases: the planted strength (mean over heads, right axis)."""
+    sns.set_theme(style="whitegrid")
+    phases = [p for p in PHASE_LABELS if p in set(profile["phase"])]
+    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6.2 * max(1, len(phases)), 4), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        data = profile[profile["phase"] == phase].sort_values("depth")
+        for i, stat in enumerate(("mean", "median", "p75")):
+            row = shapes[(shapes["phase"] == phase) & (shapes["statistic"] == stat)]
+            shape = f" — fit: {row['shape'].iloc[0]}" if len(row) else ""
+            colour = sns.color_palette()[i]
+            ax.plot(data["depth"], data[stat], "o-", color=colour, label=f"{STAT_LABELS[stat]}{shape}")
+            ax.fill_between(data["depth"], data[f"{stat}_low"], data[f"{stat}_high"], color=colour, alpha=0.2)
+        ax.set_xlabel("normalised depth (layer / (layers − 1))")
+        ax.set_ylabel("participation score (score units above null median)")
+        ax.set_title(PHASE_LABELS[phase], fontsize=10)
+        ax.set_xlim(-0.03, 1.03)
+        if truth is not None and phase in set(truth["phase"]):
+            t = truth[truth["phase"] == phase].sort_values("depth")
+            twin = ax.twinx()
+            twin.plot(t["depth"], t["strength"], ":", color="black", label="planted strength (right axis)")
+            twin.set_ylabel("planted strength s (mean over heads)")
+            twin.grid(False)
+            twin.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(f"{release}: attention participation of features over depth (over features; bands: 95 % bootstrap)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def participation_heatmap(part: pd.DataFrame, release: str, path: Path) -> Path:
+    """Layer × head heatmaps (one per phase) of the mean participation score over features, annotated
+    with the fraction of features that participate (score above the null P99)."""
+    sns.set_theme(style="white")
+    phases = [p for p in PHASE_LABELS if p in set(part["phase"])]
+    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(5.5 * max(1, len(phases)), 4.2), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        data = part[part["phase"] == phase]
+        score = data.pivot_table(index="attn_layer", columns="head", values="score", aggfunc="mean")
+        frac = data.pivot_table(index="attn_layer", columns="head", values="participates", aggfunc="mean")
+        labels = score.round(2).astype(str) + "\n" + (100 * frac).round(0).astype(int).astype(str) + " %"
+        sns.heatmap(score, annot=labels.to_numpy(), fmt="", cmap="viridis", ax=ax, annot_kws={"fontsize": 7},
+                    cbar_kws={"label": "mean score over features"})
+        ax.set_xlabel("query head")
+        ax.set_ylabel("attention layer")
+        ax.set_title(PHASE_LABELS[phase] + "\ncell: mean score / % of features participating", fontsize=9)
+    fig.suptitle(f"{release}: feature participation per layer and head")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def semantic_violins(frame: pd.DataFrame, values: dict[str, str], release: str, path: Path) -> Path:
+    """One violin panel per variable (``values``: column → readable label with units), semantic vs
+    non-semantic features."""
+    sns.set_theme(style="whitegrid")
+    cols = [c for c in values if c in frame.columns and frame[c].notna().any()]
+    fig, axes = plt.subplots(1, max(1, len(cols)), figsize=(3.4 * max(1, len(cols)), 4), squeeze=False)
+    data = frame.assign(group=frame["semantic"].map({True: "semantic", False: "non-semantic"}))
+    for ax, col in zip(axes[0], cols):
+        sns.violinplot(data=data, x="group", y=col, hue="group", order=["semantic", "non-semantic"], cut=0,
+                       inner="quartile", ax=ax, legend=False, density_norm="width")
+        ax.set_xlabel("")
+        ax.set_ylabel(values[col], fontsize=8)
+    fig.suptitle(f"{release}: semantic vs non-semantic features (all layers)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+METRIC_LABELS = {
+    "topk_z": "top-10 z-score of output logits",
+    "levenshtein": "mean pairwise Levenshtein similarity (0–1)",
+    "cosine": "mean pairwise cosine of token vectors",
+    "concentration": "−entropy of softmax over vocabulary (nats)",
+}
+
+
+def null_vs_observed_plot(features: pd.DataFrame, null: pd.DataFrame, thresholds: pd.DataFrame, release: str, path: Path) -> Path:
+    """Histograms (density) of each calibrated metric for the features and for the null directions, with
+    the threshold (null P99) as a vertical line; one panel per (side, metric)."""
+    sns.set_theme(style="whitegrid")
+    panels = [("output", "topk_z", "topk_z")] + [
+        (side, m, f"{'out' if side == 'output' else 'in'}_{m}") for side in ("output", "input") for m in ("levenshtein", "cosine", "concentration")
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    for ax, (side, metric, column) in zip(axes.flat, panels):
+        both = pd.concat([features[[column]].assign(sample="features"), null[[column]].assign(sample="null (random directions)")])
+        sns.histplot(data=both, x=column, hue="sample", stat="density", common_norm=False, bins=50, element="step", ax=ax)
+        t = thresholds[(thresholds["side"] == side) & (thresholds["metric"] == metric)]["threshold"]
+        if len(t):
+            ax.axvline(float(t.median()), color="red", ls="--", label="threshold (null P99)")
+        ax.set_xlabel(METRIC_LABELS[metric], fontsize=8)
+        ax.set_title(f"{side} tokens", fontsize=9)
+    axes.flat[-1].axis("off")
+    fig.suptitle(f"{release}: calibration — features vs null directions (red: threshold, median over SAEs)")
+    fig.tight_layout()
+    return save(fig, path)
