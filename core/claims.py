@@ -109,7 +109,7 @@ class ReleaseResults:
     null_rate: float
     semantic_fraction: float
     missing_layers: list[int]
-    plots: dict[str, str] = field(default_factory=dict)  # key -> file name
+    plots: dict[str, str] = field(default_factory=dict)  # plot asset name -> file name
     truth: PlantedTruth | None = None
     measured_norm_ratio: dict[str, float] = field(default_factory=dict)
     profile: pd.DataFrame = field(default_factory=pd.DataFrame)  # core.profiles.depth_profile
@@ -277,21 +277,21 @@ def render_report(results: ReleaseResults) -> str:
     plot = results.plots.get
     lines += [
         "## C1 by layer", "",
-        f"![output-predicting fraction by layer]({plot('c1')})" if plot("c1") else "",
+        f"![output-predicting fraction by layer]({plot('plot_output_fraction')})" if plot("plot_output_fraction") else "",
         "",
         by_layer[["layer", "sae_id", "n", "hits", "fraction", "ci_low", "ci_high"]].to_markdown(index=False, floatfmt=".3f"),
         "",
         f"Null false-positive rate of the whole rule (fraction of random directions called output-predicting): {results.null_rate:.4f}.",
         "",
         "## C2 depth profiles", "",
-        f"![depth profiles]({plot('c2')})" if plot("c2") else "",
+        f"![depth profiles]({plot('plot_depth_profiles')})" if plot("plot_depth_profiles") else "",
         "",
-        f"![layer × head participation]({plot('heatmap')})" if plot("heatmap") else "",
+        f"![layer × head participation]({plot('plot_participation_heatmap')})" if plot("plot_participation_heatmap") else "",
         "",
         results.shapes.to_markdown(index=False, floatfmt=".3f") if not results.shapes.empty else "no attention statistics",
         "",
         "## C3 semantic vs non-semantic", "",
-        f"![semantic vs non-semantic]({plot('c3')})" if plot("c3") else "",
+        f"![semantic vs non-semantic]({plot('plot_semantic_violins')})" if plot("plot_semantic_violins") else "",
         "",
         results.comparison.to_markdown(index=False, floatfmt=".3g") if not results.comparison.empty else "",
         "",
@@ -299,7 +299,7 @@ def render_report(results: ReleaseResults) -> str:
         results.phases.to_markdown(index=False, floatfmt=".3f") if not results.phases.empty else "no attention statistics",
         "",
         "## Calibration", "",
-        f"![null vs observed]({plot('null')})" if plot("null") else "",
+        f"![null vs observed]({plot('plot_calibration')})" if plot("plot_calibration") else "",
         "",
         "Thresholds used (median over the release's SAEs; each SAE is calibrated on its own null):",
         "",

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -64,7 +65,8 @@ def depth_profile_plot(
     statistic in the legend; planted releases: the planted strength (mean over heads, right axis)."""
     sns.set_theme(style="whitegrid")
     phases = [p for p in PHASE_LABELS if p in set(profile["phase"])]
-    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6.2 * max(1, len(phases)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(7.5 * max(1, len(phases)), 4.6), squeeze=False,
+                             layout="constrained")
     for ax, phase in zip(axes[0], phases):
         data = profile[profile["phase"] == phase].sort_values("depth")
         for i, stat in enumerate(("mean", "median", "p75")):
@@ -74,7 +76,7 @@ def depth_profile_plot(
             ax.plot(data["depth"], data[stat], "o-", color=colour, label=f"{STAT_LABELS[stat]}{shape}")
             ax.fill_between(data["depth"], data[f"{stat}_low"], data[f"{stat}_high"], color=colour, alpha=0.2)
         ax.set_xlabel("normalised depth (layer / (layers − 1))")
-        ax.set_ylabel("participation score (score units above null median)")
+        ax.set_ylabel("participation score\n(above the null median)")
         ax.set_title(PHASE_LABELS[phase], fontsize=10)
         ax.set_xlim(-0.03, 1.03)
         if truth is not None and phase in set(truth["phase"]):
@@ -85,8 +87,7 @@ def depth_profile_plot(
             twin.grid(False)
             twin.legend(loc="upper right", fontsize=7)
         ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"{release}: attention participation of features over depth (over features; bands: 95 % bootstrap)")
-    fig.tight_layout()
+    fig.suptitle(f"{release}: attention participation of features over depth (statistics over features; bands: 95 % bootstrap)")
     return save(fig, path)
 
 
@@ -146,7 +147,9 @@ def null_vs_observed_plot(features: pd.DataFrame, null: pd.DataFrame, thresholds
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
     for ax, (side, metric, column) in zip(axes.flat, panels):
         both = pd.concat([features[[column]].assign(sample="features"), null[[column]].assign(sample="null (random directions)")])
-        sns.histplot(data=both, x=column, hue="sample", stat="density", common_norm=False, bins=50, element="step", ax=ax)
+        sns.histplot(data=both, x=column, hue="sample", stat="density", common_norm=False, bins=50, element="step", ax=ax,
+                     legend=ax is axes.flat[0])
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         t = thresholds[(thresholds["side"] == side) & (thresholds["metric"] == metric)]["threshold"]
         if len(t):
             ax.axvline(float(t.median()), color="red", ls="--", label="threshold (null P99)")

@@ -44,7 +44,7 @@ def materialize_all(
         if not result.success:
             raise SystemExit(f"materialisation of {key} failed; see the run in the Dagster UI")
     if not dg.materialize(REPORT_ASSETS, instance=instance, resources=resources, raise_on_error=False).success:
-        raise SystemExit("claims_report failed; see the run in the Dagster UI")
+        raise SystemExit("the release statistics, plots or report failed; see the run in the Dagster UI")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

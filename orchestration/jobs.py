@@ -15,6 +15,8 @@ import dagster as dg
 
 from assets.classes import feature_classes
 from assets.interactions import circuit_tables, lens_tables
+from assets.claims import claim_statistics
+from assets.plots import PLOT_ASSETS
 from assets.report import claims_report
 from assets.weights import model_weights, sae_weights
 from orchestration.versions import code_version
@@ -36,7 +38,9 @@ SAE_ASSETS = [
     orchestrated(circuit_tables, ON_UPDATE_OR_CODE_CHANGE),
     orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
 ]
-REPORT_ASSETS = [orchestrated(claims_report, ON_UPDATE_OR_CODE_CHANGE)]
+REPORT_ASSETS = [
+    orchestrated(asset, ON_UPDATE_OR_CODE_CHANGE) for asset in (claim_statistics, *PLOT_ASSETS, claims_report)
+]
 ALL_ASSETS = [*SAE_ASSETS, *REPORT_ASSETS]
 
 sae_chain_job = dg.define_asset_job(

@@ -14,6 +14,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from assets.plots import PLOTS
 from core.hub_cache import write_snapshot
 from core.registry import get_release, parse_key
 from orchestration.cli import materialize_all, register_partitions
@@ -48,7 +49,8 @@ def truth(cache: Path, release_id: str) -> dict:
 
 def test_definitions_load():
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
-        "sae_weights", "model_weights", "lens_tables", "feature_classes", "claims_report",
+        "sae_weights", "model_weights", "lens_tables", "circuit_tables", "feature_classes", "claim_statistics",
+        "claims_report", *PLOTS,
     }
 
 
@@ -122,8 +124,10 @@ def test_report_and_plot_written(chain):
     for release_id in PLANTED:
         report = (data / "reports" / release_id / "report.md").read_text()
         assert "C1 output-predicting fraction" in report and "Planted ground truth" in report
-        png = (data / "reports" / release_id / "c1_output_fraction.png").read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        for file_name, _, _ in PLOTS.values():  # one asset per plot, each file linked from the report
+            png = (data / "reports" / release_id / file_name).read_bytes()
+            assert png.startswith(b"\x89PNG") and len(png) > 10_000, file_name
+            assert f"]({file_name})" in report
 
 
 def failure_text(result: dg.ExecuteInProcessResult) -> str:

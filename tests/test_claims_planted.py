@@ -147,12 +147,12 @@ def test_null_sae_fraction_is_the_calibrated_false_positive_rate(planted, releas
 
 
 def test_report_plots_and_missing_layers(planted, tmp_path):
-    from assets.report import write_plots
+    from assets.plots import PLOTS, write_plots
 
     for release_id, p in planted.items():
         r = p["results"]
         paths = write_plots(r, tmp_path / release_id)
-        assert set(paths) == {"c1", "c2", "heatmap", "c3", "null"}
+        assert set(paths) == set(PLOTS)
         for path in paths.values():
             data = path.read_bytes()
             assert data.startswith(b"\x89PNG") and len(data) > 20_000, path

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from assets.plots import PLOTS
 from core.planted import generate
 from orchestration.cli import materialize_all
 from orchestration.resources import ComputeResource, HubResource, StoreResource
@@ -102,3 +103,9 @@ def test_asset_graph_partitions_and_metadata_are_served(server):
     markdown = {e["label"]: e.get("mdStr") for e in entries}
     assert "data:image/png;base64," in markdown["planted-gemma/report"]  # the plot, inline in the UI
     assert "C1 output-predicting fraction" in markdown["planted-gemma/report"]
+    for plot in PLOTS:  # every plot asset shows its PNG in the UI
+        latest = graphql(server, """{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset {
+            assetMaterializations(limit: 1) { metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }""" % plot)
+        entries = latest["assetOrError"]["assetMaterializations"][0]["metadataEntries"]
+        shown = {e["label"]: e.get("mdStr") for e in entries}
+        assert shown["planted-gemma/plot"].startswith("![planted-gemma") and "data:image/png;base64," in shown["planted-gemma/plot"]

@@ -1,0 +1,56 @@
+"""Release-level statistics behind the paper's claims (``core.claims``), from every SAE's tables."""
+
+import dagster as dg
+
+from assets.common import store_table
+from core.claims import ReleaseResults, release_results
+from core.registry import get_release
+from core.truth import load_truth
+from orchestration.resources import HubResource, StoreResource
+
+ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama"}
+INPUT_TABLES = ("semantic_null", "class_thresholds", "sae_features", "attention_participation", "feature_participation")
+
+
+@dg.asset(
+    group_name="claims",
+    deps=[dg.AssetDep("feature_classes", partition_mapping=dg.AllPartitionMapping())],
+    kinds={"parquet"},
+)
+def claim_statistics(
+    context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource
+) -> dg.Output[dict[str, ReleaseResults]]:
+    """Per release with stored feature classes: every measured quantity of claims C1–C4
+    (``core.claims.release_results``), handed to the plot and report assets, and stored as tables
+    ``output_fraction_by_layer`` (``layer, sae_id, n, hits, fraction, ci_low, ci_high``),
+    ``depth_profiles`` (``phase, layer, depth, n, participating, mean/median/p75`` with 95 % bands),
+    ``depth_shapes`` (``phase, statistic, curvature, ci_low, ci_high, vertex, shape``),
+    ``semantic_comparison`` (Mann–Whitney U per variable) and ``phase_means``. Planted releases carry
+    their ground truth."""
+    tables = store.tables()
+    classes = tables.read("feature_classes")
+    if classes.empty:
+        raise dg.Failure("No feature_classes rows are stored yet: materialise at least one SAE partition first.")
+    frames = {name: tables.read(name) for name in INPUT_TABLES}
+    results: dict[str, ReleaseResults] = {}
+    metadata: dict[str, dg.MetadataValue] = {}
+    for release_id in sorted(classes["release"].unique()):
+        release = get_release(str(release_id))
+        pick = {name: f[f["release"] == release.id] if len(f) else f for name, f in frames.items()}
+        result = release_results(
+            release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers,
+            classes[classes["release"] == release.id], pick["semantic_null"], pick["class_thresholds"],
+            pick["sae_features"], pick["attention_participation"], pick["feature_participation"],
+            load_truth(release.id, hub.client()).data if release.planted else None,
+        )
+        for table, frame in (("output_fraction_by_layer", result.by_layer), ("depth_profiles", result.profile),
+                             ("depth_shapes", result.shapes.assign(release=release.id)),
+                             ("semantic_comparison", result.comparison.assign(release=release.id)),
+                             ("phase_means", result.phases)):
+            if len(frame):
+                metadata |= store_table(store, table, release.id, frame)
+        if result.missing_layers:
+            context.log.warning(f"{release.id}: no analysed SAE for layers {result.missing_layers}")
+        metadata[f"{release.id}/missing_layers"] = dg.MetadataValue.text(str(result.missing_layers))
+        results[release.id] = result
+    return dg.Output(results, metadata=metadata)

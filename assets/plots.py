@@ -1,0 +1,94 @@
+"""One asset per plot (``core.plots``): a PNG per release under ``<data>/reports/<release>/``, shown
+inline in the asset's metadata in the Dagster UI."""
+
+import base64
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+
+from core.claims import ReleaseResults
+from core.plots import (
+    depth_profile_plot,
+    null_vs_observed_plot,
+    output_fraction_plot,
+    participation_heatmap,
+    semantic_violins,
+)
+from orchestration.resources import StoreResource
+
+VIOLIN_VALUES = {
+    "score_encoder_embedding": "encoder–embedding participation\n(QK score above null median)",
+    "score_decoder_unembedding": "decoder–unembedding participation\n(OV write norm above null median)",
+    "encoder_norm": "raw encoder norm ‖W_enc[:, i]‖",
+    "decoder_norm": "raw decoder norm ‖W_dec[i]‖",
+}
+
+Draw = Callable[[ReleaseResults, Path], Path | None]
+
+
+def _output_fraction(r: ReleaseResults, path: Path) -> Path:
+    return output_fraction_plot(r.by_layer, r.release, path, r.truth.output.truth_fraction if r.truth else None)
+
+
+def _depth_profiles(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.profile.empty else depth_profile_plot(r.profile, r.shapes, r.release, path, r.truth_strength)
+
+
+def _heatmap(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.head_participation.empty else participation_heatmap(r.head_participation, r.release, path)
+
+
+def _violins(r: ReleaseResults, path: Path) -> Path:
+    return semantic_violins(r.per_feature, VIOLIN_VALUES, r.release, path)
+
+
+def _calibration(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.null_rows.empty else null_vs_observed_plot(r.per_feature, r.null_rows, r.thresholds, r.release, path)
+
+
+# asset name -> (file name, drawing function, what the plot shows)
+PLOTS: dict[str, tuple[str, Draw, str]] = {
+    "plot_output_fraction": ("c1_output_fraction.png", _output_fraction,
+                             "C1: fraction of output-predicting features per layer, 95 % Wilson CI."),
+    "plot_depth_profiles": ("c2_depth_profiles.png", _depth_profiles,
+                            "C2: mean / median / P75 participation over normalised depth per phase, fitted shape."),
+    "plot_participation_heatmap": ("c2_layer_head_participation.png", _heatmap,
+                                   "C2: layer × head participation (mean score, % of features participating)."),
+    "plot_semantic_violins": ("c3_semantic_vs_non_semantic.png", _violins,
+                              "C3: semantic vs non-semantic features: participation and raw weight norms."),
+    "plot_calibration": ("calibration_null_vs_observed.png", _calibration,
+                         "Calibration: each metric for features vs null directions, with the null-P99 threshold."),
+}
+
+
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a ``data:`` URI, so markdown metadata shows it in the UI without file access."""
+    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.AssetsDefinition:
+    """The asset drawing one plot for every release in ``claim_statistics``."""
+
+    @dg.asset(name=name, group_name="plots", kinds={"seaborn"}, description=description)
+    def _plot(store: StoreResource, claim_statistics: dict[str, ReleaseResults]) -> dg.MaterializeResult:
+        metadata: dict[str, dg.MetadataValue] = {}
+        for release, results in claim_statistics.items():
+            path = draw(results, store.artifacts("reports") / release / file_name)
+            if path is None:
+                metadata[f"{release}/plot"] = dg.MetadataValue.text("no data for this plot (no attention statistics)")
+                continue
+            metadata[f"{release}/plot"] = dg.MetadataValue.md(f"![{release}: {description}]({png_data_uri(path)})")
+            metadata[f"{release}/path"] = dg.MetadataValue.path(str(path))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _plot
+
+
+PLOT_ASSETS = [plot_asset(name, *spec) for name, spec in PLOTS.items()]
+
+
+def write_plots(results: ReleaseResults, folder: Path) -> dict[str, Path]:
+    """Every plot of one release into ``folder`` (what the plot assets do, without Dagster)."""
+    paths = {name: draw(results, folder / file_name) for name, (file_name, draw, _) in PLOTS.items()}
+    return {name: path for name, path in paths.items() if path is not None}
