@@ -13,12 +13,19 @@ file, and two partitions never touch the same file. The views are (re)created wh
 if another process holds the database at that moment the refresh is skipped and retried on the next
 write (views glob the directory, so new partitions show up without a refresh).
 
+A writer killed between writing its temporary file and the rename (SIGKILL, power loss) leaves that
+file behind: temporary names carry the writer's process id, and the next write to the same table
+removes the ones whose process is gone (this assumes one host writes a data directory). A write that
+fails (disk full, read-only or unwritable directory) raises ``StorageError`` naming the destination
+file; the partition's previously stored file is untouched.
+
 Every table carries ``release`` and ``sae_id`` columns, so ``SELECT ... WHERE release = ...`` works
 across files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -29,6 +36,11 @@ import duckdb
 import pandas as pd
 
 DB_FILE = "results.duckdb"
+TMP_SUFFIX = ".tmp"
+
+
+class StorageError(OSError):
+    """A partition's rows could not be stored; names the destination file, and the cause."""
 
 
 class TableStore:
@@ -46,9 +58,10 @@ class TableStore:
     def write(self, table: str, key: str, frame: pd.DataFrame) -> Path:
         """Replace a partition's rows atomically (temp file + rename); other partitions are untouched."""
         path = self.file(table, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _sweep_orphans(path.parent)
             con = duckdb.connect()
             try:
                 con.register("frame", frame)
@@ -58,8 +71,13 @@ class TableStore:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except (OSError, duckdb.Error) as error:
+            message = f"{path}: cannot store table {table!r} for {key!r} ({error}); previously stored rows are unchanged"
+            errno = getattr(error, "errno", None)
+            raise (StorageError(errno, message) if isinstance(errno, int) else StorageError(message)) from error
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return path
 
     def read(self, table: str, key: str | None = None) -> pd.DataFrame:
@@ -91,8 +109,12 @@ class TableStore:
 
     def refresh_views(self, attempts: int = 5, wait_s: float = 0.2) -> bool:
         """(Re)create one view per table in ``results.duckdb``. Returns False, leaving the views as they
-        were, when another process holds the database (the next write retries)."""
+        were, when another process holds the database (the next write retries). When every table already
+        has its view (the usual case: a new partition of a known table) nothing is written, so a reader
+        holding the database open costs a writer nothing."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self._views_current():
+            return True
         for attempt in range(attempts):
             try:
                 con = duckdb.connect(str(self.db_path))
@@ -111,10 +133,44 @@ class TableStore:
             return True
         return False
 
+    def _views_current(self) -> bool:
+        """Whether every stored table has its view over this directory (checked read-only, which other
+        readers do not block)."""
+        if not self.db_path.exists():
+            return False
+        try:
+            con = duckdb.connect(str(self.db_path), read_only=True)
+        except duckdb.Error:
+            return False
+        try:
+            views = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall())
+        finally:
+            con.close()
+        return all(_sql_path(self.tables_dir / table / "*.parquet") in views.get(table, "") for table in self.tables())
+
     def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection to the views (read-only by default, so it never blocks writers' refresh
         for longer than it is open)."""
         return duckdb.connect(str(self.db_path), read_only=read_only)
+
+
+def _sweep_orphans(folder: Path) -> None:
+    """Remove temporary files left in ``folder`` by writers that no longer run (killed mid-write)."""
+    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+        parts = tmp.name.rsplit(".", 3)  # ['.<stem>', '<pid>', '<uuid>', 'tmp']
+        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _sql_path(path: Path) -> str:
