@@ -3,13 +3,11 @@
 import dagster as dg
 
 from assets.common import store_table
-from core.claims import ReleaseResults, release_results
+from core.claims import CLASS_TABLES, ReleaseResults, results_from_tables
 from core.registry import get_release
 from core.truth import load_truth
 from orchestration.resources import HubResource, StoreResource
 
-ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama"}
-INPUT_TABLES = ("semantic_null", "class_thresholds", "sae_features", "attention_participation", "feature_participation")
 
 
 @dg.asset(
@@ -28,21 +26,15 @@ def claim_statistics(
     ``semantic_comparison`` (Mann–Whitney U per variable) and ``phase_means``. Planted releases carry
     their ground truth."""
     tables = store.tables()
-    classes = tables.read("feature_classes")
-    if classes.empty:
+    frames = {name: tables.read(name) for name in CLASS_TABLES}
+    if frames["feature_classes"].empty:
         raise dg.Failure("No feature_classes rows are stored yet: materialise at least one SAE partition first.")
-    frames = {name: tables.read(name) for name in INPUT_TABLES}
     results: dict[str, ReleaseResults] = {}
     metadata: dict[str, dg.MetadataValue] = {}
-    for release_id in sorted(classes["release"].unique()):
+    for release_id in sorted(frames["feature_classes"]["release"].unique()):
         release = get_release(str(release_id))
-        pick = {name: f[f["release"] == release.id] if len(f) else f for name, f in frames.items()}
-        result = release_results(
-            release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers,
-            classes[classes["release"] == release.id], pick["semantic_null"], pick["class_thresholds"],
-            pick["sae_features"], pick["attention_participation"], pick["feature_participation"],
-            load_truth(release.id, hub.client()).data if release.planted else None,
-        )
+        truth = load_truth(release.id, hub.client()).data if release.planted else None
+        result = results_from_tables(release, frames, truth)
         for table, frame in (("output_fraction_by_layer", result.by_layer), ("depth_profiles", result.profile),
                              ("depth_shapes", result.shapes.assign(release=release.id)),
                              ("semantic_comparison", result.comparison.assign(release=release.id)),

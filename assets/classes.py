@@ -40,8 +40,7 @@ def feature_classes(
     ref = sae_of(context)
     tables = store.tables()
     _, checkpoint, sae = load(ref, hub)
-    embedding = checkpoint.embedding()
-    unembedding = embedding if checkpoint.geometry.tied_embeddings else checkpoint.unembedding()
+    embedding, unembedding = checkpoint.embedding(), checkpoint.unembedding()
     classes = classify_features(
         tables.read("output_lens_tokens", ref.key), tables.read("output_lens_stats", ref.key),
         tables.read("input_lens_tokens", ref.key), tables.read("input_lens_stats", ref.key),

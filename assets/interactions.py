@@ -11,6 +11,7 @@ from core.discovery import fetch_model, fetch_sae
 from core.engine import RowStats
 from core.frames import SUMMARY_COLUMNS, circuit_frame, summary_frame, topk_frame, with_sae
 from core.model_weights import TOKENIZER_FILE
+from core.neuronpedia import dashboard_frame, raw_top_logits, write_json_export
 from core.output_lens import null_directions, output_lens
 from core.registry import SaeRef, get_release
 from core.sae_formats import FORMATS
@@ -69,7 +70,8 @@ def lens_tables(
     ref = sae_of(context)
     snapshot, checkpoint, sae = load(ref, hub)
     tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
-    settings = dict(k=compute.top_k, compute_dtype=compute.torch_dtype(), device=compute.resolved_device())
+    engine = dict(compute_dtype=compute.torch_dtype(), device=compute.resolved_device())
+    settings = dict(k=compute.top_k, **engine)
     null = null_directions(compute.null_directions, sae.d_model, ref.key)
     metadata: dict[str, dg.MetadataValue] = {}
     parts: dict[str, list[Check]] = {name: [] for name in LENS_CHECKS}
@@ -97,6 +99,11 @@ def lens_tables(
         )
         parts["values_finite"] += [finite(f"{lens} tokens", token_rows, ["value"]), finite(f"{lens} stats", stats, STAT_COLUMNS)]
         parts["token_ids_in_vocab"].append(ids_in_range(lens, token_rows, "token_id", checkpoint.geometry.vocab_size))
+    dashboard = with_sae(dashboard_frame(raw_top_logits(sae.W_dec, checkpoint.unembedding(), **engine), tokens), ref)
+    metadata |= store_table(store, "neuronpedia_top_logits", ref.key, dashboard)
+    metadata["neuronpedia_top_logits/json"] = dg.MetadataValue.path(
+        str(write_json_export(dashboard, store.artifacts("exports") / "neuronpedia" / ref.release, ref.sae_id))
+    )
     metadata |= {"device": dg.MetadataValue.text(settings["device"]), "dtype": dg.MetadataValue.text(compute.dtype)}
     checks = [combined(name, found) for name, found in parts.items()]
     return dg.MaterializeResult(metadata=metadata, check_results=check_results(checks))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.registry import Release
 from core.statistics import wilson_interval
 
 PAPER_C1 = "About one quarter of SAE features directly predict output tokens."
@@ -190,6 +191,22 @@ def release_results(
         )
         results.truth_strength = strength
     return results
+
+
+CLASS_TABLES = ("feature_classes", "semantic_null", "class_thresholds", "sae_features", "attention_participation",
+                 "feature_participation")
+ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama"}  # SAE format -> model family
+
+
+def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None,
+                        n_boot: int = 1000) -> ReleaseResults:
+    """``release_results`` of one release from the stored ``CLASS_TABLES`` (all releases; filtered here)."""
+    pick = {name: frame[frame["release"] == release.id] if len(frame) else frame for name, frame in tables.items()}
+    return release_results(
+        release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers, pick["feature_classes"],
+        pick["semantic_null"], pick["class_thresholds"], pick["sae_features"], pick["attention_participation"],
+        pick["feature_participation"], truth, n_boot,
+    )
 
 
 def c1(results: ReleaseResults) -> tuple[str, str]:

@@ -10,8 +10,7 @@ import pytest
 os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / "data" / "mplconfig"))
 
 from core.planted import generate  # noqa: E402
-
-PLANTED = ("planted-gemma", "planted-llama")
+from tests.planted_chain import PLANTED, materialise_planted  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +20,9 @@ def planted_cache(tmp_path_factory) -> Path:
     for release in PLANTED:
         generate(release, cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def chain(planted_cache, tmp_path_factory):
+    """(instance, data dir, partition keys) after the whole chain ran on both planted releases."""
+    return materialise_planted(planted_cache, tmp_path_factory.mktemp("data"))

@@ -17,28 +17,8 @@ import pytest
 from assets.plots import PLOTS
 from core.hub_cache import write_snapshot
 from core.registry import get_release, parse_key
-from orchestration.cli import materialize_all, register_partitions
 from orchestration.definitions import SAE_ASSETS, defs
-from orchestration.resources import ComputeResource, HubResource, StoreResource
-PLANTED = ("planted-gemma", "planted-llama")
-
-
-def chain_resources(cache: Path, data: Path) -> dict[str, dg.ConfigurableResource]:
-    return {
-        "hub": HubResource(cache_dir=str(cache), offline=True),
-        "store": StoreResource(data_dir=str(data)),
-        "compute": ComputeResource(device="cpu", null_directions=512, circuit_null_directions=128),
-    }
-
-
-@pytest.fixture(scope="module")
-def chain(planted_cache, tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    resources = chain_resources(planted_cache, data)
-    instance = dg.DagsterInstance.ephemeral()
-    keys = register_partitions(instance, PLANTED, resources["hub"])
-    materialize_all(instance, keys, resources)
-    return instance, data, keys
+from tests.planted_chain import PLANTED, chain_resources
 
 
 def truth(cache: Path, release_id: str) -> dict:
@@ -56,13 +36,21 @@ def test_definitions_load():
 
 def test_every_sae_partition_is_registered_and_materialised(chain):
     instance, _, keys = chain
-    assert len(keys) == 6 + 8
-    assert set(instance.get_dynamic_partitions("sae")) == set(keys)
+    registered = instance.get_dynamic_partitions("sae")
+    assert len(registered) == 6 + 8 and set(keys) < set(registered) and len(keys) == 6
     for asset in ("sae_weights", "lens_tables", "feature_classes"):
         done = instance.get_materialized_partitions(dg.AssetKey(asset))
         assert done == set(keys), asset
     record = instance.get_latest_materialization_event(dg.AssetKey("sae_weights"))
     assert record.asset_materialization.metadata["revision"].value  # the hub revision sha is recorded
+
+
+def analysed_saes(t: dict, data: Path, release_id: str) -> dict:
+    """The planted truth of the SAEs the chain analysed."""
+    with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
+        done = {r[0] for r in con.execute("SELECT DISTINCT sae_id FROM sae_features WHERE release = ?", [release_id]).fetchall()}
+    assert len(done) == 3
+    return {sae_id: sae for sae_id, sae in t["saes"].items() if sae_id in done}
 
 
 def test_tables_are_queryable_from_duckdb(chain):
@@ -75,11 +63,18 @@ def test_tables_are_queryable_from_duckdb(chain):
         assert per_sae["planted-gemma:layer_0/width_512/average_l0_32"] == 512
         assert per_sae["planted-llama:l0r_8x"] == 1024
         tokens = con.execute(
-            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 2 AND sample = 'feature'"
+            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 4 AND sample = 'feature'"
         ).fetchone()[0]
         assert tokens == 1024 * 2 * 10  # top and bottom 10 per feature
         nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
         assert nulls == 512  # ComputeResource.null_directions
+        dashboard = con.execute(
+            "SELECT count(*), min(len(pos_str)), max(len(neg_values)) FROM neuronpedia_top_logits "
+            "WHERE release = 'planted-llama' AND layer = 4"
+        ).fetchone()
+        assert dashboard == (1024, 10, 10)  # Neuronpedia's top/bottom 10 raw logits per feature
+    exports = sorted(p.name for p in (data / "exports" / "neuronpedia" / "planted-llama").glob("*.json"))
+    assert exports == sorted(f"l{layer}r_8x.json" for layer in (0, 4, 7))
 
 
 @pytest.mark.parametrize("release_id", PLANTED)
@@ -96,7 +91,7 @@ def test_planted_output_tokens_are_recovered(chain, planted_cache, release_id):
         ).fetchall()
     top = {(sae_id, feature): ids for sae_id, feature, ids in top}
     checked = 0
-    for sae_id, sae in t["saes"].items():
+    for sae_id, sae in analysed_saes(t, data, release_id).items():
         for f in sae["semantic_features"]:
             assert set(top[(sae_id, f["index"])]) <= groups[f["output_group"]], (sae_id, f["index"])
             checked += 1
@@ -111,7 +106,7 @@ def test_output_predicting_fraction_matches_planted_truth(chain, planted_cache, 
         calls = con.execute(
             "SELECT sae_id, feature, output_predicting FROM feature_classes WHERE release = ?", [release_id]
         ).df()
-    planted = {(s, f["index"]) for s, sae in t["saes"].items() for f in sae["semantic_features"]}
+    planted = {(s, f["index"]) for s, sae in analysed_saes(t, data, release_id).items() for f in sae["semantic_features"]}
     called = {(s, f) for s, f, hit in calls.itertuples(index=False) if hit}
     assert planted <= called  # every planted feature found
     false_positive_rate = len(called - planted) / (len(calls) - len(planted))
@@ -120,10 +115,12 @@ def test_output_predicting_fraction_matches_planted_truth(chain, planted_cache, 
 
 
 def test_report_and_plot_written(chain):
-    _, data, _ = chain
+    _, data, keys = chain
     for release_id in PLANTED:
         report = (data / "reports" / release_id / "report.md").read_text()
         assert "C1 output-predicting fraction" in report and "Planted ground truth" in report
+        missing = sorted(set(range(get_release(release_id).n_layers)) - {parse_key(k).layer for k in keys if k.startswith(release_id)})
+        assert f"Layers without an analysed SAE: {', '.join(map(str, missing))}" in report  # the gap is named
         for file_name, _, _ in PLOTS.values():  # one asset per plot, each file linked from the report
             png = (data / "reports" / release_id / file_name).read_bytes()
             assert png.startswith(b"\x89PNG") and len(png) > 10_000, file_name
@@ -150,7 +147,7 @@ def test_corrupt_sae_revision_fails_clearly_and_keeps_stored_rows(chain, planted
     previous materialisation of that partition are untouched."""
     instance, data, _ = chain
     cache = copy_cache(planted_cache, tmp_path / "cache")
-    key = "planted-gemma:layer_2/width_512/average_l0_32"
+    key = "planted-gemma:layer_3/width_512/average_l0_32"  # analysed: its stored rows must survive
     ref = parse_key(key)
     repo = get_release("planted-gemma").sae_repo
     npz = next((cache / f"models--{repo.replace('/', '--')}" / "snapshots").glob(f"*/{ref.folder}/params.npz"))

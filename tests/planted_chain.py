@@ -1,0 +1,43 @@
+"""The asset chain materialised once per test session on both planted releases (fixture ``chain``
+in conftest.py), and the resources it runs with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from core.registry import parse_key
+from orchestration.cli import materialize_all, register_partitions
+from orchestration.resources import ComputeResource, HubResource, StoreResource
+
+PLANTED = ("planted-gemma", "planted-llama")
+
+
+def chain_resources(cache: Path, data: Path) -> dict[str, dg.ConfigurableResource]:
+    """Offline hub on ``cache``, tables under ``data``, CPU engine with test-sized null samples."""
+    return {
+        "hub": HubResource(cache_dir=str(cache), offline=True),
+        "store": StoreResource(data_dir=str(data)),
+        "compute": ComputeResource(device="cpu", null_directions=512, circuit_null_directions=128),
+    }
+
+
+def analysed(keys: list[str]) -> list[str]:
+    """The first, middle and last layer's SAE of each release: enough for depth shapes, affordable on
+    two CPU cores, and it leaves layers out so the report must name the gap."""
+    picked = []
+    for release in PLANTED:
+        ordered = sorted((k for k in keys if k.startswith(f"{release}:")), key=lambda k: parse_key(k).layer)
+        picked += [ordered[0], ordered[len(ordered) // 2], ordered[-1]]
+    return picked
+
+
+def materialise_planted(cache: Path, data: Path) -> tuple[dg.DagsterInstance, Path, list[str]]:
+    """Register every planted SAE as a partition of an ephemeral instance and materialise every asset
+    for the ``analysed`` ones; returns (instance, data dir, analysed keys)."""
+    resources = chain_resources(cache, data)
+    instance = dg.DagsterInstance.ephemeral()
+    keys = analysed(register_partitions(instance, PLANTED, resources["hub"]))
+    materialize_all(instance, keys, resources)
+    return instance, data, keys
