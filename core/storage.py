@@ -158,12 +158,13 @@ def _sweep_orphans(folder: Path) -> None:
     """Remove temporary files left in ``folder`` by writers that no longer run (killed mid-write)."""
     for tmp in folder.glob(f".*{TMP_SUFFIX}"):
         parts = tmp.name.rsplit(".", 3)  # ['.<stem>', '<pid>', '<uuid>', 'tmp']
-        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+        if len(parts) == 4 and parts[1].isdigit() and not process_alive(int(parts[1])):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 probes without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,6 +19,7 @@ from core.discovery import discover_saes
 from core.registry import load_registry
 from orchestration.definitions import REPORT_ASSETS, SAE_ASSETS, resources
 from orchestration.partitions import sae_partitions
+from orchestration.recovery import fail_dead_runs
 from orchestration.resources import HubResource
 
 
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     releases = args.releases or [r.id for r in load_registry().values() if r.planted]
     with dg.DagsterInstance.get() as instance:
+        for run_id in fail_dead_runs(instance):
+            print(f"run {run_id}: its process is gone (killed); marked failed, pool slot freed", file=sys.stderr)
         keys = register_partitions(instance, releases, HubResource())
         materialize_all(instance, keys, resources())
     print("done: every SAE partition and the claims report are materialised", file=sys.stderr)

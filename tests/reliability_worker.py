@@ -67,24 +67,6 @@ def pause_before_replace(table: str) -> None:
     os.replace = replace
 
 
-def recover_dead_runs(instance) -> list[str]:
-    """Fail the unfinished runs whose process no longer exists and free their pool slots."""
-    import dagster as dg
-
-    from core.storage import _alive
-
-    recovered = []
-    unfinished = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED]
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=unfinished)):
-        pids = {e.dagster_event.pid for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.pid}
-        if pids and not any(_alive(pid) for pid in pids):
-            instance.report_run_failed(run, message=f"run process {sorted(pids)} is gone (killed); marked failed")
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-            recovered.append(run.run_id)
-            print(f"recovered {run.run_id} pids {sorted(pids)}", flush=True)
-    return recovered
-
-
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--store-loop":
         return store_loop(argv[1], int(argv[2]))
@@ -117,7 +99,10 @@ def main(argv: list[str]) -> int:
     Path(args.home).mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.from_config(args.home) as instance:
         if args.recover:
-            recover_dead_runs(instance)
+            from orchestration.recovery import fail_dead_runs
+
+            for run_id in fail_dead_runs(instance):
+                print(f"recovered {run_id}", flush=True)
         instance.add_dynamic_partitions("sae", args.keys)
         for key in args.keys:
             print(f"start {key}", flush=True)

@@ -24,3 +24,5 @@ def test_project_instance_config(tmp_path, monkeypatch):
         # the heavy step is in that pool
         graph = defs.resolve_asset_graph()
         assert graph.get(dg.AssetKey("lens_tables")).pools == {"compute"}
+        assert instance.run_monitoring_enabled  # the daemon fails hung runs and frees ended runs' slots
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 300
