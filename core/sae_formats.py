@@ -9,6 +9,12 @@ norms to the magnitude analysis.
 Formats:
 - Gemma Scope (``google/gemma-scope-*``): ``params.npz`` with exactly those five float32 arrays, decoder
   rows unit-norm by training. Read with ``allow_pickle=False``: a pickled object is refused.
+- Gemma Scope 2 (``google/gemma-scope-2-*``, SAEs of Gemma 3 models): ``params.safetensors`` with the same five
+  arrays in the same orientation but lower-case weight names — ``w_enc (d_model, d_sae)``, ``w_dec (d_sae, d_model)``,
+  ``b_enc``, ``b_dec``, ``threshold`` (per-feature JumpReLU) — as SAELens' ``gemma_3_sae_huggingface_loader`` reads
+  them (decoderesearch/SAELens ``sae_lens/loading/pretrained_sae_loaders.py``: ``W_enc = raw["w_enc"]`` etc., no
+  input normalisation, ``apply_b_dec_to_input: False``). Transcoder folders add ``affine_skip_connection``, which
+  is not read. The stored dtype is not pinned here (SAELens casts to float32); any float dtype is accepted.
 - Llama Scope (``fnlp/Llama3_1-8B-Base-L*``): ``checkpoints/final.safetensors`` (bf16, PyTorch Linear
   layout ``encoder.weight [d_sae, d_model]``, ``decoder.weight [d_model, d_sae]``) and
   ``hyperparams.json``. Inputs are scaled by ``s = sqrt(d_model) / dataset_average_activation_norm.in``
@@ -133,6 +139,18 @@ class GemmaScopeNpz:
         return validated(path, arrays, d_model)
 
 
+class GemmaScope2Safetensors:
+    """Gemma Scope 2 ``params.safetensors`` (see module docstring): Gemma Scope's arrays under lower-case names."""
+
+    files = ("params.safetensors",)
+    names = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
+
+    def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
+        path = folder / self.files[0]
+        raw = read_safetensors(path, list(self.names))
+        return validated(path, {ours: raw[theirs] for theirs, ours in self.names.items()}, d_model)
+
+
 class LlamaScopeSafetensors:
     """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json`` (see module docstring)."""
 
@@ -197,5 +215,6 @@ def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 FORMATS: dict[str, SaeFormat] = {
     "gemma_scope_npz": GemmaScopeNpz(),
+    "gemma_scope_2_safetensors": GemmaScope2Safetensors(),
     "llama_scope_safetensors": LlamaScopeSafetensors(),
 }
