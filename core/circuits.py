@@ -1,13 +1,13 @@
 """Input-side and attention circuits of SAE features, each one configuration of ``core.engine.row_stats``.
 
-Notation (transformers ``modeling_gemma2.py`` / ``modeling_llama.py``): n_l(x) = RMSNorm with layer l's
+Notation (transformers ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / ``modeling_llama.py``): n_l(x) = RMSNorm with layer l's
 ``input_layernorm`` gain, ``x / sqrt(mean(x²) + eps) ⊙ g_l``; W_Q^h, W_K^c, W_V^c are the (head_dim, d_model)
 row blocks of q/k/v_proj for query head h and kv head c = kv(h) = h // (n_heads / n_kv_heads) (GQA,
 ``repeat_kv``); W_O^h is the (d_model, head_dim) column block h of o_proj; s = attn_scale
-(``query_pre_attn_scalar^-1/2`` on Gemma-2, ``head_dim^-1/2`` on Llama); cap_attn = 50 and cap_final = 30
+(``query_pre_attn_scalar^-1/2`` on Gemma-2/3, ``head_dim^-1/2`` on Llama); cap_attn = 50 and cap_final = 30
 on Gemma-2 (``eager_attention_forward``'s and ``Gemma2ForCausalLM``'s ``c·tanh(x/c)``), none on Llama.
 
-Input lens (encoder–embedding): ``score_i(t) = e_i · (σ W_E[t])`` with σ = sqrt(d_model) on Gemma-2 (as
+Input lens (encoder–embedding): ``score_i(t) = e_i · (σ W_E[t])`` with σ = sqrt(d_model) on Gemma-2/3 (as
 ``Gemma2TextScaledWordEmbedding`` multiplies, in float32 here; a bf16 model rounds σ to bf16, e.g.
 sqrt(3584) → 60.0) and 1 on Llama.
 
@@ -21,13 +21,21 @@ Each vector enters layer l alone, as the residual stream at one position, throug
 get the SAME position id (distance 0): RoPE rotates q and k by the same angle, R(p)q · R(p)k = q · k, so the
 content term is isolated and no position has to be chosen.
 
+Gemma 3 adds a per-head RMSNorm to queries and keys after the projection and before RoPE (``q_norm``/``k_norm``,
+gains γ_Q, γ_K of size head_dim, 1 + w, shared by the layer's heads): below, read W_Q^h n_l(·) as
+ν_Q(W_Q^h n_l(·)) and W_K^c n_l(·) as ν_K(W_K^c n_l(·)) with ν(y) = y / sqrt(mean(y²) + eps) ⊙ γ, eps the model's
+rms_norm_eps. ν is applied to each side's head_dim vector before the bilinear product, so the score stays a
+rank-head_dim bilinear form and RoPE still cancels at distance 0. Gemma 3 has no attention softcap
+(cap_attn = none) and a final softcap only if its config sets one; its sliding-window layers differ from its
+global layers only in the mask and the RoPE base, neither of which acts at distance 0, so both are read the same.
+
 * ``"qk_feature_query"``: score(i, t) = softcap_attn(s · (W_Q^h n_l(f_i)) · (W_K^c n_l(x_t))) — the feature
   is the query. Softmax over t = the attention distribution the feature's query puts on a context that
   holds every token once as a key at distance 0.
 * ``"qk_feature_key"``: score(i, t) = softcap_attn(s · (W_Q^h n_l(x_t)) · (W_K^c n_l(f_i))) — the feature is
   the key. Softmax over t (the engine's row softmax) is NOT an attention distribution (those normalise over
   keys): it is a Boltzmann distribution over the query tokens that most select the feature.
-* ``"ov"``: o_i = W_O^h W_V^c n_l(f_i) (what head h writes when it attends only to the feature); on Gemma-2
+* ``"ov"``: o_i = W_O^h W_V^c n_l(f_i) (what head h writes when it attends only to the feature); on Gemma-2/3
   then the layer's ``post_attention_layernorm`` (gain g_post); logits(i, t) = softcap_final(W_U[t] ·
   FinalNorm(o_i)). Softmax over t = the next-token distribution if that write were the whole residual stream.
 
@@ -37,8 +45,9 @@ post-softmax ones are ``softmax_max``, ``softmax_entropy``, ``topk_mass`` over t
 Every score is a rank-``head_dim`` bilinear form, so the engine receives (n_feat, head_dim) and
 (vocab, head_dim) operands. Because RMSNorm is a per-vector scalar times a gain, n_l(x_t) = ρ_t · (x_t ⊙ g_l)
 with ρ_t = 1/sqrt(mean(x_t²) + eps), and the vocabulary operands are ``keys = ρ ⊙ (X @ (W_K^c ⊙ g_l)ᵀ)``,
-``queries = ρ ⊙ (X @ (W_Q^h ⊙ g_l)ᵀ)`` (s is folded into the feature-side operand of both QK kinds) and,
-for OV, ``U_h = W_U @ (g ⊙ W_O^h)`` with g = g_post ⊙ g_final (Gemma-2) or g_final
+``queries = ρ ⊙ (X @ (W_Q^h ⊙ g_l)ᵀ)`` (then ν_K / ν_Q row-wise on Gemma 3; s is folded into the feature-side
+operand of both QK kinds) and,
+for OV, ``U_h = W_U @ (g ⊙ W_O^h)`` with g = g_post ⊙ g_final (Gemma-2/3) or g_final
 (Llama) and the feature side ``c_i · W_V^c n_l(f_i)``, c_i the product of the two norms' 1/rms factors
 (FinalNorm(PostNorm(o)) = c · (g ⊙ o)). So no vocab × d_model matrix is formed beyond W_E / W_U themselves.
 """
@@ -124,10 +133,7 @@ class VocabOperands:
     def attention(self, layer: int) -> AttentionWeights:
         """Layer ``layer``'s weights on the device (the last layer asked for is kept)."""
         if self._layer is None or self._layer[0] != layer:
-            w = self.checkpoint.attention(layer)
-            gain = None if w.output_gain is None else w.output_gain.to(self.device)
-            moved = [t.to(self.device) for t in (w.q, w.k, w.v, w.o, w.input_gain)]
-            self._layer = (layer, AttentionWeights(*moved, output_gain=gain))
+            self._layer = (layer, self.checkpoint.attention(layer).to(self.device))
         return self._layer[1]
 
     def right(self, circuit: Circuit) -> Tensor:
@@ -149,6 +155,7 @@ class VocabOperands:
         else:
             proj = _head_rows(w.k, key[3], g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
             operand = (self.raw[c.phase] @ (proj * w.input_gain).T) * self.inv_rms(c.phase)[:, None]
+            operand = _head_norm(operand, w.k_norm_gain if c.kind == "qk_feature_query" else w.q_norm_gain, g)
         self._cache[key] = operand
         if len(self._cache) > OPERAND_CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -170,13 +177,15 @@ def circuit_operands(
         value = normed @ _head_rows(w.v, g.kv_head(c.head), g).T  # (n_feat, head_dim)
         written = value @ _head_cols(w.o, c.head, g).T  # o_i, (n_feat, d_model)
         scale = torch.rsqrt(written.pow(2).mean(1) + g.rms_norm_eps)
-        if w.output_gain is not None:  # Gemma-2: FinalNorm(PostNorm(o)); the second 1/rms is of PostNorm(o)
+        if w.output_gain is not None:  # Gemma-2/3: FinalNorm(PostNorm(o)); the second 1/rms is of PostNorm(o)
             post = written * scale[:, None] * w.output_gain
             scale = scale * torch.rsqrt(post.pow(2).mean(1) + g.rms_norm_eps)
         left, cap = value * scale[:, None], g.final_softcap
     else:
-        proj = _head_rows(w.q, c.head, g) if c.kind == "qk_feature_query" else _head_rows(w.k, g.kv_head(c.head), g)
-        left, cap = g.attn_scale * (normed @ proj.T), g.attn_softcap
+        query_side = c.kind == "qk_feature_query"
+        proj = _head_rows(w.q, c.head, g) if query_side else _head_rows(w.k, g.kv_head(c.head), g)
+        head = _head_norm(normed @ proj.T, w.q_norm_gain if query_side else w.k_norm_gain, g)
+        left, cap = g.attn_scale * head, g.attn_softcap
     return left, operands.right(c), (partial(softcap, cap=cap) if cap is not None else None)
 
 
@@ -231,6 +240,12 @@ def input_lens(
         memory_budget_bytes=memory_budget_bytes,
         progress=progress,
     )
+
+
+def _head_norm(x: Tensor, gain: Tensor | None, g: ModelGeometry) -> Tensor:
+    """Gemma 3's per-head query/key RMSNorm over the last (head_dim) axis, ``x / sqrt(mean(x²) + eps) ⊙ gain``
+    (``Gemma3Attention.q_norm`` / ``k_norm``, before RoPE); identity where the model has none (gain None)."""
+    return x if gain is None else rms_normalize(x, gain, g.rms_norm_eps)
 
 
 def _head_rows(weight: Tensor, head: int, g: ModelGeometry) -> Tensor:

@@ -5,11 +5,23 @@ Never instantiates the model: tensors are read by name from (sharded) safetensor
 a single ``model.safetensors``. Tensor names are transformers' own (``model.embed_tokens.weight``,
 ``model.layers.{l}.self_attn.q_proj.weight``, ...).
 
-Geometry facts (transformers ``modeling_gemma2.py`` / ``modeling_llama.py``):
-- RMSNorm: ``x / sqrt(mean(x²) + eps) · g`` with ``g = 1 + w`` for Gemma-2 and ``g = w`` for Llama.
+Geometry facts (transformers ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / ``modeling_llama.py``):
+- RMSNorm: ``x / sqrt(mean(x²) + eps) · g`` with ``g = 1 + w`` for Gemma-2/3 and ``g = w`` for Llama.
 - Gemma-2 scales input embeddings by ``sqrt(d_model)`` (cast to the embedding dtype), scores
   attention by ``query_pre_attn_scalar^-1/2`` and soft-caps scores (``c·tanh(x/c)``, c = 50) and final
   logits (c = 30); Llama scores by ``head_dim^-1/2`` and has no caps.
+- Gemma 3 (``model_type`` ``gemma3_text``, or ``gemma3`` = the multimodal wrapper whose ``text_config`` holds
+  these fields and whose hub checkpoints name the text tensors ``language_model.model.*``): Gemma-2's
+  ``1 + w`` norms, ``sqrt(d_model)`` embedding scale, ``query_pre_attn_scalar^-1/2`` score scale, tied
+  embeddings and post-attention norm, plus a per-head RMSNorm on queries and keys after q/k_proj and before
+  RoPE (``q_norm`` / ``k_norm``, weight (head_dim,), gain ``1 + w``, shared by all heads of a layer).
+  No attention softcap: ``Gemma3Attention`` never passes ``attn_logit_softcapping`` to the attention
+  function, so a value in config.json is ignored here as there. The final softcap is applied only when
+  ``final_logit_softcapping`` is set (null in Gemma 3's configs). Layers are ``sliding_attention`` (window
+  ``sliding_window``, local RoPE base) or ``full_attention`` (``layer_types``, else every
+  ``sliding_window_pattern``-th layer is full); both only mask / rotate by position, so at position
+  distance 0 (how every circuit here is read, see ``core.circuits``) the two kinds are the same map.
+  Fields missing from a Gemma 3 config take ``transformers.Gemma3TextConfig``'s defaults (5.24).
 - GQA: query head h reads key/value head ``h // (n_heads / n_kv_heads)``.
 - Tied models (Gemma) unembed with the embedding matrix; untied ones (Llama) with ``lm_head.weight``.
 """
@@ -17,7 +29,7 @@ Geometry facts (transformers ``modeling_gemma2.py`` / ``modeling_llama.py``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -31,7 +43,15 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-ARCHITECTURES = {"gemma2", "llama"}
+ARCHITECTURES = {"gemma2", "gemma3_text", "gemma3", "llama"}  # supported config.json model_type values
+GEMMA_FAMILY = {"gemma2", "gemma3"}  # architectures with (1 + w) norms, sqrt(d_model) embedding scale, post-attn norm
+# transformers 5.24 Gemma3TextConfig defaults (configuration_gemma3.py) for fields a Gemma 3 config may omit.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+    "final_logit_softcapping": None,
+}
 
 
 @dataclass(frozen=True)
@@ -51,16 +71,26 @@ class ModelGeometry:
     attn_scale: float  # multiplies q·k
     attn_softcap: float | None
     final_softcap: float | None
+    qk_norm: bool = False  # Gemma 3: per-head RMSNorm of queries and keys (q_norm / k_norm)
+    layer_types: tuple[str, ...] | None = None  # Gemma 3: "sliding_attention" / "full_attention" per layer
+    sliding_window: int | None = None
+    tensor_prefix: str = "model."  # of the decoder's tensors: model.embed_tokens.weight, model.layers.{l}...
 
     @property
     def norm_offset(self) -> float:
-        """Added to RMSNorm weights to get the gain: 1 for Gemma-2's (1 + w), 0 for Llama."""
-        return 1.0 if self.architecture == "gemma2" else 0.0
+        """Added to RMSNorm weights to get the gain: 1 for Gemma-2/3's (1 + w), 0 for Llama."""
+        return 1.0 if self.architecture in GEMMA_FAMILY else 0.0
 
     @property
     def embedding_scale(self) -> float:
-        """Input embedding multiplier: sqrt(d_model) for Gemma-2, 1 for Llama."""
-        return math.sqrt(self.d_model) if self.architecture == "gemma2" else 1.0
+        """Input embedding multiplier: sqrt(d_model) for Gemma-2/3, 1 for Llama."""
+        return math.sqrt(self.d_model) if self.architecture in GEMMA_FAMILY else 1.0
+
+    @property
+    def post_attention_norm(self) -> bool:
+        """Gemma-2/3 normalise the attention output (``post_attention_layernorm``) before the residual add;
+        Llama's layer of that name is the MLP's input norm."""
+        return self.architecture in GEMMA_FAMILY
 
     def kv_head(self, head: int) -> int:
         """GQA: the key/value head read by query head ``head``."""
@@ -68,15 +98,18 @@ class ModelGeometry:
 
     @classmethod
     def from_config(cls, config: dict, source: Path | str = CONFIG_FILE) -> "ModelGeometry":
-        arch = config.get("model_type")
-        if arch not in ARCHITECTURES:
-            raise WeightFileError(source, f"model_type {arch!r} is not supported ({sorted(ARCHITECTURES)})")
+        model_type = config.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise WeightFileError(source, f"model_type {model_type!r} is not supported ({sorted(ARCHITECTURES)})")
+        arch, prefix, extra = ("gemma3" if model_type.startswith("gemma3") else model_type), "model.", {}
         try:
+            if arch == "gemma3":
+                config, prefix, extra = _gemma3_text_config(config)
             n_heads = int(config["num_attention_heads"])
             head_dim = int(config.get("head_dim") or config["hidden_size"] // n_heads)
             n_kv = int(config.get("num_key_value_heads") or n_heads)
-            scalar = float(config["query_pre_attn_scalar"]) if arch == "gemma2" else float(head_dim)
-            rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+            scalar = float(config["query_pre_attn_scalar"]) if arch in GEMMA_FAMILY else float(head_dim)
+            rope = config.get("rope_theta") or _rope_theta(config.get("rope_parameters") or {})
             geometry = cls(
                 architecture=arch,
                 d_model=int(config["hidden_size"]),
@@ -86,11 +119,13 @@ class ModelGeometry:
                 head_dim=head_dim,
                 vocab_size=int(config["vocab_size"]),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                tied_embeddings=bool(config.get("tie_word_embeddings", arch == "gemma2")),
+                tied_embeddings=bool(config.get("tie_word_embeddings", arch in GEMMA_FAMILY)),
                 rope_theta=float(rope) if rope is not None else None,
                 attn_scale=scalar**-0.5,
                 attn_softcap=config.get("attn_logit_softcapping") if arch == "gemma2" else None,
-                final_softcap=config.get("final_logit_softcapping") if arch == "gemma2" else None,
+                final_softcap=config.get("final_logit_softcapping") if arch in GEMMA_FAMILY else None,
+                tensor_prefix=prefix,
+                **extra,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightFileError(source, f"missing or malformed config field: {exc!r}") from exc
@@ -108,7 +143,14 @@ class AttentionWeights:
     v: torch.Tensor  # (n_kv_heads·head_dim, d_model)
     o: torch.Tensor  # (d_model, n_heads·head_dim)
     input_gain: torch.Tensor  # (d_model,) gain of the pre-attention RMSNorm
-    output_gain: torch.Tensor | None  # (d_model,) Gemma-2's post-attention RMSNorm gain; None for Llama
+    output_gain: torch.Tensor | None  # (d_model,) Gemma-2/3's post-attention RMSNorm gain; None for Llama
+    q_norm_gain: torch.Tensor | None = None  # (head_dim,) Gemma 3's per-head query RMSNorm gain (1 + w)
+    k_norm_gain: torch.Tensor | None = None  # (head_dim,) Gemma 3's per-head key RMSNorm gain (1 + w)
+
+    def to(self, device: torch.device | str) -> "AttentionWeights":
+        """The same weights on ``device`` (absent gains stay None)."""
+        return AttentionWeights(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device)
+                                   for f in fields(self)})
 
 
 class ModelCheckpoint:
@@ -121,15 +163,18 @@ class ModelCheckpoint:
     @staticmethod
     def needed_tensors(geometry: ModelGeometry) -> list[str]:
         """Names of every tensor the analysis reads: embeddings, unembedding, norms, attention."""
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        top = geometry.tensor_prefix
+        names = [top + "embed_tokens.weight", top + "norm.weight"]
         if not geometry.tied_embeddings:
             names.append("lm_head.weight")
         for layer in range(geometry.n_layers):
-            prefix = f"model.layers.{layer}."
+            prefix = f"{top}layers.{layer}."
             names += [prefix + f"self_attn.{p}_proj.weight" for p in "qkvo"]
             names.append(prefix + "input_layernorm.weight")
-            if geometry.architecture == "gemma2":
+            if geometry.post_attention_norm:
                 names.append(prefix + "post_attention_layernorm.weight")
+            if geometry.qk_norm:
+                names += [prefix + "self_attn.q_norm.weight", prefix + "self_attn.k_norm.weight"]
         return names
 
     @cached_property
@@ -164,7 +209,7 @@ class ModelCheckpoint:
     def embedding(self) -> torch.Tensor:
         """Raw token embedding matrix W_E, (vocab, d_model) — without Gemma's sqrt(d_model) scale."""
         g = self.geometry
-        return self.tensor("model.embed_tokens.weight", (g.vocab_size, g.d_model))
+        return self.tensor(g.tensor_prefix + "embed_tokens.weight", (g.vocab_size, g.d_model))
 
     def unembedding(self) -> torch.Tensor:
         """W_U as rows per token, (vocab, d_model): the embedding if tied, else lm_head."""
@@ -173,19 +218,19 @@ class ModelCheckpoint:
             return self.embedding()
         return self.tensor("lm_head.weight", (g.vocab_size, g.d_model))
 
-    def norm_gain(self, name: str) -> torch.Tensor:
-        """Effective RMSNorm gain of a norm weight: ``norm_offset + w``."""
-        return self.tensor(name, (self.geometry.d_model,)) + self.geometry.norm_offset
+    def norm_gain(self, name: str, dim: int | None = None) -> torch.Tensor:
+        """Effective RMSNorm gain of a norm weight of size ``dim`` (default d_model): ``norm_offset + w``."""
+        return self.tensor(name, (dim or self.geometry.d_model,)) + self.geometry.norm_offset
 
     def final_norm_gain(self) -> torch.Tensor:
-        return self.norm_gain("model.norm.weight")
+        return self.norm_gain(self.geometry.tensor_prefix + "norm.weight")
 
     def attention(self, layer: int) -> AttentionWeights:
         """Layer ``layer``'s q/k/v/o projections and its attention-side norm gains."""
         g = self.geometry
         if not 0 <= layer < g.n_layers:
             raise IndexError(f"layer {layer} outside 0..{g.n_layers - 1}")
-        p = f"model.layers.{layer}."
+        p = f"{g.tensor_prefix}layers.{layer}."
         q_dim, kv_dim = g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim
         return AttentionWeights(
             q=self.tensor(p + "self_attn.q_proj.weight", (q_dim, g.d_model)),
@@ -193,5 +238,40 @@ class ModelCheckpoint:
             v=self.tensor(p + "self_attn.v_proj.weight", (kv_dim, g.d_model)),
             o=self.tensor(p + "self_attn.o_proj.weight", (g.d_model, q_dim)),
             input_gain=self.norm_gain(p + "input_layernorm.weight"),
-            output_gain=self.norm_gain(p + "post_attention_layernorm.weight") if g.architecture == "gemma2" else None,
+            output_gain=self.norm_gain(p + "post_attention_layernorm.weight") if g.post_attention_norm else None,
+            q_norm_gain=self.norm_gain(p + "self_attn.q_norm.weight", g.head_dim) if g.qk_norm else None,
+            k_norm_gain=self.norm_gain(p + "self_attn.k_norm.weight", g.head_dim) if g.qk_norm else None,
         )
+
+
+def _rope_theta(rope_parameters: dict) -> float | None:
+    """RoPE base from transformers 5's ``rope_parameters``: flat, or per layer type (Gemma 3: the global
+    ``full_attention`` base; sliding layers use ``rope_local_base_freq``)."""
+    flat = rope_parameters.get("rope_theta")
+    return flat if flat is not None else (rope_parameters.get("full_attention") or {}).get("rope_theta")
+
+
+def _gemma3_text_config(config: dict) -> tuple[dict, str, dict]:
+    """(text config with Gemma3TextConfig's defaults filled in, tensor prefix, Gemma-3-only geometry fields).
+
+    ``model_type: gemma3`` (Gemma3ForConditionalGeneration, e.g. google/gemma-3-4b-pt) keeps the text model's
+    fields in ``text_config`` and, on the hub, its tensors under ``language_model.model.``; ``gemma3_text``
+    (Gemma3ForCausalLM, e.g. google/gemma-3-1b-pt) is flat with ``model.`` tensors. Tied embeddings come from
+    the top level when it says so (the wrapper ties ``lm_head`` to the text embedding).
+    """
+    if config["model_type"] == "gemma3":
+        text = {**GEMMA3_TEXT_DEFAULTS, **(config.get("text_config") or {})}
+        if "tie_word_embeddings" in config:
+            text["tie_word_embeddings"] = config["tie_word_embeddings"]
+        prefix = "language_model.model."
+    else:
+        text, prefix = {**GEMMA3_TEXT_DEFAULTS, **config}, "model."
+    n_layers, pattern = int(text["num_hidden_layers"]), int(text.get("sliding_window_pattern") or 6)
+    layer_types = text.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)
+    ]
+    if len(layer_types) != n_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
+    window = text.get("sliding_window")
+    extra = {"qk_norm": True, "layer_types": tuple(layer_types), "sliding_window": int(window) if window else None}
+    return text, prefix, extra
