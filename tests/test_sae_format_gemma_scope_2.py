@@ -117,3 +117,27 @@ def test_mutated_bytes_never_crash_uncleanly(tmp_path, cut, flip, header, length
     else:
         assert sae.W_enc.shape == (D_MODEL, D_SAE) and bool(torch.isfinite(sae.W_enc).all())
         assert np.isfinite(sae.threshold.numpy()).all()
+
+
+def test_registry_entry_uses_saelens_ids_and_the_hub_folder_layout():
+    """gemma-scope-2-1b-pt-res: SAELens ids ``layer_{L}_width_{W}_l0_{bucket}`` in ``resid_post/`` folders (the
+    every-layer ``resid_post_all/`` release and the ``_seed_1`` duplicates are other SAEs, not matched)."""
+    from core.registry import UnknownReleaseError, get_release
+
+    release = get_release("gemma-scope-2-1b-pt-res")
+    assert (release.format, release.sae_repo, release.model_repo) == (
+        "gemma_scope_2_safetensors", "google/gemma-scope-2-1b-pt", "google/gemma-3-1b-pt")
+    ref = release.sae("layer_13_width_16k_l0_medium")
+    assert (ref.layer, ref.width, ref.folder) == (13, "16k", "resid_post/layer_13_width_16k_l0_medium")
+    listing = [f"resid_post/layer_{n}_width_{w}_l0_{b}/params.safetensors"
+               for n in (7, 22) for w in ("16k", "1m") for b in ("small", "big")]
+    listing += ["resid_post/layer_7_width_262k_l0_medium_seed_1/params.safetensors",
+                "resid_post_all/layer_3_width_16k_l0_small/params.safetensors",
+                "resid_post/layer_7_width_16k_l0_small/config.json"]
+    found = release.discover(listing, FORMAT.files[0])
+    assert [r.sae_id for r in found][:2] == ["layer_7_width_16k_l0_small", "layer_7_width_16k_l0_big"]
+    assert len(found) == 8 and {r.layer for r in found} == {7, 22}
+    with pytest.raises(UnknownReleaseError, match="does not match"):
+        release.sae("layer_13/width_16k/average_l0_82")  # a Gemma Scope 1 id
+    with pytest.raises(UnknownReleaseError, match="outside release"):
+        release.sae("layer_26_width_16k_l0_small")  # gemma-3-1b has 26 layers
