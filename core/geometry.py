@@ -1,7 +1,8 @@
 """Elementwise pieces of the models' forward pass that weight-only circuits fold in.
 
-Both follow transformers' ``modeling_gemma2.py`` / ``modeling_llama.py`` and are checked against those
-modules in ``tests/test_fidelity.py``.
+Both follow transformers' ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / ``modeling_llama.py`` and are checked
+against those modules in ``tests/test_fidelity.py`` and ``tests/test_gemma3_fidelity.py`` (``rms_normalize`` is also
+Gemma 3's per-head q/k norm, applied over head_dim).
 """
 
 from __future__ import annotations

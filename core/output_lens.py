@@ -5,8 +5,9 @@ the whole final residual stream are, exactly as transformers' ``*ForCausalLM`` c
 
     logits(d) = softcap( W_U · RMSNorm_final(d) ),   RMSNorm_final(d) = d / sqrt(mean(d²) + eps) ⊙ g
 
-with g = 1 + w (Gemma-2) or w (Llama), W_U the embedding for tied models and ``lm_head`` otherwise, and
-softcap = 30·tanh(x/30) on Gemma-2 (identity on Llama). The norm and gain are folded into the left
+with g = 1 + w (Gemma-2/3) or w (Llama), W_U the embedding for tied models and ``lm_head`` otherwise, and
+softcap = 30·tanh(x/30) on Gemma-2 (identity on Llama, and on Gemma 3 unless its config sets
+``final_logit_softcapping``; verified in ``tests/test_gemma3_fidelity.py``). The norm and gain are folded into the left
 operand, so the vocabulary-sized product goes through the streamed engine (``core.engine``) and only
 per-feature statistics (top/bottom-k tokens, moments, quantiles, softmax summaries) are kept.
 
