@@ -195,7 +195,7 @@ def release_results(
 
 CLASS_TABLES = ("feature_classes", "semantic_null", "class_thresholds", "sae_features", "attention_participation",
                  "feature_participation")
-ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama"}  # SAE format -> model family
+ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama", "gemma_scope_2_safetensors": "gemma3"}  # SAE format -> model family
 
 
 def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None,
