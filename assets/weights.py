@@ -17,6 +17,7 @@ from orchestration.resources import HubResource, StoreResource
 @dg.asset(
     partitions_def=sae_partitions,
     group_name="weights",
+    deps=["sae_files"],
     kinds={"huggingface", "parquet"},
     check_specs=check_specs("sae_weights", ["one_row_per_feature", "norms_finite"]),
 )

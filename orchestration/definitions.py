@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, SAE_ASSETS, report_job, sae_chain_job
+from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, SAE_ASSETS, observe_job, report_job, sae_chain_job
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 from orchestration.sensors import sae_release_schedule, sae_release_sensor
 
@@ -17,7 +17,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    jobs=[sae_chain_job, report_job],
+    jobs=[sae_chain_job, report_job, observe_job],
     sensors=[sae_release_sensor],
     schedules=[sae_release_schedule],
     resources=resources(),

@@ -18,6 +18,7 @@ from assets.interactions import circuit_tables, lens_tables
 from assets.claims import claim_statistics
 from assets.plots import PLOT_ASSETS
 from assets.report import claims_report
+from assets.sources import sae_files
 from assets.weights import model_weights, sae_weights
 from orchestration.versions import code_version
 
@@ -41,7 +42,7 @@ SAE_ASSETS = [
 REPORT_ASSETS = [
     orchestrated(asset, ON_UPDATE_OR_CODE_CHANGE) for asset in (claim_statistics, *PLOT_ASSETS, claims_report)
 ]
-ALL_ASSETS = [*SAE_ASSETS, *REPORT_ASSETS]
+ALL_ASSETS = [sae_files, *SAE_ASSETS, *REPORT_ASSETS]
 
 sae_chain_job = dg.define_asset_job(
     "sae_chain",
@@ -49,3 +50,8 @@ sae_chain_job = dg.define_asset_job(
     description="Weights → lenses and attention circuits → feature classes for one SAE partition.",
 )
 report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(*REPORT_ASSETS))
+observe_job = dg.define_asset_job(
+    "observe_sae_files",
+    selection=dg.AssetSelection.assets(sae_files.key),
+    description="Record the current content id of every registered SAE's files (the UI's 'Observe sources').",
+)

@@ -54,6 +54,22 @@ def sensor_runs(world) -> dict[str, str] | str:
     return {r.partition_key: r.tags["weightlens/reason"] for r in result.run_requests if r.partition_key.startswith("planted-gemma")}
 
 
+def observed_vs_materialised(world) -> dict[str, bool]:
+    """Observe ``sae_files`` (the observation job users run from the UI); per key, whether its observed
+    data version equals the data version ``sae_weights`` recorded when it last read the files."""
+    instance, _, resources = world
+    assert defs.resolve_job_def("observe_sae_files").execute_in_process(instance=instance, resources=resources).success
+    same = {}
+    for key in KEYS:
+        def latest(fetch, asset):
+            (record,) = fetch(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1).records
+            return record.event_log_entry.dagster_event.event_specific_data
+        observed = latest(instance.fetch_observations, "sae_files").asset_observation.data_version
+        stored = latest(instance.fetch_materializations, "sae_weights").materialization.tags["dagster/data_version"]
+        same[key] = observed == stored
+    return same
+
+
 def test_nothing_reruns_when_nothing_changed(world):
     instance = world[0]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
@@ -84,8 +100,11 @@ def test_rewritten_sae_reruns_only_its_partition(world):
     arrays["threshold"] = arrays["threshold"] * 1.5  # a retrained SAE: same shapes, new values
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    write_snapshot(cache, GEMMA.sae_repo, {f"{ref.folder}/params.npz": buffer.getvalue()})
 
+    assert observed_vs_materialised(world) == {KEYS[0]: True, KEYS[1]: True}
+    write_snapshot(cache, GEMMA.sae_repo, {f"{ref.folder}/params.npz": buffer.getvalue()})
+    # the observable source sees exactly that SAE's bytes change; the sensor agrees
+    assert observed_vs_materialised(world) == {KEYS[0]: True, KEYS[1]: False}
     assert sensor_runs(world) == {KEYS[1]: "changed: sae_fingerprint"}
     before = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
     result = sae_chain_job.resolve(asset_graph=defs.resolve_asset_graph()).execute_in_process(
@@ -96,6 +115,7 @@ def test_rewritten_sae_reruns_only_its_partition(world):
     assert after == {KEYS[0]: before[KEYS[0]], KEYS[1]: before[KEYS[1]] + 1}
     runs = sensor_runs(world)
     assert isinstance(runs, str) or runs == {}  # up to date again
+    assert observed_vs_materialised(world) == {KEYS[0]: True, KEYS[1]: True}
 
 
 def test_new_layer_on_the_hub_adds_one_partition_and_one_run(world):
