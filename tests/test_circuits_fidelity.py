@@ -75,6 +75,13 @@ def token_vectors(model, phase: str) -> torch.Tensor:
     return model.lm_head.weight
 
 
+def rope(model, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """The model's rotary embeddings for ``layer`` (Gemma 3: per layer type, sliding or full)."""
+    if model.config.model_type.startswith("gemma3"):
+        return model.model.rotary_emb(hidden, position_ids, model.config.layer_types[layer])
+    return model.model.rotary_emb(hidden, position_ids)
+
+
 @torch.no_grad()
 def reference_qk(model, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(n_heads, n_q, n_k) post-softcap, pre-softmax scores of the real module for every query/key pair."""
@@ -87,7 +94,7 @@ def reference_qk(model, layer: int, queries: torch.Tensor, keys: torch.Tensor) -
     mask[0, 0] = mask[1, :2] = mask[2, :2] = 0.0  # the query sees {key, zero}, not itself
     _, weights = block.self_attn(
         hidden,
-        position_embeddings=model.model.rotary_emb(hidden, position_ids),
+        position_embeddings=rope(model, layer, hidden, position_ids),
         attention_mask=mask.expand(len(q), 1, 3, 3),
     )
     logits = (weights[:, :, 2, 0] / weights[:, :, 2, 1]).log()  # (pairs, heads)
@@ -102,12 +109,12 @@ def reference_ov(model, layer: int, head: int, features: torch.Tensor) -> torch.
     captured: list[torch.Tensor] = []
     hook = block.self_attn.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     position_ids = torch.zeros(len(features), 1, dtype=torch.long)
-    block.self_attn(hidden, position_embeddings=model.model.rotary_emb(hidden, position_ids), attention_mask=None)
+    block.self_attn(hidden, position_embeddings=rope(model, layer, hidden, position_ids), attention_mask=None)
     hook.remove()
     per_head = torch.zeros_like(captured[0])
     per_head[..., head * hd : (head + 1) * hd] = captured[0][..., head * hd : (head + 1) * hd]
     out = block.self_attn.o_proj(per_head)
-    if model.config.model_type == "gemma2":  # Llama's post_attention_layernorm normalises the MLP input
+    if model.config.model_type.startswith("gemma"):  # Llama's post_attention_layernorm normalises the MLP input
         out = block.post_attention_layernorm(out)
     logits = model.lm_head(model.model.norm(out))[:, 0]
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -132,7 +139,12 @@ def assert_stats_match(stats: RowStats, full: torch.Tensor, k: int = K) -> None:
 
 
 def test_qk_circuits_equal_real_attention_scores(tiny):
-    model, ckpt, operands, features = tiny
+    assert_qk_circuits_match(*tiny)
+
+
+def assert_qk_circuits_match(model, ckpt, operands, features) -> None:
+    """Every QK circuit (both phases, both roles, every layer and head) equals the real module's
+    pre-softmax scores, and its statistics equal those of the full score matrix."""
     g = ckpt.geometry
     for phase in PHASES:
         tokens = token_vectors(model, phase).detach()
@@ -151,7 +163,11 @@ def test_qk_circuits_equal_real_attention_scores(tiny):
 
 
 def test_ov_circuit_equals_real_head_write_logits(tiny):
-    model, ckpt, operands, features = tiny
+    assert_ov_circuits_match(*tiny)
+
+
+def assert_ov_circuits_match(model, ckpt, operands, features) -> None:
+    """Every head's OV circuit equals the logits of the real module's write, in both phases."""
     g = ckpt.geometry
     for layer in range(g.n_layers):
         for head in range(g.n_heads):

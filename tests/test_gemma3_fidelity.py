@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from core.circuits import PHASES, Circuit, VocabOperands, circuit_scores, circuit_stats, input_lens
+from core.circuits import Circuit, VocabOperands, circuit_scores, input_lens
 from core.model_weights import INDEX_FILE, ModelCheckpoint, ModelGeometry
 from core.output_lens import output_lens
-from tests.test_circuits_fidelity import assert_stats_match
+from tests.test_circuits_fidelity import assert_ov_circuits_match, assert_qk_circuits_match, assert_stats_match
 
 TINY = dict(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -36,7 +36,6 @@ TINY = dict(
 )
 CAPS = {"plain": {}, "capped": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
 N_FEAT, K = 6, 5
-TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def build(caps: dict, path) -> Gemma3ForCausalLM:
@@ -66,44 +65,6 @@ def tiny(request, tmp_path_factory):
     features = torch.randn(N_FEAT, 64, generator=torch.Generator().manual_seed(1))
     features /= features.norm(dim=1, keepdim=True)
     return model, ckpt, VocabOperands(ckpt, "cpu"), features
-
-
-def position_embeddings(model, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor):
-    return model.model.rotary_emb(hidden, position_ids, model.config.layer_types[layer])
-
-
-@torch.no_grad()
-def reference_qk(model, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(n_heads, n_q, n_k) pre-softmax scores of the real module for every query/key pair."""
-    n_q, n_k = len(queries), len(keys)
-    q, k = queries.repeat_interleave(n_k, 0), keys.repeat(n_q, 1)
-    block = model.model.layers[layer]
-    hidden = block.input_layernorm(torch.stack([k, torch.zeros_like(k), q], dim=1))
-    mask = torch.full((3, 3), torch.finfo(torch.float32).min)
-    mask[0, 0] = mask[1, :2] = mask[2, :2] = 0.0  # the query sees {key, zero}, not itself
-    _, weights = block.self_attn(
-        hidden,
-        position_embeddings=position_embeddings(model, layer, hidden, torch.full((len(q), 3), 5)),
-        attention_mask=mask.expand(len(q), 1, 3, 3),
-    )
-    return (weights[:, :, 2, 0] / weights[:, :, 2, 1]).log().T.reshape(-1, n_q, n_k)
-
-
-@torch.no_grad()
-def reference_ov(model, layer: int, head: int, features: torch.Tensor) -> torch.Tensor:
-    """(n_feat, vocab) logits of head ``head``'s write when its query attends only to the feature."""
-    block, hd = model.model.layers[layer], model.config.head_dim
-    hidden = block.input_layernorm(features[:, None, :])
-    captured: list[torch.Tensor] = []
-    hook = block.self_attn.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-    ids = torch.zeros(len(features), 1, dtype=torch.long)
-    block.self_attn(hidden, position_embeddings=position_embeddings(model, layer, hidden, ids), attention_mask=None)
-    hook.remove()
-    per_head = torch.zeros_like(captured[0])
-    per_head[..., head * hd : (head + 1) * hd] = captured[0][..., head * hd : (head + 1) * hd]
-    logits = model.lm_head(model.model.norm(block.post_attention_layernorm(block.self_attn.o_proj(per_head))))[:, 0]
-    cap = model.config.final_logit_softcapping
-    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def test_geometry_reads_the_gemma3_config(tiny):
@@ -142,22 +103,7 @@ def test_output_lens_equals_transformers_logits(tiny):
 
 
 def test_qk_circuits_equal_real_attention_scores(tiny):
-    model, ckpt, operands, features = tiny
-    g = ckpt.geometry
-    for phase in PHASES:
-        with torch.no_grad():
-            tokens = (model.model.embed_tokens(torch.arange(g.vocab_size)) if phase == "encoder_embedding"
-                      else model.lm_head.weight)
-        for layer in range(g.n_layers):
-            as_query = reference_qk(model, layer, features, tokens)  # (heads, n_feat, vocab)
-            as_key = reference_qk(model, layer, tokens, features).transpose(1, 2)
-            assert 5.0 < as_query.abs().max() < 80.0  # large scores; exp stays a normal float32
-            for head in range(g.n_heads):
-                for kind, expected in (("qk_feature_query", as_query[head]), ("qk_feature_key", as_key[head])):
-                    circuit = Circuit(phase, kind, layer, head)
-                    scale = dict(rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-                    torch.testing.assert_close(circuit_scores(features, circuit, operands), expected, **scale)
-                    assert_stats_match(circuit_stats(features, circuit, operands, k=K), expected)
+    assert_qk_circuits_match(*tiny)
 
 
 def test_qk_norm_is_not_optional(tiny):
@@ -172,14 +118,7 @@ def test_qk_norm_is_not_optional(tiny):
 
 
 def test_ov_circuit_equals_real_head_write_logits(tiny):
-    model, ckpt, operands, features = tiny
-    g = ckpt.geometry
-    for layer in range(g.n_layers):
-        for head in range(g.n_heads):
-            expected = reference_ov(model, layer, head, features)
-            circuit = Circuit("decoder_unembedding", "ov", layer, head)
-            torch.testing.assert_close(circuit_scores(features, circuit, operands), expected, **TOL)
-            assert_stats_match(circuit_stats(features, circuit, operands, k=K), expected)
+    assert_ov_circuits_match(*tiny)
 
 
 def test_input_lens_equals_scaled_embedding_module(tiny):
