@@ -3,15 +3,22 @@
 import dagster as dg
 import pandas as pd
 
-from assets.common import sae_of, store_table
+from assets.common import check_results, check_specs, sae_of, store_table
 from assets.interactions import load
 from core.classify import DEFAULT_QUANTILE, classify_features
 from core.frames import with_sae
 from core.output_lens import null_directions
-from core.profiles import circuit_values, feature_participation, ov_write_frame, participation
+from core.profiles import PHASES, circuit_values, feature_participation, ov_write_frame, participation
+from core.semantic import METRICS
+from core.table_checks import combined, finite, rows_match
 from core.statistics import wilson_interval
 from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
+
+
+CLASS_CHECKS = ["one_row_per_feature", "scores_finite", "thresholds_recorded"]
+# every calibrated statistic: the output top-k z-score and the three coherence metrics of each side
+SCORE_COLUMNS = ["topk_z", *(f"{side}_{m}" for side in ("out", "in") for m in METRICS)]
 
 
 @dg.asset(
@@ -19,6 +26,7 @@ from orchestration.resources import ComputeResource, HubResource, StoreResource
     group_name="classes",
     deps=["lens_tables", "circuit_tables"],
     kinds={"parquet"},
+    check_specs=check_specs("feature_classes", CLASS_CHECKS),
 )
 def feature_classes(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource, compute: ComputeResource
@@ -79,4 +87,13 @@ def feature_classes(
         "null_participation_rate": dg.MetadataValue.text(", ".join(f"{k}: {v:.4f}" for k, v in null_part.items())),
         "thresholds": dg.MetadataValue.md(classes.thresholds.to_markdown(index=False, floatfmt=".4g")),
     }
-    return dg.MaterializeResult(metadata=metadata)
+    checks = [
+        combined("one_row_per_feature", [rows_match("feature_classes", features, sae.d_sae),
+                                         rows_match("feature_participation", per_feature, sae.d_sae * len(PHASES))]),
+        combined("scores_finite", [finite("feature_classes", features, SCORE_COLUMNS),
+                                   finite("attention_participation", feats_part, ["score"])]),
+        combined("thresholds_recorded", [rows_match("class_thresholds", classes.thresholds, len(SCORE_COLUMNS)),
+                                         finite("class_thresholds", classes.thresholds, ["threshold"]),
+                                         finite("participation thresholds", feats_part, ["threshold"])]),
+    ]
+    return dg.MaterializeResult(metadata=metadata, check_results=check_results(checks))

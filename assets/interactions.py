@@ -101,6 +101,8 @@ def lens_tables(
         parts["token_ids_in_vocab"].append(ids_in_range(lens, token_rows, "token_id", checkpoint.geometry.vocab_size))
     dashboard = with_sae(dashboard_frame(raw_top_logits(sae.W_dec, checkpoint.unembedding(), **engine), tokens), ref)
     metadata |= store_table(store, "neuronpedia_top_logits", ref.key, dashboard)
+    parts["one_row_per_feature_side_rank"].append(rows_match("neuronpedia", dashboard, sae.d_sae))
+    parts["values_finite"].append(finite("neuronpedia", dashboard.explode(["pos_values", "neg_values"]), ["pos_values", "neg_values"]))
     metadata["neuronpedia_top_logits/json"] = dg.MetadataValue.path(
         str(write_json_export(dashboard, store.artifacts("exports") / "neuronpedia" / ref.release, ref.sae_id))
     )

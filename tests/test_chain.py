@@ -53,6 +53,24 @@ def analysed_saes(t: dict, data: Path, release_id: str) -> dict:
     return {sae_id: sae for sae_id, sae in t["saes"].items() if sae_id in done}
 
 
+def test_every_table_check_ran_and_passed(chain):
+    """The integrity checks each asset reports with its tables (visible in the UI) all passed."""
+    instance, _, keys = chain
+    evaluations = [
+        e.dagster_event.event_specific_data
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))
+        for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    ]
+    by_check: dict[tuple[str, str], list[bool]] = {}
+    for ev in evaluations:
+        by_check.setdefault((ev.asset_key.to_user_string(), ev.check_name), []).append(ev.passed)
+    expected = {(spec.asset_key.to_user_string(), spec.name) for asset in ("sae_weights", "lens_tables", "circuit_tables", "feature_classes")
+                for spec in defs.resolve_assets_def(asset).check_specs}
+    assert expected <= set(by_check) and ("feature_classes", "thresholds_recorded") in expected
+    for check in expected:
+        assert len(by_check[check]) >= len(keys) and all(by_check[check]), check
+
+
 def test_tables_are_queryable_from_duckdb(chain):
     _, data, keys = chain
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
