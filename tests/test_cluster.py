@@ -1,0 +1,203 @@
+"""Outgrowing one machine: PostgreSQL instance storage + the Celery executor with a Redis broker.
+
+Installs what is missing (Debian ``postgresql`` / ``redis-server`` via apt-get, the ``cluster`` extra via
+pip), starts PostgreSQL and Redis on 127.0.0.1 (temporary data dirs, free non-default ports; PostgreSQL as
+the ``postgres`` user when root) and two Celery workers (dagster-celery's CLI, with the shipped
+``deploy/celery/worker.yaml``), and materialises three planted-gemma SAE partitions through
+``python -m orchestration.cluster run-partitions`` (three runs in flight at once, an instance from the
+shipped ``deploy/celery/dagster.yaml``). Then, from the PostgreSQL event log and the worker logs:
+
+- every step ran in a Celery worker, not in the run's process, and both workers executed steps;
+- the ``compute`` pool (limit 1) still held across runs and workers: no two ``compute`` steps overlapped
+  in time (step start/success events), and compute steps that were ready while another ran were only
+  submitted to Celery after it ended (they waited for the pool, not for a worker);
+- the tables (Parquet, every table of the three partitions) and the Neuronpedia JSON exports equal those
+  of the single-process run of the same partitions with the same resources (the session's ``chain``).
+
+An environment where the installs or services fail makes this test fail with the installer's or the
+server's output, never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from core.registry import parse_key
+from core.storage import TableStore
+from scripts.local_cluster import (
+    celery_workers,
+    ensure_cluster_extra,
+    ensure_debian_packages,
+    init_instance,
+    postgres,
+    redis,
+)
+from tests.planted_chain import chain_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPUTE_STEPS = {"lens_tables", "circuit_tables"}  # pool="compute" (assets/interactions.py)
+WEIGHT_STEPS = {"sae_weights", "model_weights"}  # what the compute steps depend on
+WORKERS = 2
+
+
+RUN_START = "PIPELINE_START"  # DagsterEventType.RUN_START's value
+
+
+def event_rows(instance, run_id: str) -> list[dict]:
+    rows = []
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        metadata = {}
+        if event.event_type_value == "ENGINE_EVENT" and event.engine_event_data is not None:
+            metadata = {k: getattr(v, "value", v) for k, v in (event.engine_event_data.metadata or {}).items()}
+        rows.append(
+            dict(run_id=run_id, type=event.event_type_value, step=event.step_key, t=entry.timestamp, pid=event.pid,
+                 message=event.message or "", metadata=metadata)
+        )
+    return rows
+
+
+def overlaps(intervals: list[tuple[float, float, str]]) -> list[tuple[str, str]]:
+    ordered = sorted(intervals)
+    return [(a[2], b[2]) for a, b in zip(ordered, ordered[1:]) if b[0] < a[1]]
+
+
+def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_single_process(
+    chain, planted_cache, tmp_path, monkeypatch
+):
+    timings, t0 = {}, time.monotonic()
+    installed = ensure_debian_packages()  # raises ClusterSetupError (test error) when impossible
+    extra_installed = ensure_cluster_extra()
+    timings["install"] = time.monotonic() - t0
+
+    import dagster as dg
+    from orchestration.cluster import resource_config
+
+    _, reference_dir, analysed = chain
+    keys = [k for k in analysed if parse_key(k).release == "planted-gemma"]
+    assert len(keys) == 3
+
+    home, data = tmp_path / "dagster_home", tmp_path / "data"
+    home.mkdir()
+    shutil.copy(ROOT / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
+    worker_config = ROOT / "deploy" / "celery" / "worker.yaml"
+    # The resources of the single-process run (chain_resources), pointed at this run's data dir.
+    resources_yaml = tmp_path / "resources.yaml"
+    resources_yaml.write_text(yaml.safe_dump(resource_config(chain_resources(planted_cache, data))))
+
+    service_parent = Path("/tmp")  # pytest's tmp dirs are private to root; the postgres user must reach its dir
+    t = time.monotonic()
+    with postgres(service_parent) as pg, redis(service_parent) as broker:
+        env = {
+            **os.environ, **pg.env(), "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1",
+            "WEIGHTLENS_CELERY_BROKER": broker.url(0), "WEIGHTLENS_CELERY_BACKEND": broker.url(1),
+            "PYTHONPATH": str(ROOT),
+        }
+        timings["services"] = time.monotonic() - t
+        t = time.monotonic()
+        init_instance(env)  # the schema, once: processes creating it at the same moment collide
+        with celery_workers(WORKERS, worker_config, env, tmp_path / "workers") as workers:
+            timings["workers_ready"] = time.monotonic() - t
+            t = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "orchestration.cluster", "run-partitions",
+                 "-c", str(resources_yaml), "--parallel", str(len(keys)), "--log-dir", str(tmp_path / "runs"), *keys],
+                env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+            )
+            timings["runs"] = time.monotonic() - t
+            worker_logs = {w.node: w.log.read_text(errors="replace") for w in workers}
+        run_logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted((tmp_path / "runs").glob("*.log")))
+        assert done.returncode == 0, f"{done.stderr[-3000:]}\n--- run logs ---\n{run_logs}\n--- workers ---\n" + "\n".join(
+            log[-3000:] for log in worker_logs.values()
+        )
+
+        # What the PostgreSQL instance recorded.
+        for name, value in pg.env().items():
+            monkeypatch.setenv(name, value)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert "Postgres" in type(instance.run_storage).__name__
+            runs = instance.get_runs()
+            by_key = {run.tags.get("dagster/partition"): run for run in runs}
+            assert sorted(by_key) == sorted(keys) and len(runs) == len(keys)
+            assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+            events = [row for run in runs for row in event_rows(instance, run.run_id)]
+
+    # Every step ran in a worker (not the run's orchestrating process), and both workers took steps.
+    orchestrator_pid = {r["run_id"]: r["pid"] for r in events if r["type"] == RUN_START}
+    starts = [r for r in events if r["type"] == "STEP_START"]
+    assert len(starts) == 5 * len(keys)
+    assert all(r["pid"] != orchestrator_pid[r["run_id"]] for r in starts)
+    handed = [r for r in events if r["type"] == "ENGINE_EVENT" and "Celery worker" in r["metadata"]]  # the worker's "Executing steps"
+    steps_by_worker = defaultdict(list)
+    for r in handed:
+        steps_by_worker[r["metadata"]["Celery worker"]].append(f"{r['run_id'][:8]}:{r['step']}")
+    assert len(handed) == len(starts)
+    assert set(steps_by_worker) == set(worker_logs), steps_by_worker
+    for node, log in worker_logs.items():  # celery's own record of the tasks each worker ran
+        assert len(re.findall(r"Task execute_plan\[[0-9a-f-]+\] succeeded in", log)) == len(steps_by_worker[node]), node
+
+    # The compute pool (limit 1) held across the three runs and two workers.
+    ends = {(r["run_id"], r["step"]): r["t"] for r in events if r["type"] == "STEP_SUCCESS"}
+    intervals = [(r["t"], ends[(r["run_id"], r["step"])], f"{r['run_id'][:8]}:{r['step']}") for r in starts if r["step"] in COMPUTE_STEPS]
+    assert len(intervals) == len(COMPUTE_STEPS) * len(keys)
+    assert overlaps(intervals) == []
+    # And it gated them: the Celery executor submits every ready step at once (submission does not wait for a
+    # free worker), so a compute step that was ready (both weights steps of its run done) while another
+    # compute step ran, and was submitted only after that one ended, waited for the pool's slot.
+    ready = {run_id: max(r["t"] for r in events if r["run_id"] == run_id and r["type"] == "STEP_SUCCESS" and r["step"] in WEIGHT_STEPS)
+             for run_id in orchestrator_pid}
+    submitted = {(r["run_id"], r["step"]): r["t"] for r in events if r["type"] == "ENGINE_EVENT" and r["message"].startswith("Submitting celery task")}
+    waited = sorted(
+        {f"{r['run_id'][:8]}:{r['step']}" for r in starts if r["step"] in COMPUTE_STEPS
+         for start, end, other in intervals
+         if other != f"{r['run_id'][:8]}:{r['step']}" and start <= ready[r["run_id"]] < end <= submitted[(r["run_id"], r["step"])]}
+    )
+    assert waited, "no compute step ever waited for the pool: the runs did not contend, the test proves nothing"
+    run_windows = sorted((min(r["t"] for r in events if r["run_id"] == run.run_id), max(r["t"] for r in events if r["run_id"] == run.run_id)) for run in runs)
+    assert any(b[0] < a[1] for a, b in zip(run_windows, run_windows[1:])), "the runs never ran at the same time"
+
+    # Results identical to the single-process run.
+    reference, cluster = TableStore(reference_dir), TableStore(data)
+    compared, rows, identical_bytes = 0, 0, 0
+    for table_dir in sorted(p for p in reference.tables_dir.iterdir() if p.is_dir()):
+        for key in keys:
+            ref_file = reference.file(table_dir.name, key)
+            if not ref_file.exists():
+                continue
+            got_file = cluster.file(table_dir.name, key)
+            assert got_file.exists(), f"{table_dir.name} for {key} missing from the cluster run"
+            expected, got = reference.read(table_dir.name, key), cluster.read(table_dir.name, key)
+            pd.testing.assert_frame_equal(got, expected, check_exact=True, obj=f"{table_dir.name}[{key}]")
+            compared, rows = compared + 1, rows + len(got)
+            identical_bytes += ref_file.read_bytes() == got_file.read_bytes()
+    cluster_files = {p.relative_to(cluster.tables_dir) for p in cluster.tables_dir.glob("*/*.parquet")}
+    assert compared >= 10 * len(keys) and len(cluster_files) == compared
+    exports = sorted(p.relative_to(data) for p in (data / "exports").rglob("*.json"))
+    assert len(exports) == len(keys)
+    for rel in exports:
+        assert json.loads((data / rel).read_text()) == json.loads((Path(reference_dir) / rel).read_text()), rel
+
+    timings["total"] = time.monotonic() - t0
+    summary = {
+        "installed_debian": installed, "installed_extra": extra_installed,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "steps_by_worker": {k: len(v) for k, v in steps_by_worker.items()},
+        "compute_steps": len(intervals), "compute_steps_that_waited_for_the_pool": len(waited),
+        "tables_compared": compared, "rows_compared": rows, "byte_identical_files": identical_bytes,
+    }
+    print("cluster test:", json.dumps(summary))
+    (tmp_path / "summary.json").write_text(json.dumps(summary, indent=1))
