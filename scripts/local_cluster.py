@@ -330,6 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--dir", default=None, help="where DAGSTER_HOME and logs go (default: a new temp dir)")
     args = parser.parse_args(argv)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and also SIGTERM or SIGINT to a backgrounded `up` (a non-interactive shell ignores SIGINT for
+    # background jobs): either unwinds the context managers, which stop every process started here.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     ensure_debian_packages()
     ensure_cluster_extra()
     base = Path(args.dir or tempfile.mkdtemp(prefix="weightlens-cluster-")).resolve()
