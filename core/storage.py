@@ -14,8 +14,9 @@ if another process holds the database at that moment the refresh is skipped and 
 write (views glob the directory, so new partitions show up without a refresh).
 
 A writer killed between writing its temporary file and the rename (SIGKILL, power loss) leaves that
-file behind: temporary names carry the writer's process id, and the next write to the same table
-removes the ones whose process is gone (this assumes one host writes a data directory). A write that
+file behind: temporary names carry the writer's host and process id, and the next write on the same
+host to the same table removes that host's ones whose process is gone (several hosts may share a data
+directory: none sweeps another's files). A write that
 fails (disk full, read-only or unwritable directory) raises ``StorageError`` naming the destination
 file; the partition's previously stored file is untouched.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +39,7 @@ import pandas as pd
 
 DB_FILE = "results.duckdb"
 TMP_SUFFIX = ".tmp"
+HOST = socket.gethostname().replace(".", "-")  # in temporary names, so a sweep only judges its own host's
 
 
 class StorageError(OSError):
@@ -58,7 +61,7 @@ class TableStore:
     def write(self, table: str, key: str, frame: pd.DataFrame) -> Path:
         """Replace a partition's rows atomically (temp file + rename); other partitions are untouched."""
         path = self.file(table, key)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+        tmp = path.with_name(f".{path.stem}.{HOST}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _sweep_orphans(path.parent)
@@ -155,10 +158,11 @@ class TableStore:
 
 
 def _sweep_orphans(folder: Path) -> None:
-    """Remove temporary files left in ``folder`` by writers that no longer run (killed mid-write)."""
+    """Remove temporary files left in ``folder`` by writers on this host that no longer run (killed
+    mid-write). Other hosts' files are left alone: their process ids mean nothing here."""
     for tmp in folder.glob(f".*{TMP_SUFFIX}"):
-        parts = tmp.name.rsplit(".", 3)  # ['.<stem>', '<pid>', '<uuid>', 'tmp']
-        if len(parts) == 4 and parts[1].isdigit() and not process_alive(int(parts[1])):
+        parts = tmp.name.rsplit(".", 4)  # ['.<stem>', '<host>', '<pid>', '<uuid>', 'tmp']
+        if len(parts) == 5 and parts[1] == HOST and parts[2].isdigit() and not process_alive(int(parts[2])):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 

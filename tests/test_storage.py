@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from core.storage import TableStore
+from core.storage import HOST, TableStore
 
 
 def frame(key: str, n: int) -> pd.DataFrame:
@@ -75,3 +76,24 @@ def test_writes_succeed_while_another_process_holds_the_database(tmp_path):
     assert store.refresh_views()
     with duckdb.connect(str(store.db_path), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM t").fetchone()[0] == 8
+
+
+def test_sweep_removes_only_this_hosts_dead_writers_temp_files(tmp_path):
+    """Temp files of a killed writer on this host go with the next write; a live writer's, and another
+    host's (whose process ids mean nothing here), stay."""
+    store = TableStore(tmp_path)
+    store.write("t", "a", pd.DataFrame({"x": [1]}))
+    folder = store.file("t", "a").parent
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftovers = {
+        "dead_here": folder / f".a.{HOST}.{dead_pid}.0123abcd.tmp",
+        "alive_here": folder / f".a.{HOST}.{os.getpid()}.0123abcd.tmp",
+        "other_host": folder / f".a.other-host.{dead_pid}.0123abcd.tmp",
+    }
+    for path in leftovers.values():
+        path.write_bytes(b"half a parquet file")
+    store.write("t", "b", pd.DataFrame({"x": [2]}))
+    assert {name: path.exists() for name, path in leftovers.items()} == {
+        "dead_here": False, "alive_here": True, "other_host": True}
+    assert store.read("t")["x"].tolist() in ([1, 2], [2, 1])
