@@ -51,9 +51,9 @@ def circuit_values(circuit_stats: pd.DataFrame, ov_writes: pd.DataFrame | None =
     the ``ov_write_norms`` rows (``value`` = write norm, ``topk_mass`` NaN)."""
     frames = [circuit_stats.assign(value=circuit_stats["top_mean"])]
     if ov_writes is not None and len(ov_writes):
-        frames.append(ov_writes.assign(topk_mass=np.nan))
+        frames.append(ov_writes)  # no topk_mass column: NaN after the concat
     columns = SAE_COLUMNS + ["sample", "feature", "phase", "kind", "attn_layer", "head", "value", "topk_mass"]
-    return pd.concat([f[columns] for f in frames], ignore_index=True)
+    return pd.concat([f[[c for c in columns if c in f]] for f in frames], ignore_index=True)[columns]
 
 
 def ov_write_norms(directions: torch.Tensor, attn: AttentionWeights, geometry: ModelGeometry) -> torch.Tensor:
