@@ -110,7 +110,6 @@ class ReleaseResults:
     null_rate: float
     semantic_fraction: float
     missing_layers: list[int]
-    plots: dict[str, str] = field(default_factory=dict)  # plot asset name -> file name
     truth: PlantedTruth | None = None
     measured_norm_ratio: dict[str, float] = field(default_factory=dict)
     profile: pd.DataFrame = field(default_factory=pd.DataFrame)  # core.profiles.depth_profile
@@ -249,9 +248,10 @@ def c4(results: ReleaseResults) -> tuple[str, str]:
     return text, "consistent" if r.higher == "decoder_unembedding" else "not reproduced"
 
 
-def render_report(results: ReleaseResults) -> str:
-    """Markdown: per claim the paper's statement, the measured value, the verdict and the plot; planted
-    ground truth when known; the layers with no SAE analysed; the thresholds used."""
+def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
+    """Markdown: per claim the paper's statement, the measured value, the verdict and the plot (``plots``:
+    plot asset name -> file name beside the report); planted ground truth when known; the layers with no
+    SAE analysed; the thresholds used."""
     by_layer = results.by_layer
     n = int(by_layer["n"].sum())
     missing = results.missing_layers
@@ -291,7 +291,7 @@ def render_report(results: ReleaseResults) -> str:
             f"| decoder norm ratio semantic / non-semantic | {t.decoder_norm_ratio:.3f} | {results.measured_norm_ratio.get('decoder_norm', float('nan')):.3f} |",
             "",
         ]
-    plot = results.plots.get
+    plot = plots.get
     lines += [
         "## C1 by layer", "",
         f"![output-predicting fraction by layer]({plot('plot_output_fraction')})" if plot("plot_output_fraction") else "",

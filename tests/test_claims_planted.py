@@ -127,8 +127,7 @@ def test_report_plots_and_missing_layers(planted, tmp_path):
         for path in paths.values():
             data = path.read_bytes()
             assert data.startswith(b"\x89PNG") and len(data) > 20_000, path
-        r.plots = {k: v.name for k, v in paths.items()}
-        text = render_report(r)
+        text = render_report(r, {k: v.name for k, v in paths.items()})
         assert f"Layers without an analysed SAE: {', '.join(map(str, r.missing_layers))}" in text
         for claim in ("C1 output-predicting fraction", "C2 attention depth profiles", "C3 semantic vs non-semantic", "C4 phase means"):
             assert claim in text
