@@ -9,7 +9,6 @@ from core.truth import load_truth
 from orchestration.resources import HubResource, StoreResource
 
 
-
 @dg.asset(
     group_name="claims",
     deps=[dg.AssetDep("feature_classes", partition_mapping=dg.AllPartitionMapping())],
