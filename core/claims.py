@@ -28,6 +28,7 @@ import pandas as pd
 
 from core.registry import Release
 from core.statistics import wilson_interval
+from core.truth import planted_semantic_features
 
 PAPER_C1 = "About one quarter of SAE features directly predict output tokens."
 PAPER_C2 = "Attention participation varies with depth in U / inverted-U shapes."
@@ -174,7 +175,7 @@ def release_results(
         null_rows=null_rows,
     )
     if truth is not None:
-        semantic = {sae_id: {int(f["index"]) for f in sae["semantic_features"]} for sae_id, sae in truth["saes"].items()}
+        semantic = planted_semantic_features(truth)
         labels = [int(f) in semantic.get(str(s), set()) for s, f in zip(per_feature["sae_id"], per_feature["feature"])]
         strength = planted_strength(truth, n_layers)
         planted_sem = [f for sae in truth["saes"].values() for f in sae["semantic_features"]]

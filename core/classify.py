@@ -26,32 +26,11 @@ from core.semantic import METRICS, Calibration, classify_side, coherence_metrics
 from core.statistics import null_threshold
 
 DEFAULT_QUANTILE = 0.99
-SIDES = ("output", "input")
-
-
-@dataclass(frozen=True)
-class OutputPrediction:
-    """Per-feature calls and the calibration that produced them."""
-
-    calls: pd.DataFrame  # row, topk_z, output_predicting
-    threshold: float
-    quantile: float
-    null_size: int
 
 
 def topk_zscore(summary: pd.DataFrame) -> pd.Series:
     """``(top_mean - mean) / std`` for each row of a ``core.frames.summary_frame``."""
     return (summary["top_mean"] - summary["mean"]) / summary["std"]
-
-
-def classify_output_prediction(
-    features: pd.DataFrame, null: pd.DataFrame, quantile: float = DEFAULT_QUANTILE
-) -> OutputPrediction:
-    """Heavy-tail call alone: a feature's top-k z-score exceeds the null ``quantile``."""
-    threshold = null_threshold(topk_zscore(null).to_numpy(), quantile)
-    z = topk_zscore(features)
-    calls = pd.DataFrame({"row": features["row"], "topk_z": z, "output_predicting": z > threshold})
-    return OutputPrediction(calls=calls, threshold=threshold, quantile=quantile, null_size=len(null))
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,10 @@ class GroundTruth:
     release: str
     data: dict[str, Any]
 
-    @property
-    def semantic_fraction(self) -> float:
-        return float(self.data["semantic_fraction"])
 
-    def output_features(self) -> dict[str, set[int]]:
-        """Planted output-predicting (semantic) feature indices per SAE id."""
-        return {sae_id: {int(f["index"]) for f in sae["semantic_features"]} for sae_id, sae in self.data["saes"].items()}
+def planted_semantic_features(data: dict[str, Any]) -> dict[str, set[int]]:
+    """Planted semantic (output-predicting) feature indices per SAE id, from planted_truth.json's data."""
+    return {sae_id: {int(f["index"]) for f in sae["semantic_features"]} for sae_id, sae in data["saes"].items()}
 
 
 def load_truth(release_id: str, hub: Hub) -> GroundTruth:
