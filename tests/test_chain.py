@@ -64,11 +64,14 @@ def test_every_table_check_ran_and_passed(chain):
     by_check: dict[tuple[str, str], list[bool]] = {}
     for ev in evaluations:
         by_check.setdefault((ev.asset_key.to_user_string(), ev.check_name), []).append(ev.passed)
-    expected = {(spec.asset_key.to_user_string(), spec.name) for asset in ("sae_weights", "lens_tables", "circuit_tables", "feature_classes")
+    per_sae = ("sae_weights", "lens_tables", "circuit_tables", "feature_classes")
+    expected = {(spec.asset_key.to_user_string(), spec.name) for asset in (*per_sae, "claim_statistics")
                 for spec in defs.resolve_assets_def(asset).check_specs}
-    assert expected <= set(by_check) and ("feature_classes", "thresholds_recorded") in expected
+    assert expected <= set(by_check) and {("feature_classes", "thresholds_recorded"),
+                                          ("claim_statistics", "one_row_per_analysed_sae")} <= expected
     for check in expected:
-        assert len(by_check[check]) >= len(keys) and all(by_check[check]), check
+        runs = len(keys) if check[0] in per_sae else 1  # one evaluation per partition, or per release-level run
+        assert len(by_check[check]) >= runs and all(by_check[check]), check
 
 
 def test_tables_are_queryable_from_duckdb(chain):
