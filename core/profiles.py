@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from core.model_weights import AttentionWeights, ModelGeometry
-from core.statistics import depth_shape, mann_whitney
+from core.statistics import depth_shape, mann_whitney, summary_statistic
 
 PHASE_KINDS: dict[str, tuple[str, ...]] = {
     "encoder_embedding": ("qk_feature_query", "qk_feature_key"),
@@ -136,14 +136,6 @@ def normalised_depth(layer: pd.Series | np.ndarray, n_layers: int) -> np.ndarray
     return np.asarray(layer, dtype=np.float64) / max(n_layers - 1, 1)
 
 
-def _stat(values: np.ndarray, name: str, axis: int = -1) -> np.ndarray:
-    if name == "mean":
-        return values.mean(axis=axis)
-    if name == "median":
-        return np.median(values, axis=axis)
-    return np.quantile(values, 0.75, axis=axis)
-
-
 def depth_profile(
     feature_part: pd.DataFrame, n_layers: int, value: str = "mean_score", n_boot: int = 500, seed: int = 0
 ) -> pd.DataFrame:
@@ -158,8 +150,8 @@ def depth_profile(
         row = {"release": release, "phase": phase, "layer": int(layer), "depth": float(normalised_depth([layer], n_layers)[0]),
                "n": len(values), "participating": float(group["participates"].mean())}
         for name in PROFILE_STATS:
-            b = _stat(boot, name)
-            row[name] = float(_stat(values, name))
+            b = summary_statistic(boot, name)
+            row[name] = float(summary_statistic(values, name))
             row[f"{name}_low"], row[f"{name}_high"] = (float(v) for v in np.quantile(b, [0.025, 0.975]))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -92,6 +92,17 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return mann_whitney(scores[labels], scores[~labels]).auroc
 
 
+def summary_statistic(values: np.ndarray, name: str) -> np.ndarray:
+    """``name`` ('mean', 'median' or 'p75', linear interpolation) over the last axis of ``values``."""
+    if name == "mean":
+        return values.mean(axis=-1)
+    if name == "median":
+        return np.median(values, axis=-1)
+    if name == "p75":
+        return np.quantile(values, 0.75, axis=-1)
+    raise ValueError(f"unknown statistic {name!r}: use 'mean', 'median' or 'p75'")
+
+
 @dataclass(frozen=True)
 class ShapeFit:
     """Quadratic fit ``y = a + b z + c z²`` over normalised depth z ∈ [0, 1] and its bootstrap CI."""
@@ -141,13 +152,12 @@ def depth_shape(
     if len(groups) < 3:
         nan = float("nan")
         return ShapeFit(nan, nan, nan, nan, nan, nan, "flat", 0)
-    fn = {"mean": lambda a: a.mean(-1), "median": lambda a: np.median(a, -1), "p75": lambda a: np.quantile(a, 0.75, axis=-1)}[statistic]
     rng = np.random.default_rng(seed)
-    point = np.array([fn(np.asarray(g, dtype=np.float64)) for g in groups])
+    point = np.array([summary_statistic(np.asarray(g, dtype=np.float64), statistic) for g in groups])
     boots = np.empty((len(groups), n_boot))
     for i, g in enumerate(groups):
         g = np.asarray(g, dtype=np.float64)
-        boots[i] = fn(g[rng.integers(0, len(g), (n_boot, len(g)))])
+        boots[i] = summary_statistic(g[rng.integers(0, len(g), (n_boot, len(g)))], statistic)
     a, b, c = quadratic_fit(np.asarray(depth, dtype=np.float64), point)
     curvatures = quadratic_fit(np.asarray(depth, dtype=np.float64), boots)[2]
     alpha = (1 - confidence) / 2
