@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.profiles import compare_groups, depth_profile, phase_means, shape_tests
 from core.registry import Release
-from core.statistics import wilson_interval
+from core.statistics import auroc, wilson_interval
 from core.truth import planted_semantic_features
 
 PAPER_C1 = "About one quarter of SAE features directly predict output tokens."
@@ -145,9 +146,6 @@ def release_results(
     n_boot: int = 1000,
 ) -> ReleaseResults:
     """Every measured quantity of one release from its tables (each already filtered to the release)."""
-    from core.profiles import compare_groups, depth_profile, phase_means, shape_tests
-    from core.statistics import auroc
-
     by_layer = output_fraction_by_layer(classes)
     per_feature = per_feature_table(classes, norms, feature_part)
     variables = [c for c in ("score_encoder_embedding", "score_decoder_unembedding", "encoder_norm", "decoder_norm") if c in per_feature]
