@@ -13,16 +13,20 @@ Tiling and memory
 (tile x n_b, float32; plus a bfloat16 copy of the same shape when
 ``compute_dtype=torch.bfloat16``) is produced by one matmul into a reused buffer,
 then summarised in cache-sized chunks of ``chunk`` rows (one tile on GPU), whose
-temporaries (a float32 work block, the transform's output if it is not in place, two
-bool masks) are bounded by ``chunk x n_b x 10`` bytes. ``tile`` is the largest row
-count for which
+temporaries (a float32 work block, the transform's output if it is not in place, three
+bool masks of the torch selection path) are bounded by ``chunk x n_b x 11`` bytes. ``tile``
+is the largest row count for which
 
-    tile * n_b * (4 + 2*[bf16]) + chunk * n_b * 10  <=  memory_budget_bytes
+    tile * n_b * (4 + 2*[bf16]) + chunk * n_b * 11  <=  memory_budget_bytes
 
 (capped at ``MAX_TILE_ROWS``, where the matmul is already at its peak), so the peak
 working memory beyond the inputs, ``right``'s device copy and O(n_a * k) outputs is
-bounded by the budget plus O(chunk * n_b) bytes of selection scratch (bracketed values, gathered ids), and does
-not depend on n_a.
+bounded by the budget plus O(chunk * n_b) bytes of selection scratch (bracketed values,
+gathered ids; the native path: two rows' brackets per thread), and does not depend on n_a.
+
+Selections (top/bottom k, quantiles) run in ``core/selection.cpp`` on CPU, one row at a
+time while it is in cache (``core.selection``), and as torch ops on CUDA or where no C++
+compiler is available; both paths give identical results (tests run both).
 
 Statistics (exact: every tile holds complete rows; accumulated in float32)
 -------------------------------------------------------------------------
@@ -35,11 +39,11 @@ Statistics (exact: every tile holds complete rows; accumulated in float32)
   i.e. ``torch.quantile(x, q, interpolation="lower")`` (the median is the lower
   median, as ``torch.median``). Found by a sample-bracketed selection: a fixed random
   column sample brackets the target; values below/inside the bracket are counted and
-  only the bracket is sorted. A row whose bracket misses falls back to ``kthvalue``,
-  so the result is exact either way.
-* softmax over the n_b columns via logsumexp, lse = max + log sum exp(x - max):
-  ``softmax_max`` = exp(max - lse), ``softmax_entropy`` = lse - sum p * x,
-  ``topk_mass`` = sum over the top k of exp(x - lse).
+  only the bracket is searched. A row whose bracket misses falls back to a selection
+  over the whole row, so the result is exact either way.
+* softmax p over the n_b columns (torch's fused kernel), z = sum exp(x - max):
+  ``softmax_max`` = 1 / z, ``softmax_entropy`` = log z - sum p * (x - max) (= lse - sum p x
+  without the cancellation at large |x|), ``topk_mass`` = sum of p over the top k.
 
 Values must be finite (no NaN / inf after ``transform``).
 """
@@ -53,9 +57,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from core import selection
+
 MAX_TILE_ROWS = 512  # fp32/bf16 CPU matmul throughput is flat beyond this
-_CHUNK_BYTES = 32 << 20  # CPU stats chunk: ~last-level cache; fewer, larger ops beat smaller ones on a busy machine
-_CHUNK_TEMP_BYTES = 10  # per chunk element: work f32 + transform output f32 + 2 bool masks
+_CHUNK_BYTES = 8 << 20  # CPU stats chunk: x, work and masks (~22 MiB at 8 MiB) stay in a 32 MiB last-level cache
+_CHUNK_TEMP_BYTES = 11  # per chunk element: work f32 + transform output f32 + 3 bool masks
 _SAMPLE = 4096  # bracket sample size for the quantile selection
 _MARGIN_SD = 3.0  # bracket half-width in binomial standard deviations of the sample rank
 _QUANTILES = (0.5, 0.75)
@@ -112,7 +118,7 @@ def row_stats(
     scores = torch.empty(tile, n_b, device=dev)
     raw = torch.empty(tile, n_b, device=dev, dtype=compute_dtype) if bf16 else scores
     work = torch.empty(chunk, n_b, device=dev)
-    masks = torch.empty(2, chunk, n_b, device=dev, dtype=torch.bool)
+    masks = torch.empty(3, chunk, n_b, device=dev, dtype=torch.bool)
     sample = torch.randperm(n_b, generator=torch.Generator().manual_seed(0))[:_SAMPLE].sort().values.to(dev)
 
     parts: list[dict[str, Tensor]] = []
@@ -155,19 +161,25 @@ def _plan(n_a: int, n_b: int, budget: int, bf16: bool, on_cpu: bool) -> tuple[in
 def _chunk_stats(x: Tensor, work: Tensor, masks: Tensor, sample: Tensor, k: int) -> dict[str, Tensor]:
     """All statistics of the rows of ``x`` (m, n), float32; ``work``/``masks`` are scratch."""
     n = x.shape[1]
-    top_values, top_ids = _extreme(x, k, largest=True)
-    bottom_values, bottom_ids = _extreme(x, k, largest=False)
+    brackets = _brackets(n, len(sample))
+    lib = selection.native() if x.device.type == "cpu" else None
+    if lib is not None:
+        top_values, top_ids, bottom_values, bottom_ids, quantiles = selection.select(lib, x, k, sample, brackets)
+        median, p75 = quantiles.unbind(1)
+    else:
+        top_values, top_ids = _extreme(x, k, largest=True)
+        bottom_values, bottom_ids = _extreme(x, k, largest=False)
+        median, p75 = _quantiles(x, sample, brackets, masks)
 
     mean = x.sum(1) / n
     torch.sub(x, mean[:, None], out=work)
-    std = (work.square_().sum(1) / n).sqrt_()
+    std = torch.linalg.vector_norm(work, dim=1).div_(math.sqrt(n))
 
-    peak = top_values[:, 0]
-    torch.sub(x, peak[:, None], out=work).exp_()
-    z = work.sum(1)  # sum exp(x - max) >= 1
-    lse = peak + z.log()
-    expected_x = work.mul_(x).sum(1) / z
-    median, p75 = _quantiles(x, sample, masks)
+    p = torch.softmax(x, dim=1, out=work)  # torch's fused row kernel: one cache-resident pass per row
+    p_max = p.gather(1, top_ids[:, :1]).squeeze(1)  # = 1 / z, z = sum exp(x - max)
+    topk_mass = p.gather(1, top_ids).sum(1)
+    # entropy = lse - sum p x = log z - sum p (x - max): small terms, no cancellation at large |x|
+    entropy = p.mul_(x.sub_(top_values[:, :1])).sum(1).neg_().sub_(p_max.log())  # x is spent
     return {
         "top_ids": top_ids,
         "top_values": top_values,
@@ -177,9 +189,9 @@ def _chunk_stats(x: Tensor, work: Tensor, masks: Tensor, sample: Tensor, k: int)
         "std": std,
         "median": median,
         "p75": p75,
-        "softmax_max": z.reciprocal(),
-        "softmax_entropy": lse - expected_x,
-        "topk_mass": (top_values - lse[:, None]).exp().sum(1),
+        "softmax_max": p_max,
+        "softmax_entropy": entropy,
+        "topk_mass": topk_mass,
     }
 
 
@@ -202,33 +214,55 @@ def _extreme(x: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
     return values, ids.gather(1, order2)
 
 
-def _quantiles(x: Tensor, sample: Tensor, masks: Tensor) -> list[Tensor]:
-    """Per row and q in _QUANTILES, the value at 0-based sorted index floor(q * (n - 1)), exact.
+def _brackets(n: int, s: int) -> list[tuple[int, int, int]]:
+    """Per q in _QUANTILES: the target sorted index t = floor(q * (n - 1)) and the 0-based ranks, in a
+    sample of s columns, of the bracket's ends: the target's expected sample rank +- _MARGIN_SD
+    binomial standard deviations (+1). A rank outside [0, s) means an open end (-inf / +inf)."""
+    brackets = []
+    for q in _QUANTILES:
+        target = math.floor(q * (n - 1))
+        centre, margin = (target + 0.5) * s / n, _MARGIN_SD * math.sqrt(s * q * (1 - q)) + 1
+        brackets.append((target, math.floor(centre - margin), math.ceil(centre + margin)))
+    return brackets
 
-    Order statistics of a fixed column sample bracket each target in [lo, hi]; one pass
-    counts the values below lo and marks those inside the bracket, and only the marked
-    values are searched. A row whose bracket misses the target falls back to kthvalue.
+
+def _quantiles(x: Tensor, sample: Tensor, brackets: list[tuple[int, int, int]], masks: Tensor) -> list[Tensor]:
+    """Per row and bracket (see _brackets), the value at the target sorted index, exact (torch path).
+
+    The sample's order statistics give each bracket [lo_q, hi_q]. One pass per bracket counts the
+    values below lo_q (c_q) and adds the bracket to a band mask; the band's values are gathered once
+    for all quantiles. If c_q <= t_q < c_q + |values in [lo_q, hi_q]|, the target is the value at
+    sorted index t_q - c_q among the row's values in the bracket; a row whose bracket misses its
+    target falls back to kthvalue over the whole row.
     """
     m, n = x.shape
     xs = x.index_select(1, sample)
     s = xs.shape[1]
-    below, band = masks
-    results = []
-    for q in _QUANTILES:
-        target = math.floor(q * (n - 1))
-        centre, margin = (target + 0.5) * s / n, _MARGIN_SD * math.sqrt(s * q * (1 - q)) + 1
-        lo_rank, hi_rank = math.floor(centre - margin), math.ceil(centre + margin)  # 0-based in sample
+    below, inside, band = masks
+    band.zero_()
+    edges = []
+    for target, lo_rank, hi_rank in brackets:
         lo = xs.kthvalue(lo_rank + 1, 1, keepdim=True).values if lo_rank >= 0 else x.new_full((m, 1), -math.inf)
         hi = xs.kthvalue(hi_rank + 1, 1, keepdim=True).values if hi_rank < s else x.new_full((m, 1), math.inf)
         torch.lt(x, lo, out=below)
-        ranks = (target - below.view(torch.uint8).sum(1, dtype=torch.int32)).tolist()
-        torch.le(x, hi, out=band).logical_xor_(below)  # lo <= x <= hi (below implies x <= hi)
-        rows, cols = band.nonzero(as_tuple=True)
-        vals = x[rows, cols]  # row-major: each row's bracketed values are contiguous
-        bounds = [0, *torch.bincount(rows, minlength=m).cumsum(0).tolist()]
-        picked = []
-        for i, rank in enumerate(ranks):
-            seg = vals[bounds[i] : bounds[i + 1]]
-            picked.append(seg.kthvalue(rank + 1).values if 0 <= rank < len(seg) else x[i].kthvalue(target + 1).values)
-        results.append(torch.stack(picked))
+        n_below = below.view(torch.uint8).sum(1, dtype=torch.int32)
+        torch.le(x, hi, out=inside).logical_xor_(below)  # lo <= x <= hi (below implies x <= hi)
+        band.logical_or_(inside)
+        edges.append((target, lo.squeeze(1), hi.squeeze(1), n_below))
+
+    flat = band.view(-1).nonzero().squeeze(1)
+    values = x.reshape(-1).take(flat)  # row-major: each row's band values are contiguous
+    rows = flat.div_(n, rounding_mode="floor")
+    results = []
+    for target, lo, hi, n_below in edges:
+        mine = ((values >= lo[rows]) & (values <= hi[rows])).nonzero().squeeze(1)
+        counts = torch.bincount(rows[mine], minlength=m)
+        starts = [0, *counts.cumsum(0).tolist()]
+        rank = target - n_below  # the target's sorted index among the row's values in [lo, hi]
+        hits = ((rank >= 0) & (rank < counts)).tolist()
+        segments = values[mine]
+        results.append(torch.stack([
+            segments[starts[i] : starts[i + 1]].kthvalue(r + 1).values if hit else x[i].kthvalue(target + 1).values
+            for i, (r, hit) in enumerate(zip(rank.tolist(), hits))
+        ]))
     return results

@@ -1,4 +1,7 @@
-"""core.engine.row_stats against a naive reference that materialises the score matrix."""
+"""core.engine.row_stats against a naive reference that materialises the score matrix.
+
+Every test runs on both selection paths: the compiled one (core/selection.cpp, CPU) and torch's
+(CUDA, or a machine without a C++ compiler)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from core import engine
+from core import engine, selection
 from core.engine import RowStats, row_stats
 
 EXACT = ("top_ids", "top_values", "bottom_ids", "bottom_values", "median", "p75")
@@ -38,10 +41,19 @@ def reference(scores: Tensor, k: int) -> dict[str, Tensor]:
         "median": torch.quantile(scores, 0.5, dim=1, interpolation="lower"),
         "p75": torch.quantile(scores, 0.75, dim=1, interpolation="lower"),
         "softmax_max": p.max(1).values,
-        "softmax_entropy": -(p * p.log()).sum(1),
+        "softmax_entropy": torch.special.entr(p).sum(1),  # -p log p, 0 at p = 0
         "topk_mass": p.gather(1, top_ids).sum(1),
     }
 
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def selection_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "native":
+        assert selection.native() is not None, "the C++ selection could not be built (see the log)"
+    else:
+        monkeypatch.setattr(selection, "native", lambda: None)
+    return request.param
 
 
 def assert_matches(got: RowStats, scores: Tensor, k: int) -> None:
@@ -104,6 +116,21 @@ def test_quantile_brackets_hit_or_miss(monkeypatch: pytest.MonkeyPatch, sample: 
     assert_matches(got, scores, 5)
 
 
+def test_long_rows_exact() -> None:
+    """Rows long enough for the native path's histogram step inside the quantile brackets, with
+    heavy ties, heavy tails, a constant row (an empty bracket range) and a sorted row."""
+    g = torch.Generator().manual_seed(8)
+    n = 120_000
+    scores = torch.stack([
+        torch.randn(n, generator=g),
+        torch.randint(-3, 4, (n,), generator=g).float(),
+        torch.randn(n, generator=g) ** 5,
+        torch.full((n,), 2.5),
+        torch.linspace(-1, 1, n),
+    ])
+    assert_matches(row_stats(torch.eye(len(scores)), scores.T.contiguous(), k=7), scores, 7)  # I @ scores = scores
+
+
 @pytest.mark.parametrize("transform", [lambda x: x.mul_(2).sub_(1), lambda x: x * 2 - 1])
 def test_transform_in_place_or_not(transform: Callable[[Tensor], Tensor]) -> None:
     left, right = integer_inputs(13, 40, seed=4)
@@ -157,7 +184,7 @@ def test_empty_left() -> None:
     assert got.bottom_values.shape == (0, 4) and got.mean.shape == (0,)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n_a=st.integers(0, 12),
     n_b=st.integers(1, 60),
@@ -179,3 +206,4 @@ def test_property_random_shapes(n_a: int, n_b: int, k_frac: float, tile: int, ti
         assert_matches(got, scores, k)
     else:
         assert got.top_ids.shape == (0, k)
+

@@ -1,0 +1,97 @@
+"""Native per-row selection for the engine on CPU: top-k, bottom-k and exact quantiles in one pass.
+
+The engine's statistics are cheap elementwise passes except the selections; done with torch ops
+they take ~10 full passes over each score block (compare, count, mask, gather, kthvalue) and cost
+more than the matmul they summarise. ``core/selection.cpp`` does them per row while the row is in
+cache: the k largest / smallest values kept in sorted insertion lists, and each quantile's sample
+bracket counted and gathered in the same loop, then ``std::nth_element`` on the bracket. Results
+are identical to the torch path (same definitions, same tie rule, same brackets).
+
+Built on first use with the system C++ compiler (``$CXX``, else ``c++``) and OpenMP into
+``$WEIGHTLENS_NATIVE_DIR`` (default ``<tmp>/weightlens-native``), named by a hash of the source,
+the flags and the machine's CPU so a shared directory never serves a library built for another
+CPU; written to a temporary name and renamed, so concurrent first uses are safe. Where no compiler
+works, :func:`native` returns None (and logs why once) and the engine uses its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("selection.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile ``selection.cpp`` (once per source, flags and CPU) and return the library's path."""
+    compiler = os.environ.get("CXX", "c++")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    directory = directory or Path(os.environ.get("WEIGHTLENS_NATIVE_DIR") or Path(tempfile.gettempdir()) / "weightlens-native")
+    library = directory / f"selection-{key}.so"
+    if not library.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f".{library.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True)
+            os.replace(partial, library)
+        finally:
+            partial.unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def native() -> ctypes.CDLL | None:
+    """The compiled selection library, or None where it cannot be built (the engine then uses torch)."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("native selection unavailable, using the torch path: %s", detail)
+        return None
+    lib.weightlens_select.restype = ctypes.c_int
+    lib.weightlens_select.argtypes = [_ptr, _i64, _i64, _i32, _ptr, _i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i32]
+    return lib
+
+
+def select(lib: ctypes.CDLL, x: Tensor, k: int, sample: Tensor, brackets: list[tuple[int, int, int]]) -> tuple[Tensor, ...]:
+    """(top_values, top_ids, bottom_values, bottom_ids, quantiles (m, len(brackets))) of the rows of ``x``.
+
+    ``x`` is a contiguous float32 CPU matrix, ``sample`` sorted int64 column ids, ``brackets`` per
+    quantile (target index, lower and upper sample rank), as in ``core.engine``.
+    """
+    x = x.contiguous()
+    m, n = x.shape
+    targets, lo_ranks, hi_ranks = (torch.tensor(column, dtype=torch.int64) for column in zip(*brackets))
+    top_values, bottom_values = torch.empty(m, k), torch.empty(m, k)
+    top_ids, bottom_ids = torch.empty(m, k, dtype=torch.int64), torch.empty(m, k, dtype=torch.int64)
+    quantiles = torch.empty(m, len(brackets))
+    lib.weightlens_select(
+        x.data_ptr(), m, n, k, sample.data_ptr(), len(sample), len(brackets),
+        targets.data_ptr(), lo_ranks.data_ptr(), hi_ranks.data_ptr(),
+        top_values.data_ptr(), top_ids.data_ptr(), bottom_values.data_ptr(), bottom_ids.data_ptr(),
+        quantiles.data_ptr(), torch.get_num_threads(),
+    )
+    return top_values, top_ids, bottom_values, bottom_ids, quantiles
