@@ -62,7 +62,8 @@ from core import selection
 MAX_TILE_ROWS = 512  # fp32/bf16 CPU matmul throughput is flat beyond this
 _CHUNK_BYTES = 8 << 20  # CPU stats chunk: x, work and masks (~22 MiB at 8 MiB) stay in a 32 MiB last-level cache
 _CHUNK_TEMP_BYTES = 11  # per chunk element: work f32 + transform output f32 + 3 bool masks
-_SAMPLE = 4096  # bracket sample size for the quantile selection
+_SAMPLE = 4096  # bracket sample size for the quantile selection: at most this, at most n_b / 16 (the
+# sample's selection must stay small next to the row's pass), at least 256
 _MARGIN_SD = 3.0  # bracket half-width in binomial standard deviations of the sample rank
 _QUANTILES = (0.5, 0.75)
 
@@ -119,7 +120,8 @@ def row_stats(
     raw = torch.empty(tile, n_b, device=dev, dtype=compute_dtype) if bf16 else scores
     work = torch.empty(chunk, n_b, device=dev)
     masks = torch.empty(3, chunk, n_b, device=dev, dtype=torch.bool)
-    sample = torch.randperm(n_b, generator=torch.Generator().manual_seed(0))[:_SAMPLE].sort().values.to(dev)
+    sample_size = min(_SAMPLE, max(256, n_b // 16))
+    sample = torch.randperm(n_b, generator=torch.Generator().manual_seed(0))[:sample_size].sort().values.to(dev)
 
     parts: list[dict[str, Tensor]] = []
     for start in range(0, n_a, tile):

@@ -4,8 +4,9 @@ The engine's statistics are cheap elementwise passes except the selections; done
 they take ~10 full passes over each score block (compare, count, mask, gather, kthvalue) and cost
 more than the matmul they summarise. ``core/selection.cpp`` does them per row while the row is in
 cache: the k largest / smallest values kept in sorted insertion lists, and each quantile's sample
-bracket counted and gathered in the same loop, then ``std::nth_element`` on the bracket. Results
-are identical to the torch path (same definitions, same tie rule, same brackets).
+bracket counted and gathered in the same loop (16 lanes at a time with AVX-512, else a portable
+branch-free loop), then a histogram and ``std::nth_element`` inside the bracket. Results are
+identical to the torch path (same definitions, same tie rule, same brackets).
 
 Built on first use with the system C++ compiler (``$CXX``, else ``c++``) and OpenMP into
 ``$WEIGHTLENS_NATIVE_DIR`` (default ``<tmp>/weightlens-native``), named by a hash of the source,
@@ -45,39 +46,47 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def build(directory: Path | None = None) -> Path:
-    """Compile ``selection.cpp`` (once per source, flags and CPU) and return the library's path."""
+def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``selection.cpp`` (once per source, flags and CPU) and return the library's path.
+    ``extra_flags`` e.g. ``("-mno-avx512f",)`` builds the portable loops the tests also check."""
     compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     directory = directory or Path(os.environ.get("WEIGHTLENS_NATIVE_DIR") or Path(tempfile.gettempdir()) / "weightlens-native")
     library = directory / f"selection-{key}.so"
     if not library.exists():
         directory.mkdir(parents=True, exist_ok=True)
         partial = directory / f".{library.name}.{uuid.uuid4().hex}.tmp"
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True)
             os.replace(partial, library)
         finally:
             partial.unlink(missing_ok=True)
     return library
 
 
-@functools.cache
-def native() -> ctypes.CDLL | None:
-    """The compiled selection library, or None where it cannot be built (the engine then uses torch)."""
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        log.warning("native selection unavailable, using the torch path: %s", detail)
-        return None
+def load(library: Path) -> ctypes.CDLL:
+    """A built library with its function's signature declared."""
+    lib = ctypes.CDLL(str(library))
     lib.weightlens_select.restype = ctypes.c_int
     lib.weightlens_select.argtypes = [_ptr, _i64, _i64, _i32, _ptr, _i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i32]
     return lib
 
 
+@functools.cache
+def native() -> ctypes.CDLL | None:
+    """The compiled selection library, or None where it cannot be built (the engine then uses torch)."""
+    try:
+        return load(build())
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("native selection unavailable, using the torch path: %s", detail)
+        return None
+
+
 def select(lib: ctypes.CDLL, x: Tensor, k: int, sample: Tensor, brackets: list[tuple[int, int, int]]) -> tuple[Tensor, ...]:
-    """(top_values, top_ids, bottom_values, bottom_ids, quantiles (m, len(brackets))) of the rows of ``x``.
+    """(top_values, top_ids, bottom_values, bottom_ids, quantiles (m, len(brackets))) of the rows of ``x``,
+    computed by ``lib`` (from :func:`native` or :func:`load`).
 
     ``x`` is a contiguous float32 CPU matrix, ``sample`` sorted int64 column ids, ``brackets`` per
     quantile (target index, lower and upper sample rank), as in ``core.engine``.
@@ -88,10 +97,12 @@ def select(lib: ctypes.CDLL, x: Tensor, k: int, sample: Tensor, brackets: list[t
     top_values, bottom_values = torch.empty(m, k), torch.empty(m, k)
     top_ids, bottom_ids = torch.empty(m, k, dtype=torch.int64), torch.empty(m, k, dtype=torch.int64)
     quantiles = torch.empty(m, len(brackets))
-    lib.weightlens_select(
+    status = lib.weightlens_select(
         x.data_ptr(), m, n, k, sample.data_ptr(), len(sample), len(brackets),
         targets.data_ptr(), lo_ranks.data_ptr(), hi_ranks.data_ptr(),
         top_values.data_ptr(), top_ids.data_ptr(), bottom_values.data_ptr(), bottom_ids.data_ptr(),
         quantiles.data_ptr(), torch.get_num_threads(),
     )
+    if status != 0:
+        raise ValueError(f"native selection takes 1 or 2 quantiles, got {len(brackets)}")
     return top_values, top_ids, bottom_values, bottom_ids, quantiles
