@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m orchestration.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("materialize", help="register SAE partitions and materialise the whole chain")
-    run.add_argument("releases", nargs="*", help="release ids (default: the planted releases)")
+    run.add_argument("releases", nargs="*", help="release ids (default: the planted releases the sensor tracks)")
     args = parser.parse_args(argv)
-    releases = args.releases or [r.id for r in load_registry().values() if r.planted]
+    releases = args.releases or [r.id for r in load_registry().values() if r.planted and r.track]
     with dg.DagsterInstance.get() as instance:
         for run_id in fail_dead_runs(instance):
             print(f"run {run_id}: its process is gone (killed); marked failed, pool slot freed", file=sys.stderr)

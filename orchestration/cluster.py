@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         require_shared_storage(instance)
         init_pools(instance)
         if args.command == "materialize":
-            releases = args.targets or [r.id for r in load_registry().values() if r.planted]
+            releases = args.targets or [r.id for r in load_registry().values() if r.planted and r.track]
             keys = register_partitions(instance, releases, HubResource())
         else:
             if not args.targets:
