@@ -1,6 +1,6 @@
 """Command line: register a release's SAEs as partitions and materialise the chain in this process.
 
-    python -m orchestration.cli materialize [RELEASE ...]     (default: the planted releases)
+    python -m orchestration.cli materialize [RELEASE ...]     (default: the tracked planted releases)
 
 Runs are recorded in the instance at ``$DAGSTER_HOME`` (the project's), so the UI shows every
 materialisation afterwards. SAEs whose partitions are already materialised and up to date are still

@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, what in (("materialize", "every SAE of the releases, then the report"), ("run-partitions", "these SAE keys")):
         cmd = sub.add_parser(name, help=f"register and materialise {what} on the Celery workers")
-        cmd.add_argument("targets", nargs="*", help="release ids (default: the planted ones)" if name == "materialize" else "partition keys")
+        cmd.add_argument("targets", nargs="*", help="release ids (default: the tracked planted ones)" if name == "materialize" else "partition keys")
         cmd.add_argument("-c", "--config", action="append", default=[], help="run config YAML (resources)")
         cmd.add_argument("--parallel", type=int, default=4, help="runs in flight at once (default 4)")
         cmd.add_argument("--log-dir", default=None, help="orchestrator logs (default $DAGSTER_HOME/cluster-logs/<time>)")
