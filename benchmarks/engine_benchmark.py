@@ -39,10 +39,6 @@ def _proc_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def softcap(x: torch.Tensor) -> torch.Tensor:
-    return x.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
-
-
 def run_matmul(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, budget: int) -> None:
     tile, _ = engine._plan(len(left), len(right), budget, dtype == torch.bfloat16, True)
     out = torch.empty(tile, len(right), dtype=dtype)
@@ -52,7 +48,7 @@ def run_matmul(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, budg
 
 
 def run_engine(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, budget: int, cap: bool) -> None:
-    engine.row_stats(left, right, k=K, transform=softcap if cap else None, compute_dtype=dtype, device="cpu", memory_budget_bytes=budget)
+    engine.row_stats(left, right, k=K, softcap=SOFTCAP if cap else None, compute_dtype=dtype, device="cpu", memory_budget_bytes=budget)
 
 
 def run_naive(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, cap: bool) -> None:

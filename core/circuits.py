@@ -57,7 +57,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -162,10 +161,8 @@ class VocabOperands:
         return operand
 
 
-def circuit_operands(
-    features: Tensor, circuit: Circuit, operands: VocabOperands
-) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor] | None]:
-    """``(left, right, transform)`` with scores = transform(left @ rightᵀ), exactly what the engine receives.
+def circuit_operands(features: Tensor, circuit: Circuit, operands: VocabOperands) -> tuple[Tensor, Tensor, float | None]:
+    """``(left, right, cap)`` with scores = softcap(left @ rightᵀ, cap), exactly what the engine receives.
 
     ``features`` are the phase's feature directions f_i as rows (n_feat, d_model): unit encoder directions
     for ``"encoder_embedding"``, unit decoder directions for ``"decoder_unembedding"``.
@@ -186,14 +183,13 @@ def circuit_operands(
         proj = _head_rows(w.q, c.head, g) if query_side else _head_rows(w.k, g.kv_head(c.head), g)
         head = _head_norm(normed @ proj.T, w.q_norm_gain if query_side else w.k_norm_gain, g)
         left, cap = g.attn_scale * head, g.attn_softcap
-    return left, operands.right(c), (partial(softcap, cap=cap) if cap is not None else None)
+    return left, operands.right(c), cap
 
 
 def circuit_scores(features: Tensor, circuit: Circuit, operands: VocabOperands) -> Tensor:
     """The full (n_feat, vocab) score matrix of ``circuit`` — for small shapes (tests, inspection) only."""
-    left, right, transform = circuit_operands(features, circuit, operands)
-    scores = left @ right.T
-    return scores if transform is None else transform(scores)
+    left, right, cap = circuit_operands(features, circuit, operands)
+    return softcap(left @ right.T, cap)
 
 
 def circuit_stats(
@@ -207,12 +203,12 @@ def circuit_stats(
     progress: Callable[[int, int], None] | None = None,
 ) -> RowStats:
     """Per-feature statistics over the vocabulary of ``circuit``'s scores (module docstring), streamed."""
-    left, right, transform = circuit_operands(features, circuit, operands)
+    left, right, cap = circuit_operands(features, circuit, operands)
     return row_stats(
         left,
         right,
         k=k,
-        transform=transform,
+        softcap=cap,
         compute_dtype=compute_dtype,
         device=operands.device,
         memory_budget_bytes=memory_budget_bytes,

@@ -1,9 +1,9 @@
-"""Exact per-row statistics of ``transform(left @ right.T)`` without materialising it.
+"""Exact per-row statistics of ``softcap(left @ right.T)`` without materialising it.
 
 One engine serves every circuit (logit lens, embedding lens, feature-to-feature, ...):
 for each row ``i`` of ``left`` (n_a, r) it summarises the score row
 
-    x_i = transform(left[i] @ right.T)          # (n_b,), right is (n_b, r)
+    x_i = softcap(left[i] @ right.T)            # (n_b,), right is (n_b, r)
 
 over all ``n_b`` columns. The n_a x n_b matrix never exists in memory.
 
@@ -13,20 +13,21 @@ Tiling and memory
 (tile x n_b, float32; plus a bfloat16 copy of the same shape when
 ``compute_dtype=torch.bfloat16``) is produced by one matmul into a reused buffer,
 then summarised in cache-sized chunks of ``chunk`` rows (one tile on GPU), whose
-temporaries (a float32 work block, the transform's output if it is not in place, three
-bool masks of the torch selection path) are bounded by ``chunk x n_b x 11`` bytes. ``tile``
-is the largest row count for which
+temporaries (a float32 work block, three bool masks) are bounded by ``chunk x n_b x 7``
+bytes. ``tile`` is the largest row count for which
 
-    tile * n_b * (4 + 2*[bf16]) + chunk * n_b * 11  <=  memory_budget_bytes
+    tile * n_b * (4 + 2*[bf16]) + chunk * n_b * 7  <=  memory_budget_bytes
 
 (capped at ``MAX_TILE_ROWS``, where the matmul is already at its peak), so the peak
 working memory beyond the inputs, ``right``'s device copy and O(n_a * k) outputs is
 bounded by the budget plus O(chunk * n_b) bytes of selection scratch (bracketed values,
 gathered ids; the native path: two rows' brackets per thread), and does not depend on n_a.
 
-Selections (top/bottom k, quantiles) run in ``core/selection.cpp`` on CPU, one row at a
-time while it is in cache (``core.selection``), and as torch ops on CUDA or where no C++
-compiler is available; both paths give identical results (tests run both).
+On CPU every statistic of a tile (and the softcap) is computed by ``core/rowstats.cpp``, one
+row at a time while it is in cache (``core.rowstats``; no chunks, no scratch beyond a few
+rows per thread); on CUDA, or where no C++ compiler is available, by torch ops on the chunks.
+Both paths give identical order statistics and moments equal to float32 rounding (tests run
+both).
 
 Statistics (exact: every tile holds complete rows; accumulated in float32)
 -------------------------------------------------------------------------
@@ -45,7 +46,7 @@ Statistics (exact: every tile holds complete rows; accumulated in float32)
   ``softmax_max`` = 1 / z, ``softmax_entropy`` = log z - sum p * (x - max) (= lse - sum p x
   without the cancellation at large |x|), ``topk_mass`` = sum of p over the top k.
 
-Values must be finite (no NaN / inf after ``transform``).
+Values must be finite (no NaN / inf).
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core import selection
+from core import rowstats
 
 MAX_TILE_ROWS = 512  # fp32/bf16 CPU matmul throughput is flat beyond this
 _CHUNK_BYTES = 8 << 20  # CPU stats chunk: x, work and masks (~22 MiB at 8 MiB) stay in a 32 MiB last-level cache
-_CHUNK_TEMP_BYTES = 11  # per chunk element: work f32 + transform output f32 + 3 bool masks
+_CHUNK_TEMP_BYTES = 7  # per chunk element: work f32 + 3 bool masks (the softcap acts in place)
 _SAMPLE = 4096  # bracket sample size for the quantile selection: at most this, at most n_b / 16 (the
 # sample's selection must stay small next to the row's pass), at least 256
 _MARGIN_SD = 3.0  # bracket half-width in binomial standard deviations of the sample rank
@@ -90,18 +91,19 @@ def row_stats(
     right: Tensor,
     *,
     k: int = 10,
-    transform: Callable[[Tensor], Tensor] | None = None,
+    softcap: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     memory_budget_bytes: int = 1 << 30,
     progress: Callable[[int, int], None] | None = None,
 ) -> RowStats:
-    """Statistics of each row of ``transform(left @ right.T)`` over its n_b columns.
+    """Statistics of each row of ``softcap(left @ right.T)`` over its n_b columns.
 
     ``left`` is (n_a, r), ``right`` is (n_b, r). The matmul runs in ``compute_dtype``
-    (float32 or bfloat16); its result is upcast to float32 before ``transform`` (an
-    elementwise map, may act in place) and all statistics. See the module docstring for
-    the tiling, the memory bound, the exact definitions and the tie rule.
+    (float32 or bfloat16); its result is upcast to float32 before the softcap
+    (``cap * tanh(x / cap)``, Gemma's logit and attention capping; none when None) and all
+    statistics. See the module docstring for the tiling, the memory bound, the exact
+    definitions and the tie rule.
     ``progress(done_rows, n_a)`` is called after each tile.
     """
     if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1]:
@@ -116,25 +118,31 @@ def row_stats(
     tile, chunk = _plan(n_a, n_b, memory_budget_bytes, bf16, dev.type == "cpu")
 
     right_dev = right.to(dev, compute_dtype).contiguous()
-    scores = torch.empty(tile, n_b, device=dev)
-    raw = torch.empty(tile, n_b, device=dev, dtype=compute_dtype) if bf16 else scores
-    work = torch.empty(chunk, n_b, device=dev)
-    masks = torch.empty(3, chunk, n_b, device=dev, dtype=torch.bool)
-    sample_size = min(_SAMPLE, max(256, n_b // 16))
+    raw = torch.empty(tile, n_b, device=dev, dtype=compute_dtype)
+    sample_size = min(_SAMPLE, max(256, n_b // 16), n_b)
     sample = torch.randperm(n_b, generator=torch.Generator().manual_seed(0))[:sample_size].sort().values.to(dev)
+    brackets = _brackets(n_b, sample_size)
+    lib = rowstats.native() if dev.type == "cpu" else None
+    if lib is None:  # torch path: a float32 copy of bf16 scores, scratch for the chunks (never touched otherwise)
+        scores = torch.empty(tile, n_b, device=dev) if bf16 else raw
+        work = torch.empty(chunk, n_b, device=dev)
+        masks = torch.empty(3, chunk, n_b, device=dev, dtype=torch.bool)
 
     parts: list[dict[str, Tensor]] = []
     for start in range(0, n_a, tile):
         rows = min(tile, n_a - start)
         torch.matmul(left[start : start + rows].to(dev, compute_dtype), right_dev.T, out=raw[:rows])
-        if bf16:
-            scores[:rows].copy_(raw[:rows])
-        for c0 in range(0, rows, chunk):
-            x = scores[c0 : min(rows, c0 + chunk)]
-            if transform is not None:
-                x = transform(x)
-            m = x.shape[0]
-            parts.append(_chunk_stats(x, work[:m], masks[:, :m], sample, k))
+        if lib is not None:
+            parts.append(rowstats.compute(lib, raw[:rows], k, softcap, sample, brackets))
+        else:
+            if bf16:
+                scores[:rows].copy_(raw[:rows])
+            for c0 in range(0, rows, chunk):
+                x = scores[c0 : min(rows, c0 + chunk)]
+                if softcap is not None:
+                    x.div_(softcap).tanh_().mul_(softcap)
+                m = x.shape[0]
+                parts.append(_chunk_stats(x, work[:m], masks[:, :m], sample, brackets, k))
         if progress is not None:
             progress(start + rows, n_a)
 
@@ -160,18 +168,15 @@ def _plan(n_a: int, n_b: int, budget: int, bf16: bool, on_cpu: bool) -> tuple[in
     return tile, min(chunk, tile)
 
 
-def _chunk_stats(x: Tensor, work: Tensor, masks: Tensor, sample: Tensor, k: int) -> dict[str, Tensor]:
-    """All statistics of the rows of ``x`` (m, n), float32; ``work``/``masks`` are scratch."""
+def _chunk_stats(
+    x: Tensor, work: Tensor, masks: Tensor, sample: Tensor, brackets: list[tuple[int, int, int]], k: int
+) -> dict[str, Tensor]:
+    """All statistics of the rows of ``x`` (m, n), float32, with torch ops (CUDA, or no compiler);
+    ``work``/``masks`` are scratch and ``x`` is spent."""
     n = x.shape[1]
-    brackets = _brackets(n, len(sample))
-    lib = selection.native() if x.device.type == "cpu" else None
-    if lib is not None:
-        top_values, top_ids, bottom_values, bottom_ids, quantiles = selection.select(lib, x, k, sample, brackets)
-        median, p75 = quantiles.unbind(1)
-    else:
-        top_values, top_ids = _extreme(x, k, largest=True)
-        bottom_values, bottom_ids = _extreme(x, k, largest=False)
-        median, p75 = _quantiles(x, sample, brackets, masks)
+    top_values, top_ids = _extreme(x, k, largest=True)
+    bottom_values, bottom_ids = _extreme(x, k, largest=False)
+    median, p75 = _quantiles(x, sample, brackets, masks)
 
     mean = x.sum(1) / n
     torch.sub(x, mean[:, None], out=work)

@@ -18,13 +18,12 @@ from the SAE's key so it is reproducible; it calibrates every threshold applied 
 from __future__ import annotations
 
 import hashlib
-from functools import partial
 from typing import Callable
 
 import torch
 
 from core.engine import RowStats, row_stats
-from core.geometry import rms_normalize, softcap
+from core.geometry import rms_normalize
 from core.model_weights import ModelCheckpoint
 
 
@@ -44,7 +43,7 @@ def output_lens(
         left,
         checkpoint.unembedding(),
         k=k,
-        transform=partial(softcap, cap=g.final_softcap) if g.final_softcap else None,
+        softcap=g.final_softcap,
         compute_dtype=compute_dtype,
         device=device,
         progress=progress,
