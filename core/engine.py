@@ -29,8 +29,9 @@ rows per thread); on CUDA, or where no C++ compiler is available, by torch ops o
 Both paths give identical order statistics and moments equal to float32 rounding (tests run
 both).
 
-Statistics (exact: every tile holds complete rows; accumulated in float32)
--------------------------------------------------------------------------
+Statistics (exact: every tile holds complete rows; sums in float32, the native path's across
+blocks of 64 in float64)
+------------------------------------------------------------------------------------------
 * ``top_ids/top_values``: the k largest values, descending; ``bottom_*`` the k
   smallest, ascending. Ties: among equal values the LOWER column id comes first,
   including at the k-th boundary (a row's selection is the first k of the stable
@@ -42,7 +43,7 @@ Statistics (exact: every tile holds complete rows; accumulated in float32)
   column sample brackets the target; values below/inside the bracket are counted and
   only the bracket is searched. A row whose bracket misses falls back to a selection
   over the whole row, so the result is exact either way.
-* softmax p over the n_b columns (torch's fused kernel), z = sum exp(x - max):
+* softmax p over the n_b columns, z = sum exp(x - max):
   ``softmax_max`` = 1 / z, ``softmax_entropy`` = log z - sum p * (x - max) (= lse - sum p x
   without the cancellation at large |x|), ``topk_mass`` = sum of p over the top k.
 
