@@ -111,7 +111,7 @@ const float* load_row(const void* x, bool bf16, int64_t i, int64_t n, float cap,
 }
 
 // The smallest and largest value of row[from, to) into mn / mx (which start at +inf / -inf); returns
-// their sum.
+// the block's sum.
 inline double block_range(const float* row, int64_t from, int64_t to, float& mn, float& mx) {
     int64_t j = from;
     float sum = 0;

@@ -5,14 +5,16 @@ pip), starts PostgreSQL and Redis on 127.0.0.1 (temporary data dirs, free non-de
 the ``postgres`` user when root) and two Celery workers (dagster-celery's CLI, with the shipped
 ``deploy/celery/worker.yaml``), and materialises three planted-gemma SAE partitions through
 ``python -m orchestration.cluster run-partitions`` (three runs in flight at once, an instance from the
-shipped ``deploy/celery/dagster.yaml``). Then, from the PostgreSQL event log and the worker logs:
+shipped ``deploy/celery/dagster.yaml``), with the full layer × head circuit sweep (``circuit_layers="all"``)
+so that each compute step lasts seconds and the runs contend for the pool. Then, from the PostgreSQL event
+log and the worker logs:
 
 - every step ran in a Celery worker, not in the run's process, and both workers executed steps;
 - the ``compute`` pool (limit 1) still held across runs and workers: no two ``compute`` steps overlapped
   in time (step start/success events), and compute steps that were ready while another ran were only
   submitted to Celery after it ended (they waited for the pool, not for a worker);
 - the tables (Parquet, every table of the three partitions) and the Neuronpedia JSON exports equal those
-  of the single-process run of the same partitions with the same resources (the session's ``chain``).
+  of a single-process run of the same partitions with the same resources.
 
 An environment where the installs or services fail makes this test fail with the installer's or the
 server's output, never skip.
@@ -34,7 +36,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.registry import parse_key
 from core.storage import TableStore
 from scripts.local_cluster import (
     celery_workers,
@@ -44,7 +45,8 @@ from scripts.local_cluster import (
     postgres,
     redis,
 )
-from tests.planted_chain import chain_resources
+from orchestration.resources import ComputeResource
+from tests.planted_chain import analysed, chain_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_STEPS = {"lens_tables", "circuit_tables"}  # pool="compute" (assets/interactions.py)
@@ -76,8 +78,19 @@ def overlaps(intervals: list[tuple[float, float, str]]) -> list[tuple[str, str]]
     return [(a[2], b[2]) for a, b in zip(ordered, ordered[1:]) if b[0] < a[1]]
 
 
+def single_process_reference(resources: dict) -> list[str]:
+    """The analysed planted-gemma keys, materialised in this process with ``resources``."""
+    import dagster as dg
+    from orchestration.cli import materialize_all, register_partitions
+
+    instance = dg.DagsterInstance.ephemeral()
+    keys = analysed(register_partitions(instance, ["planted-gemma"], resources["hub"]), ["planted-gemma"])
+    materialize_all(instance, keys, resources)
+    return keys
+
+
 def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_single_process(
-    chain, planted_cache, tmp_path, monkeypatch
+    planted_cache, tmp_path, monkeypatch
 ):
     timings, t0 = {}, time.monotonic()
     installed = ensure_debian_packages()  # raises ClusterSetupError (test error) when impossible
@@ -87,17 +100,20 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     import dagster as dg
     from orchestration.cluster import resource_config
 
-    _, reference_dir, analysed = chain
-    keys = [k for k in analysed if parse_key(k).release == "planted-gemma"]
+    home, data, reference_dir = tmp_path / "dagster_home", tmp_path / "data", tmp_path / "reference"
+    # The test-sized resources of the session's chain, with every layer's attention; one set per data dir.
+    compute = ComputeResource(**chain_resources(planted_cache, data)["compute"].model_dump() | {"circuit_layers": "all"})
+    resources = chain_resources(planted_cache, data) | {"compute": compute}
+    t = time.monotonic()
+    keys = single_process_reference(chain_resources(planted_cache, reference_dir) | {"compute": compute})
+    timings["reference"] = time.monotonic() - t
     assert len(keys) == 3
 
-    home, data = tmp_path / "dagster_home", tmp_path / "data"
     home.mkdir()
     shutil.copy(ROOT / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
     worker_config = ROOT / "deploy" / "celery" / "worker.yaml"
-    # The resources of the single-process run (chain_resources), pointed at this run's data dir.
     resources_yaml = tmp_path / "resources.yaml"
-    resources_yaml.write_text(yaml.safe_dump(resource_config(chain_resources(planted_cache, data))))
+    resources_yaml.write_text(yaml.safe_dump(resource_config(resources)))
 
     service_parent = Path("/tmp")  # pytest's tmp dirs are private to root; the postgres user must reach its dir
     t = time.monotonic()
