@@ -11,8 +11,8 @@ log and the worker logs:
 
 - every step ran in a Celery worker, not in the run's process, and both workers executed steps;
 - the ``compute`` pool (limit 1) still held across runs and workers: no two ``compute`` steps overlapped
-  in time (step start/success events), and compute steps that were ready while another ran were only
-  submitted to Celery after it ended (they waited for the pool, not for a worker);
+  in time (step start/success events), and compute steps that were ready before another one ended were
+  only submitted to Celery after it ended (they waited for the pool, not for a worker);
 - the tables (Parquet, every table of the three partitions) and the Neuronpedia JSON exports equal those
   of a single-process run of the same partitions with the same resources.
 
@@ -172,17 +172,24 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     assert len(intervals) == len(COMPUTE_STEPS) * len(keys)
     assert overlaps(intervals) == []
     # And it gated them: the Celery executor submits every ready step at once (submission does not wait for a
-    # free worker), so a compute step that was ready (both weights steps of its run done) while another
-    # compute step ran, and was submitted only after that one ended, waited for the pool's slot.
+    # free worker), so a compute step that was ready (both weights steps of its run done) before another
+    # compute step ended, and was submitted only after that one ended, waited for the pool's slot.
     ready = {run_id: max(r["t"] for r in events if r["run_id"] == run_id and r["type"] == "STEP_SUCCESS" and r["step"] in WEIGHT_STEPS)
              for run_id in orchestrator_pid}
     submitted = {(r["run_id"], r["step"]): r["t"] for r in events if r["type"] == "ENGINE_EVENT" and r["message"].startswith("Submitting celery task")}
     waited = sorted(
         {f"{r['run_id'][:8]}:{r['step']}" for r in starts if r["step"] in COMPUTE_STEPS
-         for start, end, other in intervals
-         if other != f"{r['run_id'][:8]}:{r['step']}" and start <= ready[r["run_id"]] < end <= submitted[(r["run_id"], r["step"])]}
+         for _, end, other in intervals
+         if other != f"{r['run_id'][:8]}:{r['step']}" and ready[r["run_id"]] < end <= submitted[(r["run_id"], r["step"])]}
     )
-    assert waited, "no compute step ever waited for the pool: the runs did not contend, the test proves nothing"
+    timeline = sorted(
+        [(t, f"{run_id[:8]} weights done") for run_id, t in ready.items()]
+        + [(a, f"{name} start") for a, _, name in intervals] + [(b, f"{name} end") for _, b, name in intervals]
+        + [(t, f"{run_id[:8]}:{step} submitted") for (run_id, step), t in submitted.items() if step in COMPUTE_STEPS]
+    )
+    assert waited, "no compute step ever waited for the pool: the runs did not contend, the test proves nothing\n" + "\n".join(
+        f"{t - timeline[0][0]:7.2f} {what}" for t, what in timeline
+    )
     run_windows = sorted((min(r["t"] for r in events if r["run_id"] == run.run_id), max(r["t"] for r in events if r["run_id"] == run.run_id)) for run in runs)
     assert any(b[0] < a[1] for a, b in zip(run_windows, run_windows[1:])), "the runs never ran at the same time"
 
