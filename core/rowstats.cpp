@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -220,12 +219,12 @@ void sample_ends(std::vector<float>& xs, const int64_t (&ranks)[E], float (&ends
 }
 
 constexpr int64_t BLOCK = 64;
+constexpr int NQ = 2;         // quantiles: the median and P75
 constexpr int N_MOMENTS = 5;  // mean, std, softmax_max, softmax_entropy, topk_mass
 
 // One row: the k largest and smallest values, per quantile q < NQ the value at sorted index
 // targets[q] (found inside the bracket [lo, hi] that the sample's order statistics give), then the
 // moments. The row is read in blocks of 64; a block's range decides whether it can touch the lists.
-template <int NQ>
 void row_stats(const float* row, int64_t n, int32_t k, const int64_t* sample, const int64_t* targets,
                const int64_t* lo_ranks, const int64_t* hi_ranks, float* tv, int64_t* ti, float* bv, int64_t* bi,
                float* out_stats, std::vector<float>& xs, std::vector<float>& band, std::vector<float>& whole) {
@@ -280,27 +279,22 @@ void row_stats(const float* row, int64_t n, int32_t k, const int64_t* sample, co
 }  // namespace
 
 // Statistics of the m rows (length n) of x, float32 or bfloat16 (x_bf16), softcapped when cap > 0:
-// top/bottom values and ids (m, k); stats (m, n_q + 5): the n_q quantiles, then mean, std,
-// softmax_max, softmax_entropy, topk_mass. Returns 1 for an unsupported n_q.
+// top/bottom values and ids (m, k); stats (m, n_q + 5): the n_q = 2 quantiles, then mean, std,
+// softmax_max, softmax_entropy, topk_mass. Returns 1 for another n_q.
 extern "C" int weightlens_row_stats(
     const void* x, int32_t x_bf16, int64_t m, int64_t n, float cap, int32_t k,
     const int64_t* sample, int64_t s, int32_t n_q, const int64_t* targets, const int64_t* lo_ranks,
     const int64_t* hi_ranks, float* top_values, int64_t* top_ids, float* bottom_values, int64_t* bottom_ids,
     float* stats, int32_t threads) {
-    if (n_q < 1 || n_q > 2) return 1;
+    if (n_q != NQ) return 1;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> xs(s), band(static_cast<size_t>(n_q) * (n + 16)), whole, buffer(n);  // per thread
+        std::vector<float> xs(s), band(NQ * (n + 16)), whole, buffer(n);  // per thread
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; ++i) {
             const float* row = load_row(x, x_bf16 != 0, i, n, cap, buffer.data());
-            const auto run = [&](auto nq) {
-                row_stats<decltype(nq)::value>(row, n, k, sample, targets, lo_ranks, hi_ranks, top_values + i * k,
-                                               top_ids + i * k, bottom_values + i * k, bottom_ids + i * k,
-                                               stats + i * (n_q + N_MOMENTS), xs, band, whole);
-            };
-            if (n_q == 1) run(std::integral_constant<int, 1>{});
-            else run(std::integral_constant<int, 2>{});
+            row_stats(row, n, k, sample, targets, lo_ranks, hi_ranks, top_values + i * k, top_ids + i * k,
+                      bottom_values + i * k, bottom_ids + i * k, stats + i * (NQ + N_MOMENTS), xs, band, whole);
         }
     }
     return 0;

@@ -109,7 +109,7 @@ def compute(
         stats.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
-        raise ValueError(f"native row statistics take 1 or 2 quantiles, got {len(brackets)}")
+        raise ValueError(f"native row statistics take 2 quantiles (median, P75), got {len(brackets)}")
     median, p75, *moments = stats.T.contiguous()
     return {
         "top_ids": top_ids, "top_values": top_values, "bottom_ids": bottom_ids, "bottom_values": bottom_values,
