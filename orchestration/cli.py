@@ -23,6 +23,11 @@ from orchestration.recovery import fail_dead_runs
 from orchestration.resources import HubResource
 
 
+def default_releases() -> list[str]:
+    """What ``materialize`` runs when no release is named: the planted releases the sensor tracks."""
+    return [r.id for r in load_registry().values() if r.planted and r.track]
+
+
 def register_partitions(instance: dg.DagsterInstance, release_ids: Sequence[str], hub: HubResource) -> list[str]:
     """Discover the SAEs of each release (hub, or the cache offline) and add their partition keys."""
     keys = []
@@ -54,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = sub.add_parser("materialize", help="register SAE partitions and materialise the whole chain")
     run.add_argument("releases", nargs="*", help="release ids (default: the planted releases the sensor tracks)")
     args = parser.parse_args(argv)
-    releases = args.releases or [r.id for r in load_registry().values() if r.planted and r.track]
+    releases = args.releases or default_releases()
     with dg.DagsterInstance.get() as instance:
         for run_id in fail_dead_runs(instance):
             print(f"run {run_id}: its process is gone (killed); marked failed, pool slot freed", file=sys.stderr)

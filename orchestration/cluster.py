@@ -38,8 +38,7 @@ from typing import Mapping, Sequence
 import dagster as dg
 from dagster_celery import celery_executor
 
-from core.registry import load_registry
-from orchestration.cli import register_partitions
+from orchestration.cli import default_releases, register_partitions
 from orchestration.definitions import resources
 from orchestration.jobs import ALL_ASSETS, report_job, sae_chain_job
 from orchestration.partitions import sae_partitions
@@ -162,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         require_shared_storage(instance)
         init_pools(instance)
         if args.command == "materialize":
-            releases = args.targets or [r.id for r in load_registry().values() if r.planted and r.track]
+            releases = args.targets or default_releases()
             keys = register_partitions(instance, releases, HubResource())
         else:
             if not args.targets:

@@ -4,7 +4,6 @@ in conftest.py), and the resources it runs with."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from pathlib import Path
 
 import dagster as dg
@@ -16,12 +15,13 @@ from orchestration.resources import ComputeResource, HubResource, StoreResource
 PLANTED = ("planted-gemma", "planted-llama")
 
 
-def chain_resources(cache: Path, data: Path) -> dict[str, dg.ConfigurableResource]:
-    """Offline hub on ``cache``, tables under ``data``, CPU engine with test-sized null samples."""
+def chain_resources(cache: Path, data: Path, **compute: str | int) -> dict[str, dg.ConfigurableResource]:
+    """Offline hub on ``cache``, tables under ``data``, CPU engine with test-sized null samples (and any
+    other ``ComputeResource`` settings given)."""
     return {
         "hub": HubResource(cache_dir=str(cache), offline=True),
         "store": StoreResource(data_dir=str(data)),
-        "compute": ComputeResource(device="cpu", null_directions=512, circuit_null_directions=128),
+        "compute": ComputeResource(**{"device": "cpu", "null_directions": 512, "circuit_null_directions": 128, **compute}),
     }
 
 
@@ -35,11 +35,14 @@ def analysed(keys: list[str], releases: Sequence[str] = PLANTED) -> list[str]:
     return picked
 
 
-def materialise_planted(cache: Path, data: Path) -> tuple[dg.DagsterInstance, Path, list[str]]:
-    """Register every planted SAE as a partition of an ephemeral instance and materialise every asset
-    for the ``analysed`` ones; returns (instance, data dir, analysed keys)."""
-    resources = chain_resources(cache, data)
+def materialise_planted(
+    cache: Path, data: Path, releases: Sequence[str] = PLANTED, **compute: str | int
+) -> tuple[dg.DagsterInstance, Path, list[str]]:
+    """Register every SAE of the planted ``releases`` as a partition of an ephemeral instance and
+    materialise every asset for the ``analysed`` ones with ``chain_resources(cache, data, **compute)``;
+    returns (instance, data dir, analysed keys)."""
+    resources = chain_resources(cache, data, **compute)
     instance = dg.DagsterInstance.ephemeral()
-    keys = analysed(register_partitions(instance, PLANTED, resources["hub"]))
+    keys = analysed(register_partitions(instance, releases, resources["hub"]), releases)
     materialize_all(instance, keys, resources)
     return instance, data, keys

@@ -45,8 +45,7 @@ from scripts.local_cluster import (
     postgres,
     redis,
 )
-from orchestration.resources import ComputeResource
-from tests.planted_chain import analysed, chain_resources
+from tests.planted_chain import chain_resources, materialise_planted
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_STEPS = {"lens_tables", "circuit_tables"}  # pool="compute" (assets/interactions.py)
@@ -78,17 +77,6 @@ def overlaps(intervals: list[tuple[float, float, str]]) -> list[tuple[str, str]]
     return [(a[2], b[2]) for a, b in zip(ordered, ordered[1:]) if b[0] < a[1]]
 
 
-def single_process_reference(resources: dict) -> list[str]:
-    """The analysed planted-gemma keys, materialised in this process with ``resources``."""
-    import dagster as dg
-    from orchestration.cli import materialize_all, register_partitions
-
-    instance = dg.DagsterInstance.ephemeral()
-    keys = analysed(register_partitions(instance, ["planted-gemma"], resources["hub"]), ["planted-gemma"])
-    materialize_all(instance, keys, resources)
-    return keys
-
-
 def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_single_process(
     planted_cache, tmp_path, monkeypatch
 ):
@@ -101,11 +89,9 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     from orchestration.cluster import resource_config
 
     home, data, reference_dir = tmp_path / "dagster_home", tmp_path / "data", tmp_path / "reference"
-    # The test-sized resources of the session's chain, with every layer's attention; one set per data dir.
-    compute = ComputeResource(**chain_resources(planted_cache, data)["compute"].model_dump() | {"circuit_layers": "all"})
-    resources = chain_resources(planted_cache, data) | {"compute": compute}
+    # The session chain's test-sized resources with every layer's attention, single-process and on Celery.
     t = time.monotonic()
-    keys = single_process_reference(chain_resources(planted_cache, reference_dir) | {"compute": compute})
+    _, _, keys = materialise_planted(planted_cache, reference_dir, ["planted-gemma"], circuit_layers="all")
     timings["reference"] = time.monotonic() - t
     assert len(keys) == 3
 
@@ -113,7 +99,7 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     shutil.copy(ROOT / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
     worker_config = ROOT / "deploy" / "celery" / "worker.yaml"
     resources_yaml = tmp_path / "resources.yaml"
-    resources_yaml.write_text(yaml.safe_dump(resource_config(resources)))
+    resources_yaml.write_text(yaml.safe_dump(resource_config(chain_resources(planted_cache, data, circuit_layers="all"))))
 
     service_parent = Path("/tmp")  # pytest's tmp dirs are private to root; the postgres user must reach its dir
     t = time.monotonic()
