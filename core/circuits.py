@@ -38,6 +38,20 @@ global layers only in the mask and the RoPE base, neither of which acts at dista
 * ``"ov"``: o_i = W_O^h W_V^c n_l(f_i) (what head h writes when it attends only to the feature); on Gemma-2/3
   then the layer's ``post_attention_layernorm`` (gain g_post); logits(i, t) = softcap_final(W_U[t] ·
   FinalNorm(o_i)). Softmax over t = the next-token distribution if that write were the whole residual stream.
+* ``"ov_writer"``: score(i, t) = f_i · Post_l(W_O^h W_V^c n_l(x_t)) with Post_l = the post-attention norm on
+  Gemma-2/3 (g_post ⊙ o / rms(o)) and the identity on Llama — how strongly head h, attending only to token t,
+  writes along the feature's (encoder) direction: the circuit that WRITES what the encoder reads.
+
+Layer pairing (``paired_layers``). A resid_post(L) SAE's features live in the residual stream after block L:
+attention layers > L READ the decoder direction there (decoder–unembedding circuits), layers ≤ L WROTE what the
+encoder direction reads (encoder–embedding writer circuit). Default scope ``"adjacent"``: writer L, reader L+1
+(the last layer's SAE has no reader); ``"all"``: writers 0..L and readers L+1..N−1. Which kinds each phase
+analyses is ``PHASE_KINDS``: encoder–embedding → ``ov_writer`` (token embeddings written into the encoder
+direction); decoder–unembedding → ``qk_feature_query``, ``qk_feature_key`` (the decoder direction as query /
+as key against the unembedding rows) and ``ov`` (the decoder direction moved to logits), plus the head's write
+norm ``ov_write_norms``. The encoder-side QK circuits and the decoder-side ``ov_writer`` stay computable
+(``Circuit`` accepts every phase × kind) but are not analysed: the encoder direction never sits in the stream
+that layer L's queries and keys read.
 
 Pre-softmax statistics are the engine's value statistics (top/bottom-k, mean, std, median, p75); the
 post-softmax ones are ``softmax_max``, ``softmax_entropy``, ``topk_mass`` over the whole vocabulary.
@@ -49,7 +63,9 @@ with ρ_t = 1/sqrt(mean(x_t²) + eps), and the vocabulary operands are ``keys = 
 operand of both QK kinds) and,
 for OV, ``U_h = W_U @ (g ⊙ W_O^h)`` with g = g_post ⊙ g_final (Gemma-2/3) or g_final
 (Llama) and the feature side ``c_i · W_V^c n_l(f_i)``, c_i the product of the two norms' 1/rms factors
-(FinalNorm(PostNorm(o)) = c · (g ⊙ o)). So no vocab × d_model matrix is formed beyond W_E / W_U themselves.
+(FinalNorm(PostNorm(o)) = c · (g ⊙ o)). ``ov_writer``: right ``v_t = ρ_t (X @ (W_V^c ⊙ g_l)ᵀ)`` (times
+1/rms(W_O^h v_t) on Gemma, from the head_dim Gram matrix (W_O^h)ᵀW_O^h), left ``(f_i ⊙ g_post) @ W_O^h``. So no
+vocab × d_model matrix is formed beyond W_E / W_U themselves.
 """
 
 from __future__ import annotations
@@ -66,7 +82,12 @@ from core.geometry import rms_normalize, softcap
 from core.model_weights import AttentionWeights, ModelCheckpoint, ModelGeometry
 
 PHASES = ("encoder_embedding", "decoder_unembedding")
-KINDS = ("qk_feature_query", "qk_feature_key", "ov")
+KINDS = ("qk_feature_query", "qk_feature_key", "ov", "ov_writer")
+PHASE_KINDS: dict[str, tuple[str, ...]] = {
+    "encoder_embedding": ("ov_writer",),
+    "decoder_unembedding": ("qk_feature_query", "qk_feature_key", "ov"),
+}
+LAYER_SCOPES = ("adjacent", "all")
 # Vocabulary operands kept: in all_circuits' order a kv group's keys (both phases) and a head's OV operand are
 # reused while at most 4 other operands are touched in between, so each operand is computed once.
 OPERAND_CACHE_SIZE = 6
@@ -86,15 +107,32 @@ class Circuit:
             raise ValueError(f"unknown phase/kind {self.phase!r}/{self.kind!r}; phases {PHASES}, kinds {KINDS}")
 
 
-def all_circuits(geometry: ModelGeometry, layers: Sequence[int] | None = None) -> list[Circuit]:
-    """Every circuit of ``layers`` (default: all), ordered layer → query head (kv groups contiguous) →
-    phase → kind, the order in which ``VocabOperands``' cache computes each vocabulary operand once."""
+def paired_layers(sae_layer: int, n_layers: int, scope: str = "adjacent") -> dict[str, list[int]]:
+    """Attention layers per phase for a resid_post(``sae_layer``) SAE (module doc, "Layer pairing"):
+    ``"adjacent"`` → writer [L], reader [L+1] (none for the last layer); ``"all"`` → writers 0..L, readers
+    L+1..N−1."""
+    if not 0 <= sae_layer < n_layers:
+        raise ValueError(f"SAE layer {sae_layer} outside the model's 0..{n_layers - 1}")
+    if scope == "adjacent":
+        return {"encoder_embedding": [sae_layer], "decoder_unembedding": [sae_layer + 1] if sae_layer + 1 < n_layers else []}
+    if scope == "all":
+        return {"encoder_embedding": list(range(sae_layer + 1)), "decoder_unembedding": list(range(sae_layer + 1, n_layers))}
+    raise ValueError(f"layer scope {scope!r} is not one of {LAYER_SCOPES}")
+
+
+def all_circuits(geometry: ModelGeometry, layers: dict[str, Sequence[int]] | None = None) -> list[Circuit]:
+    """The analysed circuits (``PHASE_KINDS``) at each phase's ``layers`` (default: every layer for both
+    phases), ordered layer → query head (kv groups contiguous) → phase → kind, the order in which
+    ``VocabOperands``' cache computes each vocabulary operand once."""
+    every = range(geometry.n_layers)
+    chosen = {phase: set(every if layers is None else layers.get(phase, ())) for phase in PHASES}
     return [
         Circuit(phase, kind, layer, head)
-        for layer in (range(geometry.n_layers) if layers is None else layers)
+        for layer in every
         for head in range(geometry.n_heads)
         for phase in PHASES
-        for kind in KINDS
+        if layer in chosen[phase]
+        for kind in PHASE_KINDS[phase]
     ]
 
 
@@ -142,6 +180,8 @@ class VocabOperands:
             key = ("k", c.phase, c.layer, g.kv_head(c.head))
         elif c.kind == "qk_feature_key":
             key = ("q", c.phase, c.layer, c.head)
+        elif c.kind == "ov_writer":
+            key = ("w", c.phase, c.layer, c.head)
         else:
             key = ("u", c.layer, c.head)  # phase-independent
         if key in self._cache:
@@ -151,14 +191,24 @@ class VocabOperands:
         if c.kind == "ov":
             out_gain = self.final_gain if w.output_gain is None else self.final_gain * w.output_gain
             operand = self.raw["decoder_unembedding"] @ (out_gain[:, None] * _head_cols(w.o, c.head, g))
+        elif c.kind == "ov_writer":
+            operand = self._token_projection(c.phase, _head_rows(w.v, g.kv_head(c.head), g), w)  # v_t
+            if w.output_gain is not None:  # Gemma-2/3 post-attention norm: 1/rms(W_O^h v_t) per token
+                o = _head_cols(w.o, c.head, g)
+                mean_sq = ((operand @ (o.T @ o)) * operand).sum(1) / g.d_model
+                operand = operand * torch.rsqrt(mean_sq + g.rms_norm_eps)[:, None]
         else:
             proj = _head_rows(w.k, key[3], g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
-            operand = (self.raw[c.phase] @ (proj * w.input_gain).T) * self.inv_rms(c.phase)[:, None]
+            operand = self._token_projection(c.phase, proj, w)
             operand = _head_norm(operand, w.k_norm_gain if c.kind == "qk_feature_query" else w.q_norm_gain, g)
         self._cache[key] = operand
         if len(self._cache) > OPERAND_CACHE_SIZE:
             self._cache.popitem(last=False)
         return operand
+
+    def _token_projection(self, phase: str, proj: Tensor, w: AttentionWeights) -> Tensor:
+        """(vocab, head_dim) ``ρ_t · (X[t] @ (proj ⊙ g_l)ᵀ)`` = proj applied to n_l(σ X[t])."""
+        return (self.raw[phase] @ (proj * w.input_gain).T) * self.inv_rms(phase)[:, None]
 
 
 def circuit_operands(features: Tensor, circuit: Circuit, operands: VocabOperands) -> tuple[Tensor, Tensor, float | None]:
@@ -169,10 +219,13 @@ def circuit_operands(features: Tensor, circuit: Circuit, operands: VocabOperands
     """
     g, c = operands.geometry, circuit
     w = operands.attention(c.layer)
-    normed = rms_normalize(features.to(operands.device, torch.float32), w.input_gain, g.rms_norm_eps)
+    f = features.to(operands.device, torch.float32)
+    if c.kind == "ov_writer":  # the feature reads the head's write: left = (f ⊙ g_post) @ W_O^h
+        gain = w.output_gain if w.output_gain is not None else torch.ones_like(w.input_gain)
+        return (f * gain) @ _head_cols(w.o, c.head, g), operands.right(c), None
+    normed = rms_normalize(f, w.input_gain, g.rms_norm_eps)
     if c.kind == "ov":
-        value = normed @ _head_rows(w.v, g.kv_head(c.head), g).T  # (n_feat, head_dim)
-        written = value @ _head_cols(w.o, c.head, g).T  # o_i, (n_feat, d_model)
+        value, written = head_write(normed, w, c.head, g)
         scale = torch.rsqrt(written.pow(2).mean(1) + g.rms_norm_eps)
         if w.output_gain is not None:  # Gemma-2/3: FinalNorm(PostNorm(o)); the second 1/rms is of PostNorm(o)
             post = written * scale[:, None] * w.output_gain
@@ -236,6 +289,24 @@ def input_lens(
         memory_budget_bytes=memory_budget_bytes,
         progress=progress,
     )
+
+
+def head_write(normed: Tensor, w: AttentionWeights, head: int, g: ModelGeometry) -> tuple[Tensor, Tensor]:
+    """``(v, o)``: the value ``v = W_V^c x`` (n, head_dim) and the write ``o = W_O^h v`` (n, d_model) of
+    query head ``head`` attending only to a position holding ``x`` (rows of ``normed`` = n_l(·)). The one
+    home of the OV write (``ov`` circuits and ``ov_write_norms``); checked against transformers in
+    tests/test_circuits_fidelity.py."""
+    value = normed @ _head_rows(w.v, g.kv_head(head), g).T
+    return value, value @ _head_cols(w.o, head, g).T
+
+
+def ov_write_norms(directions: Tensor, layer: int, operands: VocabOperands) -> Tensor:
+    """(n, n_heads) ``‖W_O^h W_V^c n_l(f_i)‖`` of layer ``layer``: how far each head moves each direction
+    when it attends only to it (before Gemma's post-attention norm; the pipeline uses it only relative to
+    random directions through the same head, ``core.profiles``)."""
+    g, w = operands.geometry, operands.attention(layer)
+    normed = rms_normalize(directions.to(operands.device, torch.float32), w.input_gain, g.rms_norm_eps)
+    return torch.stack([head_write(normed, w, h, g)[1].norm(dim=1) for h in range(g.n_heads)], dim=1).cpu()
 
 
 def _head_norm(x: Tensor, gain: Tensor | None, g: ModelGeometry) -> Tensor:

@@ -9,6 +9,10 @@ random norm gains, Llama untied) are saved sharded and read back by ``ModelCheck
 * OV reference: a one-position sequence (the query can attend only to the feature), o_proj's input captured
   and restricted to head h, then the real o_proj, Gemma's post_attention_layernorm, model.norm, lm_head and
   the final softcap as ``Gemma2ForCausalLM`` applies it.
+* OV-writer reference: every token's embedding (``embed_tokens``) as a one-position sequence through the real
+  attention module, o_proj restricted to head h, Gemma's post_attention_layernorm, dotted with the feature.
+* Layer pairing: a direction placed in resid_post(L) with a forward hook on block L is what block L+1's
+  q/k/v projections read (``input_layernorm`` of it) and leaves block L's attention inputs unchanged.
 * Input lens reference: ``model.model.embed_tokens(ids)`` (Gemma's scaled embedding module) dotted with e_i.
 """
 
@@ -20,6 +24,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from core.circuits import (
     KINDS,
+    PHASE_KINDS,
     PHASES,
     Circuit,
     VocabOperands,
@@ -28,6 +33,8 @@ from core.circuits import (
     circuit_scores,
     circuit_stats,
     input_lens,
+    ov_write_norms,
+    paired_layers,
 )
 from core.engine import RowStats
 from core.model_weights import ModelCheckpoint
@@ -102,13 +109,14 @@ def reference_qk(model, layer: int, queries: torch.Tensor, keys: torch.Tensor) -
 
 
 @torch.no_grad()
-def reference_ov(model, layer: int, head: int, features: torch.Tensor) -> torch.Tensor:
-    """(n_feat, vocab) logits of head ``head``'s write when its query attends only to the feature."""
+def head_output(model, layer: int, head: int, vectors: torch.Tensor) -> torch.Tensor:
+    """(n, 1, d_model) the real module's write of head ``head`` (o_proj of its columns only, then Gemma's
+    post_attention_layernorm) when a one-position sequence holds each residual vector."""
     block, hd = model.model.layers[layer], model.config.head_dim
-    hidden = block.input_layernorm(features[:, None, :])
+    hidden = block.input_layernorm(vectors[:, None, :])
     captured: list[torch.Tensor] = []
     hook = block.self_attn.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-    position_ids = torch.zeros(len(features), 1, dtype=torch.long)
+    position_ids = torch.zeros(len(vectors), 1, dtype=torch.long)
     block.self_attn(hidden, position_embeddings=rope(model, layer, hidden, position_ids), attention_mask=None)
     hook.remove()
     per_head = torch.zeros_like(captured[0])
@@ -116,7 +124,13 @@ def reference_ov(model, layer: int, head: int, features: torch.Tensor) -> torch.
     out = block.self_attn.o_proj(per_head)
     if model.config.model_type.startswith("gemma"):  # Llama's post_attention_layernorm normalises the MLP input
         out = block.post_attention_layernorm(out)
-    logits = model.lm_head(model.model.norm(out))[:, 0]
+    return out
+
+
+@torch.no_grad()
+def reference_ov(model, layer: int, head: int, features: torch.Tensor) -> torch.Tensor:
+    """(n_feat, vocab) logits of head ``head``'s write when its query attends only to the feature."""
+    logits = model.lm_head(model.model.norm(head_output(model, layer, head, features)))[:, 0]
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -178,6 +192,61 @@ def assert_ov_circuits_match(model, ckpt, operands, features) -> None:
                 assert_stats_match(circuit_stats(features, circuit, operands, k=K), expected)
 
 
+def test_ov_writer_equals_real_head_write_along_the_feature(tiny):
+    model, ckpt, operands, features = tiny
+    with torch.no_grad():
+        tokens = token_vectors(model, "encoder_embedding")
+        for layer in range(ckpt.geometry.n_layers):
+            for head in range(ckpt.geometry.n_heads):
+                expected = features @ head_output(model, layer, head, tokens)[:, 0].T  # (n_feat, vocab)
+                circuit = Circuit("encoder_embedding", "ov_writer", layer, head)
+                torch.testing.assert_close(circuit_scores(features, circuit, operands), expected, **TOL)
+                assert_stats_match(circuit_stats(features, circuit, operands, k=K), expected)
+
+
+def test_ov_write_norms_equal_the_real_head_write(tiny):
+    model, ckpt, operands, features = tiny
+    for layer in range(ckpt.geometry.n_layers):
+        got = ov_write_norms(features, layer, operands)
+        for head in range(ckpt.geometry.n_heads):
+            block, hd = model.model.layers[layer], model.config.head_dim
+            with torch.no_grad():  # the pre-post-norm write: o_proj of head h's columns
+                v = block.self_attn.v_proj(block.input_layernorm(features))
+                c = ckpt.geometry.kv_head(head)
+                o = v[:, c * hd:(c + 1) * hd] @ block.self_attn.o_proj.weight[:, head * hd:(head + 1) * hd].T
+            torch.testing.assert_close(got[:, head], o.norm(dim=1), **TOL)
+
+
+@torch.no_grad()
+def test_resid_post_L_is_read_by_layer_L_plus_1_only(tiny):
+    """A direction written into resid_post(L) (the output of block L, what a resid_post(L) SAE reads) is
+    what block L+1's attention normalises and projects, and block L's attention input does not change —
+    the pairing ``paired_layers`` encodes."""
+    model, ckpt, operands, features = tiny
+    n_layers = ckpt.geometry.n_layers
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for layer in range(n_layers - 1):
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [model.model.layers[i].self_attn.q_proj.register_forward_pre_hook(
+            lambda _, args, i=i: seen.__setitem__(i, args[0].clone())) for i in (layer, layer + 1)]
+        model(ids)
+        before = dict(seen)
+        place = model.model.layers[layer].register_forward_hook(
+            lambda _, args, out: (torch.cat([out[0][:, :-1], features[None, :1] * 7.0], 1), *out[1:])
+            if isinstance(out, tuple) else torch.cat([out[:, :-1], features[None, :1] * 7.0], 1))
+        model(ids)
+        place.remove()
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(seen[layer], before[layer])  # layer L reads resid_pre(L): unchanged
+        expected = model.model.layers[layer + 1].input_layernorm(features[:1] * 7.0)
+        torch.testing.assert_close(seen[layer + 1][0, -1], expected[0], **TOL)
+        assert paired_layers(layer, n_layers)["decoder_unembedding"] == [layer + 1]
+        assert paired_layers(layer, n_layers)["encoder_embedding"] == [layer]
+    assert paired_layers(n_layers - 1, n_layers)["decoder_unembedding"] == []
+    assert paired_layers(1, n_layers, "all") == {"encoder_embedding": [0, 1], "decoder_unembedding": list(range(2, n_layers))}
+
+
 def test_input_lens_equals_embedding_module(tiny):
     model, ckpt, _, features = tiny
     with torch.no_grad():
@@ -219,11 +288,15 @@ def test_all_circuits_and_operand_reuse(tiny):
     _, ckpt, _, _ = tiny
     g = ckpt.geometry
     circuits = all_circuits(g)
-    assert len(set(circuits)) == len(circuits) == len(PHASES) * len(KINDS) * g.n_layers * g.n_heads
+    per_layer_head = sum(len(kinds) for kinds in PHASE_KINDS.values())
+    assert len(set(circuits)) == len(circuits) == per_layer_head * g.n_layers * g.n_heads
+    paired = all_circuits(g, paired_layers(0, g.n_layers))
+    assert {(c.phase, c.layer) for c in paired} == {("encoder_embedding", 0), ("decoder_unembedding", 1)}
     operands, seen = VocabOperands(ckpt, "cpu"), {}
     for c in circuits:
         key = {"qk_feature_query": ("k", c.phase, c.layer, g.kv_head(c.head)),
-               "qk_feature_key": ("q", c.phase, c.layer, c.head), "ov": ("u", c.layer, c.head)}[c.kind]
+               "qk_feature_key": ("q", c.phase, c.layer, c.head), "ov": ("u", c.layer, c.head),
+               "ov_writer": ("w", c.phase, c.layer, c.head)}[c.kind]
         assert seen.setdefault(key, operands.right(c)) is operands.right(c)
     with pytest.raises(ValueError, match="unknown phase/kind"):
         Circuit("encoder_embedding", "qk", 0, 0)
