@@ -6,15 +6,13 @@ import dagster as dg
 import pandas as pd
 
 from assets.common import check_results, check_specs, sae_of, store_table
-from core.circuits import VocabOperands, all_circuits, circuit_stats, input_lens
 from core.discovery import fetch_model, fetch_sae
-from core.engine import RowStats
-from core.frames import SUMMARY_COLUMNS, circuit_frame, summary_frame, topk_frame, with_sae
+from core.frames import SUMMARY_COLUMNS, with_sae
 from core.model_weights import TOKENIZER_FILE
 from core.neuronpedia import dashboard_frame, raw_top_logits, write_json_export
-from core.output_lens import null_directions, output_lens
 from core.registry import SaeRef, get_release
 from core.sae_formats import FORMATS
+from core.stages import LENS_SIDES, circuit_stage, lens_stage
 from core.table_checks import Check, combined, finite, ids_in_range, rows_match
 from core.vocab import token_strings
 from orchestration.partitions import sae_partitions
@@ -43,13 +41,6 @@ def load(ref: SaeRef, hub: HubResource):
     return snapshot, checkpoint, sae
 
 
-def stats_with_null(features: RowStats, null: RowStats) -> pd.DataFrame:
-    """Summary rows of the features and of the null directions, told apart by ``sample``."""
-    return pd.concat(
-        [summary_frame(features).assign(sample="feature"), summary_frame(null).assign(sample="null")], ignore_index=True
-    ).rename(columns={"row": "feature"})
-
-
 @dg.asset(
     **INTERACTION_ASSET,
     check_specs=check_specs("lens_tables", LENS_CHECKS),
@@ -57,56 +48,47 @@ def stats_with_null(features: RowStats, null: RowStats) -> pd.DataFrame:
 def lens_tables(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """Vocabulary lenses of every feature and of random unit directions (the null):
+    """Vocabulary lenses (``core.stages.lens_stage``) of every feature, of the control SAE (``core.control``)
+    and of random unit directions (the null):
 
     - output (decoder–unembedding) lens, ``core.output_lens``: final RMSNorm gain folded, Gemma's final
       softcap applied — tables ``output_lens_tokens`` and ``output_lens_stats``;
     - input (encoder–embedding) lens, ``core.circuits.input_lens``: which token embeddings drive the
       feature's encoder — tables ``input_lens_tokens`` and ``input_lens_stats``.
 
-    ``*_tokens``: ``sample`` 'feature' | 'null', ``feature`` (row index), ``side, rank, token_id, token,
+    ``*_tokens``: ``sample`` 'feature' | 'control' | 'null', ``feature`` (row index), ``side, rank, token_id, token,
     value`` (top/bottom-k). ``*_stats``: ``sample``, ``feature``, mean/std/median/p75, softmax
     max/entropy/top-k mass, ``top_mean``."""
     ref = sae_of(context)
     snapshot, checkpoint, sae = load(ref, hub)
     tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
-    engine = dict(compute_dtype=compute.torch_dtype(), device=compute.resolved_device())
-    settings = dict(k=compute.top_k, **engine)
-    null = null_directions(compute.null_directions, sae.d_model, ref.key)
-    metadata: dict[str, dg.MetadataValue] = {}
+    engine = compute.engine()
+    start = time.perf_counter()
+    tables = lens_stage(sae, checkpoint, tokens, ref.key, compute.null_directions, engine)
+    metadata: dict[str, dg.MetadataValue] = {"lens/seconds": dg.MetadataValue.float(round(time.perf_counter() - start, 3))}
     parts: dict[str, list[Check]] = {name: [] for name in LENS_CHECKS}
-    for lens, directions, compute_lens in (
-        ("output", sae.decoder_directions(), output_lens),
-        ("input", sae.encoder_directions(), input_lens),
-    ):
-        start = time.perf_counter()
-        features = compute_lens(directions, checkpoint, **settings)
-        null_stats = compute_lens(null, checkpoint, **settings)
-        token_rows = pd.concat(
-            [topk_frame(features, tokens).assign(sample="feature"), topk_frame(null_stats, tokens).assign(sample="null")],
-            ignore_index=True,
-        ).rename(columns={"row": "feature"})
-        stats = stats_with_null(features, null_stats)
+    for lens in LENS_SIDES:
+        token_rows, stats = tables[f"{lens}_lens_tokens"], tables[f"{lens}_lens_stats"]
         metadata |= store_table(store, f"{lens}_lens_tokens", ref.key, with_sae(token_rows, ref))
         metadata |= store_table(store, f"{lens}_lens_stats", ref.key, with_sae(stats, ref))
         preview = token_rows[(token_rows["sample"] == "feature") & (token_rows.side == "top") & (token_rows.feature < 8)]
         metadata[f"{lens}_lens/top_tokens_preview"] = dg.MetadataValue.md(
             preview.groupby("feature")["token"].apply(lambda t: " · ".join(map(repr, t))).to_frame().to_markdown()
         )
-        metadata[f"{lens}_lens/seconds"] = dg.MetadataValue.float(round(time.perf_counter() - start, 3))
         parts["one_row_per_feature_side_rank"].append(
-            rows_match(lens, token_rows, (sae.d_sae + len(null)) * 2 * compute.top_k)
+            rows_match(lens, token_rows, (2 * sae.d_sae + compute.null_directions) * 2 * compute.top_k)
         )
         parts["values_finite"] += [finite(f"{lens} tokens", token_rows, ["value"]), finite(f"{lens} stats", stats, STAT_COLUMNS)]
         parts["token_ids_in_vocab"].append(ids_in_range(lens, token_rows, "token_id", checkpoint.geometry.vocab_size))
-    dashboard = with_sae(dashboard_frame(raw_top_logits(sae.W_dec, checkpoint.unembedding(), **engine), tokens), ref)
+    engine_args = dict(compute_dtype=engine.compute_dtype, device=engine.device)
+    dashboard = with_sae(dashboard_frame(raw_top_logits(sae.W_dec, checkpoint.unembedding(), **engine_args), tokens), ref)
     metadata |= store_table(store, "neuronpedia_top_logits", ref.key, dashboard)
     parts["one_row_per_feature_side_rank"].append(rows_match("neuronpedia", dashboard, sae.d_sae))
     parts["values_finite"].append(finite("neuronpedia", dashboard.explode(["pos_values", "neg_values"]), ["pos_values", "neg_values"]))
     metadata["neuronpedia_top_logits/json"] = dg.MetadataValue.path(
         str(write_json_export(dashboard, store.artifacts("exports") / "neuronpedia" / ref.release, ref.sae_id))
     )
-    metadata |= {"device": dg.MetadataValue.text(settings["device"]), "dtype": dg.MetadataValue.text(compute.dtype)}
+    metadata |= {"device": dg.MetadataValue.text(engine.device), "dtype": dg.MetadataValue.text(compute.dtype)}
     checks = [combined(name, found) for name, found in parts.items()]
     return dg.MaterializeResult(metadata=metadata, check_results=check_results(checks))
 
@@ -115,35 +97,34 @@ def lens_tables(
 def circuit_tables(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """Attention circuits of every feature with each query head of the SAE's layer (or every layer, by
-    ``ComputeResource.circuit_layers``) (``core.circuits``): QK with
-    the feature as query and as key, and OV, in both phases (encoder direction × embeddings,
-    decoder direction × unembeddings), and the same for random unit directions (the null).
+    """Attention circuits (``core.stages.circuit_stage``, ``core.circuits``) of the features, the control
+    and random unit directions (the null), at the layers paired with the SAE's hook
+    (``ComputeResource.circuit_layers``): the encoder–embedding writer circuit ``ov_writer`` at layer L,
+    the decoder–unembedding QK (feature as query / as key) and OV circuits at reader layer L+1.
 
-    Table ``circuit_stats``: ``sample, feature, phase, kind, attn_layer, head, kv_head``, pre-softmax
+    Tables ``circuit_stats``: ``sample, feature, phase, kind, attn_layer, head, kv_head``, pre-softmax
     mean/std/median/p75/top_mean, post-softmax softmax_max/softmax_entropy/topk_mass (softmax over the
-    vocabulary), ``top_ids``/``top_values`` (lists, k each)."""
+    vocabulary), ``top_ids``/``top_values`` (lists, k each); ``head_writes``: ``sample, feature, phase, kind
+    ('ov_write_norm'), attn_layer, head, value`` (‖W_O W_V n(d)‖ at the reader layers)."""
     ref = sae_of(context)
     _, checkpoint, sae = load(ref, hub)
-    directions = {"encoder_embedding": sae.encoder_directions(), "decoder_unembedding": sae.decoder_directions()}
-    null = null_directions(compute.circuit_null_directions, sae.d_model, ref.key)
-    operands = VocabOperands(checkpoint, device=compute.resolved_device())
-    circuits = all_circuits(checkpoint.geometry, compute.attention_layers(ref.layer, checkpoint.geometry.n_layers))
-    frames, start = [], time.perf_counter()
-    for i, circuit in enumerate(circuits, 1):
-        for sample, vectors in (("feature", directions[circuit.phase]), ("null", null)):
-            stats = circuit_stats(vectors, circuit, operands, k=compute.top_k, compute_dtype=compute.torch_dtype())
-            frames.append(circuit_frame(stats, circuit, checkpoint.geometry).assign(sample=sample))
+    start = time.perf_counter()
+    n_null = compute.circuit_null_directions
+
+    def progress(i: int, n: int) -> None:
         if i % 24 == 0:
-            context.log.info(f"circuits {ref.key}: {i}/{len(circuits)}")
-    table = pd.concat(frames, ignore_index=True)
+            context.log.info(f"circuits {ref.key}: {i}/{n}")
+
+    out = circuit_stage(sae, checkpoint, ref.key, ref.layer, n_null, compute.engine(), compute.circuit_layers, progress)
+    table = out.circuit_stats
     checks = [
-        rows_match(CIRCUIT_CHECKS[0], table, (sae.d_sae + len(null)) * len(circuits)),
-        finite(CIRCUIT_CHECKS[1], table, STAT_COLUMNS),
+        rows_match(CIRCUIT_CHECKS[0], table, (2 * sae.d_sae + n_null) * out.n_circuits),
+        finite(CIRCUIT_CHECKS[1], table, STAT_COLUMNS) if len(table) else Check(CIRCUIT_CHECKS[1], True, "no circuits"),
     ]
     metadata = store_table(store, "circuit_stats", ref.key, with_sae(table, ref))
+    metadata |= store_table(store, "head_writes", ref.key, with_sae(out.head_writes, ref))
     metadata |= {
-        "circuits": dg.MetadataValue.int(len(circuits)),
+        "circuits": dg.MetadataValue.int(out.n_circuits),
         "seconds": dg.MetadataValue.float(round(time.perf_counter() - start, 3)),
         "device": dg.MetadataValue.text(compute.resolved_device()),
     }

@@ -18,8 +18,8 @@ from core.plots import (
 from orchestration.resources import StoreResource
 
 VIOLIN_VALUES = {
-    "score_encoder_embedding": "encoder–embedding participation\n(QK score above null median)",
-    "score_decoder_unembedding": "decoder–unembedding participation\n(OV write norm above null median)",
+    "score_encoder_embedding": "encoder–embedding participation\n(writer circuit, null z)",
+    "score_decoder_unembedding": "decoder–unembedding participation\n(reader QK + write norm, null z)",
     "encoder_norm": "raw encoder norm ‖W_enc[:, i]‖",
     "decoder_norm": "raw decoder norm ‖W_dec[i]‖",
 }
@@ -32,7 +32,7 @@ def _output_fraction(r: ReleaseResults, path: Path) -> Path:
 
 
 def _depth_profiles(r: ReleaseResults, path: Path) -> Path | None:
-    return None if r.profile.empty else depth_profile_plot(r.profile, r.shapes, r.release, path, r.truth_strength)
+    return None if r.profile.empty else depth_profile_plot(r.profile, r.verdicts, r.release, path, r.truth_strength)
 
 
 def _heatmap(r: ReleaseResults, path: Path) -> Path | None:
@@ -44,15 +44,16 @@ def _violins(r: ReleaseResults, path: Path) -> Path:
 
 
 def _calibration(r: ReleaseResults, path: Path) -> Path | None:
-    return None if r.null_rows.empty else null_vs_observed_plot(r.per_feature, r.null_rows, r.thresholds, r.release, path)
+    feats = r.per_feature[r.per_feature["sample"] == "feature"]
+    return None if r.null_rows.empty else null_vs_observed_plot(feats, r.null_rows, r.thresholds, r.release, path)
 
 
 # asset name -> (file name, drawing function, what the plot shows)
 PLOTS: dict[str, tuple[str, Draw, str]] = {
     "plot_output_fraction": ("c1_output_fraction.png", _output_fraction,
-                             "C1: fraction of output-predicting features per layer, 95 % Wilson CI."),
+                             "C1: fraction of output-predicting features (and control) per layer, 95 % Wilson CI."),
     "plot_depth_profiles": ("c2_depth_profiles.png", _depth_profiles,
-                            "C2: mean / median / P75 participation over normalised depth per phase, fitted shape."),
+                            "C2: mean participation (null z) over normalised depth per phase, features vs control, C2 verdict."),
     "plot_participation_heatmap": ("c2_layer_head_participation.png", _heatmap,
                                    "C2: layer × head participation (mean score, % of features participating)."),
     "plot_semantic_violins": ("c3_semantic_vs_non_semantic.png", _violins,

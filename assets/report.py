@@ -20,7 +20,7 @@ def claims_report(
     for release, results in claim_statistics.items():
         folder = store.artifacts("reports") / release
         plots = {name: folder / file_name for name, (file_name, _, _) in PLOTS.items() if (folder / file_name).exists()}
-        text = render_report(results, {name: path.name for name, path in plots.items()})
+        text = render_report(results, {name.removeprefix("plot_"): path.name for name, path in plots.items()})
         report_path = folder / "report.md"
         tmp = report_path.with_name(".report.md.tmp")
         tmp.write_text(text)

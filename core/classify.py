@@ -23,9 +23,8 @@ import numpy as np
 import pandas as pd
 
 from core.semantic import METRICS, Calibration, classify_side, coherence_metrics
-from core.statistics import null_threshold
+from core.statistics import DEFAULT_QUANTILE, null_threshold
 
-DEFAULT_QUANTILE = 0.99
 
 
 def topk_zscore(summary: pd.DataFrame) -> pd.Series:

@@ -24,21 +24,20 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+SAMPLE_LABELS = {"feature": "SAE features", "control": "control (random, SAE's covariance)"}
+
+
 def output_fraction_plot(by_layer: pd.DataFrame, release: str, path: Path, truth: float | None = None) -> Path:
-    """Fraction of features that directly predict output tokens per layer, with 95 % Wilson intervals;
-    the paper's ≈ 1/4 and (planted releases) the planted fraction as reference lines."""
+    """Fraction of directions that directly predict output tokens per layer, features and control, with
+    95 % Wilson intervals; the paper's ≈ 1/4 and (planted releases) the planted fraction as reference lines."""
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    layer, fraction = by_layer["layer"].to_numpy(), by_layer["fraction"].to_numpy()
-    ax.errorbar(
-        layer,
-        fraction,
-        yerr=[fraction - by_layer["ci_low"].to_numpy(), by_layer["ci_high"].to_numpy() - fraction],
-        fmt="o-",
-        capsize=3,
-        color=sns.color_palette()[0],
-        label="measured (95 % CI)",
-    )
+    for i, (sample, label) in enumerate(SAMPLE_LABELS.items()):
+        rows = by_layer[by_layer["sample"] == sample]
+        layer, fraction = rows["layer"].to_numpy(), rows["fraction"].to_numpy()
+        ax.errorbar(layer, fraction, yerr=[fraction - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - fraction],
+                    fmt="o-" if sample == "feature" else "s--", capsize=3, color=sns.color_palette()[i],
+                    label=f"{label} (95 % CI)")
     ax.axhline(0.25, ls="--", color="grey", label="paper: about 1/4")
     if truth is not None:
         ax.axhline(truth, ls=":", color=sns.color_palette()[3], label=f"planted truth: {truth:.2f}")
@@ -51,33 +50,31 @@ def output_fraction_plot(by_layer: pd.DataFrame, release: str, path: Path, truth
 
 
 PHASE_LABELS = {
-    "encoder_embedding": "encoder–embedding phase (QK score excess over null)",
-    "decoder_unembedding": "decoder–unembedding phase (OV write-norm excess over null)",
+    "encoder_embedding": "encoder–embedding phase (writer layer L: ov_writer, null z)",
+    "decoder_unembedding": "decoder–unembedding phase (reader layer L+1: QK + write norm, null z)",
 }
 STAT_LABELS = {"mean": "mean", "median": "median", "p75": "75th percentile"}
 
 
-def depth_profile_plot(
-    profile: pd.DataFrame, shapes: pd.DataFrame, release: str, path: Path, truth: pd.DataFrame | None = None
-) -> Path:
-    """One panel per phase: mean / median / P75 over features of the per-feature participation score
-    (mean over heads) against normalised depth, with 95 % bootstrap bands; the fitted shape of each
-    statistic in the legend; planted releases: the planted strength (mean over heads, right axis)."""
+def depth_profile_plot(profile: pd.DataFrame, verdicts: pd.DataFrame, release: str, path: Path,
+                       truth: pd.DataFrame | None = None) -> Path:
+    """One panel per phase: the mean participation score (null z) of the features and of the control per
+    SAE layer against normalised depth, 95 % bands over directions; the C2 verdict in the title; planted
+    releases: the planted strength (mean over heads, right axis)."""
     sns.set_theme(style="whitegrid")
     phases = [p for p in PHASE_LABELS if p in set(profile["phase"])]
     fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(7.5 * max(1, len(phases)), 4.6), squeeze=False,
                              layout="constrained")
+    verdict = verdicts.set_index("claim")["verdict"]
     for ax, phase in zip(axes[0], phases):
-        data = profile[profile["phase"] == phase].sort_values("depth")
-        for i, stat in enumerate(("mean", "median", "p75")):
-            row = shapes[(shapes["phase"] == phase) & (shapes["statistic"] == stat)]
-            shape = f" — fit: {row['shape'].iloc[0]}" if len(row) else ""
+        for i, (sample, label) in enumerate(SAMPLE_LABELS.items()):
+            data = profile[(profile["phase"] == phase) & (profile["sample"] == sample)].sort_values("depth")
             colour = sns.color_palette()[i]
-            ax.plot(data["depth"], data[stat], "o-", color=colour, label=f"{STAT_LABELS[stat]}{shape}")
-            ax.fill_between(data["depth"], data[f"{stat}_low"], data[f"{stat}_high"], color=colour, alpha=0.2)
-        ax.set_xlabel("normalised depth (layer / (layers − 1))")
-        ax.set_ylabel("participation score\n(above the null median)")
-        ax.set_title(PHASE_LABELS[phase], fontsize=10)
+            ax.plot(data["depth"], data["mean"], "o-" if sample == "feature" else "s--", color=colour, label=label)
+            ax.fill_between(data["depth"], data["mean_low"], data["mean_high"], color=colour, alpha=0.2)
+        ax.set_xlabel("normalised depth of the SAE (layer / (layers − 1))")
+        ax.set_ylabel("mean participation score\n(robust z against random directions)")
+        ax.set_title(f"{PHASE_LABELS[phase]}\nC2 verdict: {verdict.get(f'C2 {phase}', 'not measured')}", fontsize=10)
         ax.set_xlim(-0.03, 1.03)
         if truth is not None and phase in set(truth["phase"]):
             t = truth[truth["phase"] == phase].sort_values("depth")
@@ -87,7 +84,7 @@ def depth_profile_plot(
             twin.grid(False)
             twin.legend(loc="upper right", fontsize=7)
         ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"{release}: attention participation of features over depth (statistics over features; bands: 95 % bootstrap)")
+    fig.suptitle(f"{release}: attention participation over depth, features vs control (bands: 95 % over directions)")
     return save(fig, path)
 
 
@@ -98,7 +95,7 @@ def participation_heatmap(part: pd.DataFrame, release: str, path: Path) -> Path:
     phases = [p for p in PHASE_LABELS if p in set(part["phase"])]
     fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(5.5 * max(1, len(phases)), 4.2), squeeze=False)
     for ax, phase in zip(axes[0], phases):
-        data = part[part["phase"] == phase]
+        data = part[(part["phase"] == phase) & (part["sample"] == "feature")]
         score = data.pivot_table(index="attn_layer", columns="head", values="score", aggfunc="mean")
         frac = data.pivot_table(index="attn_layer", columns="head", values="participates", aggfunc="mean")
         labels = score.round(2).astype(str) + "\n" + (100 * frac).round(0).astype(int).astype(str) + " %"
@@ -114,11 +111,12 @@ def participation_heatmap(part: pd.DataFrame, release: str, path: Path) -> Path:
 
 def semantic_violins(frame: pd.DataFrame, values: dict[str, str], release: str, path: Path) -> Path:
     """One violin panel per variable (``values``: column → readable label with units), semantic vs
-    non-semantic features."""
+    non-semantic features (``frame``'s feature sample)."""
     sns.set_theme(style="whitegrid")
     cols = [c for c in values if c in frame.columns and frame[c].notna().any()]
     fig, axes = plt.subplots(1, max(1, len(cols)), figsize=(3.4 * max(1, len(cols)), 4), squeeze=False)
-    data = frame.assign(group=frame["semantic"].map({True: "semantic", False: "non-semantic"}))
+    feats = frame[frame["sample"] == "feature"] if "sample" in frame else frame
+    data = feats.assign(group=feats["semantic"].map({True: "semantic", False: "non-semantic"}))
     for ax, col in zip(axes[0], cols):
         sns.violinplot(data=data, x="group", y=col, hue="group", order=["semantic", "non-semantic"], cut=0,
                        inner="quartile", ax=ax, legend=False, density_norm="width")

@@ -38,9 +38,10 @@ import pandas as pd
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+from core.statistics import DEFAULT_QUANTILE
+
 METRICS = ("levenshtein", "cosine", "concentration")
 SPACE_MARKERS = ("Ġ", "▁")
-DEFAULT_QUANTILE = 0.99
 MIN_PASSES = 2  # of len(METRICS): the majority rule
 
 

@@ -1,11 +1,17 @@
-"""Small statistics used by the claims: binomial confidence intervals and null-calibrated thresholds."""
+"""Statistics behind the claims: binomial intervals, null-calibrated thresholds, rank tests, and the
+layer-as-unit tests of the verdicts (permutation test of a depth shape over layer order, the van Elteren
+stratified rank test, a bootstrap over layers). scipy is not a dependency; each test is checked against an
+exact enumeration in tests/test_statistics.py."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+DEFAULT_QUANTILE = 0.99  # every null-calibrated threshold: the null's P99 (false-positive rate 1 %)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -103,20 +109,6 @@ def summary_statistic(values: np.ndarray, name: str) -> np.ndarray:
     raise ValueError(f"unknown statistic {name!r}: use 'mean', 'median' or 'p75'")
 
 
-@dataclass(frozen=True)
-class ShapeFit:
-    """Quadratic fit ``y = a + b z + c z²`` over normalised depth z ∈ [0, 1] and its bootstrap CI."""
-
-    a: float
-    b: float
-    curvature: float  # c
-    ci_low: float
-    ci_high: float
-    vertex: float  # −b / (2c): depth of the minimum (U) / maximum (inverted-U)
-    shape: str  # "U", "inverted-U", "monotone-convex", "monotone-concave", "flat"
-    n_boot: int
-
-
 def quadratic_fit(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least-squares coefficients (a, b, c) of ``y ≈ a + b z + c z²``; y may be (L,) or (L, B)."""
     design = np.stack([np.ones_like(z), z, z * z], axis=1)
@@ -124,43 +116,127 @@ def quadratic_fit(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def classify_shape(curvature_ci: tuple[float, float], vertex: float) -> str:
-    """Shape from the curvature's CI: CI above 0 → convex, below 0 → concave, containing 0 → ``flat``.
-    A convex (concave) fit is a ``U`` (``inverted-U``) when its vertex lies inside the depth range
-    [0.1, 0.9]; otherwise the curve is monotone over the layers and is called ``monotone-convex``
-    (``monotone-concave``)."""
-    low, high = curvature_ci
-    if low <= 0 <= high or not np.isfinite(low):
-        return "flat"
-    inside = 0.1 <= vertex <= 0.9
-    if low > 0:
-        return "U" if inside else "monotone-convex"
-    return "inverted-U" if inside else "monotone-concave"
+@dataclass(frozen=True)
+class ShapeTest:
+    """One-sided permutation test of a pre-registered depth shape over layer order.
+
+    Statistic: ``t = sign · c`` with c the curvature of the least-squares quadratic through the per-layer
+    values over normalised depth, sign +1 for ``U`` (convex), −1 for ``inverted-U`` (concave), and 0 for a
+    ``flat`` hypothesis (which is then not tested). Null: the layer values are exchangeable over depth (no
+    depth structure); p = #{permutations π : t(π) ≥ t} / #permutations, over all L! orders when L! ≤
+    ``max_exact`` (the identity included, so p ≥ 1/L!), else over ``n_perm`` random orders plus the
+    identity. ``p_opposite`` is the same test for the opposite shape. ``vertex`` = −b / 2c of the fit."""
+
+    statistic: float
+    p_value: float
+    p_opposite: float
+    vertex: float
+    n_layers: int
+    n_permutations: int
 
 
-def depth_shape(
-    groups: list[np.ndarray],
-    depth: np.ndarray,
-    statistic: str = "mean",
-    n_boot: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> ShapeFit:
-    """Fit a quadratic to the per-layer ``statistic`` ('mean', 'median' or 'p75') of ``groups[l]`` (the
-    per-feature values at layer l, normalised depth ``depth[l]``); the curvature's percentile CI comes
-    from ``n_boot`` bootstrap replicates that resample features with replacement within each layer."""
-    if len(groups) < 3:
-        nan = float("nan")
-        return ShapeFit(nan, nan, nan, nan, nan, nan, "flat", 0)
-    rng = np.random.default_rng(seed)
-    point = np.array([summary_statistic(np.asarray(g, dtype=np.float64), statistic) for g in groups])
-    boots = np.empty((len(groups), n_boot))
-    for i, g in enumerate(groups):
-        g = np.asarray(g, dtype=np.float64)
-        boots[i] = summary_statistic(g[rng.integers(0, len(g), (n_boot, len(g)))], statistic)
-    a, b, c = quadratic_fit(np.asarray(depth, dtype=np.float64), point)
-    curvatures = quadratic_fit(np.asarray(depth, dtype=np.float64), boots)[2]
-    alpha = (1 - confidence) / 2
-    low, high = (float(v) for v in np.quantile(curvatures, [alpha, 1 - alpha]))
+def min_layers_for(alpha: float) -> int:
+    """The smallest L with 1/L! < alpha: fewer layers cannot reach significance in a permutation test."""
+    n = 1
+    while 1 / math.factorial(n) >= alpha:
+        n += 1
+    return n
+
+
+def shape_permutation_test(values: np.ndarray, depth: np.ndarray, shape: str, n_perm: int = 20000,
+                           max_exact: int = 40320, seed: int = 0) -> ShapeTest:
+    """``ShapeTest`` of per-layer ``values`` at normalised ``depth`` against hypothesis ``shape``."""
+    values, depth = np.asarray(values, dtype=np.float64), np.asarray(depth, dtype=np.float64)
+    n = len(values)
+    sign = {"U": 1.0, "inverted-U": -1.0}.get(shape)
+    if sign is None:
+        raise ValueError(f"shape {shape!r} has no one-sided curvature test (U or inverted-U)")
+    if n < 3:
+        raise ValueError("a quadratic shape needs at least 3 layers")
+    if math.factorial(n) <= max_exact:
+        orders = np.array(list(itertools.permutations(range(n))))
+    else:
+        rng = np.random.default_rng(seed)
+        orders = np.vstack([np.arange(n), np.argsort(rng.random((n_perm, n)), axis=1)])
+    curvature = quadratic_fit(depth, values[orders].T)[2]  # (n_orders,)
+    a, b, c = quadratic_fit(depth, values)
+    observed = sign * c
+    tol = 1e-12 * max(1.0, abs(c))  # ties from permutations equal up to rounding count as ties
+    p = float(np.mean(sign * curvature >= observed - tol))
+    p_opp = float(np.mean(-sign * curvature >= -observed - tol))
     vertex = float(-b / (2 * c)) if c != 0 else float("nan")
-    return ShapeFit(float(a), float(b), float(c), low, high, vertex, classify_shape((low, high), vertex), n_boot)
+    return ShapeTest(float(observed), p, p_opp, vertex, n, len(orders))
+
+
+@dataclass(frozen=True)
+class StratifiedRankTest:
+    """Van Elteren's stratified Wilcoxon–Mann–Whitney test (van Elteren 1960; Lehmann, *Nonparametrics*
+    §3.3): per stratum l with n_x, n_y ≥ the minimum, U_l of x vs y, weight w_l = 1 / (n_xl + n_yl + 1);
+    ``z = Σ w_l (U_l − E U_l) / sqrt(Σ w_l² Var U_l)`` (tie-corrected variances), ``p_greater`` one-sided
+    (x larger). Effect: ``auroc`` = Σ_l n_xl n_yl AUROC_l / Σ_l n_xl n_yl (P(X > Y) within layers, pooled
+    by pair counts) with a 95 % percentile CI from resampling directions within each stratum (NaN for
+    ``n_boot`` 0)."""
+
+    z: float
+    p_greater: float
+    auroc: float
+    ci_low: float
+    ci_high: float
+    strata: int
+    n_x: int
+    n_y: int
+
+
+def _u_moments(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(U, E U, Var U) of x vs y, average ranks and tie-corrected variance (as ``mann_whitney``)."""
+    n_x, n_y = len(x), len(y)
+    pooled = np.concatenate([x, y])
+    n = n_x + n_y
+    u = float(rankdata(pooled)[:n_x].sum() - n_x * (n_x + 1) / 2.0)
+    _, counts = np.unique(pooled, return_counts=True)
+    tie_term = float((counts.astype(np.float64) ** 3 - counts).sum()) / (n * (n - 1))
+    return u, n_x * n_y / 2.0, n_x * n_y / 12.0 * ((n + 1) - tie_term)
+
+
+def _u_statistic(x: np.ndarray, y: np.ndarray) -> float:
+    """U of x vs y = #{x > y} + #{x = y} / 2, by binary search in the sorted y."""
+    y = np.sort(y)
+    below, upto = np.searchsorted(y, x, side="left"), np.searchsorted(y, x, side="right")
+    return float(below.sum() + 0.5 * (upto - below).sum())
+
+
+def stratified_rank_test(strata: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 500,
+                         seed: int = 0) -> StratifiedRankTest:
+    """``StratifiedRankTest`` over ``strata`` = [(x_l, y_l), ...] (strata already filtered for size)."""
+    if not strata:
+        nan = float("nan")
+        return StratifiedRankTest(nan, nan, nan, nan, nan, 0, 0, 0)
+    num = den = pairs = weighted_auc = 0.0
+    for x, y in strata:
+        u, mean, var = _u_moments(x, y)
+        w = 1.0 / (len(x) + len(y) + 1)
+        num, den = num + w * (u - mean), den + w * w * var
+        pairs, weighted_auc = pairs + len(x) * len(y), weighted_auc + u
+    z = num / math.sqrt(den) if den > 0 else 0.0
+    rng = np.random.default_rng(seed)
+    boots = np.zeros(n_boot)
+    for x, y in strata:
+        for b in range(n_boot):
+            boots[b] += _u_statistic(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
+    low, high = np.quantile(boots / pairs, [0.025, 0.975]) if n_boot > 0 else (float("nan"), float("nan"))
+    return StratifiedRankTest(float(z), 0.5 * math.erfc(z / math.sqrt(2.0)), weighted_auc / pairs, float(low),
+                              float(high), len(strata), sum(len(x) for x, _ in strata),
+                              sum(len(y) for _, y in strata))
+
+
+def layer_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                    weights: np.ndarray | None = None) -> tuple[float, float]:
+    """95 % percentile interval of the (``weights``-weighted) mean of per-layer ``values``, layers resampled
+    with replacement: the interval a claim gets when layers, not directions, are the unit."""
+    values = np.asarray(values, dtype=np.float64)
+    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), (n_boot, len(values)))
+    means = (values[idx] * w[idx]).sum(1) / w[idx].sum(1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)

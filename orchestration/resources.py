@@ -10,6 +10,7 @@ import dagster as dg
 import torch
 
 from core.hub import Hub
+from core.stages import EngineSettings
 from core.storage import TableStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -51,21 +52,20 @@ class ComputeResource(dg.ConfigurableResource):
     """Interaction-engine settings. ``device`` None = CUDA when available, else CPU; ``dtype`` is the
     matmul precision (statistics are always accumulated in float32). ``null_directions`` random unit
     directions calibrate the lenses, ``circuit_null_directions`` the attention circuits.
-    ``circuit_layers``: "sae" = the attention of the SAE's own layer (every head), "all" = every layer
-    (the full layer × head sweep: 26 × 8 × 6 circuits for a Gemma-2-2B SAE, a GPU job)."""
+    ``circuit_layers`` (``core.circuits.paired_layers``): "adjacent" = the writer layer L and the reader layer
+    L+1 of a resid_post(L) SAE (every head); "all" = writers 0..L and readers L+1..N−1 (the full grid, a GPU
+    job at real scale)."""
 
     device: Optional[str] = None
     dtype: str = "float32"
     top_k: int = 10
     null_directions: int = 1024
     circuit_null_directions: int = 256
-    circuit_layers: str = "sae"
+    circuit_layers: str = "adjacent"
 
-    def attention_layers(self, sae_layer: int, n_layers: int) -> list[int]:
-        choices = {"sae": [sae_layer], "all": list(range(n_layers))}
-        if self.circuit_layers not in choices:
-            raise ValueError(f"circuit_layers {self.circuit_layers!r} is not one of {sorted(choices)}")
-        return choices[self.circuit_layers]
+    def engine(self) -> EngineSettings:
+        """The engine settings of every stage (``core.stages``)."""
+        return EngineSettings(k=self.top_k, compute_dtype=self.torch_dtype(), device=self.resolved_device())
 
     def torch_dtype(self) -> torch.dtype:
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}

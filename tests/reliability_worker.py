@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COMPUTE = dict(device="cpu", null_directions=256, circuit_null_directions=64, circuit_layers="sae")
+COMPUTE = dict(device="cpu", null_directions=256, circuit_null_directions=64, circuit_layers="adjacent")
 LOOP_KEY = "loop:layer_0/x"
 
 

@@ -1,0 +1,132 @@
+"""The per-SAE pipeline stages as plain functions: lenses, circuits, classes (the assets are adapters).
+
+Every stage runs the SAE's features, its control (``core.control``) and isotropic null directions through
+the same computation; rows carry ``sample`` = 'feature' | 'control' | 'null'. The null calibrates thresholds
+and z-scores; the control is the reference the verdicts compare the features with (``core.verdicts``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.circuits import VocabOperands, all_circuits, circuit_stats, input_lens, ov_write_norms, paired_layers
+from core.classify import FeatureClasses, classify_features
+from core.control import control_sae
+from core.engine import RowStats
+from core.frames import circuit_frame, summary_frame, topk_frame
+from core.model_weights import ModelCheckpoint
+from core.output_lens import null_directions, output_lens
+from core.profiles import circuit_values, feature_participation, head_write_frame, participation
+from core.sae_formats import SaeWeights
+from core.statistics import DEFAULT_QUANTILE
+
+SAMPLES = ("feature", "control", "null")
+LENS_SIDES = {"output": "decoder_unembedding", "input": "encoder_embedding"}  # lens -> the directions it reads
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine runs: top-k size, matmul precision and device."""
+
+    k: int = 10
+    compute_dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+def sample_directions(sae: SaeWeights, key: str, n_null: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Per sample, per phase, the unit directions (rows): the SAE's encoder / decoder directions, the
+    control's, and ``n_null`` isotropic null directions (the same for both phases), all seeded by ``key``."""
+    control = control_sae(sae, key)
+    null = null_directions(n_null, sae.d_model, key)
+    return {
+        "feature": {"encoder_embedding": sae.encoder_directions(), "decoder_unembedding": sae.decoder_directions()},
+        "control": {"encoder_embedding": control.encoder_directions, "decoder_unembedding": control.decoder_directions},
+        "null": {"encoder_embedding": null, "decoder_unembedding": null},
+    }
+
+
+def _stacked(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat([f.assign(sample=s) for s, f in frames.items()], ignore_index=True).rename(columns={"row": "feature"})
+
+
+def lens_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], key: str, n_null: int,
+               settings: EngineSettings) -> dict[str, pd.DataFrame]:
+    """Tables ``output_lens_tokens``, ``output_lens_stats``, ``input_lens_tokens``, ``input_lens_stats``
+    (``core.output_lens``, ``core.circuits.input_lens``) for every sample."""
+    directions = sample_directions(sae, key, n_null)
+    compute = {"output": output_lens, "input": input_lens}
+    tables = {}
+    for lens, phase in LENS_SIDES.items():
+        stats: dict[str, RowStats] = {
+            s: compute[lens](directions[s][phase], checkpoint, k=settings.k, compute_dtype=settings.compute_dtype,
+                             device=settings.device) for s in SAMPLES}
+        tables[f"{lens}_lens_tokens"] = _stacked({s: topk_frame(v, tokens) for s, v in stats.items()})
+        tables[f"{lens}_lens_stats"] = _stacked({s: summary_frame(v) for s, v in stats.items()})
+    return tables
+
+
+@dataclass(frozen=True)
+class CircuitTables:
+    """``circuit_stats`` (engine summaries per direction × circuit) and ``head_writes`` (write norms)."""
+
+    circuit_stats: pd.DataFrame
+    head_writes: pd.DataFrame
+    n_circuits: int
+
+
+def circuit_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, key: str, sae_layer: int, n_null: int,
+                  settings: EngineSettings, scope: str = "adjacent",
+                  progress: Callable[[int, int], None] | None = None) -> CircuitTables:
+    """Every analysed circuit (``core.circuits.PHASE_KINDS``) at the layers ``paired_layers(sae_layer, …,
+    scope)`` for every sample, and the decoder directions' write norms at the reader layers."""
+    directions = sample_directions(sae, key, n_null)
+    geometry = checkpoint.geometry
+    layers = paired_layers(sae_layer, geometry.n_layers, scope)
+    operands = VocabOperands(checkpoint, device=settings.device)
+    circuits = all_circuits(geometry, layers)
+    frames = []
+    for i, circuit in enumerate(circuits, 1):
+        for sample in SAMPLES:
+            stats = circuit_stats(directions[sample][circuit.phase], circuit, operands, k=settings.k,
+                                  compute_dtype=settings.compute_dtype)
+            frames.append(circuit_frame(stats, circuit, geometry).assign(sample=sample))
+        if progress is not None:
+            progress(i, len(circuits))
+    writes = [head_write_frame({s: ov_write_norms(directions[s]["decoder_unembedding"], layer, operands).numpy()
+                                for s in SAMPLES}, layer) for layer in layers["decoder_unembedding"]]
+    empty = pd.DataFrame(columns=["sample", "feature", "phase", "kind", "attn_layer", "head", "value"])
+    return CircuitTables(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+                         pd.concat(writes, ignore_index=True) if writes else empty, len(circuits))
+
+
+@dataclass(frozen=True)
+class ClassTables:
+    """Classes of features, control and null (``classes``), attention participation per head and per
+    direction (feature and control samples)."""
+
+    classes: FeatureClasses
+    participation: pd.DataFrame
+    feature_participation: pd.DataFrame
+
+    def rows(self, sample: str) -> pd.DataFrame:
+        rows = self.classes.rows
+        return rows[rows["sample"] == sample].drop(columns="sample").reset_index(drop=True)
+
+
+def class_stage(lens: dict[str, pd.DataFrame], circuit_stats: pd.DataFrame, head_writes: pd.DataFrame,
+                embedding: np.ndarray, unembedding: np.ndarray, quantile: float = DEFAULT_QUANTILE) -> ClassTables:
+    """Classes (``core.classify``) and participation (``core.profiles``) from the stored tables of one SAE
+    (circuit tables carrying ``release, sae_id, layer``); never reads attention weights."""
+    classes = classify_features(lens["output_lens_tokens"], lens["output_lens_stats"], lens["input_lens_tokens"],
+                                lens["input_lens_stats"], unembedding, embedding, quantile)
+    if len(circuit_stats) or len(head_writes):
+        part = participation(circuit_values(circuit_stats, head_writes), quantile)
+    else:
+        part = participation(pd.DataFrame(columns=["release", "sae_id", "layer", "sample", "feature", "phase", "kind",
+                                                   "attn_layer", "head", "value", "topk_mass"]), quantile)
+    return ClassTables(classes, part, feature_participation(part))

@@ -1,0 +1,200 @@
+"""Verdicts on the paper's claims, one row per release and (sub-)claim: table ``claim_verdicts``.
+
+Every verdict is one of ``consistent``, ``not reproduced``, ``inconclusive``, ``not measured`` (with the
+reason in ``rule``), takes the LAYER as the unit where the claim is about depth, and is about the
+FEATURES against their control (``core.control``: random directions with the SAE's own second moments,
+run through the same lenses and circuits), so structure that lives in the model's weights alone — which
+any direction would show — is not credited to the features. ``ALPHA`` is the one significance level.
+
+* **C1** (about a quarter of features directly predict output tokens): the fraction of features called
+  ``output_predicting`` (``core.classify``). Interval: the union of the 95 % Wilson interval (features as the
+  unit) and the 95 % bootstrap interval over layers (layers resampled, weighted by their feature counts).
+  ``consistent`` only when that interval lies INSIDE ``C1_BAND`` (equivalence, not mere overlap) and the
+  features' Wilson interval lies above the control's; ``not reproduced`` when it lies outside the band;
+  else ``inconclusive``.
+* **C2 <phase>** (depth-dependent attention structure): per SAE layer, Δ_l = mean participation score of the
+  features − that of the control (null-z units, ``core.profiles``). One pre-registered hypothesis per phase
+  and model family (``C2_HYPOTHESIS``): a one-sided permutation test over layer order of the curvature of a
+  quadratic through Δ_l (``core.statistics.shape_permutation_test``). ``consistent`` when p < ALPHA and the
+  fitted vertex lies inside depth [0.1, 0.9]; ``not reproduced`` when the opposite shape is significant;
+  else ``inconclusive``; ``not measured`` with fewer layers than a permutation test can use
+  (``min_layers_for(ALPHA)`` = 4).
+* **C3 attention <phase>, C3 magnitude <norm>** (semantic and non-semantic features differ; the paper says
+  semantic ones are larger): van Elteren's stratified rank test with the layer as stratum (semantic vs
+  non-semantic within each layer: no Simpson's paradox from pooling layers), one-sided (semantic larger),
+  effect = within-layer AUROC with a 95 % CI. ``consistent`` when p < ALPHA and the CI lies above
+  ``C3_MIN_AUROC`` (Vargha & Delaney's "small" effect, A = 0.56); ``not reproduced`` when the CI lies below
+  it; else ``inconclusive``; ``not measured`` when no layer has ``C3_MIN_GROUP`` features in both groups.
+  ``control_value`` = the same effect among the control's directions (semantic by the same classifier).
+* **C4** (Llama is higher in the decoder–unembedding phase): per SAE layer, the features' mean of
+  (decoder-phase score − encoder-phase score) minus the control's — both phases in the same null-z units,
+  so the comparison is unitless. Mean over layers with a 95 % bootstrap interval over layers;
+  ``consistent`` when it lies above 0, ``not reproduced`` below, else ``inconclusive``. For other model
+  families the value is reported and the verdict is ``not measured`` (the claim is about Llama).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from core.profiles import normalised_depth
+from core.statistics import layer_bootstrap, min_layers_for, shape_permutation_test, stratified_rank_test, wilson_interval
+
+ALPHA = 0.05
+C1_BAND = (0.20, 0.30)
+C3_MIN_AUROC = 0.56
+C3_MIN_GROUP = 10
+VERTEX_RANGE = (0.1, 0.9)
+# The reconstruction's pre-registered depth shapes (the abstract says only "depth-dependent structure"):
+# one hypothesis per (model family, phase), tested once. Change it here, never per run.
+C2_HYPOTHESIS: dict[str, dict[str, str]] = {
+    "gemma2": {"encoder_embedding": "U", "decoder_unembedding": "inverted-U"},
+    "gemma3": {"encoder_embedding": "U", "decoder_unembedding": "inverted-U"},
+    "llama": {"encoder_embedding": "inverted-U", "decoder_unembedding": "U"},
+}
+PHASE_SCORES = {"encoder_embedding": "score_encoder_embedding", "decoder_unembedding": "score_decoder_unembedding"}
+C3_VARIABLES = {"C3 attention encoder_embedding": "score_encoder_embedding",
+                "C3 attention decoder_unembedding": "score_decoder_unembedding",
+                "C3 magnitude encoder_norm": "encoder_norm", "C3 magnitude decoder_norm": "decoder_norm"}
+VERDICTS = ("consistent", "not reproduced", "inconclusive", "not measured")
+COLUMNS = ["release", "claim", "verdict", "statistic", "value", "ci_low", "ci_high", "control_value", "p_value", "n",
+           "rule"]
+NAN = float("nan")
+
+
+def _row(claim: str, verdict: str, statistic: str, rule: str, value: float = NAN, ci: tuple[float, float] = (NAN, NAN),
+         control: float = NAN, p: float = NAN, n: int = 0) -> dict:
+    return {"claim": claim, "verdict": verdict, "statistic": statistic, "value": value, "ci_low": ci[0],
+            "ci_high": ci[1], "control_value": control, "p_value": p, "n": n, "rule": rule}
+
+
+def c1_verdict(per_feature: pd.DataFrame) -> dict:
+    """C1 from ``per_feature`` (columns ``sample, layer, output_predicting``)."""
+    statistic = "fraction of features output-predicting"
+    feats, ctrl = (per_feature[per_feature["sample"] == s] for s in ("feature", "control"))
+    if feats.empty:
+        return _row("C1", "not measured", statistic, "no classified features")
+    hits, n = int(feats["output_predicting"].sum()), len(feats)
+    low, high = wilson_interval(hits, n)
+    layers = feats.groupby("layer")["output_predicting"].agg(["mean", "size"])
+    if len(layers) >= 2:
+        b_low, b_high = layer_bootstrap(layers["mean"].to_numpy(), weights=layers["size"].to_numpy())
+        low, high = min(low, b_low), max(high, b_high)
+    c_hits, c_n = int(ctrl["output_predicting"].sum()), len(ctrl)
+    c_high = wilson_interval(c_hits, c_n)[1] if c_n else NAN
+    rule = (f"consistent: Wilson ∪ layer-bootstrap 95 % interval inside [{C1_BAND[0]}, {C1_BAND[1]}] and the features' "
+            "Wilson interval above the control's; not reproduced: interval outside the band")
+    inside = C1_BAND[0] <= low and high <= C1_BAND[1]
+    above_control = not c_n or wilson_interval(hits, n)[0] > c_high
+    if inside and above_control:
+        verdict = "consistent"
+    elif high < C1_BAND[0] or low > C1_BAND[1]:
+        verdict = "not reproduced"
+    else:
+        verdict = "inconclusive"
+    return _row("C1", verdict, statistic, rule, hits / n, (low, high), c_hits / c_n if c_n else NAN, n=n)
+
+
+def _layer_means(per_feature: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per layer: the features' and the control's mean of ``column`` (layers where both have values)."""
+    means = per_feature.dropna(subset=[column]).groupby(["layer", "sample"])[column].mean().unstack("sample")
+    return means.reindex(columns=["feature", "control"]).dropna().sort_index()
+
+
+def c2_verdict(per_feature: pd.DataFrame, phase: str, family: str, n_layers: int) -> dict:
+    """C2 for one phase (module doc)."""
+    claim, column = f"C2 {phase}", PHASE_SCORES[phase]
+    shape = C2_HYPOTHESIS.get(family, {}).get(phase)
+    statistic = f"curvature of features − control over depth, sign of a {shape} (null-z units)"
+    if shape is None:
+        return _row(claim, "not measured", statistic, f"no pre-registered shape for model family {family!r}")
+    if column not in per_feature:
+        return _row(claim, "not measured", statistic, "no attention statistics")
+    means = _layer_means(per_feature, column)
+    need = min_layers_for(ALPHA)
+    if len(means) < need:
+        return _row(claim, "not measured", statistic,
+                    f"{len(means)} layer(s) with this phase measured: a permutation test over layer order needs {need}",
+                    n=len(means))
+    depth = normalised_depth(means.index.to_numpy(), n_layers)
+    test = shape_permutation_test((means["feature"] - means["control"]).to_numpy(), depth, shape)
+    control = shape_permutation_test(means["control"].to_numpy(), depth, shape).statistic
+    rule = (f"pre-registered {shape}; consistent: one-sided permutation p < {ALPHA} over {test.n_permutations} layer "
+            f"orders and vertex in {list(VERTEX_RANGE)} (vertex {test.vertex:.2f}); not reproduced: the opposite shape "
+            f"significant (p {test.p_opposite:.3f})")
+    if test.p_value < ALPHA and VERTEX_RANGE[0] <= test.vertex <= VERTEX_RANGE[1]:
+        verdict = "consistent"
+    elif test.p_opposite < ALPHA:
+        verdict = "not reproduced"
+    else:
+        verdict = "inconclusive"
+    return _row(claim, verdict, statistic, rule, test.statistic, control=control, p=test.p_value, n=len(means))
+
+
+def _strata(frame: pd.DataFrame, column: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for _, layer in frame.dropna(subset=[column]).groupby("layer"):
+        x = layer.loc[layer["semantic"].astype(bool), column].to_numpy(dtype=np.float64)
+        y = layer.loc[~layer["semantic"].astype(bool), column].to_numpy(dtype=np.float64)
+        if len(x) >= C3_MIN_GROUP and len(y) >= C3_MIN_GROUP:
+            out.append((x, y))
+    return out
+
+
+def c3_verdict(per_feature: pd.DataFrame, claim: str) -> dict:
+    """One C3 sub-claim (module doc)."""
+    column = C3_VARIABLES[claim]
+    statistic = f"within-layer AUROC of {column}, semantic > non-semantic"
+    if column not in per_feature:
+        return _row(claim, "not measured", statistic, f"no {column} values")
+    feats, ctrl = (per_feature[per_feature["sample"] == s] for s in ("feature", "control"))
+    strata = _strata(feats, column)
+    if not strata:
+        return _row(claim, "not measured", statistic,
+                    f"no layer has {C3_MIN_GROUP} semantic and {C3_MIN_GROUP} non-semantic features", n=len(feats))
+    test = stratified_rank_test(strata)
+    control = stratified_rank_test(_strata(ctrl, column), n_boot=0).auroc
+    rule = (f"van Elteren over {test.strata} layer(s); consistent: one-sided p < {ALPHA} and AUROC CI above "
+            f"{C3_MIN_AUROC}; not reproduced: CI below {C3_MIN_AUROC}")
+    if test.p_greater < ALPHA and test.ci_low > C3_MIN_AUROC:
+        verdict = "consistent"
+    elif test.ci_high < C3_MIN_AUROC:
+        verdict = "not reproduced"
+    else:
+        verdict = "inconclusive"
+    return _row(claim, verdict, statistic, rule, test.auroc, (test.ci_low, test.ci_high), control, test.p_greater,
+                test.n_x + test.n_y)
+
+
+def c4_verdict(per_feature: pd.DataFrame, family: str) -> dict:
+    """C4 (module doc)."""
+    statistic = "decoder − encoder phase score, features − control (null-z units)"
+    columns = list(PHASE_SCORES.values())
+    if not set(columns) <= set(per_feature):
+        return _row("C4", "not measured", statistic, "no attention statistics")
+    both = per_feature.dropna(subset=columns)
+    diff = both.assign(d=both[columns[1]] - both[columns[0]])
+    means = _layer_means(diff, "d")
+    if len(means) < 2:
+        return _row("C4", "not measured", statistic, f"{len(means)} layer(s) with both phases: need 2", n=len(means))
+    excess = (means["feature"] - means["control"]).to_numpy()
+    ci = layer_bootstrap(excess)
+    value, control = float(excess.mean()), float(means["control"].mean())
+    if family != "llama":
+        return _row("C4", "not measured", statistic, f"the claim is about Llama ({family}: value reported)", value,
+                    ci, control, n=len(means))
+    verdict = "consistent" if ci[0] > 0 else "not reproduced" if ci[1] < 0 else "inconclusive"
+    rule = "consistent: 95 % bootstrap interval over layers above 0; not reproduced: below 0"
+    return _row("C4", verdict, statistic, rule, value, ci, control, n=len(means))
+
+
+def claim_verdicts(release: str, family: str, n_layers: int, per_feature: pd.DataFrame) -> pd.DataFrame:
+    """Every claim's row (``COLUMNS``) for one release from its per-direction table: ``sample`` ('feature' |
+    'control'), ``layer``, ``output_predicting``, ``semantic``, ``encoder_norm``, ``decoder_norm`` and the phase
+    scores ``score_encoder_embedding`` / ``score_decoder_unembedding`` (NaN where a phase has no circuit)."""
+    rows = [c1_verdict(per_feature)]
+    rows += [c2_verdict(per_feature, phase, family, n_layers) for phase in PHASE_SCORES]
+    rows += [c3_verdict(per_feature, claim) for claim in C3_VARIABLES]
+    rows.append(c4_verdict(per_feature, family))
+    return pd.DataFrame(rows).assign(release=release)[COLUMNS]
