@@ -31,8 +31,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.circuits import PHASES
-from core.statistics import DEFAULT_QUANTILE, mann_whitney, summary_statistic
+from core.statistics import DEFAULT_QUANTILE, summary_statistic
 
 SCORE_KINDS: dict[str, tuple[str, ...]] = {
     "encoder_embedding": ("ov_writer",),
@@ -143,24 +142,4 @@ def depth_profile(
             row[name] = float(summary_statistic(values, name))
             row[f"{name}_low"], row[f"{name}_high"] = (float(v) for v in np.quantile(b, [0.025, 0.975]))
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def compare_groups(frame: pd.DataFrame, label: str, values: list[str], by: list[str] | None = None) -> pd.DataFrame:
-    """Mann–Whitney U (normal approximation, tie-corrected) of each ``values`` column, ``label`` True vs
-    False, per ``by`` group: n, means and medians per group, U, z, p, AUROC and rank-biserial (+ = the
-    True group is larger)."""
-    rows = []
-    groups = frame.groupby(by) if by else [((), frame)]
-    for key, group in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        for column in values:
-            sub = group.dropna(subset=[column])
-            x = sub.loc[sub[label].astype(bool), column].to_numpy()
-            y = sub.loc[~sub[label].astype(bool), column].to_numpy()
-            test = mann_whitney(x, y)
-            rows.append({**dict(zip(by or [], key)), "variable": column, "n_true": len(x), "n_false": len(y),
-                         "mean_true": float(np.mean(x)) if len(x) else np.nan, "mean_false": float(np.mean(y)) if len(y) else np.nan,
-                         "median_true": float(np.median(x)) if len(x) else np.nan, "median_false": float(np.median(y)) if len(y) else np.nan,
-                         "u": test.u, "z": test.z, "p_value": test.p_value, "auroc": test.auroc, "rank_biserial": test.rank_biserial})
     return pd.DataFrame(rows)

@@ -28,8 +28,9 @@ any direction would show — is not credited to the features. ``ALPHA`` is the o
   ``control_value`` = the same effect among the control's directions (semantic by the same classifier).
 * **C4** (Llama is higher in the decoder–unembedding phase): per SAE layer, the features' mean of
   (decoder-phase score − encoder-phase score) minus the control's — both phases in the same null-z units,
-  so the comparison is unitless. Mean over layers with a 95 % bootstrap interval over layers;
-  ``consistent`` when it lies above 0, ``not reproduced`` below, else ``inconclusive``. For other model
+  so the comparison is unitless. Mean over layers, a 95 % bootstrap interval over layers (descriptive) and
+  an exact one-sided sign-flip test over layers (``core.statistics.sign_flip_test``); ``consistent`` when
+  p(mean > 0) < ALPHA, ``not reproduced`` when p(mean < 0) < ALPHA, else ``inconclusive``. For other model
   families the value is reported and the verdict is ``not measured`` (the claim is about Llama).
 """
 
@@ -39,7 +40,14 @@ import numpy as np
 import pandas as pd
 
 from core.profiles import normalised_depth
-from core.statistics import layer_bootstrap, min_layers_for, shape_permutation_test, stratified_rank_test, wilson_interval
+from core.statistics import (
+    layer_bootstrap,
+    min_layers_for,
+    shape_permutation_test,
+    sign_flip_test,
+    stratified_rank_test,
+    wilson_interval,
+)
 
 ALPHA = 0.05
 C1_BAND = (0.20, 0.30)
@@ -180,13 +188,15 @@ def c4_verdict(per_feature: pd.DataFrame, family: str) -> dict:
         return _row("C4", "not measured", statistic, f"{len(means)} layer(s) with both phases: need 2", n=len(means))
     excess = (means["feature"] - means["control"]).to_numpy()
     ci = layer_bootstrap(excess)
+    p_higher, p_lower = sign_flip_test(excess)
     value, control = float(excess.mean()), float(means["control"].mean())
     if family != "llama":
         return _row("C4", "not measured", statistic, f"the claim is about Llama ({family}: value reported)", value,
-                    ci, control, n=len(means))
-    verdict = "consistent" if ci[0] > 0 else "not reproduced" if ci[1] < 0 else "inconclusive"
-    rule = "consistent: 95 % bootstrap interval over layers above 0; not reproduced: below 0"
-    return _row("C4", verdict, statistic, rule, value, ci, control, n=len(means))
+                    ci, control, p_higher, len(means))
+    verdict = "consistent" if p_higher < ALPHA else "not reproduced" if p_lower < ALPHA else "inconclusive"
+    rule = (f"exact sign-flip test over {len(means)} layers; consistent: p(decoder higher) < {ALPHA}; not reproduced: "
+            f"p(encoder higher) {p_lower:.3f} < {ALPHA}")
+    return _row("C4", verdict, statistic, rule, value, ci, control, p_higher, len(means))
 
 
 def claim_verdicts(release: str, family: str, n_layers: int, per_feature: pd.DataFrame) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""Unit tests of the statistics (Mann–Whitney against an exact permutation test, shape detection) and of
-the participation / profile functions on small synthetic frames."""
+"""Unit tests of the statistics (Mann–Whitney, the permutation shape test and van Elteren's stratified test
+against exact enumerations) and of the participation / profile functions on small synthetic frames."""
 
 from __future__ import annotations
 
@@ -9,19 +9,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from core.model_weights import AttentionWeights, ModelGeometry
-from core.profiles import (
-    compare_groups,
-    depth_profile,
-    feature_participation,
-    ov_write_norms,
-    participation,
-    phase_means,
-    shape_tests,
+from core.profiles import SCORE_KINDS, depth_profile, feature_participation, null_z, participation
+from core.statistics import (
+    auroc,
+    layer_bootstrap,
+    mann_whitney,
+    min_layers_for,
+    rankdata,
+    shape_permutation_test,
+    sign_flip_test,
+    stratified_rank_test,
 )
-from core.statistics import auroc, classify_shape, depth_shape, mann_whitney, rankdata
 
 
 def exact_permutation_p(x, y) -> float:
@@ -64,42 +63,76 @@ def test_mann_whitney_extremes():
     assert auroc(np.array([0.1, 0.9, 0.8, 0.2]), np.array([False, True, True, False])) == 1.0
 
 
-def groups_for(shape: str, n_layers=8, n=200, noise=0.5, seed=0):
-    z = np.linspace(0, 1, n_layers)
-    u = (2 * z - 1) ** 2
-    curve = {"U": u, "inverted-U": 1 - u, "flat": np.zeros_like(z), "rising": z**2}[shape]
-    rng = np.random.default_rng(seed)
-    return [rng.normal(c, noise, n) for c in curve], z
+@pytest.mark.parametrize("shape,sign", [("U", 1), ("inverted-U", -1)])
+def test_shape_permutation_test_detects_its_shape_and_only_its_shape(shape, sign):
+    z = np.linspace(0, 1, 6)
+    curve = sign * (2 * z - 1) ** 2
+    test = shape_permutation_test(curve, z, shape)
+    assert test.n_permutations == math.factorial(6)
+    # the planted order is the most extreme; orders swapping equal values (the curve is symmetric) tie it
+    assert 1 / 720 <= test.p_value <= 8 / 720
+    assert test.vertex == pytest.approx(0.5, abs=1e-9) and test.p_opposite == pytest.approx(1.0)
+    opposite = {"U": "inverted-U", "inverted-U": "U"}[shape]
+    assert shape_permutation_test(curve, z, opposite).p_value == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("shape,expected", [("U", "U"), ("inverted-U", "inverted-U"), ("flat", "flat"), ("rising", "monotone-convex")])
-def test_depth_shape_detects_planted_curves(shape, expected):
-    groups, z = groups_for(shape)
-    fit = depth_shape(groups, z, "mean", n_boot=300)
-    assert fit.shape == expected
-    if expected in ("U", "inverted-U"):
-        assert fit.vertex == pytest.approx(0.5, abs=0.1)
-        assert math.copysign(1, fit.curvature) == (1 if expected == "U" else -1)
+def test_shape_permutation_p_is_exact_and_uniform_on_flat_profiles():
+    z = np.linspace(0, 1, 5)
+    values = np.array([0.3, -1.2, 0.8, 2.0, -0.4])
+    test = shape_permutation_test(values, z, "U")
+    design = np.stack([np.ones(5), z, z * z], 1)
+    curv = [np.linalg.lstsq(design, values[list(p)], rcond=None)[0][2] for p in itertools.permutations(range(5))]
+    assert test.p_value == pytest.approx(np.mean(np.array(curv) >= curv[0] - 1e-12))
+    rng = np.random.default_rng(0)
+    p = [shape_permutation_test(rng.normal(size=6), np.linspace(0, 1, 6), "U").p_value for _ in range(200)]
+    assert np.mean(np.array(p) < 0.05) <= 0.1  # a flat (noise) profile is significant at about the nominal rate
+    assert min_layers_for(0.05) == 4 and min_layers_for(0.01) == 5
 
 
-def test_classify_shape_rules():
-    assert classify_shape((1.0, 2.0), 0.5) == "U"
-    assert classify_shape((-2.0, -1.0), 0.5) == "inverted-U"
-    assert classify_shape((-1.0, 2.0), 0.5) == "flat"
-    assert classify_shape((1.0, 2.0), 1.5) == "monotone-convex"
+def test_stratified_rank_test_is_stratified_directional_and_matches_mann_whitney_on_one_stratum():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0.5, 1, 40), rng.normal(0, 1, 50)
+    one = stratified_rank_test([(x, y)], n_boot=200)
+    mw = mann_whitney(x, y)
+    assert one.auroc == pytest.approx(mw.auroc) and one.strata == 1
+    assert one.ci_low < one.auroc < one.ci_high
+    assert one.p_greater == pytest.approx(0.5 * math.erfc(((mw.u - 40 * 50 / 2) / math.sqrt(40 * 50 / 12 * 91)) / math.sqrt(2)), rel=0.05)
+    # Simpson: within each layer no difference, but layer 1 has more semantic features and larger values
+    a = (rng.normal(0, 1, 80), rng.normal(0, 1, 20))
+    b = (rng.normal(5, 1, 20), rng.normal(5, 1, 80))
+    pooled = mann_whitney(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
+    stratified = stratified_rank_test([a, b], n_boot=200)
+    assert pooled.p_value < 1e-6 and stratified.p_greater > 0.01 and stratified.ci_low < 0.56
+    smaller = stratified_rank_test([(y, x)], n_boot=0)
+    assert smaller.p_greater > 0.95 and math.isnan(smaller.ci_low)  # direction: x larger is not "y larger"
 
 
-def circuit_frame(shape_enc: str, shape_dec: str, n_layers=6, n_feat=60, n_null=200, seed=0):
-    """Synthetic ``circuit_values`` rows: a third of the features get value = 1 + 3·profile(z) on top of
-    the N(0, 0.1) noise shared with the null rows."""
+def test_sign_flip_test_is_exact_and_directional():
+    p_up, p_down = sign_flip_test(np.array([0.5, 0.7, 0.2, 0.9, 0.4]))
+    assert p_up == pytest.approx(1 / 32) and p_down == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    rejections = [sign_flip_test(rng.normal(size=6))[0] < 0.05 for _ in range(400)]
+    assert np.mean(rejections) <= 0.08
+
+
+def test_layer_bootstrap_covers_the_mean():
+    low, high = layer_bootstrap(np.array([0.2, 0.25, 0.3, 0.22]))
+    assert low <= 0.2425 <= high and low >= 0.2 and high <= 0.3
+
+
+def circuit_frame(shape_enc: str, shape_dec: str, n_layers=6, n_feat=60, n_null=200, seed=0, scale=None):
+    """Synthetic ``circuit_values`` rows of the scored kinds: a third of the features get value = 1 +
+    3·profile(z) on top of the N(0, 0.1) noise shared with the null rows; ``scale`` multiplies every value
+    of a (layer, kind) by its own positive factor (a rewrite that features and null share)."""
     rng = np.random.default_rng(seed)
     z = np.linspace(0, 1, n_layers)
     prof = {"U": (2 * z - 1) ** 2, "inverted-U": 1 - (2 * z - 1) ** 2}
     rows = []
     for layer in range(n_layers):
-        for phase, kinds, shape in (("encoder_embedding", ("qk_feature_query", "qk_feature_key"), shape_enc),
-                                    ("decoder_unembedding", ("ov_write_norm",), shape_dec)):
+        for phase, kinds in SCORE_KINDS.items():
+            shape = shape_enc if phase == "encoder_embedding" else shape_dec
             for kind in kinds:
+                c = 1.0 if scale is None else scale[(layer, kind)]
                 for head in range(2):
                     for sample, n in (("feature", n_feat), ("null", n_null)):
                         v = rng.normal(0, 0.1, n)
@@ -107,57 +140,35 @@ def circuit_frame(shape_enc: str, shape_dec: str, n_layers=6, n_feat=60, n_null=
                             v[: n // 3] += 1 + 3 * prof[shape][layer]
                         rows.append(pd.DataFrame({"release": "r", "sae_id": f"s{layer}", "layer": layer, "sample": sample,
                                                   "feature": np.arange(n), "phase": phase, "kind": kind, "attn_layer": layer,
-                                                  "head": head, "value": v, "topk_mass": np.nan}))
+                                                  "head": head, "value": c * v, "topk_mass": np.nan}))
     return pd.concat(rows, ignore_index=True)
 
 
-def test_participation_profiles_and_shapes_on_synthetic_circuits():
+def test_participation_scores_are_null_z_and_profiles_follow_the_planted_shape():
     values = circuit_frame("U", "inverted-U")
     part = participation(values, quantile=0.99)
-    null_rate = part[part["sample"] == "null"]["participates"].mean()
-    assert null_rate == pytest.approx(0.01, abs=0.01)
+    null = part[part["sample"] == "null"]
+    assert null["participates"].mean() == pytest.approx(0.01, abs=0.01)
+    assert abs(null["score"].median()) < 0.1  # noise scores about 0, not a positive excess
     per_feature = feature_participation(part)
+    assert set(per_feature["sample"]) == {"feature"}
     assert per_feature.groupby("phase")["participates"].mean().between(0.3, 0.4).all()
     profile = depth_profile(per_feature, 6, n_boot=100)
-    assert {"mean", "median", "p75", "mean_low", "mean_high", "depth"} <= set(profile.columns)
+    assert {"sample", "mean", "median", "p75", "mean_low", "mean_high", "depth"} <= set(profile.columns)
     assert (profile["mean_low"] <= profile["mean"]).all() and (profile["mean"] <= profile["mean_high"]).all()
-    shapes = shape_tests(per_feature, 6, n_boot=200).set_index(["phase", "statistic"])["shape"]
-    assert shapes[("encoder_embedding", "mean")] == "U"
-    assert shapes[("decoder_unembedding", "mean")] == "inverted-U"
+    for phase, shape in (("encoder_embedding", "U"), ("decoder_unembedding", "inverted-U")):
+        means = profile[profile["phase"] == phase].sort_values("layer")["mean"].to_numpy()
+        assert shape_permutation_test(means, np.linspace(0, 1, 6), shape).p_value < 0.05
 
 
-def test_phase_means_paired_bootstrap():
-    rng = np.random.default_rng(0)
-    n = 300
-    frame = pd.concat([
-        pd.DataFrame({"release": "r", "sae_id": "s", "layer": 0, "feature": range(n), "phase": "encoder_embedding",
-                      "mean_score": rng.normal(1.0, 0.2, n)}),
-        pd.DataFrame({"release": "r", "sae_id": "s", "layer": 0, "feature": range(n), "phase": "decoder_unembedding",
-                      "mean_score": rng.normal(1.5, 0.2, n)}),
-    ])
-    out = phase_means(frame, n_boot=200).iloc[0]
-    assert out["higher"] == "decoder_unembedding" and out["ci_low"] < 0.5 < out["ci_high"]
-    flipped = frame.assign(phase=frame["phase"].map({"encoder_embedding": "decoder_unembedding", "decoder_unembedding": "encoder_embedding"}))
-    assert phase_means(flipped, n_boot=200).iloc[0]["higher"] == "encoder_embedding"
-
-
-def test_compare_groups():
-    frame = pd.DataFrame({"semantic": [True] * 20 + [False] * 30, "x": list(range(100, 120)) + list(range(30))})
-    out = compare_groups(frame, "semantic", ["x"]).iloc[0]
-    assert out["rank_biserial"] == 1.0 and out["p_value"] < 1e-6 and out["n_true"] == 20
-
-
-def test_ov_write_norms_matches_direct_formula():
-    torch.manual_seed(0)
-    geometry = ModelGeometry("llama", d_model=8, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=3, vocab_size=10,
-                             rms_norm_eps=1e-5, tied_embeddings=False, rope_theta=None, attn_scale=1.0,
-                             attn_softcap=None, final_softcap=None)
-    attn = AttentionWeights(q=torch.randn(12, 8), k=torch.randn(6, 8), v=torch.randn(6, 8), o=torch.randn(8, 12),
-                            input_gain=torch.rand(8) + 0.5, output_gain=None)
-    f = torch.randn(5, 8)
-    got = ov_write_norms(f, attn, geometry)
-    x = f / torch.sqrt(f.pow(2).mean(1, keepdim=True) + 1e-5) * attn.input_gain
-    for h in range(4):
-        c = h // 2
-        want = (attn.o[:, 3 * h : 3 * h + 3] @ (attn.v[3 * c : 3 * c + 3] @ x.T)).T.norm(dim=1)
-        assert torch.allclose(got[:, h], want, atol=1e-5)
+def test_scores_do_not_move_when_a_circuit_is_rescaled():
+    """A positive factor per (layer, kind), shared by features and null (what a function-preserving
+    rewrite does to a write norm or a QK score), leaves every z and every participation call unchanged."""
+    rng = np.random.default_rng(3)
+    kinds = [k for ks in SCORE_KINDS.values() for k in ks]
+    scale = {(layer, kind): float(2.0 ** rng.integers(-4, 5)) for layer in range(6) for kind in kinds}
+    base, scaled = circuit_frame("U", "U"), circuit_frame("U", "U", scale=scale)
+    np.testing.assert_allclose(null_z(scaled).to_numpy(), null_z(base).to_numpy(), rtol=1e-9, atol=1e-9)
+    a, b = participation(base), participation(scaled)
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-9, atol=1e-9)
+    assert (a["participates"] == b["participates"]).all()
