@@ -10,14 +10,14 @@ import pytest
 os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / "data" / "mplconfig"))
 
 from core.planted import generate  # noqa: E402
-from tests.planted_chain import PLANTED, materialise_planted  # noqa: E402
+from tests.planted_chain import PLANTED, PLANTED_NULL, materialise_planted  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def planted_cache(tmp_path_factory) -> Path:
-    """A hub cache holding both planted releases, in the exact hub layout (read offline)."""
+    """A hub cache holding the planted releases and their null twins, in the exact hub layout (read offline)."""
     cache = tmp_path_factory.mktemp("hf-cache")
-    for release in PLANTED:
+    for release in PLANTED + PLANTED_NULL:
         generate(release, cache)
     return cache
 
@@ -26,3 +26,9 @@ def planted_cache(tmp_path_factory) -> Path:
 def chain(planted_cache, tmp_path_factory):
     """(instance, data dir, partition keys) after the whole chain ran on both planted releases."""
     return materialise_planted(planted_cache, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def null_chain(planted_cache, tmp_path_factory):
+    """(instance, data dir, partition keys) after the chain ran on the null twins of the planted releases."""
+    return materialise_planted(planted_cache, tmp_path_factory.mktemp("null-data"), PLANTED_NULL)

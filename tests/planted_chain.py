@@ -13,6 +13,8 @@ from orchestration.cli import materialize_all, register_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
 PLANTED = ("planted-gemma", "planted-llama")
+# The same planted models with SAEs of random directions: every claim must come out not consistent.
+PLANTED_NULL = ("planted-gemma-null", "planted-llama-null")
 
 
 def chain_resources(cache: Path, data: Path, **compute: str | int) -> dict[str, dg.ConfigurableResource]:

@@ -37,7 +37,7 @@ def test_definitions_load():
 def test_every_sae_partition_is_registered_and_materialised(chain):
     instance, _, keys = chain
     registered = instance.get_dynamic_partitions("sae")
-    assert len(registered) == 6 + 8 and set(keys) < set(registered) and len(keys) == 6
+    assert len(registered) == 6 + 8 and set(keys) < set(registered) and len(keys) == 5 + 7  # one layer left out each
     for asset in ("sae_weights", "lens_tables", "feature_classes"):
         done = instance.get_materialized_partitions(dg.AssetKey(asset))
         assert done == set(keys), asset
@@ -78,24 +78,29 @@ def test_tables_are_queryable_from_duckdb(chain):
     _, data, keys = chain
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
         tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        assert {"sae_features", "output_lens_tokens", "output_lens_stats", "feature_classes", "output_fraction_by_layer"} <= tables
+        assert {"sae_features", "output_lens_tokens", "output_lens_stats", "feature_classes", "control_classes",
+                "output_fraction_by_layer", "claim_verdicts", "head_writes"} <= tables
+        verdicts = con.execute("SELECT release, claim, verdict, rule FROM claim_verdicts").df()
+        assert set(verdicts["release"]) == set(PLANTED) and verdicts["rule"].str.len().gt(0).all()
+        assert set(verdicts["verdict"]) <= {"consistent", "not reproduced", "inconclusive", "not measured"}
+        assert {"C1", "C2 encoder_embedding", "C2 decoder_unembedding", "C4"} <= set(verdicts["claim"])
         per_sae = dict(con.execute("SELECT release || ':' || sae_id, count(*) FROM sae_features GROUP BY ALL").fetchall())
         assert set(per_sae) == set(keys)
         assert per_sae["planted-gemma:layer_0/width_512/average_l0_32"] == 512
         assert per_sae["planted-llama:l0r_8x"] == 1024
         tokens = con.execute(
-            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 4 AND sample = 'feature'"
+            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 5 AND sample = 'feature'"
         ).fetchone()[0]
         assert tokens == 1024 * 2 * 10  # top and bottom 10 per feature
         nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
         assert nulls == 512  # ComputeResource.null_directions
         dashboard = con.execute(
             "SELECT count(*), min(len(pos_str)), max(len(neg_values)) FROM neuronpedia_top_logits "
-            "WHERE release = 'planted-llama' AND layer = 4"
+            "WHERE release = 'planted-llama' AND layer = 5"
         ).fetchone()
         assert dashboard == (1024, 10, 10)  # Neuronpedia's top/bottom 10 raw logits per feature
     exports = sorted(p.name for p in (data / "exports" / "neuronpedia" / "planted-llama").glob("*.json"))
-    assert exports == sorted(f"l{layer}r_8x.json" for layer in (0, 4, 7))
+    assert exports == sorted(f"{parse_key(k).sae_id}.json" for k in keys if k.startswith("planted-llama:"))
 
 
 @pytest.mark.parametrize("release_id", PLANTED)
@@ -139,7 +144,8 @@ def test_report_and_plot_written(chain):
     _, data, keys = chain
     for release_id in PLANTED:
         report = (data / "reports" / release_id / "report.md").read_text()
-        assert "C1 output-predicting fraction" in report and "Planted ground truth" in report
+        assert "## Verdicts" in report and "| C1 |" in report and "Planted ground truth" in report
+        assert "control" in report  # features and control side by side
         missing = sorted(set(range(get_release(release_id).n_layers)) - {parse_key(k).layer for k in keys if k.startswith(release_id)})
         assert f"Layers without an analysed SAE: {', '.join(map(str, missing))}" in report  # the gap is named
         for file_name, _, _ in PLOTS.values():  # one asset per plot, each file linked from the report
