@@ -253,9 +253,9 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
         f"C1 band: {C1_BAND}. Null false-positive rate of the whole rule (random directions called "
         f"output-predicting): {results.null_rate:.4f}.",
         "",
-        "## C2 depth profiles (null-z units; features and control)", "",
+        "## C2 depth profiles (null-z units; features and control; the verdict reads the P99)", "",
         image("depth_profiles", "depth profiles"), "", image("participation_heatmap", "layer × head participation"), "",
-        results.profile[["sample", "phase", "layer", "depth", "n", "mean", "mean_low", "mean_high", "participating"]]
+        results.profile[["sample", "phase", "layer", "depth", "n", "mean", "p99", "p99_low", "p99_high", "participating"]]
         .to_markdown(index=False, floatfmt=".3f") if not results.profile.empty else "no attention statistics",
         "",
         "## C3 semantic vs non-semantic", "", image("semantic_violins", "semantic vs non-semantic"), "",

@@ -58,8 +58,9 @@ STAT_LABELS = {"mean": "mean", "median": "median", "p75": "75th percentile"}
 
 def depth_profile_plot(profile: pd.DataFrame, verdicts: pd.DataFrame, release: str, path: Path,
                        truth: pd.DataFrame | None = None) -> Path:
-    """One panel per phase: the mean participation score (null z) of the features and of the control per
-    SAE layer against normalised depth, 95 % bands over directions; the C2 verdict in the title; planted
+    """One panel per phase: the P99 over directions of the participation score (null z; the statistic the C2
+    verdict reads) of the features and of the control per SAE layer against normalised depth, their mean
+    dotted, 95 % bands over directions; the C2 verdict in the title; planted
     releases: the planted strength (mean over heads, right axis)."""
     sns.set_theme(style="whitegrid")
     phases = [p for p in PHASE_LABELS if p in set(profile["phase"])]
@@ -70,10 +71,11 @@ def depth_profile_plot(profile: pd.DataFrame, verdicts: pd.DataFrame, release: s
         for i, (sample, label) in enumerate(SAMPLE_LABELS.items()):
             data = profile[(profile["phase"] == phase) & (profile["sample"] == sample)].sort_values("depth")
             colour = sns.color_palette()[i]
-            ax.plot(data["depth"], data["mean"], "o-" if sample == "feature" else "s--", color=colour, label=label)
-            ax.fill_between(data["depth"], data["mean_low"], data["mean_high"], color=colour, alpha=0.2)
+            ax.plot(data["depth"], data["p99"], "o-" if sample == "feature" else "s--", color=colour, label=f"{label}: P99")
+            ax.fill_between(data["depth"], data["p99_low"], data["p99_high"], color=colour, alpha=0.2)
+            ax.plot(data["depth"], data["mean"], ":", color=colour, label=f"{label}: mean")
         ax.set_xlabel("normalised depth of the SAE (layer / (layers − 1))")
-        ax.set_ylabel("mean participation score\n(robust z against random directions)")
+        ax.set_ylabel("participation score over directions\n(robust z against random directions)")
         ax.set_title(f"{PHASE_LABELS[phase]}\nC2 verdict: {verdict.get(f'C2 {phase}', 'not measured')}", fontsize=10)
         ax.set_xlim(-0.03, 1.03)
         if truth is not None and phase in set(truth["phase"]):

@@ -22,8 +22,10 @@ The per-head phase score is the MEAN of the phase's kinds' z (a max of several n
 be biased upward on noise). ``participates`` = score > the ``quantile`` (P99) of the same score over the
 null rows of that (phase, attention layer, head), so ~1 % of random directions participate by construction.
 
-Depth profile (per release, sample ``feature`` | ``control``, phase and SAE layer): mean / median / P75 over
-the sample's directions of their mean score over heads, at normalised depth z = layer / (n_layers − 1).
+Depth profile (per release, sample ``feature`` | ``control``, phase and SAE layer): mean / median / P75 / P99
+over the sample's directions of their mean score over heads, at normalised depth z = layer / (n_layers − 1).
+The verdicts read the P99 (``core.verdicts``): taking part in attention is a property of a few features,
+and the mean over all features moves with the SAE's covariance as much as with them (the control shows it).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ SCORE_KINDS: dict[str, tuple[str, ...]] = {
 }
 OV_WRITE_KIND = "ov_write_norm"
 MAD_TO_SD = 1.4826  # MAD of a normal distribution × 1.4826 = its standard deviation
-PROFILE_STATS = ("mean", "median", "p75")
+PROFILE_STATS = ("mean", "median", "p75", "p99")
 SAE_COLUMNS = ["release", "sae_id", "layer"]
 
 
@@ -125,8 +127,8 @@ def normalised_depth(layer: pd.Series | np.ndarray, n_layers: int) -> np.ndarray
 def depth_profile(
     feature_part: pd.DataFrame, n_layers: int, value: str = "mean_score", n_boot: int = 500, seed: int = 0
 ) -> pd.DataFrame:
-    """Per (release, sample, phase, layer): ``depth``, ``n`` directions, and for each of mean / median / P75
-    of ``value``: the point value and a 95 % bootstrap band over directions (``<stat>_low``, ``<stat>_high``:
+    """Per (release, sample, phase, layer): ``depth``, ``n`` directions, and for each of mean / median / P75 /
+    P99 of ``value``: the point value and a 95 % bootstrap band over directions (``<stat>_low``, ``<stat>_high``:
     the within-layer sampling error only; the verdicts treat the layer as the unit, ``core.verdicts``);
     ``participating`` = fraction participating in at least one head."""
     rng = np.random.default_rng(seed)

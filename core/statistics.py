@@ -98,15 +98,16 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return mann_whitney(scores[labels], scores[~labels]).auroc
 
 
+QUANTILE_STATS = {"median": 0.5, "p75": 0.75, "p99": 0.99}
+
+
 def summary_statistic(values: np.ndarray, name: str) -> np.ndarray:
-    """``name`` ('mean', 'median' or 'p75', linear interpolation) over the last axis of ``values``."""
+    """``name`` ('mean', or 'median' / 'p75' / 'p99', linear interpolation) over the last axis of ``values``."""
     if name == "mean":
         return values.mean(axis=-1)
-    if name == "median":
-        return np.median(values, axis=-1)
-    if name == "p75":
-        return np.quantile(values, 0.75, axis=-1)
-    raise ValueError(f"unknown statistic {name!r}: use 'mean', 'median' or 'p75'")
+    if name in QUANTILE_STATS:
+        return np.quantile(values, QUANTILE_STATS[name], axis=-1)
+    raise ValueError(f"unknown statistic {name!r}: use 'mean' or one of {sorted(QUANTILE_STATS)}")
 
 
 def quadratic_fit(z: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -12,8 +12,11 @@ any direction would show — is not credited to the features. ``ALPHA`` is the o
   ``consistent`` only when that interval lies INSIDE ``C1_BAND`` (equivalence, not mere overlap) and the
   features' Wilson interval lies above the control's; ``not reproduced`` when it lies outside the band;
   else ``inconclusive``.
-* **C2 <phase>** (depth-dependent attention structure): per SAE layer, Δ_l = mean participation score of the
-  features − that of the control (null-z units, ``core.profiles``). One pre-registered hypothesis per phase
+* **C2 <phase>** (depth-dependent attention structure): per SAE layer, Δ_l = the ``LAYER_STATISTIC`` (P99) of
+  the features' participation scores − that of the control's (null-z units, ``core.profiles``). A tail, not
+  the mean: few features take part in attention, and the mean over all directions shifts with the SAE's own
+  covariance — measured on planted-gemma, the control's mean matched the features' in every layer while the
+  features' P99 carried the planted profile at 3–5× the control's. One pre-registered hypothesis per phase
   and model family (``C2_HYPOTHESIS``): a one-sided permutation test over layer order of the curvature of a
   quadratic through Δ_l (``core.statistics.shape_permutation_test``). ``consistent`` when p < ALPHA and the
   fitted vertex lies inside depth [0.1, 0.9]; ``not reproduced`` when the opposite shape is significant;
@@ -26,9 +29,9 @@ any direction would show — is not credited to the features. ``ALPHA`` is the o
   ``C3_MIN_AUROC`` (Vargha & Delaney's "small" effect, A = 0.56); ``not reproduced`` when the CI lies below
   it; else ``inconclusive``; ``not measured`` when no layer has ``C3_MIN_GROUP`` features in both groups.
   ``control_value`` = the same effect among the control's directions (semantic by the same classifier).
-* **C4** (Llama is higher in the decoder–unembedding phase): per SAE layer, the features' mean of
-  (decoder-phase score − encoder-phase score) minus the control's — both phases in the same null-z units,
-  so the comparison is unitless. Mean over layers, a 95 % bootstrap interval over layers (descriptive) and
+* **C4** (Llama is higher in the decoder–unembedding phase): per SAE layer, (decoder − encoder) of the
+  features' ``LAYER_STATISTIC`` minus the same for the control — both phases in the same null-z units, so the
+  comparison is unitless. Mean over layers, a 95 % bootstrap interval over layers (descriptive) and
   an exact one-sided sign-flip test over layers (``core.statistics.sign_flip_test``); ``consistent`` when
   p(mean > 0) < ALPHA, ``not reproduced`` when p(mean < 0) < ALPHA, else ``inconclusive``. For other model
   families the value is reported and the verdict is ``not measured`` (the claim is about Llama).
@@ -42,6 +45,7 @@ import pandas as pd
 from core.profiles import normalised_depth
 from core.statistics import (
     layer_bootstrap,
+    summary_statistic,
     min_layers_for,
     shape_permutation_test,
     sign_flip_test,
@@ -54,6 +58,7 @@ C1_BAND = (0.20, 0.30)
 C3_MIN_AUROC = 0.56
 C3_MIN_GROUP = 10
 VERTEX_RANGE = (0.1, 0.9)
+LAYER_STATISTIC = "p99"  # core.statistics.summary_statistic name of the per-layer participation statistic
 # The reconstruction's pre-registered depth shapes (the abstract says only "depth-dependent structure"):
 # one hypothesis per (model family, phase), tested once. Change it here, never per run.
 C2_HYPOTHESIS: dict[str, dict[str, str]] = {
@@ -104,22 +109,24 @@ def c1_verdict(per_feature: pd.DataFrame) -> dict:
     return _row("C1", verdict, statistic, rule, hits / n, (low, high), c_hits / c_n if c_n else NAN, n=n)
 
 
-def _layer_means(per_feature: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Per layer: the features' and the control's mean of ``column`` (layers where both have values)."""
-    means = per_feature.dropna(subset=[column]).groupby(["layer", "sample"])[column].mean().unstack("sample")
-    return means.reindex(columns=["feature", "control"]).dropna().sort_index()
+def _layer_stats(per_feature: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per layer: the features' and the control's ``LAYER_STATISTIC`` of ``column`` (layers where both have
+    values)."""
+    groups = per_feature.dropna(subset=[column]).groupby(["layer", "sample"])[column]
+    stats = groups.agg(lambda v: float(summary_statistic(v.to_numpy(dtype=np.float64), LAYER_STATISTIC)))
+    return stats.unstack("sample").reindex(columns=["feature", "control"]).dropna().sort_index()
 
 
 def c2_verdict(per_feature: pd.DataFrame, phase: str, family: str, n_layers: int) -> dict:
     """C2 for one phase (module doc)."""
     claim, column = f"C2 {phase}", PHASE_SCORES[phase]
     shape = C2_HYPOTHESIS.get(family, {}).get(phase)
-    statistic = f"curvature of features − control over depth, sign of a {shape} (null-z units)"
+    statistic = f"curvature of {LAYER_STATISTIC} features − control over depth, sign of a {shape} (null-z units)"
     if shape is None:
         return _row(claim, "not measured", statistic, f"no pre-registered shape for model family {family!r}")
     if column not in per_feature:
         return _row(claim, "not measured", statistic, "no attention statistics")
-    means = _layer_means(per_feature, column)
+    means = _layer_stats(per_feature, column)
     need = min_layers_for(ALPHA)
     if len(means) < need:
         return _row(claim, "not measured", statistic,
@@ -177,13 +184,13 @@ def c3_verdict(per_feature: pd.DataFrame, claim: str) -> dict:
 
 def c4_verdict(per_feature: pd.DataFrame, family: str) -> dict:
     """C4 (module doc)."""
-    statistic = "decoder − encoder phase score, features − control (null-z units)"
+    statistic = f"decoder − encoder phase {LAYER_STATISTIC}, features − control (null-z units)"
     columns = list(PHASE_SCORES.values())
     if not set(columns) <= set(per_feature):
         return _row("C4", "not measured", statistic, "no attention statistics")
     both = per_feature.dropna(subset=columns)
-    diff = both.assign(d=both[columns[1]] - both[columns[0]])
-    means = _layer_means(diff, "d")
+    enc, dec = _layer_stats(both, columns[0]), _layer_stats(both, columns[1])
+    means = dec - enc
     if len(means) < 2:
         return _row("C4", "not measured", statistic, f"{len(means)} layer(s) with both phases: need 2", n=len(means))
     excess = (means["feature"] - means["control"]).to_numpy()
