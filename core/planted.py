@@ -52,26 +52,60 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
   (1.5) for semantic ones in Llama Scope. ``b_enc, b_dec ~ N(0, 0.05^2)``; Gemma ``threshold ~
   U(0.05, 0.5)``; Llama ``jump_relu_threshold ~ U(0.3, 0.8)`` and
   ``dataset_average_activation_norm`` in = out ``~ sqrt(d_model) * U(0.5, 2)``.
-* Attention, per layer l (using layer l's SAE features) and query head h, which reads kv head
-  k = h // (n_heads / n_kv_heads). Each kv head gets ``attn_rank`` (16) distinct semantic features
-  f_0..f_{r-1}; for head row j < r (g_in = the layer's input-norm gain):
-  ``W_K[k, j] = e_{f_j} / g_in``, ``W_V[k, j] = d_{f_j} / g_in`` (unit encoder / decoder
-  directions), ``W_Q[h, j] = s_enc(l, h) * c_in[input group of f_j] / g_in``,
-  ``W_O[:, h, j] = s_dec(l, h) * c_out[output group of f_j]``; all other rows ``N(0, 0.02^2)``.
-  Hence ``(W_Q diag g_in)^T (W_K diag g_in) = s_enc * sum_j c_in[i_j] e_j^T + noise`` (QK:
-  embedding centre x encoder direction) and ``W_O W_V diag g_in = s_dec * sum_j c_out[o_j] d_j^T +
-  noise`` (OV: reads the decoder direction, writes the unembedding centre). Gemma's
-  post-attention norm gain is not compensated. Strengths over normalised depth
-  z = l / (n_layers - 1): ``s(l, h) = s_min + (s_max - s_min) * shape(z) * head_scale[h]``,
-  shape ``U`` = (2z - 1)^2 or ``inverted-U`` = 1 - (2z - 1)^2, head_scale = linspace(1, 0.6,
-  n_heads), s_min 0.5, s_max 4. Defaults: encoder phase U, decoder phase inverted-U; the registry
-  gives planted-llama the opposite shapes, so a pipeline has to read the shapes from the weights.
-  Gemma 3: the per-head q/k RMSNorm divides each query and key by its own rms, so a scale on W_Q rows
-  cancels; the encoder-phase strength is planted in the layer's ``q_norm`` gain instead (``1 + w = s_enc(l)``
-  on the rows < attn_rank, ``k_norm`` gain 1 there). That gain is shared by all heads of a layer, so the
-  registry sets ``head_scale_min: 1`` (head_scale = linspace(1, head_scale_min, n_heads)) and the planted
-  strength is the truth per head.
-* Everything else (MLP, remaining attention rows) is ``N(0, 0.02^2)``.
+* Attention: layer pairing. An SAE at layer L reads resid_post(L) = the input of block L+1: its decoder
+  direction sits where attention layer L+1 (and later) READS, its encoder direction reads what layers <= L
+  WROTE. So model layer l (input-norm gain g_in, query head h reading kv head k = h // (n_heads / n_kv_heads))
+  carries, in head rows (r = ``attn_rank``, 12; m = ``model_rank``, 4; 2r + m <= head_dim or the registry must
+  lower attn_rank):
+
+  - rows j in [0, r): decoder READERS of SAE l-1's semantic features f_j (output group o_j; none at l = 0, so the
+    last SAE has no reader): QK ``W_K[k, j] g_in = s_kv dhat_{f_j} + bg``, ``W_Q[h, j] g_in = s_h c_out[o_j] +
+    bg`` (queries from the output group's unembedding rows select the decoder direction as a key); OV
+    ``W_V[k, j] g_in = s_kv dhat_{f_j} + bg``, ``W_O[:, h, j] = s_h c_out[o_j] + bg`` (the head moves the decoder
+    direction into the output group's unembedding centre);
+  - rows r + j in [r, 2r): encoder WRITERS of SAE l's semantic features f_j (input group i_j): OV
+    ``W_V[k, r + j] g_in = s_kv c_in[i_j] + bg`` (reads the input group's embedding centre), ``W_O[:, h, r + j] =
+    s_h ehat_{f_j} + bg`` (writes the encoder direction); their Q/K rows are background only;
+  - rows [2r, 2r + m): MODEL-ONLY structure on random unit directions that are in no SAE and no token group
+    (a, w per query head; b, v per kv head; fresh per layer): QK ``W_Q[h, .] g_in = s a + bg``, ``W_K[k, .] g_in =
+    s_kv b + bg`` (layers >= 1); OV ``W_V[k, .] g_in = s_kv v + bg``, ``W_O[:, h, .] = s w + bg``;
+  - every row of q/k/v/o_proj (planted or not, all heads) carries the background bg: entries N(0, B^2 / d_model),
+    B = ``attn_background`` (1), so each background row has norm ~B; the planted vectors are unit. The dividing
+    by g_in folds the input norm's gain, so ``n_l(x)`` meets the planted vector itself. k/v rows are shared by a kv
+    group's query heads: they carry s_kv = the mean of those heads' s_h. Gemma's post-attention norm gain and
+    Gemma 3's q_norm / k_norm gains (random like every norm gain) are not compensated.
+
+  Features per layer and kv head: r distinct semantic features per role, drawn seeded; first those whose group
+  (output group for readers, input group for writers) is new, and on Gemma (tied: c_in = c_out) writers whose
+  input group is not a reader output group of the same layer (else the reader's OV, writing c_out[o], would
+  also write that writer feature's input); if an SAE has fewer than n_kv_heads * r semantic features, each kv
+  head gets floor(n_semantic / n_kv_heads) rows per role and the truth lists that under ``attention.rank.reduced``.
+  On tied Gemma the reader rows of layer L still write c_out[o] = c_in[o] for any SAE-L feature whose input group
+  is o (the truth lists them per SAE as ``encoder_cross_talk_features``; likewise ``decoder_cross_talk_features``:
+  SAE-L features whose output group is an input group of layer L+1's writer rows).
+
+* Strength = selectivity, not scale. Gemma's post-attention norm divides out any o_proj scale, ``W_V c, W_O / c``
+  and ``W_Q c, W_K / c`` per head change nothing, and a global residual rescale is invisible on Llama: so the
+  depth profile is planted as the amplitude s of the unit planted vector against the fixed background in the
+  same rows, i.e. how much more the head responds to the planted direction than to a random one. Over the
+  phase's SAE layers L (encoder writers: L = 0..N-1 in layer L; decoder readers: L = 0..N-2 in layer L+1;
+  z = i / (n - 1)): ``s(L, h) = s_min + (s_max - s_min) * shape(z) * head_scale[h]``, shape ``U`` = (2z - 1)^2,
+  ``inverted-U`` = 1 - (2z - 1)^2 or ``flat`` = 1/2; head_scale = linspace(1, head_scale_min, n_heads) (0.6);
+  s_min 0.25, s_max 1.2 (tuned: the robust z of ``tests/test_planted.py``'s circuit helper for planted
+  attention features rises monotonically from ~0.5 to ~10 over that range; above ~1.5 Gemma-2's decoder z
+  saturates, Gemma 3's q/k norms cap it near 4). Defaults: encoder phase U, decoder inverted-U; planted-llama
+  has the opposite shapes, so a pipeline has to read the shapes from the weights. The model-only structure has
+  the OPPOSITE shape (QK: of dec_profile over SAE layers 0..N-2, in layer L+1; OV: of enc_profile over 0..N-1;
+  opposite(flat) = flat) with amplitudes model_s_min 0.25 .. model_s_max 1.2: as selective for its own
+  directions as the planted features are for theirs, and invisible to any SAE direction (a random SAE projects
+  on it exactly as random directions do). It also dilutes a feature's z in the same head (the null's spread
+  grows with it); at <= 1.2 that is ~5 %, and opposite shapes only sharpen the planted one.
+* Null SAEs (``null_sae: true``, releases planted-*-null): the model is built from the parent's parameters and
+  seed exactly as above (byte-identical model repo, same commit); the SAE files hold isotropic random unit
+  directions (no redraw), encoder norms U(0.8, 1.2), decoder norms as the parent's non-semantic ones, the same
+  biases / thresholds / hyperparameters, no semantic feature; the truth's phases say shape ``none``, strength 0,
+  and ``attention.model_only.feature_rows`` keeps what the parent's features carry (model-only here).
+* Everything else (MLP) is ``N(0, 0.02^2)``.
 
 SAE directions are generated for every layer from per-layer generator streams, so the model
 (whose attention uses them) and each layer's SAE do not depend on which ``layers`` are written.
@@ -104,7 +138,9 @@ __all__ = ["PlantedParams", "PlantedTruth", "TokenGroup", "generate", "gpt2_toke
 FORMAT_VERSION = 1
 GPT2_VOCAB_SIZE = 50257
 GROUP_SUFFIXES: tuple[str, ...] = ("", "s", "es", "ed", "ing", "er", "ers", "ly", "ion", "ions")
-PROFILE_SHAPES: tuple[str, ...] = ("U", "inverted-U")
+PROFILE_SHAPES: tuple[str, ...] = ("U", "inverted-U", "flat")
+# the depth shape of the model-only structure: opposite to the feature profile it sits beside
+OPPOSITE: dict[str, str] = {"U": "inverted-U", "inverted-U": "U", "flat": "flat"}
 _REGISTRY = Path(__file__).with_name("releases.yaml")
 _NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: np.savez stamps the wall clock
 
@@ -133,12 +169,17 @@ class PlantedParams:
     random_max_cos: float = 0.25
     semantic_encoder_ratio: float = 2.0
     semantic_decoder_ratio: float = 1.5  # Llama Scope only: Gemma Scope decoder rows are unit norm
-    attn_rank: int = 16
-    s_min: float = 0.5
-    s_max: float = 4.0
+    attn_rank: int = 12  # rows per kv head for the decoder readers, and again for the encoder writers
+    model_rank: int = 4  # rows per head of the model-only QK / OV structure (after the 2 * attn_rank rows)
+    attn_background: float = 1.0  # row norm of the random background in every q/k/v/o row
+    s_min: float = 0.25  # planted amplitude (unit planted vector) relative to the background, per depth profile
+    s_max: float = 1.2
+    model_s_min: float = 0.25  # amplitudes of the model-only structure (random unit directions)
+    model_s_max: float = 1.2
     enc_profile: str = "U"
     dec_profile: str = "inverted-U"
     head_scale_min: float = 0.6  # head_scale = linspace(1, head_scale_min, n_heads)
+    null_sae: bool = False  # SAE files hold random directions only; the model is the parent's, byte for byte
 
     @property
     def n_semantic(self) -> int:
@@ -198,12 +239,11 @@ def _params(entry: dict[str, Any]) -> PlantedParams:
     for shape in (params.enc_profile, params.dec_profile):
         if shape not in PROFILE_SHAPES:
             raise ValueError(f"profile shape {shape!r} not in {PROFILE_SHAPES}")
-    if params.n_heads % params.n_kv_heads or params.attn_rank > params.head_dim:
-        raise ValueError("need n_heads % n_kv_heads == 0 and attn_rank <= head_dim")
-    if params.n_kv_heads * params.attn_rank > params.n_semantic:
-        raise ValueError("fewer semantic features than attention rows to plant")
-    if params.architecture == "gemma3" and params.head_scale_min != 1.0:
-        raise ValueError("gemma3 plants the encoder strength in the layer-wide q_norm gain: need head_scale_min 1")
+    if params.n_heads % params.n_kv_heads:
+        raise ValueError("need n_heads % n_kv_heads == 0")
+    if 2 * params.attn_rank + params.model_rank > params.head_dim:
+        raise ValueError(f"2 * attn_rank + model_rank = {2 * params.attn_rank + params.model_rank} rows exceed "
+                         f"head_dim {params.head_dim}: reduce attn_rank")
     return params
 
 
@@ -268,13 +308,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _profile(shape: str, p: PlantedParams) -> np.ndarray:
-    """Strengths (n_layers, n_heads) of one attention phase."""
-    z = np.linspace(0.0, 1.0, p.n_layers) if p.n_layers > 1 else np.zeros(1)
+def _shape(shape: str, n: int) -> np.ndarray:
+    """The depth shape in [0, 1] at z = i / (n - 1), i = 0..n-1: U = (2z - 1)^2, inverted-U = 1 - (2z - 1)^2,
+    flat = 1/2."""
+    z = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(max(n, 0))
     u = (2 * z - 1) ** 2
-    s = u if shape == "U" else 1 - u
+    return {"U": u, "inverted-U": 1 - u, "flat": np.full(len(z), 0.5)}[shape]
+
+
+def _profile(shape: str, n: int, lo: float, hi: float, p: PlantedParams) -> np.ndarray:
+    """Strengths (n, n_heads) over n SAE layers: ``lo + (hi - lo) * shape(z) * head_scale[h]``."""
     head_scale = np.linspace(1.0, p.head_scale_min, p.n_heads)
-    return p.s_min + (p.s_max - p.s_min) * s[:, None] * head_scale[None, :]
+    return lo + (hi - lo) * _shape(shape, n)[:, None] * head_scale[None, :]
 
 
 def _gain(w: np.ndarray, architecture: str) -> np.ndarray:
@@ -323,29 +368,118 @@ def _sae_layer(p: PlantedParams, layer: int, c_in: np.ndarray, c_out: np.ndarray
     return _Layer(semantic, out_group, in_group, enc_dir, dec_dir, enc_norm, dec_norm)
 
 
-def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int, sae: _Layer,
-                     c_in: np.ndarray, c_out: np.ndarray, s_enc: np.ndarray,
-                     s_dec: np.ndarray) -> list[list[int]]:
-    """Write the QK / OV structure of one layer in place; returns the features per kv head."""
+def _null_sae_layer(p: PlantedParams, layer: int) -> _Layer:
+    """A null SAE: isotropic random unit encoder and decoder directions (no redraw, no semantic feature),
+    encoder norms U(0.8, 1.2), decoder norms 1 (Gemma Scope) or U(0.8, 1.2) (Llama Scope)."""
+    rng = np.random.default_rng([p.seed, 4, layer])
+    d, n = p.d_model, p.d_sae
+    enc_dir = _unit(rng.normal(size=(n, d)))
+    dec_dir = _unit(rng.normal(size=(n, d)))
+    enc_norm = rng.uniform(0.8, 1.2, n)
+    dec_norm = np.ones(n) if p.gemma else rng.uniform(0.8, 1.2, n)
+    none = np.zeros(0, dtype=np.int64)
+    return _Layer(none, none, none, enc_dir, dec_dir, enc_norm, dec_norm)
+
+
+@dataclass(frozen=True)
+class _Strengths:
+    """Planted amplitudes, (SAE layers, n_heads) each: decoder readers (SAE layers 0..N-2, read by layer L+1),
+    encoder writers (0..N-1, written by layer L), model-only QK (0..N-2, in layer L+1) and OV (0..N-1, layer L)."""
+
+    dec: np.ndarray
+    enc: np.ndarray
+    model_qk: np.ndarray
+    model_ov: np.ndarray
+
+
+def _strengths(p: PlantedParams) -> _Strengths:
+    n = p.n_layers
+    return _Strengths(
+        dec=_profile(p.dec_profile, n - 1, p.s_min, p.s_max, p),
+        enc=_profile(p.enc_profile, n, p.s_min, p.s_max, p),
+        model_qk=_profile(OPPOSITE[p.dec_profile], n - 1, p.model_s_min, p.model_s_max, p),
+        model_ov=_profile(OPPOSITE[p.enc_profile], n, p.model_s_min, p.model_s_max, p),
+    )
+
+
+def _pick(rng: np.random.Generator, groups: np.ndarray, n: int, avoid: set[int]) -> np.ndarray:
+    """``n`` positions into an SAE's semantic features (``groups``: their output or input group), in a seeded
+    order that first takes features whose group is new and not in ``avoid``, then the rest."""
+    order = rng.permutation(len(groups))
+    seen = set(avoid)
+    first: list[int] = []
+    for i in order:
+        if int(groups[i]) not in seen:
+            first.append(int(i))
+            seen.add(int(groups[i]))
+    taken = set(first)
+    rest = [int(i) for i in order if int(i) not in taken]
+    return np.array((first + rest)[:n], dtype=np.int64)
+
+
+def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int, reader: _Layer | None,
+                     writer: _Layer, c_in: np.ndarray, c_out: np.ndarray, s: _Strengths) -> dict[str, Any]:
+    """Write layer ``layer``'s q/k/v/o_proj (module doc, "Attention"); returns what was planted where."""
     rng = np.random.default_rng([p.seed, 2, layer])
     pre = f"model.layers.{layer}."
     g_in = _gain(state[pre + "input_layernorm.weight"], p.architecture)
-    q, k = state[pre + "self_attn.q_proj.weight"], state[pre + "self_attn.k_proj.weight"]
-    v, o = state[pre + "self_attn.v_proj.weight"], state[pre + "self_attn.o_proj.weight"]
-    r, hd, per_kv = p.attn_rank, p.head_dim, p.n_heads // p.n_kv_heads
-    pos = rng.choice(len(sae.semantic), p.n_kv_heads * r, replace=False).reshape(p.n_kv_heads, r)
+    d, hd, per_kv, r, m = p.d_model, p.head_dim, p.n_heads // p.n_kv_heads, p.attn_rank, p.model_rank
+    bg = p.attn_background / math.sqrt(d)
+    q = rng.normal(0.0, bg, (p.n_heads * hd, d))
+    k = rng.normal(0.0, bg, (p.n_kv_heads * hd, d))
+    v = rng.normal(0.0, bg, (p.n_kv_heads * hd, d))
+    o = rng.normal(0.0, bg, (d, p.n_heads * hd))
+    # model-only directions: query / output side per query head, key / value side per kv head
+    mq, mo = _unit(rng.normal(size=(2, p.n_heads, m, d)))
+    mk, mv = _unit(rng.normal(size=(2, p.n_kv_heads, m, d)))
+    r_dec = 0 if reader is None else min(r, len(reader.semantic) // p.n_kv_heads)
+    r_enc = min(r, len(writer.semantic) // p.n_kv_heads)
+    read_pos = (np.zeros((p.n_kv_heads, 0), dtype=np.int64) if reader is None else
+                _pick(rng, reader.out_group, p.n_kv_heads * r_dec, set()).reshape(p.n_kv_heads, r_dec))
+    avoid = set() if reader is None else {int(g) for g in reader.out_group[read_pos.ravel()]}
+    if not p.gemma:  # untied: embedding and unembedding centres are independent, no cross-talk to avoid
+        avoid = set()
+    write_pos = _pick(rng, writer.in_group, p.n_kv_heads * r_enc, avoid).reshape(p.n_kv_heads, r_enc)
     for kv in range(p.n_kv_heads):
-        rows = slice(kv * hd, kv * hd + r)
-        feats = sae.semantic[pos[kv]]
-        k[rows] = sae.enc_dir[feats] / g_in
-        v[rows] = sae.dec_dir[feats] / g_in
-        for h in range(kv * per_kv, (kv + 1) * per_kv):
-            q[h * hd:h * hd + r] = s_enc[layer, h] * c_in[sae.in_group[pos[kv]]] / g_in
-            o[:, h * hd:h * hd + r] = s_dec[layer, h] * c_out[sae.out_group[pos[kv]]].T
-    if p.architecture == "gemma3":  # q/k_norm cancel row scales: the layer's strength goes into the q_norm gain
-        state[pre + "self_attn.q_norm.weight"][:r] = s_enc[layer, 0] - 1.0
-        state[pre + "self_attn.k_norm.weight"][:r] = 0.0
-    return [sae.semantic[pos[kv]].tolist() for kv in range(p.n_kv_heads)]
+        heads = list(range(kv * per_kv, (kv + 1) * per_kv))
+        kb = kv * hd
+        if reader is not None and r_dec:
+            feats, grp = reader.semantic[read_pos[kv]], reader.out_group[read_pos[kv]]
+            shared = s.dec[layer - 1, heads].mean()  # k/v rows are shared by the kv group's query heads
+            k[kb:kb + r_dec] += shared * reader.dec_dir[feats]
+            v[kb:kb + r_dec] += shared * reader.dec_dir[feats]
+            for h in heads:
+                q[h * hd:h * hd + r_dec] += s.dec[layer - 1, h] * c_out[grp]
+                o[:, h * hd:h * hd + r_dec] += s.dec[layer - 1, h] * c_out[grp].T
+        if r_enc:
+            feats, grp = writer.semantic[write_pos[kv]], writer.in_group[write_pos[kv]]
+            v[kb + r:kb + r + r_enc] += s.enc[layer, heads].mean() * c_in[grp]
+            for h in heads:
+                o[:, h * hd + r:h * hd + r + r_enc] += s.enc[layer, h] * writer.enc_dir[feats].T
+        rows = slice(2 * r, 2 * r + m)
+        if layer >= 1:  # model-only QK, read by no decoder phase at layer 0
+            k[kb + 2 * r:kb + 2 * r + m] += s.model_qk[layer - 1, heads].mean() * mk[kv]
+            for h in heads:
+                q[h * hd:(h + 1) * hd][rows] += s.model_qk[layer - 1, h] * mq[h]
+        v[kb + 2 * r:kb + 2 * r + m] += s.model_ov[layer, heads].mean() * mv[kv]
+        for h in heads:
+            o[:, h * hd:(h + 1) * hd][:, rows] += s.model_ov[layer, h] * mo[h].T
+    state[pre + "self_attn.q_proj.weight"] = q / g_in
+    state[pre + "self_attn.k_proj.weight"] = k / g_in
+    state[pre + "self_attn.v_proj.weight"] = v / g_in
+    state[pre + "self_attn.o_proj.weight"] = o
+    kvs = range(p.n_kv_heads)
+    return {
+        "decoder_readers": None if reader is None else {
+            "sae_layer": layer - 1, "rows": [0, r_dec],
+            "features_per_kv_head": [reader.semantic[read_pos[kv]].tolist() for kv in kvs],
+            "output_groups_per_kv_head": [reader.out_group[read_pos[kv]].tolist() for kv in kvs]},
+        "encoder_writers": {
+            "sae_layer": layer, "rows": [r, r + r_enc],
+            "features_per_kv_head": [writer.semantic[write_pos[kv]].tolist() for kv in kvs],
+            "input_groups_per_kv_head": [writer.in_group[write_pos[kv]].tolist() for kv in kvs]},
+        "model_only": {"rows": [2 * r, 2 * r + m], "qk": layer >= 1, "ov": True},
+    }
 
 
 def _model(p: PlantedParams) -> Any:
@@ -438,13 +572,18 @@ def _r(x: float) -> float:
     return round(float(x), 6)
 
 
-def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = None) -> PlantedTruth:
+def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = None,
+             overrides: dict[str, Any] | None = None) -> PlantedTruth:
     """Write the planted release ``release_id`` (model + SAE repo) into the hub cache ``cache_dir``.
 
     ``layers`` restricts which layers' SAEs are written (default: all); the model and every written
-    SAE are identical whichever layers are chosen. Returns the commit shas and the ground truth.
+    SAE are identical whichever layers are chosen. ``overrides`` replaces registry parameters (e.g.
+    ``{"semantic_fraction": 0.05}``, ``{"enc_profile": "flat"}``) for a variant written under the same repo
+    ids — into its own cache; the truth's ``params`` record them. Returns the commit shas and the ground truth.
     """
     entry = _release(release_id)
+    if overrides:
+        entry = {**entry, "planted": {**entry["planted"], **overrides}}
     p = _params(entry)
     layers = list(range(p.n_layers)) if layers is None else sorted(set(layers))
     if any(not 0 <= layer < p.n_layers for layer in layers):
@@ -469,9 +608,9 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
             state[name] = rng.normal(0.0, 0.02, tuple(param.shape))
     final_gain = _gain(state["model.norm.weight"], p.architecture)
     saes = [_sae_layer(p, layer, c_in, c_out, final_gain) for layer in range(p.n_layers)]
-    s_enc, s_dec = _profile(p.enc_profile, p), _profile(p.dec_profile, p)
-    attn_features = [_plant_attention(state, p, layer, saes[layer], c_in, c_out, s_enc, s_dec)
-                     for layer in range(p.n_layers)]
+    s = _strengths(p)
+    planted_rows = [_plant_attention(state, p, layer, saes[layer - 1] if layer else None, saes[layer], c_in, c_out, s)
+                    for layer in range(p.n_layers)]
 
     dtype = torch.float32 if p.gemma else torch.bfloat16
     with torch.no_grad():
@@ -485,12 +624,13 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         model_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
     model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files)
 
+    written = [_null_sae_layer(p, layer) for layer in range(p.n_layers)] if p.null_sae else saes
     sae_files: dict[str, bytes] = {}
     sae_truth: dict[str, Any] = {}
     for layer in layers:
-        sae_id, folder, files = _sae_files(p, entry, layer, saes[layer])
+        sae_id, folder, files = _sae_files(p, entry, layer, written[layer])
         sae_files.update(files)
-        sae_truth[sae_id] = _sae_truth(layer, folder, saes[layer])
+        sae_truth[sae_id] = _sae_truth(layer, folder, written[layer], None if p.null_sae else planted_rows, p)
     data = {
         "format_version": FORMAT_VERSION,
         "release_id": release_id,
@@ -499,7 +639,12 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "model_commit": model_commit,
         "sae_repo": entry["sae_repo"],
         "params": dataclasses.asdict(p),
-        "semantic_fraction": p.n_semantic / p.d_sae,
+        "null_sae": p.null_sae,
+        "planted_features": ("none: every SAE holds isotropic random directions only; the model is the parent "
+                             "release's (same seed and parameters), its planted rows read and write directions "
+                             "of SAEs that are not in this repo") if p.null_sae else
+                            "saes[sae_id].semantic_features; attention rows in attention.rows",
+        "semantic_fraction": 0.0 if p.null_sae else p.n_semantic / p.d_sae,
         "final_norm_gain": "1 + w" if p.gemma else "w",
         "token_groups": [
             {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids),
@@ -507,19 +652,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
             for g in groups
         ],
         "saes": sae_truth,
-        "attention": {
-            "depth": "z = layer / (n_layers - 1)",
-            "head_scale": _r_list(np.linspace(1.0, p.head_scale_min, p.n_heads)),
-            "encoder_embedding": {"shape": p.enc_profile, "strength": _r_list(s_enc),
-                                  "circuit": "QK: (W_Q g_in)^T (W_K g_in) "
-                                             "+= s * c_in[input group] e_f^T" + (
-                                                 "; q_norm gain = s on rows < attn_rank, k_norm gain 1"
-                                                 if p.architecture == "gemma3" else "")},
-            "decoder_unembedding": {"shape": p.dec_profile, "strength": _r_list(s_dec),
-                                    "circuit": "OV: W_O W_V g_in += s * c_out[output group] d_f^T"},
-            "features_per_kv_head": {str(li): feats for li, feats in enumerate(attn_features)},
-            "query_head_to_kv_head": [h // (p.n_heads // p.n_kv_heads) for h in range(p.n_heads)],
-        },
+        "attention": _attention_truth(p, s, planted_rows),
     }
     sae_files["planted_truth.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
     sae_commit = write_snapshot(cache_dir, entry["sae_repo"], sae_files)
@@ -537,8 +670,11 @@ def _r_list(a: np.ndarray) -> list[Any]:
     return np.round(a.astype(float), 6).tolist()
 
 
-def _sae_truth(layer: int, folder: str, sae: _Layer) -> dict[str, Any]:
+def _sae_truth(layer: int, folder: str, sae: _Layer, rows: list[dict[str, Any]] | None,
+               p: PlantedParams) -> dict[str, Any]:
     nonsem = np.setdiff1d(np.arange(len(sae.enc_norm)), sae.semantic)
+    readers = rows[layer + 1]["decoder_readers"] if rows is not None and layer + 1 < p.n_layers else None
+    writers = rows[layer]["encoder_writers"] if rows is not None else None
     return {
         "layer": layer,
         "folder": folder,
@@ -549,6 +685,81 @@ def _sae_truth(layer: int, folder: str, sae: _Layer) -> dict[str, Any]:
         ],
         "non_semantic_encoder_norm_mean": _r(sae.enc_norm[nonsem].mean()),
         "non_semantic_decoder_norm_mean": _r(sae.dec_norm[nonsem].mean()),
+        # decoder directions read by attention layer L+1's planted rows (none for the last SAE)
+        "attention_decoder_features": [] if readers is None else sorted(
+            f for feats in readers["features_per_kv_head"] for f in feats),
+        # encoder directions written by attention layer L's planted rows
+        "attention_encoder_features": [] if writers is None else sorted(
+            f for feats in writers["features_per_kv_head"] for f in feats),
+        # tied Gemma only (c_in = c_out): features that layer L's reader rows also write into (input group = a
+        # reader output group) and that layer L+1's writer rows also read (output group = a writer input group)
+        "encoder_cross_talk_features": _cross_talk(sae, sae.in_group, rows[layer]["decoder_readers"],
+                                                   "output_groups_per_kv_head") if rows and p.gemma else [],
+        "decoder_cross_talk_features": _cross_talk(sae, sae.out_group, rows[layer + 1]["encoder_writers"],
+                                                   "input_groups_per_kv_head")
+                                       if rows and p.gemma and layer + 1 < p.n_layers else [],
+    }
+
+
+def _cross_talk(sae: _Layer, groups: np.ndarray, planted: dict[str, Any] | None, key: str) -> list[int]:
+    if planted is None:
+        return []
+    hit = {g for gs in planted[key] for g in gs}
+    return sorted(int(f) for f, g in zip(sae.semantic, groups, strict=True) if int(g) in hit)
+
+
+def _attention_truth(p: PlantedParams, s: _Strengths, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = p.n_layers
+    r_dec = min((r["decoder_readers"]["rows"][1] for r in rows[1:]), default=p.attn_rank)
+    r_enc = min(r["encoder_writers"]["rows"][1] - p.attn_rank for r in rows)
+    fewer = [f"{name} rows per kv head: {got} < attn_rank {p.attn_rank} (too few semantic features)"
+             for name, got in (("decoder reader", r_dec), ("encoder writer", r_enc)) if got < p.attn_rank]
+    phases: dict[str, Any] = {
+        "encoder_embedding": {
+            "shape": p.enc_profile, "strength": _r_list(s.enc), "layers": list(range(n)),
+            "attention_layers": list(range(n)),
+            "circuit": "OV writer of layer L: W_V[k, j'] g_in = s_kv c_in[input group] + bg, "
+                       "W_O[:, h, j'] = s ehat_f + bg (reads the input group, writes the encoder direction)"},
+        "decoder_unembedding": {
+            "shape": p.dec_profile, "strength": _r_list(s.dec), "layers": list(range(n - 1)),
+            "attention_layers": list(range(1, n)),
+            "circuit": "reader layer L+1: QK W_K[k, j] g_in = s_kv dhat_f + bg, W_Q[h, j] g_in = s c_out[o] + bg; "
+                       "OV W_V[k, j] g_in = s_kv dhat_f + bg, W_O[:, h, j] = s c_out[o] + bg"},
+    }
+    model_only = {
+        "description": "random unit directions in no SAE and no token group, rows [2 attn_rank, "
+                       "2 attn_rank + model_rank) of every head: QK W_Q[h, m] g_in = s a_hm + bg, "
+                       "W_K[k, m] g_in = s_kv b_km + bg (layers >= 1); OV W_V[k, m] g_in = s_kv v_km + bg, "
+                       "W_O[:, h, m] = s w_hm + bg",
+        "rank": p.model_rank,
+        "qk": {"shape": OPPOSITE[p.dec_profile], "strength": _r_list(s.model_qk), "layers": list(range(n - 1)),
+               "attention_layers": list(range(1, n))},
+        "ov": {"shape": OPPOSITE[p.enc_profile], "strength": _r_list(s.model_ov), "layers": list(range(n)),
+               "attention_layers": list(range(n))},
+    }
+    if p.null_sae:  # no SAE feature is planted: what the parent's features carry is model-only here
+        model_only["feature_rows"] = {ph: dict(v) for ph, v in phases.items()}
+        for ph, v in phases.items():
+            v.update(shape="none", strength=_r_list(np.zeros_like(np.array(v["strength"], dtype=float))))
+    return {
+        "pairing": "an SAE at layer L reads resid_post(L) = the input of block L+1: its decoder directions are "
+                   "read by attention layer L+1 (decoder_unembedding, SAE layers 0..N-2; the last SAE has no "
+                   "reader), its encoder directions are written by attention layer L (encoder_embedding, SAE "
+                   "layers 0..N-1). strength[L][h] is indexed by SAE layer L and query head h.",
+        "depth": "z = i / (n - 1) over the phase's SAE layers (n = N for encoder_embedding, N - 1 for "
+                 "decoder_unembedding)",
+        "strength_meaning": "amplitude of the unit planted vector in a row whose random background has norm "
+                            "attn_background: the head's selectivity for the planted direction over a random one "
+                            "(scale-free: every row, planted or not, carries the same background)",
+        "background": p.attn_background,
+        "head_scale": _r_list(np.linspace(1.0, p.head_scale_min, p.n_heads)),
+        "kv_rows": "k/v rows are shared by a kv group's query heads: they carry the mean strength of those heads",
+        **phases,
+        "rank": {"attn_rank": p.attn_rank, "decoder_rows": r_dec, "encoder_rows": r_enc, "model_rank": p.model_rank,
+                 "reduced": fewer},
+        "rows": {str(layer): r for layer, r in enumerate(rows)},
+        "model_only": model_only,
+        "query_head_to_kv_head": [h // (p.n_heads // p.n_kv_heads) for h in range(p.n_heads)],
     }
 
 

@@ -5,7 +5,10 @@ the hub cache, the Gemma Scope 2 loader and the Gemma 3 geometry, and its plante
 * the registry's Gemma Scope 2 pattern discovers every SAE, and only the tensors the analysis needs are fetched;
 * the output lens finds exactly the planted output-predicting features (their token group fills the top tokens;
   no group shows in a non-semantic feature's top tokens);
-* the QK circuit, with the q/k head norms folded, recovers the planted encoder-phase strength over depth.
+* with the layer pairing (an SAE at layer L: decoder read by attention layer L+1, encoder written by layer L) the
+  pipeline's circuits (``core.circuits``, q/k head norms folded) find the planted features' token groups at the
+  strongly planted layers and agree with the reference helper of ``tests/test_planted.py``, whose robust z profile
+  follows both planted depth shapes.
 
 ``tests/test_gemma3_chain.py`` runs the unchanged asset chain on it.
 """
@@ -27,6 +30,7 @@ from core.planted import PlantedTruth, generate
 from core.registry import get_release
 from core.release_watch import tracked_releases
 from core.sae_formats import FORMATS
+from tests.test_planted import Circuits, load_model, z_profiles
 
 RELEASE = "planted-gemma3"
 
@@ -95,24 +99,40 @@ def test_output_lens_recovers_the_planted_output_features(loaded, planted):
         assert called == set(semantic), ref.sae_id  # precision and recall 1
 
 
-def test_qk_circuit_with_head_norms_recovers_the_planted_depth_profile(loaded, planted):
+def test_paired_circuits_recover_the_planted_structure(loaded, planted):
     checkpoint, saes, group_of = loaded
-    _, truth = planted
+    cache, truth = planted
     attn = truth.data["attention"]
     operands = VocabOperands(checkpoint, "cpu")
-    measured, planted_strength = [], np.array(attn["encoder_embedding"]["strength"])
+    circ = Circuits(*load_model(cache, truth.model_repo))
+    hits: dict[str, list[float]] = {"decoder_unembedding": [], "encoder_embedding": []}
     for layer, (_, sae, sae_truth) in sorted(saes.items()):
-        input_group = {f["index"]: f["input_group"] for f in sae_truth["semantic_features"]}
-        feats = attn["features_per_kv_head"][str(layer)][0]  # one kv head (MQA)
-        per_head = []
-        for head in range(checkpoint.geometry.n_heads):
-            stats = circuit_stats(sae.encoder_directions()[feats], Circuit("encoder_embedding", "qk_feature_key",
-                                                                            layer, head), operands, k=10)
-            hits = group_of[stats.top_ids.numpy()] == np.array([input_group[f] for f in feats])[:, None]
-            assert hits.mean() > 0.5  # the key feature is selected by queries from its input group
-            per_head.append(float(stats.top_values.mean()))
-        measured.append(per_head)
-    measured = np.array(measured)
-    assert np.corrcoef(measured.ravel(), planted_strength.ravel())[0, 1] > 0.95
-    depth = measured.mean(1)
-    assert (depth[[0, -1]].mean() > depth[1:-1].mean()) == (attn["encoder_embedding"]["shape"] == "U")
+        sem = {f["index"]: f for f in sae_truth["semantic_features"]}
+        cases = [("encoder_embedding", "ov_writer", layer, sae.encoder_directions(),
+                  sae_truth["attention_encoder_features"], "input_group", circ.ov_writer)]
+        if layer + 1 < checkpoint.geometry.n_layers:  # the decoder is read by the NEXT layer
+            cases.append(("decoder_unembedding", "qk_feature_key", layer + 1, sae.decoder_directions(),
+                          sae_truth["attention_decoder_features"], "output_group", circ.qk_feature_key))
+        for phase, kind, attn_layer, directions, feats, group_key, reference in cases:
+            per_head = []
+            for head in range(checkpoint.geometry.n_heads):
+                stats = circuit_stats(directions[feats], Circuit(phase, kind, attn_layer, head), operands, k=10)
+                torch.testing.assert_close(stats.top_values.mean(1).float(),
+                                           reference(directions[feats].float(), attn_layer, head), rtol=2e-3, atol=2e-3)
+                want = np.array([sem[f][group_key] for f in feats])[:, None]
+                per_head.append((group_of[stats.top_ids.numpy()] == want).mean())
+            hits[phase].append(float(np.mean(per_head)))
+    for phase, values in hits.items():
+        strength = np.array(attn[phase]["strength"]).mean(1)
+        assert np.array(values)[strength == strength.max()].min() > 0.5, (phase, values)  # the group is selected
+        assert np.array(values)[strength == strength.min()].max() < 0.5, (phase, values)  # weakly planted: not
+
+
+def test_z_profiles_follow_the_planted_shapes(planted):
+    cache, truth = planted
+    attn = truth.data["attention"]
+    profiles = z_profiles(cache, truth)
+    for phase in ("encoder_embedding", "decoder_unembedding"):
+        z, s = profiles[phase]["attn"], np.array(attn[phase]["strength"]).mean(1)
+        assert np.corrcoef(z, s)[0, 1] > 0.9 and z.max() > 3 and z.min() < 1.5, (phase, z)
+    assert attn["encoder_embedding"]["shape"] == "U" and attn["decoder_unembedding"]["shape"] == "inverted-U"
