@@ -160,7 +160,9 @@ def phase_z(circ: Circuits, dirs: torch.Tensor, phase: str, sae_layer: int) -> t
                         for h in range(circ.n_heads)], 1)
 
 
-PHASES = {"encoder_embedding": ("attention_encoder_features", 0), "decoder_unembedding": ("attention_decoder_features", 1)}
+# phase -> (the SAE truth's list of planted attention features, 0 = encoder / 1 = decoder directions)
+PHASES = {"encoder_embedding": ("attention_encoder_features", 0),
+          "decoder_unembedding": ("attention_decoder_features", 1)}
 
 
 def z_profiles(cache: Path, t: PlantedTruth) -> dict[str, dict[str, np.ndarray]]:
@@ -544,6 +546,20 @@ def test_semantic_fraction_is_free(tmp_path: Path, fraction: float, rid: str) ->
             out = set(sum(r["decoder_readers"]["output_groups_per_kv_head"], []))
             inp = set(sum(r["encoder_writers"]["input_groups_per_kv_head"], []))
             assert not out & inp or n_sem < 2 * p["n_kv_heads"] * rows
+
+
+def test_z_rises_monotonically_with_the_planted_strength(tmp_path: Path) -> None:
+    """Over the registry's strength range (s_min .. s_max) the feature z rises steadily in both phases: the
+    planted strength is read as a graded selectivity, not a saturated on/off."""
+    means = []
+    for i, s in enumerate((0.25, 0.5, 0.8, 1.2)):
+        cache = tmp_path / str(i)
+        t = generate("planted-gemma", cache, layers=[1, 3], overrides={
+            "enc_profile": "flat", "dec_profile": "flat", "s_min": s, "s_max": s, "head_scale_min": 1.0})
+        prof = z_profiles(cache, t)
+        means.append([prof[phase]["attn"].mean() for phase in PHASES])
+    means = np.array(means)
+    assert (np.diff(means, axis=0) > 0.5).all() and means[0].max() < 2 and means[-1].min() > 6, means
 
 
 def test_flat_profile(tmp_path: Path) -> None:
