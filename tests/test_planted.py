@@ -562,6 +562,29 @@ def test_z_rises_monotonically_with_the_planted_strength(tmp_path: Path) -> None
     assert (np.diff(means, axis=0) > 0.5).all() and means[0].max() < 2 and means[-1].min() > 6, means
 
 
+def test_planted_z_survives_function_preserving_rescales(cache: Path, truths: dict[str, PlantedTruth]) -> None:
+    """The planted strength is not a scale: rescaling a Gemma layer's o_proj (divided out by the post-attention
+    norm), ``W_Q c, W_K / c`` and ``W_V c, W_O / c`` leave every z of the helper unchanged."""
+    t = truths["planted-gemma"]
+    config, state = load_model(cache, t.model_repo)
+    sae = t.data["saes"]["layer_2/width_512/average_l0_32"]
+    enc, dec = load_sae(cache, t, sae["folder"])
+    before = [phase_z(Circuits(config, state), d, ph, 2) for d, ph in ((enc, "encoder_embedding"),
+                                                                     (dec, "decoder_unembedding"))]
+    rescaled = dict(state)
+    for layer in (2, 3):
+        pre = f"model.layers.{layer}.self_attn."
+        rescaled[pre + "o_proj.weight"] = state[pre + "o_proj.weight"] * 7.0
+        rescaled[pre + "q_proj.weight"] = state[pre + "q_proj.weight"] * 3.0
+        rescaled[pre + "k_proj.weight"] = state[pre + "k_proj.weight"] / 3.0
+        rescaled[pre + "v_proj.weight"] = state[pre + "v_proj.weight"] * 0.2
+        rescaled[pre + "o_proj.weight"] = rescaled[pre + "o_proj.weight"] / 0.2
+    after = [phase_z(Circuits(config, rescaled), d, ph, 2) for d, ph in ((enc, "encoder_embedding"),
+                                                                       (dec, "decoder_unembedding"))]
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
 def test_flat_profile(tmp_path: Path) -> None:
     t = generate("planted-gemma", tmp_path, overrides={"enc_profile": "flat", "dec_profile": "flat"})
     attn = t.data["attention"]
