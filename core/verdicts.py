@@ -18,8 +18,12 @@ any direction would show — is not credited to the features. ``ALPHA`` is the o
   covariance — measured on planted-gemma, the control's mean matched the features' in every layer while the
   features' P99 carried the planted profile at 3–5× the control's. One pre-registered hypothesis per phase
   and model family (``C2_HYPOTHESIS``): a one-sided permutation test over layer order of the curvature of a
-  quadratic through Δ_l (``core.statistics.shape_permutation_test``). ``consistent`` when p < ALPHA and the
-  fitted vertex lies inside depth [0.1, 0.9]; ``not reproduced`` when the opposite shape is significant;
+  quadratic through Δ_l (``core.statistics.shape_permutation_test``: the layer as the unit), and the same
+  curvature's 95 % interval from resampling directions within each layer (the sampling error of each Δ_l,
+  ``depth_curvature_interval``). ``consistent`` when p < ALPHA, that interval lies on the hypothesised side of
+  0 and the fitted vertex lies inside depth [0.1, 0.9] — a shape must stand out of both the layer-to-layer
+  variation and each layer's own sampling noise (on the null twins the permutation test alone, at its 5 %
+  rate, called one chance U); ``not reproduced`` when the opposite shape is significant;
   else ``inconclusive``; ``not measured`` with fewer layers than a permutation test can use
   (``min_layers_for(ALPHA)`` = 4).
 * **C3 attention <phase>, C3 magnitude <norm>** (semantic and non-semantic features differ; the paper says
@@ -45,6 +49,7 @@ import pandas as pd
 from core.profiles import normalised_depth
 from core.statistics import (
     layer_bootstrap,
+    quadratic_fit,
     summary_statistic,
     min_layers_for,
     shape_permutation_test,
@@ -135,16 +140,38 @@ def c2_verdict(per_feature: pd.DataFrame, phase: str, family: str, n_layers: int
     depth = normalised_depth(means.index.to_numpy(), n_layers)
     test = shape_permutation_test((means["feature"] - means["control"]).to_numpy(), depth, shape)
     control = shape_permutation_test(means["control"].to_numpy(), depth, shape).statistic
+    low, high = depth_curvature_interval(per_feature, column, means.index.to_numpy(), depth, shape)
     rule = (f"pre-registered {shape}; consistent: one-sided permutation p < {ALPHA} over {test.n_permutations} layer "
-            f"orders and vertex in {list(VERTEX_RANGE)} (vertex {test.vertex:.2f}); not reproduced: the opposite shape "
-            f"significant (p {test.p_opposite:.3f})")
-    if test.p_value < ALPHA and VERTEX_RANGE[0] <= test.vertex <= VERTEX_RANGE[1]:
+            f"orders, the within-layer bootstrap interval of the signed curvature above 0 ({low:.2f}–{high:.2f}) and "
+            f"vertex in {list(VERTEX_RANGE)} (vertex {test.vertex:.2f}); not reproduced: the opposite shape significant "
+            f"(p {test.p_opposite:.3f})")
+    if test.p_value < ALPHA and low > 0 and VERTEX_RANGE[0] <= test.vertex <= VERTEX_RANGE[1]:
         verdict = "consistent"
     elif test.p_opposite < ALPHA:
         verdict = "not reproduced"
     else:
         verdict = "inconclusive"
-    return _row(claim, verdict, statistic, rule, test.statistic, control=control, p=test.p_value, n=len(means))
+    return _row(claim, verdict, statistic, rule, test.statistic, (low, high), control, test.p_value, len(means))
+
+
+def depth_curvature_interval(per_feature: pd.DataFrame, column: str, layers: np.ndarray, depth: np.ndarray,
+                             shape: str, n_boot: int = 400, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the signed curvature (+ for a U) of the quadratic through the per-layer
+    Δ_l = ``LAYER_STATISTIC`` (features) − ``LAYER_STATISTIC`` (control), features and control resampled with
+    replacement within each layer."""
+    rng = np.random.default_rng(seed)
+    sign = 1.0 if shape == "U" else -1.0
+    boots = np.empty((len(layers), n_boot))
+    for i, layer in enumerate(layers):
+        rows = per_feature[(per_feature["layer"] == layer)].dropna(subset=[column])
+        parts = []
+        for sample in ("feature", "control"):
+            v = rows.loc[rows["sample"] == sample, column].to_numpy(dtype=np.float64)
+            parts.append(summary_statistic(v[rng.integers(0, len(v), (n_boot, len(v)))], LAYER_STATISTIC))
+        boots[i] = parts[0] - parts[1]
+    curvature = sign * quadratic_fit(np.asarray(depth, dtype=np.float64), boots)[2]
+    low, high = np.quantile(curvature, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def _strata(frame: pd.DataFrame, column: str) -> list[tuple[np.ndarray, np.ndarray]]:

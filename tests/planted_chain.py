@@ -15,6 +15,7 @@ from orchestration.resources import ComputeResource, HubResource, StoreResource
 PLANTED = ("planted-gemma", "planted-llama")
 # The same planted models with SAEs of random directions: every claim must come out not consistent.
 PLANTED_NULL = ("planted-gemma-null", "planted-llama-null")
+FULL_UP_TO = 6  # releases with at most this many layers are analysed whole
 
 
 def chain_resources(cache: Path, data: Path, **compute: str | int) -> dict[str, dg.ConfigurableResource]:
@@ -28,12 +29,14 @@ def chain_resources(cache: Path, data: Path, **compute: str | int) -> dict[str, 
 
 
 def analysed(keys: list[str], releases: Sequence[str] = PLANTED) -> list[str]:
-    """Every layer's SAE of each release but one in the middle: enough layers for the layer-level tests
-    (a permutation test over layer order needs 4), and the gap the report must name."""
+    """Every layer's SAE of each release, less the middle one where a release has more than ``FULL_UP_TO``
+    layers: enough layers for the layer-level tests (a permutation test over layer order needs 4; more give
+    it power), and a gap the report must name."""
     picked = []
     for release in releases:
         ordered = sorted((k for k in keys if k.startswith(f"{release}:")), key=lambda k: parse_key(k).layer)
-        picked += ordered[: len(ordered) // 2] + ordered[len(ordered) // 2 + 1:]
+        middle = len(ordered) // 2
+        picked += ordered if len(ordered) <= FULL_UP_TO else ordered[:middle] + ordered[middle + 1:]
     return picked
 
 

@@ -37,7 +37,7 @@ def test_definitions_load():
 def test_every_sae_partition_is_registered_and_materialised(chain):
     instance, _, keys = chain
     registered = instance.get_dynamic_partitions("sae")
-    assert len(registered) == 6 + 8 and set(keys) < set(registered) and len(keys) == 5 + 7  # one layer left out each
+    assert len(registered) == 6 + 8 and set(keys) < set(registered) and len(keys) == 6 + 7  # llama: one layer left out
     for asset in ("sae_weights", "lens_tables", "feature_classes"):
         done = instance.get_materialized_partitions(dg.AssetKey(asset))
         assert done == set(keys), asset
@@ -49,7 +49,7 @@ def analysed_saes(t: dict, data: Path, release_id: str) -> dict:
     """The planted truth of the SAEs the chain analysed."""
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
         done = {r[0] for r in con.execute("SELECT DISTINCT sae_id FROM sae_features WHERE release = ?", [release_id]).fetchall()}
-    assert len(done) == 3
+    assert len(done) == get_release(release_id).n_layers - (release_id == "planted-llama")  # llama: one left out
     return {sae_id: sae for sae_id, sae in t["saes"].items() if sae_id in done}
 
 
@@ -147,7 +147,7 @@ def test_report_and_plot_written(chain):
         assert "## Verdicts" in report and "| C1 |" in report and "Planted ground truth" in report
         assert "control" in report  # features and control side by side
         missing = sorted(set(range(get_release(release_id).n_layers)) - {parse_key(k).layer for k in keys if k.startswith(release_id)})
-        assert f"Layers without an analysed SAE: {', '.join(map(str, missing))}" in report  # the gap is named
+        assert not missing or f"Layers without an analysed SAE: {', '.join(map(str, missing))}" in report  # gap named
         for file_name, _, _ in PLOTS.values():  # one asset per plot, each file linked from the report
             png = (data / "reports" / release_id / file_name).read_bytes()
             assert png.startswith(b"\x89PNG") and len(png) > 10_000, file_name

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.circuits import all_circuits
+from core.circuits import all_circuits, paired_layers
 from core.discovery import discover_saes, fetch_model
 from core.hub import Hub
 from core.registry import parse_key
@@ -410,8 +410,8 @@ def expected_rows(planted_cache: Path, key: str) -> dict[str, int]:
     ref = parse_key(key)
     d_sae = int(re.search(r"width_(\d+)", ref.sae_id).group(1))
     _, checkpoint = fetch_model(RELEASE, Hub(cache_dir=planted_cache, offline=True))
-    circuits = len(all_circuits(checkpoint.geometry, [ref.layer]))
-    lens = d_sae + COMPUTE["null_directions"]
+    circuits = len(all_circuits(checkpoint.geometry, paired_layers(ref.layer, checkpoint.geometry.n_layers)))
+    lens = 2 * d_sae + COMPUTE["null_directions"]  # features, their control, the null
     return {
         "sae_features": d_sae,
         "feature_classes": d_sae,
@@ -419,7 +419,7 @@ def expected_rows(planted_cache: Path, key: str) -> dict[str, int]:
         "input_lens_stats": lens,
         "output_lens_tokens": lens * 2 * TOP_K,
         "input_lens_tokens": lens * 2 * TOP_K,
-        "circuit_stats": (d_sae + COMPUTE["circuit_null_directions"]) * circuits,
+        "circuit_stats": (2 * d_sae + COMPUTE["circuit_null_directions"]) * circuits,
     }
 
 

@@ -102,7 +102,7 @@ def test_asset_graph_partitions_and_metadata_are_served(server):
     entries = report["assetOrError"]["assetMaterializations"][0]["metadataEntries"]
     markdown = {e["label"]: e.get("mdStr") for e in entries}
     assert "data:image/png;base64," in markdown["planted-gemma/report"]  # the plot, inline in the UI
-    assert "C1 output-predicting fraction" in markdown["planted-gemma/report"]
+    assert "## Verdicts" in markdown["planted-gemma/report"] and "| C1 |" in markdown["planted-gemma/report"]
     for plot in PLOTS:  # every plot asset shows its PNG in the UI
         latest = graphql(server, """{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset {
             assetMaterializations(limit: 1) { metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }""" % plot)
