@@ -243,7 +243,7 @@ def _release(release_id: str) -> dict[str, Any]:
 
 
 def _params(entry: dict[str, Any]) -> PlantedParams:
-    params = PlantedParams(n_layers=entry["n_layers"], **entry["planted"])
+    params = PlantedParams(n_layers=entry["n_layers"], **{k: v for k, v in entry["planted"].items() if k != "hard"})
     if params.architecture not in ("gemma2", "gemma3", "llama"):
         raise ValueError(f"unknown planted architecture {params.architecture!r}")
     for shape in (params.enc_profile, params.dec_profile):
@@ -354,18 +354,26 @@ def _vocab_matrix(rng: np.random.Generator, centres: np.ndarray, groups: list[To
 
 
 def _sae_layer(p: PlantedParams, layer: int, c_in: np.ndarray, c_out: np.ndarray,
-               final_gain: np.ndarray) -> _Layer:
+               final_gain: np.ndarray, noise_scale: np.ndarray | None = None) -> _Layer:
     rng = np.random.default_rng([p.seed, 1, layer])
     d, n = p.d_model, p.d_sae
     semantic = np.sort(rng.choice(n, p.n_semantic, replace=False))
-    out_group = rng.integers(0, p.n_groups, len(semantic))
-    in_group = rng.integers(0, p.n_groups, len(semantic))
+    # Tied embeddings (Gemma) make a group's embedding and unembedding centre one vector, so a reader head that
+    # writes an output group's centre would also drive every encoder that reads that group (cross-talk with the
+    # opposite depth shape in the encoder phase). Tied: output groups from the first half, input groups from the
+    # second; untied (Llama): any group on either side.
+    half = p.n_groups // 2 if p.gemma else 0
+    out_group = rng.integers(0, p.n_groups - half, len(semantic))
+    in_group = rng.integers(half, p.n_groups, len(semantic))
     enc_dir = _unit(rng.normal(size=(n, d)))
     dec_dir = _unit(rng.normal(size=(n, d)))
     while (redraw := np.abs(_unit(dec_dir * final_gain) @ c_out.T).max(axis=1)
            > p.random_max_cos).any():
         dec_dir[redraw] = _unit(rng.normal(size=(int(redraw.sum()), d)))
-    noise = p.direction_noise * _unit(rng.normal(size=(2, len(semantic), d)))
+    if noise_scale is None:
+        noise = p.direction_noise * _unit(rng.normal(size=(2, len(semantic), d)))
+    else:  # hard cases' strength continuum: the same unit noise vectors, a per-feature direction_noise
+        noise = noise_scale[None, :, None] * _unit(rng.normal(size=(2, len(semantic), d)))
     enc_dir[semantic] = _unit(c_in[in_group] + noise[0])
     dec_dir[semantic] = _unit(_unit(c_out[out_group] / final_gain) + noise[1])
     enc_norm = rng.uniform(0.8, 1.2, n)
@@ -595,6 +603,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
     if overrides:
         entry = {**entry, "planted": {**entry["planted"], **overrides}}
     p = _params(entry)
+    h = _hard_params(entry, p)
     layers = list(range(p.n_layers)) if layers is None else sorted(set(layers))
     if any(not 0 <= layer < p.n_layers for layer in layers):
         raise ValueError(f"layers must lie in 0..{p.n_layers - 1}: {layers}")
@@ -616,8 +625,15 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
             state[name] = _vocab_matrix(rng, c_out, groups, p, vocab_size)
         else:
             state[name] = rng.normal(0.0, 0.02, tuple(param.shape))
+    hard_vocab = _hard_vocab(state, p, h, groups) if h is not None else None
     final_gain = _gain(state["model.norm.weight"], p.architecture)
-    saes = [_sae_layer(p, layer, c_in, c_out, final_gain) for layer in range(p.n_layers)]
+    saes = [_sae_layer(p, layer, c_in, c_out, final_gain, None if h is None else _strength_noise(p, h, layer))
+            for layer in range(p.n_layers)]
+    hard_layers: list[dict[str, Any]] = []
+    if h is not None and hard_vocab is not None:
+        for layer in range(p.n_layers):
+            saes[layer], cases = _hard_layer(p, h, layer, saes[layer], c_in, c_out, final_gain, hard_vocab)
+            hard_layers.append(cases)
     s = _strengths(p)
     planted_rows = [_plant_attention(state, p, layer, saes[layer - 1] if layer else None, saes[layer], c_in, c_out, s)
                     for layer in range(p.n_layers)]
@@ -641,6 +657,8 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         sae_id, folder, files = _sae_files(p, entry, layer, written[layer])
         sae_files.update(files)
         sae_truth[sae_id] = _sae_truth(layer, folder, written[layer], None if p.null_sae else planted_rows, p)
+        if hard_layers:
+            sae_truth[sae_id]["hard_cases"] = hard_layers[layer]
     data = {
         "format_version": FORMAT_VERSION,
         "release_id": release_id,
@@ -664,6 +682,8 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "saes": sae_truth,
         "attention": _attention_truth(p, s, planted_rows),
     }
+    if h is not None and hard_vocab is not None:
+        data["hard"] = _hard_truth(p, h, hard_vocab)
     sae_files["planted_truth.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
     sae_commit = write_snapshot(cache_dir, entry["sae_repo"], sae_files)
     return PlantedTruth(release_id, entry["model_repo"], entry["sae_repo"], model_commit,
