@@ -14,7 +14,7 @@ cat <<MSG
 Results: $WEIGHTLENS_DATA_DIR/results.duckdb (DuckDB views over $WEIGHTLENS_DATA_DIR/tables/*/)
 Reports: $WEIGHTLENS_DATA_DIR/reports/<release>/report.md
 Example query:
-  .venv/bin/python -c "import duckdb; print(duckdb.connect('$WEIGHTLENS_DATA_DIR/results.duckdb', read_only=True).sql(\"SELECT release, layer, round(avg(output_predicting::int), 3) AS fraction FROM feature_classes GROUP BY ALL ORDER BY ALL\"))"
+  .venv/bin/python -c "import duckdb; print(duckdb.connect('$WEIGHTLENS_DATA_DIR/results.duckdb', read_only=True).sql(\"SELECT release, claim, verdict, round(value, 3) AS features, round(control_value, 3) AS control FROM claim_verdicts ORDER BY ALL\"))"
 MSG
 if [ "${1:-}" != "--no-ui" ]; then
   echo "Dagster UI: http://127.0.0.1:3000  (Ctrl-C to stop)"
