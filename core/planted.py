@@ -143,7 +143,8 @@ import yaml
 
 from core.hub_cache import write_snapshot
 
-__all__ = ["PlantedParams", "PlantedTruth", "TokenGroup", "generate", "gpt2_tokenizer", "main"]
+__all__ = ["HARD_CLASSES", "HARD_EXPECTED", "HardParams", "PlantedParams", "PlantedTruth", "TokenGroup", "generate",
+           "gpt2_tokenizer", "main"]
 
 FORMAT_VERSION = 1
 GPT2_VOCAB_SIZE = 50257
@@ -790,6 +791,218 @@ def _attention_truth(p: PlantedParams, s: _Strengths, rows: list[dict[str, Any]]
         "rows": {str(layer): r for layer, r in enumerate(rows)},
         "model_only": model_only,
         "query_head_to_kv_head": [h // (p.n_heads // p.n_kv_heads) for h in range(p.n_heads)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- hard cases
+@dataclass(frozen=True)
+class HardParams:
+    """Opt-in hard cases (the registry's ``planted: hard:`` block; every default is off). Counts are per SAE;
+    every hard feature is drawn from the SAE's NON-semantic features, so ``semantic_fraction`` (the planted
+    output-predicting fraction) is unchanged. See the module docstring, "Hard cases"."""
+
+    single_token: int = 0  # decoder = unit(W_U[t] / gain_final) of one random non-group token t
+    coherent_flat: int = 0  # decoder = unit(w unit(c_out[o] / gain_final) + unit(N(0, I))), w = coherent_flat_weight
+    coherent_flat_weight: float = 0.3
+    input_only: int = 0  # encoder = unit(c_in[i] + direction_noise unit(N)), decoder random
+    string_free_groups: int = 0  # new token groups of unrelated strings sharing an embedding centre
+    string_free_size: int = 8
+    string_free_features: int = 0  # decoder = unit(unit(c_sf[g] / gain_final) + direction_noise unit(N))
+    strength_noise: tuple[float, float] | None = None  # per semantic feature: direction_noise ~ U(lo, hi)
+    mean_direction: float = 0.0  # weight of a common unit vector m added to every embedding / unembedding row
+    hub_tokens: int = 0  # random non-group tokens whose rows (after the mean) are scaled by hub_norm
+    hub_norm: float = 3.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.single_token or self.coherent_flat or self.input_only
+                    or (self.string_free_groups and self.string_free_features) or self.strength_noise
+                    or self.mean_direction or self.hub_tokens)
+
+
+# What the classifier is expected to call each hard class (``core.power.hard_case_table`` checks it): True = at
+# least ~90 % of the class, False = at most ~5 %; columns not named are not predicted.
+HARD_EXPECTED: dict[str, dict[str, bool]] = {
+    "single_token": {"output_predicting": False, "heavy_tailed": True, "semantic_output": False},
+    "coherent_flat": {"output_predicting": False, "heavy_tailed": False, "semantic_output": True},
+    "input_only": {"output_predicting": False, "semantic_input": True, "semantic": True},
+    "string_free_group": {"output_predicting": True, "semantic_output": True},
+}
+HARD_CLASSES: tuple[str, ...] = tuple(HARD_EXPECTED)
+
+
+@dataclass(frozen=True)
+class _HardVocab:
+    string_free: list[TokenGroup]  # ids 0.. of the string-free groups (their own numbering)
+    c_sf_in: np.ndarray  # (n, d) unit centres in the embedding
+    c_sf_out: np.ndarray  # in the unembedding (= c_sf_in when tied)
+    hubs: np.ndarray  # token ids
+    single_pool: np.ndarray  # token ids a single_token feature may point at (no group, string-free or hub token)
+    unembedding: np.ndarray  # (vocab, d) the final W_U rows (after the anisotropy)
+
+
+def _hard_params(entry: dict[str, Any], p: PlantedParams) -> HardParams | None:
+    block = entry["planted"].get("hard")
+    if not block:
+        return None
+    block = dict(block)
+    if block.get("strength_noise") is not None:
+        lo, hi = (float(x) for x in block["strength_noise"])
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"strength_noise must be [lo, hi] with 0 <= lo <= hi, got {block['strength_noise']}")
+        block["strength_noise"] = (lo, hi)
+    h = HardParams(**block)
+    if not h.enabled:
+        return None
+    if p.null_sae:
+        raise ValueError("hard cases are planted into the features of a planted SAE: not with null_sae")
+    n_hard = h.single_token + h.coherent_flat + h.input_only + h.string_free_features
+    if n_hard > p.d_sae - p.n_semantic:
+        raise ValueError(f"{n_hard} hard features per SAE exceed the {p.d_sae - p.n_semantic} non-semantic ones")
+    if h.string_free_features and not h.string_free_groups:
+        raise ValueError("string_free_features need string_free_groups")
+    return h
+
+
+def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int, taken: set[int]
+                        ) -> list[TokenGroup]:
+    """``string_free_groups`` groups of ``string_free_size`` tokens with alphabetic normal forms (>= 3 letters) that
+    are in no planted group and share no stem: within a group no two forms share their first 3 letters or have a
+    normalised Levenshtein similarity above 1/3; no form is used twice."""
+    from rapidfuzz.distance import Levenshtein
+
+    vocab, _ = _gpt2_files(vocab_size)
+    forms = {i: t.replace("Ġ", "").casefold() for t, i in vocab.items() if i not in taken}
+    pool = sorted(i for i, f in forms.items() if f.isascii() and f.isalpha() and len(f) >= 3)
+    used_forms: set[str] = set()
+    groups: list[TokenGroup] = []
+    order = iter(rng.permutation(pool).tolist())
+    for g in range(h.string_free_groups):
+        members: list[int] = []
+        for i in order:
+            f = forms[i]
+            if f in used_forms or any(f[:3] == forms[j][:3] or Levenshtein.normalized_similarity(f, forms[j]) > 1 / 3
+                                      for j in members):
+                continue
+            members.append(i)
+            used_forms.add(f)
+            if len(members) == h.string_free_size:
+                break
+        if len(members) < h.string_free_size:
+            raise ValueError(f"only {g} string-free groups of {h.string_free_size} tokens available")
+        groups.append(TokenGroup(g, "", tuple(sorted(members))))
+    return groups
+
+
+def _hard_vocab(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, groups: list[TokenGroup]
+                ) -> _HardVocab:
+    """String-free groups, the common mean direction and the hub tokens, written into the embedding (and the
+    untied unembedding) of ``state``; own generator stream ``[seed, 6]``, after every default draw."""
+    rng = np.random.default_rng([p.seed, 6])
+    names = ["model.embed_tokens.weight"] + ([] if p.gemma else ["lm_head.weight"])
+    vocab = state[names[0]].shape[0]
+    in_group = {i for g in groups for i in g.token_ids}
+    sf = _string_free_groups(rng, h, p.vocab_size, in_group | {vocab - 1}) if h.string_free_groups else []
+    c_sf_in = _unit(rng.normal(size=(len(sf), p.d_model))) if sf else np.zeros((0, p.d_model))
+    c_sf_out = c_sf_in if p.gemma or not sf else _unit(rng.normal(size=(len(sf), p.d_model)))
+    means = _unit(rng.normal(size=(len(names), p.d_model)))
+    taken = in_group | {i for g in sf for i in g.token_ids} | {vocab - 1}
+    free = np.array(sorted(set(range(vocab)) - taken))
+    hubs = np.sort(rng.choice(free, h.hub_tokens, replace=False)) if h.hub_tokens else np.zeros(0, dtype=np.int64)
+    for k, name in enumerate(names):
+        m = state[name]
+        centres = c_sf_in if k == 0 else c_sf_out
+        for g in sf:
+            ids = list(g.token_ids)
+            m[ids] = p.group_alpha * centres[g.id] + rng.normal(0.0, p.group_noise / math.sqrt(p.d_model),
+                                                                (len(ids), p.d_model))
+        m += h.mean_direction * means[k]
+        m[hubs] *= h.hub_norm
+    return _HardVocab(sf, c_sf_in, c_sf_out, hubs, np.setdiff1d(free, hubs), state[names[-1]].copy())
+
+
+def _strength_noise(p: PlantedParams, h: HardParams, layer: int) -> np.ndarray | None:
+    """Per semantic feature of SAE ``layer`` (sorted index order): direction_noise ~ U(lo, hi), stream
+    ``[seed, 5, layer, 1]``; None (the scalar ``direction_noise``) when the continuum is off."""
+    if h.strength_noise is None:
+        return None
+    lo, hi = h.strength_noise
+    return np.random.default_rng([p.seed, 5, layer, 1]).uniform(lo, hi, p.n_semantic)
+
+
+def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: np.ndarray, c_out: np.ndarray,
+                final_gain: np.ndarray, hv: _HardVocab) -> tuple[_Layer, dict[str, Any]]:
+    """Rewrite some non-semantic features of one SAE into the hard classes (stream ``[seed, 5, layer]``); returns
+    the new layer and its ``hard_cases`` truth."""
+    rng = np.random.default_rng([p.seed, 5, layer])
+    d = p.d_model
+    enc_dir, dec_dir = sae.enc_dir.copy(), sae.dec_dir.copy()
+    nonsem = rng.permutation(np.setdiff1d(np.arange(p.d_sae), sae.semantic))
+    counts = {"single_token": h.single_token, "coherent_flat": h.coherent_flat, "input_only": h.input_only,
+              "string_free_group": h.string_free_features if hv.string_free else 0}
+    chosen: dict[str, np.ndarray] = {}
+    start = 0
+    for name, n in counts.items():
+        chosen[name] = np.sort(nonsem[start:start + n])
+        start += n
+    rest = nonsem[start:]
+    detail: dict[str, list[dict[str, Any]]] = {}
+
+    feats = chosen["single_token"]
+    toks = rng.choice(hv.single_pool, len(feats), replace=False)
+    dec_dir[feats] = _unit(hv.unembedding[toks] / final_gain)
+    strings = _token_strings(p.vocab_size)
+    detail["single_token"] = [{"feature": int(f), "token_id": int(t), "token": strings.get(int(t), "")}
+                              for f, t in zip(feats, toks, strict=True)]
+
+    feats = chosen["coherent_flat"]
+    grp = rng.integers(0, p.n_groups, len(feats))
+    noise = _unit(rng.normal(size=(len(feats), d)))
+    dec_dir[feats] = _unit(h.coherent_flat_weight * _unit(c_out[grp] / final_gain) + noise)
+    detail["coherent_flat"] = [{"feature": int(f), "output_group": int(g), "weight": _r(h.coherent_flat_weight)}
+                               for f, g in zip(feats, grp, strict=True)]
+
+    feats = chosen["input_only"]
+    grp = rng.integers(0, p.n_groups, len(feats))
+    enc_dir[feats] = _unit(c_in[grp] + p.direction_noise * _unit(rng.normal(size=(len(feats), d))))
+    detail["input_only"] = [{"feature": int(f), "input_group": int(g)} for f, g in zip(feats, grp, strict=True)]
+
+    feats = chosen["string_free_group"]
+    if len(feats):
+        grp = rng.integers(0, len(hv.string_free), len(feats))
+        dec_dir[feats] = _unit(_unit(hv.c_sf_out[grp] / final_gain)
+                               + p.direction_noise * _unit(rng.normal(size=(len(feats), d))))
+        detail["string_free_group"] = [{"feature": int(f), "string_free_group": int(g)}
+                                       for f, g in zip(feats, grp, strict=True)]
+    else:
+        detail["string_free_group"] = []
+
+    # the remaining random decoders: redrawn away from the string-free centres too (as from c_out)
+    if len(hv.string_free) and len(rest):
+        while (redraw := rest[np.abs(_unit(dec_dir[rest] * final_gain) @ hv.c_sf_out.T).max(axis=1)
+                              > p.random_max_cos]).size:
+            dec_dir[redraw] = _unit(rng.normal(size=(len(redraw), d)))
+
+    noise = _strength_noise(p, h, layer)
+    cases: dict[str, Any] = {name: [int(f) for f in fs] for name, fs in chosen.items()}
+    cases["strength"] = ({} if noise is None else
+                         {str(int(f)): _r(v) for f, v in zip(sae.semantic, noise, strict=True)})
+    cases["detail"] = detail
+    return dataclasses.replace(sae, enc_dir=enc_dir, dec_dir=dec_dir), cases
+
+
+def _hard_truth(p: PlantedParams, h: HardParams, hv: _HardVocab) -> dict[str, Any]:
+    strings = _token_strings(p.vocab_size)
+    return {
+        "params": dataclasses.asdict(h),
+        "expected": HARD_EXPECTED,
+        "per_sae": "saes[sae_id].hard_cases: feature lists per class, strength {feature: direction_noise} of the "
+                   "semantic features, detail (token / group of each hard feature)",
+        "string_free_groups": [{"id": g.id, "token_ids": list(g.token_ids),
+                                "tokens": [strings[i] for i in g.token_ids]} for g in hv.string_free],
+        "hub_tokens": {"token_ids": hv.hubs.tolist(), "tokens": [strings.get(int(i), "") for i in hv.hubs],
+                       "norm_factor": h.hub_norm},
+        "mean_direction_weight": h.mean_direction,
     }
 
 
