@@ -117,6 +117,34 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
   A control of random directions with the SAE's covariance has the same all-feature MEAN as the features (the
   mean of a quadratic form depends on the covariance only); tail statistics (P99, fraction z > 3) separate them.
 
+* Hard cases (opt-in: the registry's ``planted: hard:`` block, ``HardParams``; every default is off, so a release
+  without the block is byte-identical to the generator without this code; release planted-gemma-hard). Counts are
+  per SAE; hard features are drawn (stream ``[seed, 5, layer]``) from the NON-semantic features, so the planted
+  output-predicting fraction (``semantic_fraction``) is unchanged, and listed per SAE under ``hard_cases``
+  (``single_token, coherent_flat, input_only, string_free_group``: feature lists; ``strength``: {feature:
+  direction_noise} of the semantic features; ``detail``: token / group of each), with ``hard.expected`` (the
+  classifier outcome each class should get, ``HARD_EXPECTED``, checked by ``core.power.hard_case_table``):
+
+  - ``single_token``: decoder ``unit(W_U[t] / gain_final)`` of a random token t in no group (no hub): one token
+    stands out (heavy-tailed), the rest of the top 10 is random (incoherent) -> not output-predicting;
+  - ``coherent_flat``: decoder ``unit(w unit(c_out[o] / gain_final) + unit(N(0, I)))``, w = coherent_flat_weight:
+    top-10 z under the null P99 -> not output-predicting (coherence of the top tokens is partial, see registry);
+  - ``input_only``: encoder ``unit(c_in[i] + direction_noise unit(N))``, decoder random -> semantic on the input
+    side, not output-predicting;
+  - ``string_free_group``: ``string_free_groups`` new groups of ``string_free_size`` tokens with unrelated strings
+    (no shared 3-letter prefix, normalised Levenshtein <= 1/3 within a group), rows ``group_alpha c_sf[g] +
+    group_noise N(0, I/d)`` (stream ``[seed, 6]``); decoders ``unit(unit(c_sf[g] / gain_final) + direction_noise
+    unit(N))`` -> output-predicting expected from cosine + concentration without Levenshtein; the remaining random
+    decoders are redrawn away from c_sf as from c_out;
+  - strength continuum: semantic feature f gets direction_noise ~ U(strength_noise) (stream ``[seed, 5, layer, 1]``,
+    the same unit noise vectors as the scalar default);
+  - anisotropy: ``mean_direction`` times one unit vector added to every embedding (and untied unembedding) row,
+    then ``hub_tokens`` random free tokens' rows scaled by ``hub_norm``; the null calibration has to absorb both.
+
+  Measured on planted-gemma-hard (``tests/test_planted_hard.py``): single_token 0 % output-predicting, input_only
+  100 % input-semantic, coherent_flat 3 %, string_free_group 0 % (the hubs' peaked softmaxes push the concentration
+  test's null P99 out of reach; without hubs: 100 %, but then 88 % of single_token features pass cosine +
+  concentration and are called output-predicting); power 1.0 at noise <= 0.76, 0.53 at 1.04-1.32, 0.13 at 1.32-1.6.
 SAE directions are generated for every layer from per-layer generator streams, so the model
 (whose attention uses them) and each layer's SAE do not depend on which ``layers`` are written.
 """
@@ -824,7 +852,9 @@ class HardParams:
 # least ~90 % of the class, False = at most ~5 %; columns not named are not predicted.
 HARD_EXPECTED: dict[str, dict[str, bool]] = {
     "single_token": {"output_predicting": False, "heavy_tailed": True, "semantic_output": False},
-    "coherent_flat": {"output_predicting": False, "heavy_tailed": False, "semantic_output": True},
+    # coherent top tokens are wanted but not expected: the weight that keeps top-10 z under the null P99 leaves only
+    # part of the top 10 in the group (no weight gives both; registry comment on coherent_flat_weight)
+    "coherent_flat": {"output_predicting": False, "heavy_tailed": False},
     "input_only": {"output_predicting": False, "semantic_input": True, "semantic": True},
     "string_free_group": {"output_predicting": True, "semantic_output": True},
 }

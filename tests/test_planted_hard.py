@@ -1,0 +1,132 @@
+"""Hard cases of the planted test bed (release ``planted-gemma-hard``, ``core.planted`` "hard cases"): what the
+classifier calls features it should NOT call output-predicting, and its power along a strength continuum.
+
+The release is generated into a temporary hub cache and taken through the chain's lens and class stages
+(``core.stages.lens_stage`` / ``class_stage``, 512 null directions per SAE as in the chain tests; no circuits:
+the classes read only the lenses). ``core.power`` turns the per-feature classes and the truth into the tables,
+printed by every run (``pytest -s``) and by ``python -m tests.test_planted_hard``.
+
+Measured (all 6 SAEs, 96 features per hard class, 768 planted semantic features, noise U(0.2, 1.6)):
+single_token 0 % output-predicting (97 % heavy-tailed), input_only 100 % semantic_input / 0 % output-predicting,
+coherent_flat (w = 0.5) 3 % output-predicting / 3 % heavy-tailed but only 27 % coherent, string_free_group NOT
+found (0 %, 100 % heavy-tailed: the hub tokens' peaked softmaxes put the null P99 of the concentration test out of
+reach, so only cosine passes); output-predicting power per noise bin 1.00 [0.2, 0.48), 1.00 [0.48, 0.76), 0.89
+[0.76, 1.04), 0.53 [1.04, 1.32), 0.13 [1.32, 1.6]; null and random-feature output-predicting rates 0. The same release without hub tokens (``hub_tokens: 0``) finds the
+string-free groups (100 %) but calls 88 % of single_token features output-predicting (cosine + concentration):
+the single_token assertion holds here only with the hubs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from assets.interactions import load
+from core.discovery import discover_saes
+from core.model_weights import TOKENIZER_FILE
+from core.planted import HARD_CLASSES, PlantedTruth, generate
+from core.power import hard_case_table, power_table
+from core.stages import EngineSettings, class_stage, lens_stage
+from core.vocab import token_strings
+from orchestration.resources import HubResource
+
+RELEASE = "planted-gemma-hard"
+N_NULL = 512
+
+# (model commit, SAE commit) of the default releases from the generator WITHOUT the hard-case code (core/planted.py
+# of 825114b with the hard hooks taken out) on the registry of bbf42d8: the opt-in hard block must not move a byte.
+# A deliberate change of these releases' parameters or of the default generator changes them: re-record then.
+DEFAULT_COMMITS = {
+    "planted-gemma": ("f9ca81ef196f10e66ace24d071325b1d4d44a9e7", "bf5023173c1f07e1f004b4365a5e2b5f9bdc2271"),
+    "planted-gemma-null": ("f9ca81ef196f10e66ace24d071325b1d4d44a9e7", "6f58731db8323955bb3a13d4f1498f12604169d0"),
+    "planted-llama": ("105455ad0cfee82206be3324cec8434a2a7563b9", "bd5aa89ac9f4c525f354e1f7c9ab89509f456489"),
+    "planted-llama-null": ("105455ad0cfee82206be3324cec8434a2a7563b9", "998d973fece3f67b147ef3b783d2afba5352595b"),
+}
+
+
+def classify_release(cache: Path, release_id: str, n_null: int = N_NULL) -> pd.DataFrame:
+    """Every row (``sample`` feature / control / null) of every SAE of ``release_id`` with its class columns and
+    ``sae_id, layer``."""
+    hub = HubResource(cache_dir=str(cache), offline=True)
+    out = []
+    for ref in sorted(discover_saes(release_id, hub.client()).saes, key=lambda r: r.layer):
+        snapshot, checkpoint, sae = load(ref, hub)
+        tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+        lens = lens_stage(sae, checkpoint, tokens, f"{release_id}:{ref.sae_id}", n_null, EngineSettings(k=10))
+        classes = class_stage(lens, pd.DataFrame(), pd.DataFrame(), checkpoint.embedding().numpy(),
+                              checkpoint.unembedding().numpy()).classes
+        out.append(classes.rows.assign(sae_id=ref.sae_id, layer=ref.layer))
+    return pd.concat(out, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory) -> tuple[PlantedTruth, pd.DataFrame]:
+    cache = tmp_path_factory.mktemp("hf-hard")
+    truth = generate(RELEASE, cache)
+    return truth, classify_release(cache, RELEASE)
+
+
+def _features(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["sample"] == "feature"].reset_index(drop=True)
+
+
+def test_defaults_leave_the_other_planted_releases_byte_identical(tmp_path):
+    for release, commits in DEFAULT_COMMITS.items():
+        t = generate(release, tmp_path)
+        assert (t.model_commit, t.sae_commit) == commits, release
+        assert "hard" not in t.data and all("hard_cases" not in s for s in t.data["saes"].values())
+
+
+def test_hard_truth_is_recorded_separately(hard):
+    truth, _ = hard
+    data = truth.data
+    assert data["semantic_fraction"] == 0.25 and data["model_repo"] == "planted/gemma-2-tiny-hard"
+    assert set(data["hard"]["expected"]) == set(HARD_CLASSES)
+    for sae in data["saes"].values():
+        cases, semantic = sae["hard_cases"], {f["index"] for f in sae["semantic_features"]}
+        drawn = [f for c in HARD_CLASSES for f in cases[c]]
+        assert len(drawn) == len(set(drawn)) == 64 and semantic.isdisjoint(drawn)  # from the non-semantic ones
+        assert {int(f) for f in cases["strength"]} == semantic
+        assert all(0.2 <= v <= 1.6 for v in cases["strength"].values())
+
+
+def test_hard_cases_and_power(hard):
+    truth, rows = hard
+    features = _features(rows)
+    table = hard_case_table(features, truth.data).set_index("hard_class")
+    power = power_table(features, truth.data)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"\n{RELEASE}: hard cases\n{table}\npower (output_predicting) per direction-noise bin\n{power}")
+    assert table.loc["single_token", "output_predicting"] <= 0.05
+    assert table.loc["input_only", "output_predicting"] <= 0.05
+    assert table.loc["input_only", "semantic_input"] >= 0.9
+    assert table.loc["coherent_flat", "output_predicting"] <= 0.05
+    assert power["power"].iloc[0] >= 0.9
+    assert power["power"].iloc[-1] <= power["power"].iloc[0] - 0.3  # clearly lower
+    assert power["ci_high"].iloc[-1] < power["ci_low"].iloc[0]
+
+
+def test_null_false_positive_rate_with_hub_tokens(hard):
+    truth, rows = hard
+    null = rows[rows["sample"] == "null"]
+    assert len(null) == N_NULL * len(truth.data["saes"])
+    assert null["output_predicting"].mean() <= 0.02  # in-sample on the null that calibrated it
+    features = _features(rows)
+    planted = {(s, f["index"]) for s, v in truth.data["saes"].items() for f in v["semantic_features"]}
+    planted |= {(s, f) for s, v in truth.data["saes"].items() for c in HARD_CLASSES for f in v["hard_cases"][c]}
+    random = features[[key not in planted for key in zip(features["sae_id"], features["feature"], strict=True)]]
+    print(f"\nnull output-predicting rate {null['output_predicting'].mean():.4f}; random features "
+          f"(n={len(random)}) {random['output_predicting'].mean():.4f}")
+    assert random["output_predicting"].mean() <= 0.02  # out of sample: the SAE's own random features
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = generate(RELEASE, Path(tmp))
+        f = _features(classify_release(Path(tmp), RELEASE))
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(hard_case_table(f, t.data), power_table(f, t.data), sep="\n")
