@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.power import hard_case_table, power_table
 from core.profiles import depth_profile
 from core.registry import Release
 from core.statistics import auroc, wilson_interval
@@ -83,6 +84,8 @@ class PlantedTruth:
     output: Recovery
     semantic_auroc: float
     shapes: dict[str, str]  # phase -> planted shape
+    power: pd.DataFrame  # core.power.power_table: detection of the planted features per strength bin
+    hard_cases: pd.DataFrame  # core.power.hard_case_table (empty unless the release plants hard cases)
 
 
 @dataclass
@@ -161,10 +164,13 @@ def release_results(
         semantic = planted_semantic_features(truth)
         feats = per_feature[per_feature["sample"] == "feature"]
         labels = [int(f) in semantic.get(str(s), set()) for s, f in zip(feats["sae_id"], feats["feature"])]
+        analysed = {**truth, "saes": {k: v for k, v in truth["saes"].items() if k in set(classes["sae_id"])}}
         results.truth = PlantedTruth(
             output=recovery(classes, semantic),
             semantic_auroc=auroc(feats["semantic_score"].to_numpy(), np.array(labels)) if any(labels) else float("nan"),
             shapes={p: truth["attention"][p]["shape"] for p in ("encoder_embedding", "decoder_unembedding")},
+            power=power_table(classes, analysed).query("n > 0").reset_index(drop=True) if any(labels) else pd.DataFrame(),
+            hard_cases=hard_case_table(classes, analysed) if "hard" in truth else pd.DataFrame(),
         )
         results.truth_strength = planted_strength(truth, n_layers)
     return results
@@ -244,6 +250,12 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
               for phase, shape in t.shapes.items()],
             "",
         ]
+        if not t.power.empty:
+            lines += ["Power: fraction of the planted output-predicting features called so, per planted direction-noise "
+                      "bin (95 % Wilson interval):", "", t.power.to_markdown(index=False, floatfmt=".3f"), ""]
+        if not t.hard_cases.empty:
+            lines += ["Hard cases (planted to be misread; `holds` = the pipeline's calls match the expected outcome):", "",
+                      t.hard_cases.to_markdown(index=False, floatfmt=".3f"), ""]
     plot = plots.get
     image = (lambda name, alt: f"![{alt}]({plot(name)})" if plot(name) else "")
     lines += [

@@ -133,3 +133,4 @@ def test_report_plots_and_missing_layers(planted, tmp_path):
         for claim in r.verdicts["claim"]:
             assert f"| {claim} |" in text
         assert "Planted ground truth" in text and "c2_depth_profiles.png" in text
+        assert "Power: fraction of the planted output-predicting features" in text and (r.truth.power["power"] == 1.0).all()
