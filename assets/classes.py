@@ -1,7 +1,6 @@
 """Feature-classification assets: semantic / output-predicting classes and attention participation."""
 
 import dagster as dg
-import pandas as pd
 
 from assets.common import check_results, check_specs, sae_of, store_table
 from assets.interactions import load

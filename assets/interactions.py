@@ -3,7 +3,6 @@
 import time
 
 import dagster as dg
-import pandas as pd
 
 from assets.common import check_results, check_specs, sae_of, store_table
 from core.discovery import fetch_model, fetch_sae
