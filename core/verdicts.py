@@ -31,7 +31,8 @@ any direction would show — is not credited to the features. ``ALPHA`` is the o
   non-semantic within each layer: no Simpson's paradox from pooling layers), one-sided (semantic larger),
   effect = within-layer AUROC with a 95 % CI. ``consistent`` when p < ALPHA and the CI lies above
   ``C3_MIN_AUROC`` (Vargha & Delaney's "small" effect, A = 0.56); ``not reproduced`` when the CI lies below
-  it; else ``inconclusive``; ``not measured`` when no layer has ``C3_MIN_GROUP`` features in both groups.
+  it; else ``inconclusive``; ``not measured`` when no layer has ``C3_MIN_GROUP`` features in both groups or
+  the variable has no spread (Gemma Scope's decoder rows are unit norm by training).
   ``control_value`` = the same effect among the control's directions (semantic by the same classifier).
 * **C4** (Llama is higher in the decoder–unembedding phase): per SAE layer, (decoder − encoder) of the
   features' ``LAYER_STATISTIC`` minus the same for the control — both phases in the same null-z units, so the
@@ -191,6 +192,10 @@ def c3_verdict(per_feature: pd.DataFrame, claim: str) -> dict:
     if column not in per_feature:
         return _row(claim, "not measured", statistic, f"no {column} values")
     feats, ctrl = (per_feature[per_feature["sample"] == s] for s in ("feature", "control"))
+    values = feats[column].dropna().to_numpy(dtype=np.float64)
+    if len(values) and np.ptp(values) <= 1e-6 * max(1.0, float(np.abs(values).max())):
+        return _row(claim, "not measured", statistic, f"{column} has no spread (e.g. Gemma Scope's unit-norm decoder "
+                    "rows): nothing to compare", n=len(feats))
     strata = _strata(feats, column)
     if not strata:
         return _row(claim, "not measured", statistic,
