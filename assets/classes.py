@@ -4,20 +4,22 @@ import dagster as dg
 
 from assets.common import check_results, check_specs, sae_of, store_table
 from assets.interactions import load
+from core.classify import NULLS
 from core.control import control_sae
 from core.frames import with_sae
-from core.semantic import METRICS
 from core.stages import class_stage
 from core.statistics import DEFAULT_QUANTILE, wilson_interval
+from core.vocab import normal_tokens
 from core.table_checks import combined, finite, rows_match
 from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
 
 CLASS_CHECKS = ["one_row_per_feature", "scores_finite", "thresholds_recorded"]
-# every calibrated statistic: the output top-k z-score and the three coherence metrics of each side
 LENS_TABLES = ("output_lens_tokens", "output_lens_stats", "input_lens_tokens", "input_lens_stats")
-SCORE_COLUMNS = ["topk_z", *(f"{side}_{m}" for side in ("out", "in") for m in METRICS)]
+# defined for every direction (the coherence metrics are NaN for a set of fewer than two normal forms)
+SCORE_COLUMNS = ["topk_z", "out_concentration", "in_concentration"]
+CALIBRATED = 7  # thresholds per null: top-k z + three coherence metrics per side
 
 
 @dg.asset(
@@ -31,18 +33,23 @@ def feature_classes(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """Feature classes of one SAE and of its control (``core.stages.class_stage``: ``core.classify``,
-    ``core.semantic``, ``core.profiles``), every threshold calibrated at the null's P99 (random unit
-    directions through the same lens / circuit); reads the stored lens and circuit tables only.
+    ``core.semantic``, ``core.profiles``), every threshold calibrated at the null's P99 — the SAE-matched null
+    by default (``core.control.matched_null``), the isotropic one for the record; reads the stored lens,
+    vocabulary and circuit tables only.
 
     Tables:
-    - ``feature_classes``: ``feature, topk_z, heavy_tailed, out_/in_{levenshtein, cosine, concentration,
-      n_passes, semantic_score}, semantic_output, semantic_input, semantic, semantic_score,
-      output_predicting`` (= heavy-tailed AND semantic output tokens), ``threshold, null_quantile, null_size``;
+    - ``feature_classes``: ``feature, topk_z, heavy_tailed, {out,in}_{levenshtein, cosine, concentration,
+      n_excluded, n_collapsed, n_passes, semantic_score}, semantic_output, semantic_input, semantic,
+      semantic_score, output_predicting`` (= heavy-tailed AND semantic output tokens), ``out_top_forms,
+      in_top_forms`` (the normal forms tested), ``token_jaccard, top1_share, token_identity``, ``threshold,
+      null_quantile, null_size, null, rule, k``;
     - ``control_classes``: the same columns for the control SAE (``core.control``), plus its
       ``encoder_norm`` / ``decoder_norm`` (the SAE's norms in a seeded random order);
-    - ``semantic_null``: the same columns for the null directions (the calibration sample);
-    - ``class_thresholds``: ``side, metric, threshold, null_median, quantile, null_size``;
-    - ``null_quantiles``: ``side, metric, q, value`` (the null distributions);
+    - ``semantic_null``: the same columns for both nulls' directions (``sample`` null | matched_null);
+    - ``class_thresholds``: ``side, metric, threshold, null_median, quantile, null_size, null, rule, k``;
+    - ``null_quantiles``: ``side, metric, q, value, null`` (the null distributions);
+    - ``c1_sensitivity``: ``rule, null, quantile, k, sample, n, hits, fraction``, and the same without
+      token-identity features (``core.classify.c1_sensitivity``);
     - ``attention_participation``: ``sample, feature, phase, attn_layer, head, score`` (mean null-z of the
       phase's circuits), ``topk_mass, threshold, participates`` (features and control; the null's
       false-positive rate in the metadata);
@@ -52,19 +59,22 @@ def feature_classes(
     tables = store.tables()
     _, checkpoint, sae = load(ref, hub)
     lens = {name: tables.read(name, ref.key) for name in LENS_TABLES}
-    out = class_stage(lens, tables.read("circuit_stats", ref.key), tables.read("head_writes", ref.key),
-                      checkpoint.embedding().numpy(), checkpoint.unembedding().numpy(), DEFAULT_QUANTILE)
+    normal = normal_tokens(tables.read("vocabulary", ref.key))
+    out = class_stage(lens, tables.read("circuit_stats", ref.key), tables.read("head_writes", ref.key), normal,
+                      checkpoint.embedding().numpy(), checkpoint.unembedding().numpy(), DEFAULT_QUANTILE,
+                      compute.top_k)
     classes, part, per_feature = out.classes, out.participation, out.feature_participation
     control = control_sae(sae, ref.key)
     features = out.rows("feature")
     control_rows = out.rows("control").assign(encoder_norm=control.encoder_norm.numpy(),
                                               decoder_norm=control.decoder_norm.numpy())
-    null_rows = out.rows("null")
+    null_rows = classes.rows[classes.rows["sample"].isin(list(NULLS.values()))].reset_index(drop=True)
     metadata = store_table(store, "feature_classes", ref.key, with_sae(features, ref))
     metadata |= store_table(store, "control_classes", ref.key, with_sae(control_rows, ref))
     metadata |= store_table(store, "semantic_null", ref.key, with_sae(null_rows, ref))
     metadata |= store_table(store, "class_thresholds", ref.key, with_sae(classes.thresholds, ref))
     metadata |= store_table(store, "null_quantiles", ref.key, with_sae(classes.null_quantiles, ref))
+    metadata |= store_table(store, "c1_sensitivity", ref.key, with_sae(classes.sensitivity, ref))
     feats_part = part[part["sample"] != "null"].reset_index(drop=True)
     metadata |= store_table(store, "attention_participation", ref.key, feats_part)
     metadata |= store_table(store, "feature_participation", ref.key, per_feature)
@@ -77,7 +87,9 @@ def feature_classes(
         "control_output_predicting_fraction": dg.MetadataValue.float(float(control_rows.output_predicting.mean())),
         "fraction_ci95": dg.MetadataValue.text(f"[{low:.3f}, {high:.3f}]"),
         "semantic_fraction": dg.MetadataValue.float(float(features.semantic.mean())),
-        "null_output_predicting_rate": dg.MetadataValue.float(classes.null_rate),
+        "token_identity_fraction": dg.MetadataValue.float(float(features.token_identity.mean())),
+        **{f"null_output_predicting_rate/{name}": dg.MetadataValue.float(classes.null_rate(name)) for name in NULLS},
+        "whitening_components": dg.MetadataValue.json(classes.whitening_components),
         "null_participation_rate": dg.MetadataValue.text(", ".join(f"{k}: {v:.4f}" for k, v in null_part.items())),
         "thresholds": dg.MetadataValue.md(classes.thresholds.to_markdown(index=False, floatfmt=".4g")),
     }
@@ -88,7 +100,7 @@ def feature_classes(
                                                     2 * sae.d_sae * per_feature["phase"].nunique())]),
         combined("scores_finite", [finite("feature_classes", features, SCORE_COLUMNS),
                                    finite("attention_participation", feats_part, ["score"])]),
-        combined("thresholds_recorded", [rows_match("class_thresholds", classes.thresholds, len(SCORE_COLUMNS)),
+        combined("thresholds_recorded", [rows_match("class_thresholds", classes.thresholds, CALIBRATED * len(NULLS)),
                                          finite("class_thresholds", classes.thresholds, ["threshold"]),
                                          finite("participation thresholds", feats_part, ["threshold"])]),
     ]

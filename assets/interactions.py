@@ -13,7 +13,8 @@ from core.registry import SaeRef, get_release
 from core.sae_formats import FORMATS
 from core.stages import LENS_SIDES, circuit_stage, lens_stage
 from core.table_checks import Check, combined, finite, ids_in_range, rows_match
-from core.vocab import token_strings
+from core.semantic import CANDIDATES
+from core.vocab import vocabulary_table
 from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
@@ -55,16 +56,21 @@ def lens_tables(
     - input (encoder–embedding) lens, ``core.circuits.input_lens``: which token embeddings drive the
       feature's encoder — tables ``input_lens_tokens`` and ``input_lens_stats``.
 
-    ``*_tokens``: ``sample`` 'feature' | 'control' | 'null', ``feature`` (row index), ``side, rank, token_id, token,
-    value`` (top/bottom-k). ``*_stats``: ``sample``, ``feature``, mean/std/median/p75, softmax
-    max/entropy/top-k mass, ``top_mean``."""
+    ``*_tokens``: ``sample`` 'feature' | 'control' | 'null' | 'matched_null', ``feature`` (row index), ``side, rank,
+    token_id, token, value`` (top: the ``core.semantic.CANDIDATES`` best, bottom: top_k). ``*_stats``: ``sample``,
+    ``feature``, mean/std/median/p75, softmax max/entropy/top-k mass (over the candidates), ``top_mean`` (top_k),
+    ``top1_cosine``. ``vocabulary``: ``token_id, token, token_class`` (``core.vocab``) of the model's
+    tokenizer."""
     ref = sae_of(context)
     snapshot, checkpoint, sae = load(ref, hub)
-    tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+    vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+    tokens = vocabulary["token"].tolist()
     engine = compute.engine()
     start = time.perf_counter()
     tables = lens_stage(sae, checkpoint, tokens, ref.key, compute.null_directions, engine)
     metadata: dict[str, dg.MetadataValue] = {"lens/seconds": dg.MetadataValue.float(round(time.perf_counter() - start, 3))}
+    metadata |= store_table(store, "vocabulary", ref.key, with_sae(vocabulary, ref))
+    metadata["vocabulary/token_classes"] = dg.MetadataValue.json(vocabulary["token_class"].value_counts().to_dict())
     parts: dict[str, list[Check]] = {name: [] for name in LENS_CHECKS}
     for lens in LENS_SIDES:
         token_rows, stats = tables[f"{lens}_lens_tokens"], tables[f"{lens}_lens_stats"]
@@ -75,7 +81,8 @@ def lens_tables(
             preview.groupby("feature")["token"].apply(lambda t: " · ".join(map(repr, t))).to_frame().to_markdown()
         )
         parts["one_row_per_feature_side_rank"].append(
-            rows_match(lens, token_rows, (2 * sae.d_sae + compute.null_directions) * 2 * compute.top_k)
+            rows_match(lens, token_rows, 2 * (sae.d_sae + compute.null_directions)
+                       * (min(CANDIDATES, checkpoint.geometry.vocab_size) + compute.top_k))
         )
         parts["values_finite"] += [finite(f"{lens} tokens", token_rows, ["value"]), finite(f"{lens} stats", stats, STAT_COLUMNS)]
         parts["token_ids_in_vocab"].append(ids_in_range(lens, token_rows, "token_id", checkpoint.geometry.vocab_size))

@@ -8,7 +8,9 @@ from pathlib import Path
 import dagster as dg
 
 from core.claims import ReleaseResults
+from core.classify import DEFAULT_NULL
 from core.plots import (
+    c1_sensitivity_plot,
     depth_profile_plot,
     null_vs_observed_plot,
     output_fraction_plot,
@@ -45,7 +47,12 @@ def _violins(r: ReleaseResults, path: Path) -> Path:
 
 def _calibration(r: ReleaseResults, path: Path) -> Path | None:
     feats = r.per_feature[r.per_feature["sample"] == "feature"]
-    return None if r.null_rows.empty else null_vs_observed_plot(feats, r.null_rows, r.thresholds, r.release, path)
+    thresholds = r.thresholds[r.thresholds["null"] == DEFAULT_NULL] if "null" in r.thresholds else r.thresholds
+    return None if r.null_rows.empty else null_vs_observed_plot(feats, r.null_rows, thresholds, r.release, path)
+
+
+def _sensitivity(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.sensitivity.empty else c1_sensitivity_plot(r.sensitivity, r.release, path)
 
 
 # asset name -> (file name, drawing function, what the plot shows)
@@ -59,7 +66,9 @@ PLOTS: dict[str, tuple[str, Draw, str]] = {
     "plot_semantic_violins": ("c3_semantic_vs_non_semantic.png", _violins,
                               "C3: semantic vs non-semantic features: participation and raw weight norms."),
     "plot_calibration": ("calibration_null_vs_observed.png", _calibration,
-                         "Calibration: each metric for features vs null directions, with the null-P99 threshold."),
+                         "Calibration: each metric for features vs both nulls, with the matched null's P99 threshold."),
+    "plot_c1_sensitivity": ("c1_sensitivity.png", _sensitivity,
+                            "C1 against the threshold quantile, k and the null; the paper's P75 rule beside it."),
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.classify import NULLS
 from core.power import hard_case_table, power_table
 from core.profiles import depth_profile
 from core.registry import Release
@@ -105,6 +106,7 @@ class ReleaseResults:
     head_participation: pd.DataFrame = field(default_factory=pd.DataFrame)  # attention_participation rows
     per_feature: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per direction, samples feature/control
     null_rows: pd.DataFrame = field(default_factory=pd.DataFrame)  # semantic_null rows
+    sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)  # c1_sensitivity rows (core.classify)
     truth_strength: pd.DataFrame | None = None
 
 
@@ -128,6 +130,16 @@ def per_feature_table(classes: pd.DataFrame, control: pd.DataFrame, norms: pd.Da
     return out
 
 
+def null_rate(null_rows: pd.DataFrame, classes: pd.DataFrame) -> float:
+    """Fraction of the calibrating null's directions called output-predicting (the rule's false-positive rate)."""
+    if null_rows.empty:
+        return float("nan")
+    if "null" not in classes or classes.empty:
+        return float(null_rows["output_predicting"].mean())
+    sample = NULLS[str(classes["null"].iloc[0])]
+    return float(null_rows.loc[null_rows["sample"] == sample, "output_predicting"].mean())
+
+
 def release_results(
     release: str,
     architecture: str,
@@ -139,6 +151,7 @@ def release_results(
     norms: pd.DataFrame,
     head_part: pd.DataFrame,
     feature_part: pd.DataFrame,
+    sensitivity: pd.DataFrame,
     truth: dict | None = None,
 ) -> ReleaseResults:
     """Every measured quantity and verdict of one release from its tables (each filtered to the release)."""
@@ -148,17 +161,18 @@ def release_results(
         release=release,
         architecture=architecture,
         by_layer=by_layer,
-        verdicts=claim_verdicts(release, architecture, n_layers, per_feature),
-        thresholds=thresholds.groupby(["side", "metric"], as_index=False).agg(
+        verdicts=claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
+        thresholds=thresholds.groupby(["null", "side", "metric"], as_index=False).agg(
             threshold=("threshold", "median"), null_median=("null_median", "median"), quantile=("quantile", "first"),
             null_size=("null_size", "first"), saes=("threshold", "size")),
-        null_rate=float(null_rows["output_predicting"].mean()) if len(null_rows) else float("nan"),
+        null_rate=null_rate(null_rows, classes),
         semantic_fraction=float(classes["semantic"].mean()),
         missing_layers=sorted(set(range(n_layers)) - set(classes["layer"].astype(int))),
         profile=depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame(),
         head_participation=head_part,
         per_feature=per_feature,
         null_rows=null_rows,
+        sensitivity=sensitivity,
     )
     if truth is not None:
         semantic = planted_semantic_features(truth)
@@ -177,7 +191,7 @@ def release_results(
 
 
 CLASS_TABLES = ("feature_classes", "control_classes", "semantic_null", "class_thresholds", "sae_features",
-                "attention_participation", "feature_participation")
+                "attention_participation", "feature_participation", "c1_sensitivity")
 ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama", "gemma_scope_2_safetensors": "gemma3"}  # SAE format -> model family
 
 
@@ -187,8 +201,17 @@ def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth
     return release_results(
         release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers, pick["feature_classes"],
         pick["control_classes"], pick["semantic_null"], pick["class_thresholds"], pick["sae_features"],
-        pick["attention_participation"], pick["feature_participation"], truth,
+        pick["attention_participation"], pick["feature_participation"], pick["c1_sensitivity"], truth,
     )
+
+
+def c1_sensitivity_summary(sensitivity: pd.DataFrame) -> str:
+    """Markdown: pooled C1 fraction of features and control per rule, null, quantile and k."""
+    if sensitivity.empty:
+        return ""
+    pooled = (sensitivity.groupby(["rule", "null", "quantile", "k", "sample"])[["hits", "n"]].sum()
+              .assign(fraction=lambda f: f["hits"] / f["n"])["fraction"].unstack("sample").reset_index())
+    return pooled.to_markdown(index=False, floatfmt=".3f")
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:
@@ -262,9 +285,16 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
         "## C1 by layer", "", image("output_fraction", "output-predicting fraction by layer"), "",
         by_layer[["sample", "layer", "sae_id", "n", "hits", "fraction", "ci_low", "ci_high"]].to_markdown(index=False, floatfmt=".3f"),
         "",
-        f"C1 band: {C1_BAND}. Null false-positive rate of the whole rule (random directions called "
-        f"output-predicting): {results.null_rate:.4f}.",
+        f"C1 band: {C1_BAND}. False-positive rate of the whole rule on the null that calibrated it (its "
+        f"directions called output-predicting): {results.null_rate:.4f}.",
         "",
+        "## C1 under other rules and nulls", "",
+        "The verdict rows `C1 …` above: without token-identity features (a decoder that is one token's "
+        "unembedding row and an encoder that reads the same token: the tied-embedding confound), with the "
+        "isotropic null instead of the SAE-matched one, and the paper's P75 rule — true by construction (a "
+        "quarter of any directions, the control's too), so never a verdict.", "",
+        image("c1_sensitivity", "C1 sensitivity"), "",
+        c1_sensitivity_summary(results.sensitivity), "",
         "## C2 depth profiles (null-z units; features and control; the verdict reads the P99)", "",
         image("depth_profiles", "depth profiles"), "", image("participation_heatmap", "layer × head participation"), "",
         results.profile[["sample", "phase", "layer", "depth", "n", "mean", "p99", "p99_low", "p99_high", "participating"]]
@@ -276,9 +306,13 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
         results.thresholds.to_markdown(index=False, floatfmt=".4g") if not results.thresholds.empty else "",
         "",
         "## Method (reconstructed: the paper's code is not public)", "",
-        "- Output-predicting: top-10 z-score of the output-lens logits above the null P99 AND semantic output "
-        "tokens (core/classify.py).",
-        "- Semantic (per side): at least 2 of 3 coherence tests above their null P99 (core/semantic.py).",
+        "- Output-predicting: top-k z-score of the output-lens logits above the null P99 AND semantic output "
+        "tokens (core/classify.py); every threshold at the P99 of an SAE-matched null (Gaussian directions with "
+        "the SAE's own second moments), the isotropic null beside it.",
+        "- Semantic (per side): at least 2 of 3 coherence tests above their null P99, on the top-k normal token "
+        "forms (special, unused, byte and whitespace tokens skipped, case/space variants merged: core/vocab.py, "
+        "core/semantic.py): Levenshtein, whitened embedding cosine, concentration (output: softmax entropy; input: "
+        "top-k z, temperature-free).",
         "- Layer pairing: a resid_post(L) SAE's encoder direction is written by attention layer L (circuit "
         "ov_writer), its decoder direction read by layer L+1 (QK as query / key, OV write norm); the last "
         "layer's SAE has no reader (core/circuits.py).",

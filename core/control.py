@@ -60,8 +60,24 @@ def control_sae(sae: SaeWeights, key: str, n: int | None = None) -> ControlSae:
         raise ValueError("cannot draw a control: the SAE's directions are not all finite")
     n = width if n is None else n
     gen = torch.Generator().manual_seed(seed_of(key, "control"))
-    parts = [torch.randn(min(CONTROL_CHUNK, n - start), width, generator=gen) @ rows
-             for start in range(0, n, CONTROL_CHUNK)]
-    z = torch.cat(parts) / width**0.5
+    z = _second_moment_draw(rows, n, gen)
     order = torch.randint(0, width, (n,), generator=gen) if n != width else torch.randperm(width, generator=gen)
     return ControlSae(_unit(z[:, :d]), _unit(z[:, d:]), encoder_norm[order].float(), decoder_norm[order].float())
+
+
+def _second_moment_draw(rows: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` Gaussian rows ``g [rows] / sqrt(width)``, ``g ~ N(0, I_width)``: second moment exactly that of ``rows``."""
+    parts = [torch.randn(min(CONTROL_CHUNK, n - start), rows.shape[0], generator=gen) @ rows
+             for start in range(0, n, CONTROL_CHUNK)]
+    return torch.cat(parts) / rows.shape[0] ** 0.5
+
+
+def matched_null(sae: SaeWeights, key: str, n: int) -> dict[str, torch.Tensor]:
+    """The SAE-matched null (``core.classify``): ``n`` unit directions per phase drawn like the control (module
+    doc) but independently of it (its own seed), one draw per phase — ``encoder_embedding`` with the encoder
+    directions' second moments, ``decoder_unembedding`` with the decoder's. It calibrates the class thresholds, so
+    the control stays an out-of-sample reference."""
+    gen = torch.Generator().manual_seed(seed_of(key, "matched_null"))
+    return {phase: _unit(_second_moment_draw(dirs.to(torch.float32), n, gen))
+            for phase, dirs in (("encoder_embedding", sae.encoder_directions()),
+                                ("decoder_unembedding", sae.decoder_directions()))}

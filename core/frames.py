@@ -13,19 +13,21 @@ from core.registry import SaeRef
 SUMMARY_COLUMNS = ("mean", "std", "median", "p75", "softmax_max", "softmax_entropy", "topk_mass")
 
 
-def summary_frame(stats: RowStats) -> pd.DataFrame:
-    """One row per engine row: ``row`` plus the summary statistics and ``top_mean`` (mean of top-k values)."""
+def summary_frame(stats: RowStats, k: int | None = None) -> pd.DataFrame:
+    """One row per engine row: ``row`` plus the summary statistics and ``top_mean`` (mean of the ``k`` largest
+    values; all the engine kept when None)."""
     frame = pd.DataFrame({name: getattr(stats, name).numpy() for name in SUMMARY_COLUMNS})
     frame.insert(0, "row", range(len(frame)))
-    frame["top_mean"] = stats.top_values.mean(dim=1).numpy()
+    frame["top_mean"] = stats.top_values[:, :k].mean(dim=1).numpy()
     return frame
 
 
-def topk_frame(stats: RowStats, tokens: list[str]) -> pd.DataFrame:
-    """Top-k and bottom-k columns per row: ``row, side ('top'|'bottom'), rank (1 = most extreme),
-    token_id, token, value``."""
+def topk_frame(stats: RowStats, tokens: list[str], bottom_k: int | None = None) -> pd.DataFrame:
+    """Top and bottom columns per row: ``row, side ('top'|'bottom'), rank (1 = most extreme), token_id, token,
+    value`` — every top column the engine kept, the first ``bottom_k`` bottom ones (all when None)."""
     parts = []
-    for side, ids, values in (("top", stats.top_ids, stats.top_values), ("bottom", stats.bottom_ids, stats.bottom_values)):
+    for side, ids, values in (("top", stats.top_ids, stats.top_values),
+                              ("bottom", stats.bottom_ids[:, :bottom_k], stats.bottom_values[:, :bottom_k])):
         n, k = ids.shape
         flat_ids = ids.reshape(-1).tolist()
         parts.append(

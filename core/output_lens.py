@@ -38,9 +38,8 @@ def output_lens(
 ) -> RowStats:
     """Statistics of ``logits(d)`` over the vocabulary for each row ``d`` of ``directions``."""
     g = checkpoint.geometry
-    left = rms_normalize(directions.to(torch.float32), checkpoint.final_norm_gain(), g.rms_norm_eps)
     return row_stats(
-        left,
+        lens_operand(directions, checkpoint),
         checkpoint.unembedding(),
         k=k,
         softcap=g.final_softcap,
@@ -48,6 +47,21 @@ def output_lens(
         device=device,
         progress=progress,
     )
+
+
+def lens_operand(directions: torch.Tensor, checkpoint: ModelCheckpoint) -> torch.Tensor:
+    """The left operand of the output lens: ``RMSNorm_final(d)`` with the final gain, per row (float32)."""
+    g = checkpoint.geometry
+    return rms_normalize(directions.to(torch.float32), checkpoint.final_norm_gain(), g.rms_norm_eps)
+
+
+def top_token_cosine(left: torch.Tensor, matrix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``cos(left[r], matrix[ids[r]])`` per row r: how much of a lens operand its best token's row explains
+    (cos² = the share of its energy along that row)."""
+    rows = matrix[ids].to(torch.float32)
+    left = left.to(torch.float32)
+    norms = (left.norm(dim=1) * rows.norm(dim=1)).clamp_min(torch.finfo(torch.float32).tiny)
+    return (left * rows).sum(dim=1) / norms
 
 
 def null_directions(n: int, d_model: int, key: str) -> torch.Tensor:

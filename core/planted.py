@@ -30,7 +30,11 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
 * Token groups. GPT-2 tokens are normalised (drop the ``Ġ`` space marker, case-fold, alphabetic
   ASCII only). A stem of >= 4 letters groups every token whose normal form is stem + one of
   ``GROUP_SUFFIXES`` (" cart", "Cart", " carts", " Carter" ...); groups of 6-12 tokens are
-  candidates, ``n_groups`` (96) disjoint ones are drawn. Group g gets unit centres ``c_in[g]``
+  candidates, ``n_groups`` (96) disjoint ones are drawn. A stem family has only 2-6 distinct forms once
+  case and space variants are merged (``core.semantic``), fewer than a top-10 set, so each group is
+  completed to ``group_forms`` (12) distinct forms with single tokens of unrelated words (>= 3 letters,
+  in no family, each used once; stream ``[seed, 8]``, rows from ``[seed, 8, 0|1]``, so no other draw
+  moves): a concept with some shared strings, as real semantic features have. Group g gets unit centres ``c_in[g]``
   (embedding) and ``c_out[g]`` (unembedding; the same vector for tied Gemma, an independent one
   for Llama). Group tokens' rows become ``group_alpha * c[g] + group_noise * N(0, I/d)``, all
   other rows ``N(0, I/d)`` (alpha = noise = 0.7: row norms ~1 like the random rows, member cosine
@@ -173,11 +177,11 @@ Planted structure (every constant is a ``PlantedParams`` field, overridable in t
   string-free groups, hubs move), case_variant / byte_token take their tokens out of the single_token pool; with
   every trap count 0 the model and SAE files are those of the generator without the traps.
 
-  Measured on planted-gemma-hard before the vocabulary traps (``tests/test_planted_hard.py``): single_token 0 %
-  output-predicting, input_only 100 % input-semantic, coherent_flat 3 %, string_free_group 0 % (the hubs' peaked
-  softmaxes push the concentration test's null P99 out of reach; without hubs: 100 %, but then 88 % of single_token
-  features pass cosine + concentration and are called output-predicting); power 1.0 at noise <= 0.76, 0.53 at
-  1.04-1.32, 0.13 at 1.32-1.6.
+  Measured on planted-gemma-hard with the vocabulary hygiene, whitened cosine and set concentration of
+  ``core.semantic`` (``tests/test_planted_hard.py``, 6 SAEs x 16 per class, SAE-matched null): output-predicting
+  single_token 0 %, coherent_flat 2 %, input_only 0 % (100 % input-semantic), string_free_group 100 %,
+  case_variant / byte_token / unused_cluster 0 % semantic, current_token 100 % token identity; power 1.00 at
+  direction noise < 0.76, 0.97 at 0.76-1.04, 0.65 at 1.04-1.32, 0.18 at 1.32-1.6.
 SAE directions are generated for every layer from per-layer generator streams, so the model
 (whose attention uses them) and each layer's SAE do not depend on which ``layers`` are written.
 """
@@ -235,6 +239,7 @@ class PlantedParams:
     vocab_size: int = GPT2_VOCAB_SIZE  # the first vocab_size GPT-2 tokens (a complete BPE tokenizer)
     intermediate_size: int = 256
     n_groups: int = 96
+    group_forms: int = 12  # distinct normal forms per group: the stem family, completed with unrelated words
     group_alpha: float = 0.7
     group_noise: float = 0.7
     direction_noise: float = 0.2
@@ -265,11 +270,13 @@ class PlantedParams:
 
 @dataclass(frozen=True)
 class TokenGroup:
-    """Real GPT-2 tokens sharing a stem after normalisation."""
+    """Real GPT-2 tokens sharing an embedding centre: a stem family (tokens whose normal form is the stem plus a
+    suffix) and ``extra_ids``, single tokens of unrelated words that complete the concept (all in ``token_ids``)."""
 
     id: int
     stem: str
     token_ids: tuple[int, ...]
+    extra_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -362,11 +369,18 @@ def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0) -> Any:
     return tok
 
 
-def _token_groups(rng: np.random.Generator, n_groups: int, vocab_size: int, unused: int = 0) -> list[TokenGroup]:
-    vocab, _ = _gpt2_files(vocab_size, unused)
+def _normal_form(token: str) -> str:
+    return token.replace("Ġ", "").casefold()
+
+
+def _token_groups(rng: np.random.Generator, p: PlantedParams, unused: int = 0) -> list[TokenGroup]:
+    """``n_groups`` disjoint stem families of 6-12 tokens (drawn with ``rng``), each completed to ``group_forms``
+    distinct normal forms with single tokens of unrelated words (stream ``[seed, 8]``: words of >= 3 letters in no
+    stem family, each used once)."""
+    vocab, _ = _gpt2_files(p.vocab_size, unused)
     by_form: dict[str, list[int]] = {}
     for token, idx in vocab.items():
-        form = token.replace("Ġ", "").casefold()
+        form = _normal_form(token)
         if form.isascii() and form.isalpha():
             by_form.setdefault(form, []).append(idx)
     candidates: list[tuple[str, tuple[int, ...]]] = []
@@ -376,16 +390,27 @@ def _token_groups(rng: np.random.Generator, n_groups: int, vocab_size: int, unus
         ids = sorted(i for suf in GROUP_SUFFIXES for i in by_form.get(stem + suf, []))
         if 6 <= len(ids) <= 12:
             candidates.append((stem, tuple(ids)))
-    groups: list[TokenGroup] = []
+    families: list[tuple[str, tuple[int, ...]]] = []
     used: set[int] = set()
     for k in rng.permutation(len(candidates)):
         stem, ids = candidates[k]
         if used.isdisjoint(ids):
-            groups.append(TokenGroup(len(groups), stem, ids))
+            families.append((stem, ids))
             used.update(ids)
-            if len(groups) == n_groups:
-                return groups
-    raise ValueError(f"only {len(groups)} disjoint token groups available, {n_groups} asked")
+            if len(families) == p.n_groups:
+                break
+    else:
+        raise ValueError(f"only {len(families)} disjoint token groups available, {p.n_groups} asked")
+    family_forms = {_normal_form(t) for t, i in vocab.items() if i in used}
+    words = [ids[0] for form, ids in sorted(by_form.items()) if len(form) >= 3 and form not in family_forms
+             and not any(form.startswith(stem) for stem, _ in families)]
+    pool = iter(np.random.default_rng([p.seed, 8]).permutation(words).tolist())
+    groups = []
+    for g, (stem, ids) in enumerate(families):
+        n_forms = len({_normal_form(t) for t, i in vocab.items() if i in set(ids)})
+        extra = tuple(sorted(next(pool) for _ in range(max(0, p.group_forms - n_forms))))
+        groups.append(TokenGroup(g, stem, tuple(sorted(ids + extra)), extra))
+    return groups
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -418,12 +443,18 @@ def _norm_weights(rng: np.random.Generator, p: PlantedParams, size: int) -> np.n
 
 
 def _vocab_matrix(rng: np.random.Generator, centres: np.ndarray, groups: list[TokenGroup],
-                  p: PlantedParams, vocab_size: int) -> np.ndarray:
+                  p: PlantedParams, vocab_size: int, stream: int) -> np.ndarray:
+    """Rows ``N(0, I/d)``; group members ``group_alpha c[g] + group_noise N(0, I/d)`` (stem families from ``rng``,
+    the extra words from stream ``[seed, 8, stream]``, so completing the groups moves no other draw)."""
     m = rng.normal(0.0, 1.0 / math.sqrt(p.d_model), (vocab_size, p.d_model))
+    extra_rng = np.random.default_rng([p.seed, 8, stream])
     for g in groups:
-        ids = list(g.token_ids)
+        ids = [i for i in g.token_ids if i not in set(g.extra_ids)]
         noise = rng.normal(0.0, p.group_noise / math.sqrt(p.d_model), (len(ids), p.d_model))
         m[ids] = p.group_alpha * centres[g.id] + noise
+        extra = list(g.extra_ids)
+        m[extra] = p.group_alpha * centres[g.id] + extra_rng.normal(0.0, p.group_noise / math.sqrt(p.d_model),
+                                                                    (len(extra), p.d_model))
     return m
 
 
@@ -684,7 +715,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
 
     n_unused = 0 if h is None else h.unused_tokens
     rng = np.random.default_rng([p.seed, 0])
-    groups = _token_groups(rng, p.n_groups, p.vocab_size, n_unused)
+    groups = _token_groups(rng, p, n_unused)
     c_in = _unit(rng.normal(size=(p.n_groups, p.d_model)))
     c_out = c_in if p.gemma else _unit(rng.normal(size=(p.n_groups, p.d_model)))
 
@@ -695,9 +726,9 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         if name.endswith("norm.weight"):
             state[name] = _norm_weights(rng, p, param.shape[0])
         elif name == "model.embed_tokens.weight":
-            state[name] = _vocab_matrix(rng, c_in, groups, p, vocab_size)
+            state[name] = _vocab_matrix(rng, c_in, groups, p, vocab_size, 0)
         elif name == "lm_head.weight":
-            state[name] = _vocab_matrix(rng, c_out, groups, p, vocab_size)
+            state[name] = _vocab_matrix(rng, c_out, groups, p, vocab_size, 1)
         else:
             state[name] = rng.normal(0.0, 0.02, tuple(param.shape))
     hard_vocab = _hard_vocab(state, p, h, groups) if h is not None else None
@@ -750,7 +781,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "semantic_fraction": 0.0 if p.null_sae else p.n_semantic / p.d_sae,
         "final_norm_gain": "1 + w" if p.gemma else "w",
         "token_groups": [
-            {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids),
+            {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids), "extra_ids": list(g.extra_ids),
              "tokens": [_token_strings(p.vocab_size, n_unused)[i] for i in g.token_ids]}
             for g in groups
         ],

@@ -137,17 +137,22 @@ METRIC_LABELS = {
 }
 
 
+NULL_LABELS = {"null": "isotropic null", "matched_null": "SAE-matched null"}
+
+
 def null_vs_observed_plot(features: pd.DataFrame, null: pd.DataFrame, thresholds: pd.DataFrame, release: str, path: Path) -> Path:
-    """Histograms (density) of each calibrated metric for the features and for the null directions, with
-    the threshold (null P99) as a vertical line; one panel per (side, metric)."""
+    """Histograms (density) of each calibrated metric for the features and for each null's directions (``null``
+    rows with ``sample`` null | matched_null), with the threshold (``thresholds``: the calibrating null's P99)
+    as a vertical line; one panel per (side, metric)."""
     sns.set_theme(style="whitegrid")
     panels = [("output", "topk_z", "topk_z")] + [
         (side, m, f"{'out' if side == 'output' else 'in'}_{m}") for side in ("output", "input") for m in ("levenshtein", "cosine", "concentration")
     ]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    nulls = null.assign(group=null["sample"].map(NULL_LABELS))
     for ax, (side, metric, column) in zip(axes.flat, panels):
-        both = pd.concat([features[[column]].assign(sample="features"), null[[column]].assign(sample="null (random directions)")])
-        sns.histplot(data=both, x=column, hue="sample", stat="density", common_norm=False, bins=50, element="step", ax=ax,
+        both = pd.concat([features[[column]].assign(group="features"), nulls[[column, "group"]]]).dropna()
+        sns.histplot(data=both, x=column, hue="group", stat="density", common_norm=False, bins=50, element="step", ax=ax,
                      legend=ax is axes.flat[0])
         ax.xaxis.set_major_locator(MaxNLocator(4))
         t = thresholds[(thresholds["side"] == side) & (thresholds["metric"] == metric)]["threshold"]
@@ -157,5 +162,33 @@ def null_vs_observed_plot(features: pd.DataFrame, null: pd.DataFrame, thresholds
         ax.set_title(f"{side} tokens", fontsize=9)
     axes.flat[-1].axis("off")
     fig.suptitle(f"{release}: calibration — features vs null directions (red: threshold, median over SAEs)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> Path:
+    """C1 (fraction output-predicting, pooled over SAEs) against the null quantile, one line per k, one panel per
+    null; features solid, control dashed; the paper's P75 rule (a quarter by construction) and the C1 band."""
+    sns.set_theme(style="whitegrid")
+    pooled = (sensitivity.groupby(["rule", "null", "quantile", "k", "sample"], as_index=False)[["hits", "n"]].sum()
+              .assign(fraction=lambda f: f["hits"] / f["n"]))
+    calibrated = pooled[pooled["rule"] == "null_calibrated"]
+    nulls = sorted(calibrated["null"].unique())
+    fig, axes = plt.subplots(1, max(1, len(nulls)), figsize=(6 * max(1, len(nulls)), 3.8), sharey=True, squeeze=False)
+    paper = pooled[(pooled["rule"] == "paper_p75") & (pooled["sample"] == "feature")]["fraction"]
+    for ax, null in zip(axes.flat, nulls):
+        for i, k in enumerate(sorted(calibrated["k"].unique())):
+            for sample, style in (("feature", "o-"), ("control", "s--")):
+                rows = calibrated[(calibrated["null"] == null) & (calibrated["k"] == k) & (calibrated["sample"] == sample)]
+                ax.plot(100 * rows["quantile"], rows["fraction"], style, color=sns.color_palette()[i],
+                        label=f"k={k} {SAMPLE_LABELS[sample].split(' (')[0]}")
+        ax.axhspan(0.20, 0.30, color="grey", alpha=0.15, label="C1 band")
+        if len(paper):
+            ax.axhline(float(paper.mean()), color="red", ls=":", label="paper's P75 rule (by construction)")
+        ax.set_xlabel("null quantile of every threshold (percentile)")
+        ax.set_title(f"{null} null", fontsize=9)
+    axes.flat[0].set_ylabel("fraction output-predicting")
+    axes.flat[-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{release}: C1 sensitivity to the threshold quantile, k and the null")
     fig.tight_layout()
     return save(fig, path)

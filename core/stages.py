@@ -16,16 +16,18 @@ import torch
 
 from core.circuits import VocabOperands, all_circuits, circuit_stats, input_lens, ov_write_norms, paired_layers
 from core.classify import FeatureClasses, classify_features
-from core.control import control_sae
+from core.control import control_sae, matched_null
 from core.engine import RowStats
 from core.frames import circuit_frame, summary_frame, topk_frame
 from core.model_weights import ModelCheckpoint
-from core.output_lens import null_directions, output_lens
+from core.output_lens import lens_operand, null_directions, output_lens, top_token_cosine
 from core.profiles import circuit_values, feature_participation, head_write_frame, participation
 from core.sae_formats import SaeWeights
+from core.semantic import CANDIDATES
 from core.statistics import DEFAULT_QUANTILE
 
-SAMPLES = ("feature", "control", "null")
+SAMPLES = ("feature", "control", "null")  # through every circuit
+LENS_SAMPLES = (*SAMPLES, "matched_null")  # through the lenses: the class thresholds' default null too
 LENS_SIDES = {"output": "decoder_unembedding", "input": "encoder_embedding"}  # lens -> the directions it reads
 
 
@@ -38,16 +40,19 @@ class EngineSettings:
     device: str = "cpu"
 
 
-def sample_directions(sae: SaeWeights, key: str, n_null: int) -> dict[str, dict[str, torch.Tensor]]:
+def sample_directions(sae: SaeWeights, key: str, n_null: int, matched: bool = False
+                      ) -> dict[str, dict[str, torch.Tensor]]:
     """Per sample, per phase, the unit directions (rows): the SAE's encoder / decoder directions, the
-    control's, and ``n_null`` isotropic null directions (the same for both phases), all seeded by ``key``."""
+    control's, ``n_null`` isotropic null directions (the same for both phases) and, when ``matched``, ``n_null``
+    SAE-matched null directions (``core.control.matched_null``), all seeded by ``key``."""
     control = control_sae(sae, key)
     null = null_directions(n_null, sae.d_model, key)
-    return {
+    out = {
         "feature": {"encoder_embedding": sae.encoder_directions(), "decoder_unembedding": sae.decoder_directions()},
         "control": {"encoder_embedding": control.encoder_directions, "decoder_unembedding": control.decoder_directions},
         "null": {"encoder_embedding": null, "decoder_unembedding": null},
     }
+    return out | ({"matched_null": matched_null(sae, key, n_null)} if matched else {})
 
 
 def _stacked(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -57,16 +62,25 @@ def _stacked(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def lens_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], key: str, n_null: int,
                settings: EngineSettings) -> dict[str, pd.DataFrame]:
     """Tables ``output_lens_tokens``, ``output_lens_stats``, ``input_lens_tokens``, ``input_lens_stats``
-    (``core.output_lens``, ``core.circuits.input_lens``) for every sample."""
-    directions = sample_directions(sae, key, n_null)
+    (``core.output_lens``, ``core.circuits.input_lens``) for every sample of ``LENS_SAMPLES``: the
+    ``CANDIDATES`` best tokens (the semantic tests pick their normal forms, ``core.semantic``) and ``settings.k``
+    bottom ones; stats incl. ``top_mean`` over the best ``settings.k`` and ``top1_cosine`` (cosine of the lens
+    operand with the best token's row: ``core.classify`` token identity)."""
+    directions = sample_directions(sae, key, n_null, matched=True)
+    operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}
+    matrix = {"output": checkpoint.unembedding(), "input": checkpoint.embedding()}
     compute = {"output": output_lens, "input": input_lens}
+    candidates = min(CANDIDATES, checkpoint.geometry.vocab_size)
     tables = {}
     for lens, phase in LENS_SIDES.items():
         stats: dict[str, RowStats] = {
-            s: compute[lens](directions[s][phase], checkpoint, k=settings.k, compute_dtype=settings.compute_dtype,
-                             device=settings.device) for s in SAMPLES}
-        tables[f"{lens}_lens_tokens"] = _stacked({s: topk_frame(v, tokens) for s, v in stats.items()})
-        tables[f"{lens}_lens_stats"] = _stacked({s: summary_frame(v) for s, v in stats.items()})
+            s: compute[lens](directions[s][phase], checkpoint, k=candidates, compute_dtype=settings.compute_dtype,
+                             device=settings.device) for s in LENS_SAMPLES}
+        tables[f"{lens}_lens_tokens"] = _stacked({s: topk_frame(v, tokens, settings.k) for s, v in stats.items()})
+        tables[f"{lens}_lens_stats"] = _stacked({
+            s: summary_frame(v, settings.k).assign(top1_cosine=top_token_cosine(
+                operand[lens](directions[s][phase]), matrix[lens], v.top_ids[:, 0]).numpy())
+            for s, v in stats.items()})
     return tables
 
 
@@ -119,11 +133,12 @@ class ClassTables:
 
 
 def class_stage(lens: dict[str, pd.DataFrame], circuit_stats: pd.DataFrame, head_writes: pd.DataFrame,
-                embedding: np.ndarray, unembedding: np.ndarray, quantile: float = DEFAULT_QUANTILE) -> ClassTables:
-    """Classes (``core.classify``) and participation (``core.profiles``) from the stored tables of one SAE
-    (circuit tables carrying ``release, sae_id, layer``); never reads attention weights."""
-    classes = classify_features(lens["output_lens_tokens"], lens["output_lens_stats"], lens["input_lens_tokens"],
-                                lens["input_lens_stats"], unembedding, embedding, quantile)
+                normal: np.ndarray, embedding: np.ndarray, unembedding: np.ndarray, quantile: float = DEFAULT_QUANTILE,
+                k: int = 10) -> ClassTables:
+    """Classes (``core.classify``; ``normal``: per token id, a normal token, ``core.vocab``) and participation
+    (``core.profiles``) from the stored tables of one SAE (circuit tables carrying ``release, sae_id, layer``);
+    never reads attention weights."""
+    classes = classify_features(lens, normal, unembedding, embedding, quantile, k)
     if len(circuit_stats) or len(head_writes):
         part = participation(circuit_values(circuit_stats, head_writes), quantile)
     else:

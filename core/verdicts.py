@@ -7,7 +7,9 @@ run through the same lenses and circuits), so structure that lives in the model'
 any direction would show — is not credited to the features. ``ALPHA`` is the one significance level.
 
 * **C1** (about a quarter of features directly predict output tokens): the fraction of features called
-  ``output_predicting`` (``core.classify``). Interval: the union of the 95 % Wilson interval (features as the
+  ``output_predicting`` (``core.classify``, SAE-matched null). Sub-claims with the same rule: ``C1 without token
+  identity`` (current-token features left out), ``C1 isotropic null``; ``C1 paper_p75`` shows the paper's
+  P75 rule, true by construction, always ``not measured``. Interval: the union of the 95 % Wilson interval (features as the
   unit) and the 95 % bootstrap interval over layers (layers resampled, weighted by their feature counts).
   ``consistent`` only when that interval lies INSIDE ``C1_BAND`` (equivalence, not mere overlap) and the
   features' Wilson interval lies above the control's; ``not reproduced`` when it lies outside the band;
@@ -88,22 +90,29 @@ def _row(claim: str, verdict: str, statistic: str, rule: str, value: float = NAN
             "ci_high": ci[1], "control_value": control, "p_value": p, "n": n, "rule": rule}
 
 
-def c1_verdict(per_feature: pd.DataFrame) -> dict:
-    """C1 from ``per_feature`` (columns ``sample, layer, output_predicting``)."""
+def c1_counts(per_feature: pd.DataFrame, exclude: str | None = None) -> pd.DataFrame:
+    """``sample, layer, hits, n`` of ``output_predicting`` per sample and layer (rows where the boolean column
+    ``exclude`` is true left out)."""
+    rows = per_feature if exclude is None else per_feature[~per_feature[exclude].astype(bool)]
+    return (rows.groupby(["sample", "layer"], as_index=False)
+            .agg(hits=("output_predicting", "sum"), n=("output_predicting", "size")))
+
+
+def c1_verdict(counts: pd.DataFrame, claim: str = "C1", setting: str = "") -> dict:
+    """C1 from per-layer counts (``c1_counts``; samples feature and control); ``setting`` names the class rule."""
     statistic = "fraction of features output-predicting"
-    feats, ctrl = (per_feature[per_feature["sample"] == s] for s in ("feature", "control"))
-    if feats.empty:
-        return _row("C1", "not measured", statistic, "no classified features")
-    hits, n = int(feats["output_predicting"].sum()), len(feats)
+    feats, ctrl = (counts[counts["sample"] == s] for s in ("feature", "control"))
+    hits, n = int(feats["hits"].sum()), int(feats["n"].sum())
+    if n == 0:
+        return _row(claim, "not measured", statistic, f"{setting}no classified features")
     low, high = wilson_interval(hits, n)
-    layers = feats.groupby("layer")["output_predicting"].agg(["mean", "size"])
-    if len(layers) >= 2:
-        b_low, b_high = layer_bootstrap(layers["mean"].to_numpy(), weights=layers["size"].to_numpy())
+    if len(feats) >= 2:
+        b_low, b_high = layer_bootstrap((feats["hits"] / feats["n"]).to_numpy(), weights=feats["n"].to_numpy())
         low, high = min(low, b_low), max(high, b_high)
-    c_hits, c_n = int(ctrl["output_predicting"].sum()), len(ctrl)
+    c_hits, c_n = int(ctrl["hits"].sum()), int(ctrl["n"].sum())
     c_high = wilson_interval(c_hits, c_n)[1] if c_n else NAN
-    rule = (f"consistent: Wilson ∪ layer-bootstrap 95 % interval inside [{C1_BAND[0]}, {C1_BAND[1]}] and the features' "
-            "Wilson interval above the control's; not reproduced: interval outside the band")
+    rule = (f"{setting}consistent: Wilson ∪ layer-bootstrap 95 % interval inside [{C1_BAND[0]}, {C1_BAND[1]}] and "
+            "the features' Wilson interval above the control's; not reproduced: interval outside the band")
     inside = C1_BAND[0] <= low and high <= C1_BAND[1]
     above_control = not c_n or wilson_interval(hits, n)[0] > c_high
     if inside and above_control:
@@ -112,7 +121,45 @@ def c1_verdict(per_feature: pd.DataFrame) -> dict:
         verdict = "not reproduced"
     else:
         verdict = "inconclusive"
-    return _row("C1", verdict, statistic, rule, hits / n, (low, high), c_hits / c_n if c_n else NAN, n=n)
+    return _row(claim, verdict, statistic, rule, hits / n, (low, high), c_hits / c_n if c_n else NAN, n=n)
+
+
+def _setting(per_feature: pd.DataFrame) -> tuple[str, float, int] | None:
+    """The class setting of ``per_feature``: (null, quantile, k), None where the table does not record it."""
+    if not {"null", "null_quantile", "k"} <= set(per_feature):
+        return None
+    first = per_feature.iloc[0]
+    return str(first["null"]), float(first["null_quantile"]), int(first["k"])
+
+
+def c1_verdicts(per_feature: pd.DataFrame, sensitivity: pd.DataFrame) -> list[dict]:
+    """C1 under the default rule, without token-identity features, under the other null (from ``sensitivity``,
+    ``core.classify.c1_sensitivity`` rows with ``layer``) and the paper's P75 rule (never a verdict: true by
+    construction)."""
+    setting = _setting(per_feature) if len(per_feature) else None
+    if setting is None:
+        return [c1_verdict(c1_counts(per_feature) if len(per_feature) else
+                           pd.DataFrame(columns=["sample", "layer", "hits", "n"]))]
+    null, quantile, k = setting
+    label = f"null_calibrated ({null} null, P{100 * quantile:g}, k={k}); "
+    rows = [c1_verdict(c1_counts(per_feature), "C1", label)]
+    if "token_identity" in per_feature:
+        rows.append(c1_verdict(c1_counts(per_feature, "token_identity"), "C1 without token identity", label))
+    if sensitivity.empty:
+        return rows
+    same = sensitivity[(sensitivity["k"] == k) & (sensitivity["rule"] == "null_calibrated")
+                       & np.isclose(sensitivity["quantile"], quantile)]
+    per_layer = (lambda f: f.groupby(["sample", "layer"], as_index=False)[["hits", "n"]].sum())
+    for other in sorted(set(same["null"]) - {null}):
+        rows.append(c1_verdict(per_layer(same[same["null"] == other]), f"C1 {other} null",
+                               f"null_calibrated ({other} null, P{100 * quantile:g}, k={k}); "))
+    paper = sensitivity[(sensitivity["rule"] == "paper_p75") & (sensitivity["k"] == k)]
+    if len(paper):
+        measured = c1_verdict(per_layer(paper), "C1 paper_p75")
+        rows.append(measured | {"verdict": "not measured", "ci_low": NAN, "ci_high": NAN, "rule": (
+            "paper_p75 (top-k z above the P75 of the features' own values): a quarter of ANY set of directions passes "
+            "it — true by construction, so no verdict; compare the control's value")})
+    return rows
 
 
 def _layer_stats(per_feature: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -238,11 +285,14 @@ def c4_verdict(per_feature: pd.DataFrame, family: str) -> dict:
     return _row("C4", verdict, statistic, rule, value, ci, control, p_higher, len(means))
 
 
-def claim_verdicts(release: str, family: str, n_layers: int, per_feature: pd.DataFrame) -> pd.DataFrame:
+def claim_verdicts(release: str, family: str, n_layers: int, per_feature: pd.DataFrame,
+                   sensitivity: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every claim's row (``COLUMNS``) for one release from its per-direction table: ``sample`` ('feature' |
-    'control'), ``layer``, ``output_predicting``, ``semantic``, ``encoder_norm``, ``decoder_norm`` and the phase
-    scores ``score_encoder_embedding`` / ``score_decoder_unembedding`` (NaN where a phase has no circuit)."""
-    rows = [c1_verdict(per_feature)]
+    'control'), ``layer``, ``output_predicting``, ``token_identity``, ``semantic``, ``encoder_norm``,
+    ``decoder_norm``, the class setting ``null, null_quantile, k`` and the phase scores
+    ``score_encoder_embedding`` / ``score_decoder_unembedding`` (NaN where a phase has no circuit); the C1 rows
+    under other settings from ``sensitivity`` (``core.classify.c1_sensitivity`` with ``layer``)."""
+    rows = c1_verdicts(per_feature, pd.DataFrame() if sensitivity is None else sensitivity)
     rows += [c2_verdict(per_feature, phase, family, n_layers) for phase in PHASE_SCORES]
     rows += [c3_verdict(per_feature, claim) for claim in C3_VARIABLES]
     rows.append(c4_verdict(per_feature, family))

@@ -136,3 +136,11 @@ def _unk_piece(model: dict[str, Any]) -> set[str]:
     if isinstance(model.get("unk_id"), int) and isinstance(model["vocab"], list):
         return {model["vocab"][model["unk_id"]][0]}
     return set()
+
+
+def normal_tokens(vocabulary: pd.DataFrame) -> np.ndarray:
+    """Per token id (position = id), whether it is a ``normal`` token, from a ``vocabulary_table`` (any row order)."""
+    ordered = vocabulary.sort_values("token_id")
+    if not np.array_equal(ordered["token_id"].to_numpy(), np.arange(len(ordered))):
+        raise ValueError("a vocabulary table must hold every token id 0..n-1 exactly once")
+    return (ordered["token_class"] == "normal").to_numpy()

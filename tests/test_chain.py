@@ -17,6 +17,7 @@ import pytest
 from assets.plots import PLOTS
 from core.hub_cache import write_snapshot
 from core.registry import get_release, parse_key
+from core.semantic import CANDIDATES
 from orchestration.definitions import SAE_ASSETS, defs
 from tests.planted_chain import PLANTED, chain_resources
 
@@ -91,7 +92,10 @@ def test_tables_are_queryable_from_duckdb(chain):
         tokens = con.execute(
             "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 5 AND sample = 'feature'"
         ).fetchone()[0]
-        assert tokens == 1024 * 2 * 10  # top and bottom 10 per feature
+        assert tokens == 1024 * (CANDIDATES + 10)  # the top candidates and the bottom 10 per feature
+        classes = dict(con.execute("SELECT token_class, count(*) FROM vocabulary WHERE release = 'planted-llama' "
+                                   "AND layer = 5 GROUP BY ALL").fetchall())
+        assert classes["special"] == 1 and classes["byte"] > 0 and classes["normal"] > 10_000
         nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
         assert nulls == 512  # ComputeResource.null_directions
         dashboard = con.execute(

@@ -20,13 +20,13 @@ from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.registry import get_release
 from core.sae_formats import SaeWeights
-from core.stages import EngineSettings, class_stage, lens_stage
 from core.storage import TableStore
 from core.truth import load_truth
 from core.verdicts import C2_HYPOTHESIS
-from core.vocab import token_strings
+from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.planted_chain import PLANTED, PLANTED_NULL
+from tests.core_chain import lens_classes
 
 N_NULL = 512
 
@@ -41,11 +41,9 @@ def fresh_sae_rates(release_id: str, hub: HubResource) -> list[tuple[float, floa
         gen = torch.Generator().manual_seed(ref.layer)
         fresh = SaeWeights(torch.randn(sae.d_model, N_NULL, generator=gen), torch.randn(N_NULL, sae.d_model, generator=gen),
                            torch.zeros(N_NULL), torch.zeros(sae.d_model), torch.zeros(N_NULL), "fresh")
-        tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
-        lens = lens_stage(fresh, checkpoint, tokens, ref.key, N_NULL, EngineSettings())
-        out = class_stage(lens, pd.DataFrame(), pd.DataFrame(), checkpoint.embedding().numpy(),
-                          checkpoint.unembedding().numpy())
-        rates.append((float(out.rows("feature")["output_predicting"].mean()), out.classes.null_rate))
+        vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+        out = lens_classes(fresh, checkpoint, vocabulary, ref.key, N_NULL)
+        rates.append((float(out.rows("feature")["output_predicting"].mean()), out.classes.null_rate()))
     return rates
 
 

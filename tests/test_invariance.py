@@ -18,7 +18,7 @@ from core.claims import ARCHITECTURE
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.registry import get_release
-from core.vocab import token_strings
+from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import analyse
 from tests.planted_chain import PLANTED
@@ -37,9 +37,9 @@ def analysed(cache: Path, release_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     for ref in sorted(discover_saes(release_id, hub.client()).saes, key=lambda r: r.layer)[:N_LAYERS]:
         snapshot, checkpoint, sae = load(ref, hub)
         saes.append((ref.layer, ref.sae_id, sae))
-    tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+    vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
     family = ARCHITECTURE[get_release(release_id).format]
-    return analyse(release_id, family, checkpoint, tokens, saes)
+    return analyse(release_id, family, checkpoint, vocabulary, saes)
 
 
 @pytest.fixture(scope="module")

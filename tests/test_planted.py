@@ -630,7 +630,9 @@ def test_truth_json_is_in_the_sae_repo(cache: Path, truths: dict[str, PlantedTru
     assert data["format_version"] == 1 and data["release_id"] == "planted-llama"
     assert data["model_commit"] == t.model_commit
     assert {"encoder_embedding", "decoder_unembedding"} <= data["attention"].keys()
-    assert all(6 <= len(g["token_ids"]) <= 12 for g in data["token_groups"])
+    forms = {g["id"]: {t.replace("Ġ", "").casefold() for t in g["tokens"]} for g in data["token_groups"]}
+    for g in data["token_groups"]:  # a stem family of 6-12 tokens completed with unrelated words to 12 forms
+        assert 6 <= len(set(g["token_ids"]) - set(g["extra_ids"])) <= 12 and len(forms[g["id"]]) >= 12
     attn, n, heads = data["attention"], data["params"]["n_layers"], data["params"]["n_heads"]
     assert "layer L+1" in attn["pairing"] and "layer L" in attn["pairing"]
     assert np.array(attn["decoder_unembedding"]["strength"]).shape == (n - 1, heads)  # SAE layers 0..N-2

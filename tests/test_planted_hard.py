@@ -6,14 +6,13 @@ The release is generated into a temporary hub cache and taken through the chain'
 the classes read only the lenses). ``core.power`` turns the per-feature classes and the truth into the tables,
 printed by every run (``pytest -s``) and by ``python -m tests.test_planted_hard``.
 
-Measured (all 6 SAEs, 96 features per hard class, 768 planted semantic features, noise U(0.2, 1.6)):
-single_token 0 % output-predicting (97 % heavy-tailed), input_only 100 % semantic_input / 0 % output-predicting,
-coherent_flat (w = 0.5) 3 % output-predicting / 3 % heavy-tailed but only 27 % coherent, string_free_group NOT
-found (0 %, 100 % heavy-tailed: the hub tokens' peaked softmaxes put the null P99 of the concentration test out of
-reach, so only cosine passes); output-predicting power per noise bin 1.00 [0.2, 0.48), 1.00 [0.48, 0.76), 0.89
-[0.76, 1.04), 0.53 [1.04, 1.32), 0.13 [1.32, 1.6]; null and random-feature output-predicting rates 0. The same release without hub tokens (``hub_tokens: 0``) finds the
-string-free groups (100 %) but calls 88 % of single_token features output-predicting (cosine + concentration):
-the single_token assertion holds here only with the hubs.
+Measured (all 6 SAEs, 96 features per hard class, 768 planted semantic features, noise U(0.2, 1.6), SAE-matched
+null): every hard class holds — single_token 0 % output-predicting (93 % heavy-tailed), coherent_flat 2 %,
+input_only 100 % semantic_input / 0 % output-predicting, string_free_group 100 % output-predicting (the set
+concentration is not fooled by the hub tokens, as the softmax entropy was), case_variant / byte_token /
+unused_cluster 0 % semantic, current_token 100 % token identity; output-predicting power per noise bin 1.00 [0.2,
+0.48), 1.00 [0.48, 0.76), 0.97 [0.76, 1.04), 0.65 [1.04, 1.32), 0.18 [1.32, 1.6]; null (both) and random-feature
+output-predicting rates 0.
 """
 
 from __future__ import annotations
@@ -28,21 +27,22 @@ from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.planted import HARD_CLASSES, PlantedTruth, generate
 from core.power import hard_case_table, power_table
-from core.stages import EngineSettings, class_stage, lens_stage
-from core.vocab import token_strings
+from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
+from tests.core_chain import lens_classes
 
 RELEASE = "planted-gemma-hard"
 N_NULL = 512
 
-# (model commit, SAE commit) of the default releases from the generator WITHOUT the hard-case code (core/planted.py
-# of 825114b with the hard hooks taken out) on the registry of bbf42d8: the opt-in hard block must not move a byte.
-# A deliberate change of these releases' parameters or of the default generator changes them: re-record then.
+# (model commit, SAE commit) of the default releases, recorded when the token groups were completed to
+# ``group_forms`` distinct forms (earlier: from the generator without the hard-case code, 825114b): the opt-in hard
+# block must not move a byte. A deliberate change of these releases' parameters or of the default generator
+# changes them: re-record then.
 DEFAULT_COMMITS = {
-    "planted-gemma": ("f9ca81ef196f10e66ace24d071325b1d4d44a9e7", "bf5023173c1f07e1f004b4365a5e2b5f9bdc2271"),
-    "planted-gemma-null": ("f9ca81ef196f10e66ace24d071325b1d4d44a9e7", "6f58731db8323955bb3a13d4f1498f12604169d0"),
-    "planted-llama": ("105455ad0cfee82206be3324cec8434a2a7563b9", "bd5aa89ac9f4c525f354e1f7c9ab89509f456489"),
-    "planted-llama-null": ("105455ad0cfee82206be3324cec8434a2a7563b9", "998d973fece3f67b147ef3b783d2afba5352595b"),
+    "planted-gemma": ("8e5ad3c19a46bd52b2c22a5d6e43d2ffb9760f9c", "734cf5b0bb6fcd6535f8cb7abb711a52a1828f1c"),
+    "planted-gemma-null": ("8e5ad3c19a46bd52b2c22a5d6e43d2ffb9760f9c", "04b73556426f3f5ef8b0a3e431a98f1cdc1d3ffb"),
+    "planted-llama": ("86dde2afde32c72e66c6770f62b729213eabf0d0", "ffe9ee8063010ef04672ea2d8ebf18b0e4fa2d0d"),
+    "planted-llama-null": ("86dde2afde32c72e66c6770f62b729213eabf0d0", "21e20c39e306ceff20001d4184b7254fdcbf6328"),
 }
 
 
@@ -53,10 +53,8 @@ def classify_release(cache: Path, release_id: str, n_null: int = N_NULL) -> pd.D
     out = []
     for ref in sorted(discover_saes(release_id, hub.client()).saes, key=lambda r: r.layer):
         snapshot, checkpoint, sae = load(ref, hub)
-        tokens = token_strings(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
-        lens = lens_stage(sae, checkpoint, tokens, f"{release_id}:{ref.sae_id}", n_null, EngineSettings(k=10))
-        classes = class_stage(lens, pd.DataFrame(), pd.DataFrame(), checkpoint.embedding().numpy(),
-                              checkpoint.unembedding().numpy()).classes
+        vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+        classes = lens_classes(sae, checkpoint, vocabulary, f"{release_id}:{ref.sae_id}", n_null).classes
         out.append(classes.rows.assign(sae_id=ref.sae_id, layer=ref.layer))
     return pd.concat(out, ignore_index=True)
 
@@ -87,7 +85,7 @@ def test_hard_truth_is_recorded_separately(hard):
     for sae in data["saes"].values():
         cases, semantic = sae["hard_cases"], {f["index"] for f in sae["semantic_features"]}
         drawn = [f for c in HARD_CLASSES for f in cases[c]]
-        assert len(drawn) == len(set(drawn)) == 64 and semantic.isdisjoint(drawn)  # from the non-semantic ones
+        assert len(drawn) == len(set(drawn)) == 128 and semantic.isdisjoint(drawn)  # from the non-semantic ones
         assert {int(f) for f in cases["strength"]} == semantic
         assert all(0.2 <= v <= 1.6 for v in cases["strength"].values())
 
@@ -99,20 +97,25 @@ def test_hard_cases_and_power(hard):
     power = power_table(features, truth.data)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"\n{RELEASE}: hard cases\n{table}\npower (output_predicting) per direction-noise bin\n{power}")
+    # every hard class gets its expected outcome: the traps (case variants, byte tokens, <unused> clusters) are
+    # not semantic, string-free groups are output-predicting, current-token features are flagged token identity
+    assert table["holds"].all(), table[~table["holds"]]
     assert table.loc["single_token", "output_predicting"] <= 0.05
-    assert table.loc["input_only", "output_predicting"] <= 0.05
-    assert table.loc["input_only", "semantic_input"] >= 0.9
-    assert table.loc["coherent_flat", "output_predicting"] <= 0.05
-    assert power["power"].iloc[0] >= 0.9
+    assert table.loc["input_only", "semantic_input"] >= 0.95
+    assert table.loc["string_free_group", "output_predicting"] >= 0.95
+    for trap in ("case_variant", "byte_token", "unused_cluster"):
+        assert table.loc[trap, "semantic_output"] == 0.0, trap
+    assert power["power"].iloc[:2].min() >= 0.95
     assert power["power"].iloc[-1] <= power["power"].iloc[0] - 0.3  # clearly lower
     assert power["ci_high"].iloc[-1] < power["ci_low"].iloc[0]
 
 
 def test_null_false_positive_rate_with_hub_tokens(hard):
     truth, rows = hard
-    null = rows[rows["sample"] == "null"]
-    assert len(null) == N_NULL * len(truth.data["saes"])
-    assert null["output_predicting"].mean() <= 0.02  # in-sample on the null that calibrated it
+    for sample in ("matched_null", "null"):  # in-sample on the matched null that calibrated, out of it on the other
+        null = rows[rows["sample"] == sample]
+        assert len(null) == N_NULL * len(truth.data["saes"])
+        assert null["output_predicting"].mean() <= 0.02, sample
     features = _features(rows)
     planted = {(s, f["index"]) for s, v in truth.data["saes"].items() for f in v["semantic_features"]}
     planted |= {(s, f) for s, v in truth.data["saes"].items() for c in HARD_CLASSES for f in v["hard_cases"][c]}

@@ -32,9 +32,10 @@ from core.sae_formats import FORMATS, SaeWeights
 RELEASE = "planted-gemma-hard"
 TRAPS = ("case_variant", "byte_token", "unused_cluster", "current_token")
 K = 10
-# planted-gemma-hard's model commit with every trap count 0 (the hard block of the registry before the traps, on
-# the generator before them): traps off must leave the model as it was. Re-record on a deliberate change.
-MODEL_COMMIT_WITHOUT_TRAPS = "5c3c5410f4eb18a341233eb3d964debdc216b32b"
+# planted-gemma-hard's model commit with every trap count 0 (the hard block of the registry before the traps; recorded
+# when the token groups were completed to group_forms forms): traps off must leave the model as it was without them.
+# Re-record on a deliberate change of the default generator.
+MODEL_COMMIT_WITHOUT_TRAPS = "2a9308d9a409b1592a1a3dd3ecaf1e98744e1e9f"
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,11 @@ def written(tmp_path_factory) -> Written:
 
 
 def _top(directions: torch.Tensor, w: Written, lens=output_lens) -> list[list[int]]:
-    return lens(directions, w.checkpoint, k=K).top_ids.tolist()
+    """The K best tokens of each direction, hub tokens left out (rows of 3x norm: a hard case of their own that
+    can enter any top list)."""
+    hubs = set(w.truth.data["hard"]["hub_tokens"]["token_ids"])
+    top = lens(directions, w.checkpoint, k=K + len(hubs)).top_ids.tolist()
+    return [[i for i in row if i not in hubs][:K] for row in top]
 
 
 def _taken(data: dict) -> set[int]:

@@ -42,6 +42,7 @@ from core.circuits import all_circuits, paired_layers
 from core.discovery import discover_saes, fetch_model
 from core.hub import Hub
 from core.registry import parse_key
+from core.semantic import CANDIDATES
 from core.storage import StorageError, TableStore
 from tests.reliability_worker import COMPUTE, LOOP_KEY
 
@@ -411,14 +412,14 @@ def expected_rows(planted_cache: Path, key: str) -> dict[str, int]:
     d_sae = int(re.search(r"width_(\d+)", ref.sae_id).group(1))
     _, checkpoint = fetch_model(RELEASE, Hub(cache_dir=planted_cache, offline=True))
     circuits = len(all_circuits(checkpoint.geometry, paired_layers(ref.layer, checkpoint.geometry.n_layers)))
-    lens = 2 * d_sae + COMPUTE["null_directions"]  # features, their control, the null
+    lens = 2 * (d_sae + COMPUTE["null_directions"])  # features, their control, the isotropic and the matched null
     return {
         "sae_features": d_sae,
         "feature_classes": d_sae,
         "output_lens_stats": lens,
         "input_lens_stats": lens,
-        "output_lens_tokens": lens * 2 * TOP_K,
-        "input_lens_tokens": lens * 2 * TOP_K,
+        "output_lens_tokens": lens * (CANDIDATES + TOP_K),
+        "input_lens_tokens": lens * (CANDIDATES + TOP_K),
         "circuit_stats": (2 * d_sae + COMPUTE["circuit_null_directions"]) * circuits,
     }
 
