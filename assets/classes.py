@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets.common import check_results, check_specs, sae_of, store_table
 from assets.interactions import load
-from core.classify import NULLS
+from core.classify import NULLS, SIDES
 from core.control import control_sae
 from core.frames import with_sae
 from core.stages import class_stage
@@ -19,7 +19,7 @@ CLASS_CHECKS = ["one_row_per_feature", "scores_finite", "thresholds_recorded"]
 LENS_TABLES = ("output_lens_tokens", "output_lens_stats", "input_lens_tokens", "input_lens_stats")
 # defined for every direction (the coherence metrics are NaN for a set of fewer than two normal forms)
 SCORE_COLUMNS = ["topk_z", "out_concentration", "in_concentration"]
-CALIBRATED = 7  # thresholds per null: top-k z + three coherence metrics per side
+CALIBRATED = 7  # thresholds per null: top-k z + three coherence metrics per side (+ Levenshtein's string null per side)
 
 
 @dg.asset(
@@ -46,7 +46,8 @@ def feature_classes(
     - ``control_classes``: the same columns for the control SAE (``core.control``), plus its
       ``encoder_norm`` / ``decoder_norm`` (the SAE's norms in a seeded random order);
     - ``semantic_null``: the same columns for both nulls' directions (``sample`` null | matched_null);
-    - ``class_thresholds``: ``side, metric, threshold, null_median, quantile, null_size, null, rule, k``;
+    - ``class_thresholds``: ``side, metric, threshold, null_median, quantile, null_size, null`` (matched |
+      isotropic | string_permutation: Levenshtein only), ``rule, k``;
     - ``null_quantiles``: ``side, metric, q, value, null`` (the null distributions);
     - ``c1_sensitivity``: ``rule, null, quantile, k, sample, n, hits, fraction``, and the same without
       token-identity features (``core.classify.c1_sensitivity``);
@@ -100,7 +101,8 @@ def feature_classes(
                                                     2 * sae.d_sae * per_feature["phase"].nunique())]),
         combined("scores_finite", [finite("feature_classes", features, SCORE_COLUMNS),
                                    finite("attention_participation", feats_part, ["score"])]),
-        combined("thresholds_recorded", [rows_match("class_thresholds", classes.thresholds, CALIBRATED * len(NULLS)),
+        combined("thresholds_recorded", [rows_match("class_thresholds", classes.thresholds,
+                                                    CALIBRATED * len(NULLS) + len(SIDES)),
                                          finite("class_thresholds", classes.thresholds, ["threshold"]),
                                          finite("participation thresholds", feats_part, ["threshold"])]),
     ]

@@ -17,7 +17,10 @@ Two rules (column ``rule``):
   directions through the same lens of the same SAE. Two nulls (column ``null``): ``matched`` (default) —
   Gaussian directions with the SAE's own second moments (``core.control.matched_null``), so anisotropy the
   SAE's directions share does not pass for a feature property; ``isotropic`` — uniform unit directions, kept
-  for the record. The null rows are classified by the same rule, so a null's ``null_rate`` is the calibrated
+  for the record. Beside them, for the Levenshtein test only, a ``string_permutation`` null (random sets of k
+  normal forms with the string lengths of the SAE's own sets: ``core.semantic.string_permutation_null``), recorded
+  in the thresholds so the string metric's calibration can be read without any embedding. The null rows are
+  classified by the same rule, so a null's ``null_rate`` is the calibrated
   false-positive rate (in-sample for the null that calibrated it, out-of-sample for the other).
 - ``paper_p75``: heavy-tailed = top-k z above the P75 *of the sample's own directions* (as the paper's
   summaries describe the rule). A quarter of the directions pass it by construction, whatever they are —
@@ -43,7 +46,9 @@ from core.semantic import (
     calibrate,
     coherence_metrics,
     combine,
+    normalise_token,
     semantic_rule,
+    string_permutation_null,
     token_sets,
     whitening,
 )
@@ -56,6 +61,7 @@ PAPER_QUANTILE = 0.75
 SENSITIVITY_QUANTILES = (0.9, 0.95, 0.99, 0.995, 0.999)
 TOKEN_IDENTITY_JACCARD = 0.5
 TOKEN_IDENTITY_SHARE = 0.5
+STRING_NULL_SIZE = 1000  # random sets of the string-permutation null
 SIDES = {"output": "out", "input": "in"}
 CALLED_SAMPLES = ("feature", "control")  # the samples C1 is reported for
 
@@ -87,15 +93,16 @@ class LensMeasures:
     topk_z: dict[int, np.ndarray]
     sides: dict[str, dict[int, pd.DataFrame]]  # side -> k -> core.semantic.coherence_metrics frame
     sets: dict[str, TokenSets]
+    string_null: dict[str, np.ndarray]  # side -> Levenshtein of random sets with matched lengths (default k)
     top1_share: np.ndarray  # output lens: cos² of the left operand with its top token's unembedding row
     whitening_components: dict[str, int]
 
 
 def lens_measures(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembedding: np.ndarray, embedding: np.ndarray,
-                  ks: tuple[int, ...] = K_GRID) -> LensMeasures:
+                  ks: tuple[int, ...] = K_GRID, k: int = 10) -> LensMeasures:
     """The statistics of one SAE's lens tables (``core.stages.lens_stage``); ``normal``: per token id, whether it
-    is a normal token (``core.vocab``)."""
-    sides, sets, components = {}, {}, {}
+    is a normal token (``core.vocab``); the string-permutation null at set size ``k``."""
+    sides, sets, components, string_null = {}, {}, {}, {}
     keys = None
     topk_z: dict[int, np.ndarray] = {}
     for side, vectors in (("output", unembedding), ("input", embedding)):
@@ -108,9 +115,19 @@ def lens_measures(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembedding
         components[side] = white.n_components
         sides[side] = coherence_metrics(sets[side], _aligned(stats, keys, "mean"), _aligned(stats, keys, "std"),
                                         vectors, white, ks)
+        forms = _normal_forms(tokens, normal)
+        string_null[side] = string_permutation_null(sets[side], forms, k, STRING_NULL_SIZE)
     assert keys is not None and keys.equals(sets["output"].keys), "output and input lens rows differ"
     share = _aligned(lens["output_lens_stats"], keys, "top1_cosine") ** 2
-    return LensMeasures(keys, ks, topk_z, sides, sets, share, components)
+    return LensMeasures(keys, ks, topk_z, sides, sets, string_null, share, components)
+
+
+def _normal_forms(tokens: pd.DataFrame, normal: np.ndarray) -> list[str]:
+    """The distinct normal forms of the normal tokens a lens table shows (its candidates: the forms a top set can
+    hold), sorted."""
+    ids = tokens["token_id"].to_numpy()
+    shown = tokens.loc[normal[ids], "token"].unique()
+    return sorted({normalise_token(t) for t in shown} - {""})
 
 
 def _jaccard(a: list[str], b: list[str]) -> float:
@@ -253,8 +270,10 @@ def classify_features(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembed
         raise ValueError(f"k must be one of {K_GRID} (the lens keeps {CANDIDATES} candidates)")
     if null not in NULLS:
         raise ValueError(f"unknown null {null!r}; known: {', '.join(NULLS)}")
-    m = lens_measures(lens, normal, unembedding, embedding)
+    m = lens_measures(lens, normal, unembedding, embedding, k=k)
     calls = {name: call_classes(m, name, quantile, k) for name in NULLS}
+    string_rows = pd.concat([calibrate(pd.DataFrame({"levenshtein": m.string_null[side]}), quantile, ("levenshtein",))
+                             .as_frame().assign(side=side) for side in SIDES], ignore_index=True)
     chosen = calls[null]
     rows = pd.concat([chosen.rows, token_identity(m, k).drop(columns=["sample", "feature"])], axis=1)
     rows["out_top_forms"] = [f[:k] for f in m.sets["output"].forms]
@@ -265,7 +284,8 @@ def classify_features(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembed
     label = {"rule": "null_calibrated", "k": k}
     return FeatureClasses(
         rows=rows.sort_values(["sample", "feature"], ignore_index=True),
-        thresholds=pd.concat([c.thresholds.assign(null=n, **label) for n, c in calls.items()], ignore_index=True),
+        thresholds=pd.concat([c.thresholds.assign(null=n, **label) for n, c in calls.items()]
+                             + [string_rows.assign(null="string_permutation", **label)], ignore_index=True),
         null_quantiles=pd.concat([c.null_quantiles.assign(null=n) for n, c in calls.items()], ignore_index=True),
         sensitivity=c1_sensitivity(m),
         whitening_components=m.whitening_components,

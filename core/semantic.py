@@ -219,6 +219,29 @@ def coherence_metrics(sets: TokenSets, mean: np.ndarray, std: np.ndarray, vector
     return out
 
 
+def string_permutation_null(sets: TokenSets, forms: list[str], k: int, n: int, seed: int = 0) -> np.ndarray:
+    """Levenshtein coherence of ``n`` random sets of k forms with matched string lengths: each copies the form
+    lengths of a random row of ``sets`` (one with k forms) and fills them with random ``forms`` (the vocabulary's
+    normal forms) of the same length (the nearest length where none has it) — the string metric's own null, blind
+    to any embedding."""
+    by_length: dict[int, list[str]] = {}
+    for form in forms:
+        by_length.setdefault(len(form), []).append(form)
+    if not by_length:
+        raise ValueError("no normal forms to draw a string-permutation null from")
+    nearest = {n: min(by_length, key=lambda m: (abs(m - n), m)) for f in sets.forms for n in map(len, f)}
+    rng = np.random.default_rng(seed)
+    rows = [r for r in sets.forms if len(r) >= k]
+    if not rows:
+        raise ValueError(f"no set of {k} forms to copy string lengths from")
+    out = np.empty(n)
+    for i in range(n):
+        template = rows[rng.integers(len(rows))][:k]
+        drawn = [by_length[nearest[len(f)]][rng.integers(len(by_length[nearest[len(f)]]))] for f in template]
+        out[i] = levenshtein_coherence(drawn, (k,))[k]
+    return out
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Per metric: the null's median and threshold (its ``quantile``), and the null's quantile table."""

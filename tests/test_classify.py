@@ -23,6 +23,7 @@ from core.semantic import (
     cosine_coherence,
     levenshtein_coherence,
     normalise_token,
+    string_permutation_null,
     token_sets,
     whitening,
 )
@@ -68,6 +69,20 @@ def test_whitening_removes_the_mean_and_the_dominant_directions():
     assert np.abs(out.mean(axis=0)).max() < 0.1 and out[:, 0].std() < 0.1
     isotropic = whitening(rng.normal(size=(4000, 16)).astype(np.float32), np.ones(4000, dtype=bool))
     assert isotropic.n_components == 0
+
+
+def test_string_permutation_null_matches_lengths_and_is_low():
+    tokens = pd.DataFrame({"sample": "feature", "feature": np.repeat([0, 1], 3), "side": "top", "rank": [1, 2, 3] * 2,
+                           "token_id": range(6), "token": [" cart", " carts", " carter", " a", " bb", " ccc"],
+                           "value": 1.0})
+    sets = token_sets(tokens, np.ones(6, dtype=bool), 3)
+    rng = np.random.default_rng(0)
+    pool = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), n)) for n in (1, 2, 3, 4, 5) for _ in range(50)]
+    null = string_permutation_null(sets, pool, 3, 200)  # no pool form has 6 letters: the nearest length (5) fills in
+    assert null.shape == (200,) and np.isfinite(null).all()
+    assert np.quantile(null, 0.99) < levenshtein_coherence(["cart", "carts", "carter"], (3,))[3]
+    with pytest.raises(ValueError, match="no set of 5 forms"):
+        string_permutation_null(sets, pool, 5, 10)
 
 
 def test_cosine_coherence_leaves_the_first_form_out():
@@ -181,8 +196,10 @@ def test_classify_features_end_to_end_on_synthetic_lens():
     assert (feats["semantic"] == truth).all()
     assert classes.null_rate("matched") <= 0.01 and classes.null_rate("isotropic") <= 0.02
     assert set(classes.thresholds["metric"]) == {"topk_z", "levenshtein", "cosine", "concentration"}
-    assert set(classes.thresholds["null"]) == set(NULLS) and (classes.thresholds["rule"] == "null_calibrated").all()
-    assert len(classes.thresholds) == 2 * 7
+    assert set(classes.thresholds["null"]) == {*NULLS, "string_permutation"}
+    assert (classes.thresholds["rule"] == "null_calibrated").all() and len(classes.thresholds) == 2 * 7 + 2
+    strings = classes.thresholds[classes.thresholds["null"] == "string_permutation"]
+    assert set(strings["metric"]) == {"levenshtein"} and set(strings["side"]) == {"output", "input"}
     assert (classes.rows["null"] == "matched").all() and (classes.rows["k"] == 10).all()
     assert {"side", "metric", "q", "value", "null"} <= set(classes.null_quantiles.columns)
     assert not classes.rows["token_identity"].any()
