@@ -188,7 +188,7 @@ def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> 
         ax.set_xlabel("null quantile of every threshold (percentile)")
         ax.set_title(f"{null} null", fontsize=9)
     axes.flat[0].set_ylabel("fraction output-predicting")
-    axes.flat[-1].legend(fontsize=7, loc="upper right")
+    axes.flat[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"{release}: C1 sensitivity to the threshold quantile, k and the null")
     fig.tight_layout()
     return save(fig, path)
