@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from core.classify import NULLS
-from core.power import hard_case_table, power_table
+from core.power import class_recovery_table, hard_case_table, power_table
 from core.profiles import depth_profile
 from core.registry import Release
 from core.statistics import auroc, wilson_interval
@@ -87,6 +87,7 @@ class PlantedTruth:
     shapes: dict[str, str]  # phase -> planted shape
     power: pd.DataFrame  # core.power.power_table: detection of the planted features per strength bin
     hard_cases: pd.DataFrame  # core.power.hard_case_table (empty unless the release plants hard cases)
+    class_recovery: pd.DataFrame  # core.power.class_recovery_table: precision / recall per class
 
 
 @dataclass
@@ -185,6 +186,7 @@ def release_results(
             shapes={p: truth["attention"][p]["shape"] for p in ("encoder_embedding", "decoder_unembedding")},
             power=power_table(classes, analysed).query("n > 0").reset_index(drop=True) if any(labels) else pd.DataFrame(),
             hard_cases=hard_case_table(classes, analysed) if "hard" in truth else pd.DataFrame(),
+            class_recovery=class_recovery_table(classes, analysed),
         )
         results.truth_strength = planted_strength(truth, n_layers)
     return results
@@ -273,6 +275,9 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
               for phase, shape in t.shapes.items()],
             "",
         ]
+        lines += ["Precision and recall per class against the planted truth (semantic features expected in every "
+                  "class but token identity, hard features as their class expects, all others in none):", "",
+                  t.class_recovery.to_markdown(index=False, floatfmt=".3f"), ""]
         if not t.power.empty:
             lines += ["Power: fraction of the planted output-predicting features called so, per planted direction-noise "
                       "bin (95 % Wilson interval):", "", t.power.to_markdown(index=False, floatfmt=".3f"), ""]

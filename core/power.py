@@ -16,6 +16,11 @@ present) and the planted truth dict (``planted_truth.json``).
   ``semantic_output`` (and ``heavy_tailed``), the expected outcome (``truth.hard.expected``: column -> bool) and
   whether it holds: an expected True holds when the fraction is >= ``min_rate`` (0.9), an expected False when
   it is <= ``max_rate`` (0.05).
+* ``class_recovery_table``: per class column, precision and recall of the calls against what the truth implies:
+  a planted semantic feature is expected in every class but ``token_identity`` (not predicted), a hard feature
+  as ``truth.hard.expected`` says (columns not named there are not judged), every other feature in none.
+  ``max_noise`` leaves out planted semantic features whose direction noise exceeds it (signal at or below the
+  null: what the power table measures instead).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import pandas as pd
 
 from core.statistics import wilson_interval
 
-__all__ = ["DEFAULT_BINS", "hard_case_table", "planted_strengths", "power_table"]
+__all__ = ["DEFAULT_BINS", "class_recovery_table", "hard_case_table", "planted_strengths", "power_table"]
 
 DEFAULT_BINS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
-CALL_COLUMNS = ("output_predicting", "semantic", "semantic_input", "semantic_output", "heavy_tailed")
+CALL_COLUMNS = ("output_predicting", "semantic", "semantic_input", "semantic_output", "heavy_tailed", "token_identity")
+RECOVERED = ("output_predicting", "semantic_output", "semantic_input", "semantic", "token_identity")
+SEMANTIC_EXPECTED = {"output_predicting": True, "semantic_output": True, "semantic_input": True, "semantic": True}
 
 
 def planted_strengths(truth: dict[str, Any]) -> pd.DataFrame:
@@ -95,4 +102,34 @@ def hard_case_table(classes: pd.DataFrame, truth: dict[str, Any], min_rate: floa
         row["holds"] = bool(len(keys)) and all(
             (row[c] >= min_rate) if want else (row[c] <= max_rate) for c, want in outcome.items() if c in row)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def class_recovery_table(classes: pd.DataFrame, truth: dict[str, Any], max_noise: float | None = None) -> pd.DataFrame:
+    """Per class column of ``RECOVERED`` present in ``classes``: ``class, n_expected`` (features the truth expects
+    in the class), ``n_judged`` (features with an expectation), ``called, true_positive, precision, recall`` (module
+    doc)."""
+    strengths = planted_strengths(truth).set_index(["sae_id", "feature"])["direction_noise"]
+    hard_expected: dict[str, dict[str, bool]] = truth.get("hard", {}).get("expected", {})
+    expectations: dict[tuple[str, int], dict[str, bool]] = {}
+    for sae_id, sae in truth["saes"].items():
+        for name, outcome in hard_expected.items():
+            for f in sae.get("hard_cases", {}).get(name, []):
+                expectations[(sae_id, int(f))] = outcome
+        for f in sae["semantic_features"]:
+            key = (sae_id, int(f["index"]))
+            weak = max_noise is not None and strengths.get(key, 0.0) > max_noise
+            expectations[key] = {} if weak else SEMANTIC_EXPECTED
+    rows = []
+    keys = list(zip(classes["sae_id"].astype(str), classes["feature"].astype(int), strict=True))
+    for column in (c for c in RECOVERED if c in classes.columns):
+        want = [expectations.get(key, {c: False for c in RECOVERED}).get(column) for key in keys]
+        judged = np.array([w is not None for w in want])
+        expected = np.array([bool(w) for w in want])
+        called = classes[column].astype(bool).to_numpy()
+        tp = int((called & expected & judged).sum())
+        n_called, n_expected = int((called & judged).sum()), int((expected & judged).sum())
+        rows.append({"class": column, "n_expected": n_expected, "n_judged": int(judged.sum()), "called": n_called,
+                     "true_positive": tp, "precision": tp / n_called if n_called else float("nan"),
+                     "recall": tp / n_expected if n_expected else float("nan")})
     return pd.DataFrame(rows)

@@ -80,6 +80,16 @@ def test_output_predicting_fraction_within_one_point(planted, release_id):
 
 
 @pytest.mark.parametrize("release_id", PLANTED)
+def test_every_class_is_recovered(planted, release_id):
+    table = planted[release_id]["results"].truth.class_recovery.set_index("class")
+    assert (table.drop(index="token_identity")[["precision", "recall"]] >= 0.95).all().all(), table
+    assert table.loc["token_identity", "called"] <= 2  # none planted: (almost) none called
+    v = verdicts(planted[release_id]["results"])
+    assert v["C1 without token identity"] == v["C1"] == "consistent"
+    assert v["C1 paper_p75"] == "not measured"
+
+
+@pytest.mark.parametrize("release_id", PLANTED)
 def test_semantic_separation(planted, release_id):
     assert planted[release_id]["results"].truth.semantic_auroc >= 0.99
 
@@ -132,3 +142,5 @@ def test_report_plots_and_missing_layers(planted, tmp_path):
             assert f"| {claim} |" in text
         assert "Planted ground truth" in text and "c2_depth_profiles.png" in text
         assert "Power: fraction of the planted output-predicting features" in text and (r.truth.power["power"] == 1.0).all()
+        assert "## C1 under other rules and nulls" in text and "c1_sensitivity.png" in text
+        assert "Precision and recall per class" in text

@@ -26,13 +26,14 @@ from assets.interactions import load
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.planted import HARD_CLASSES, PlantedTruth, generate
-from core.power import hard_case_table, power_table
+from core.power import class_recovery_table, hard_case_table, power_table
 from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import lens_classes
 
 RELEASE = "planted-gemma-hard"
 N_NULL = 512
+MAX_NOISE = 0.76  # the two lowest of the five strength bins: where the planted signal stands above the null
 
 # (model commit, SAE commit) of the default releases, recorded when the token groups were completed to
 # ``group_forms`` distinct forms (earlier: from the generator without the hard-case code, 825114b): the opt-in hard
@@ -108,6 +109,14 @@ def test_hard_cases_and_power(hard):
     assert power["power"].iloc[:2].min() >= 0.95
     assert power["power"].iloc[-1] <= power["power"].iloc[0] - 0.3  # clearly lower
     assert power["ci_high"].iloc[-1] < power["ci_low"].iloc[0]
+
+
+def test_every_class_is_recovered_where_the_signal_is_above_the_null(hard):
+    truth, rows = hard
+    table = class_recovery_table(_features(rows), truth.data, max_noise=MAX_NOISE).set_index("class")
+    print(f"\nprecision / recall per class (planted direction noise <= {MAX_NOISE}):\n{table}")
+    assert (table["precision"] >= 0.95).all() and (table["recall"] >= 0.95).all(), table
+    assert table.loc["token_identity", "n_expected"] == 96 and table.loc["semantic_input", "n_expected"] > 96
 
 
 def test_null_false_positive_rate_with_hub_tokens(hard):
