@@ -41,7 +41,8 @@ def feature_classes(
     - ``feature_classes``: ``feature, topk_z, heavy_tailed, {out,in}_{levenshtein, cosine, concentration,
       n_excluded, n_collapsed, n_passes, semantic_score}, semantic_output, semantic_input, semantic,
       semantic_score, output_predicting`` (= heavy-tailed AND semantic output tokens), ``out_top_forms,
-      in_top_forms`` (the normal forms tested), ``token_jaccard, top1_share, token_identity``, ``threshold,
+      in_top_forms`` (the normal forms tested), ``token_jaccard, top1_share, token_identity``,
+      ``out_whitening_components, in_whitening_components`` (principal components the cosine removed), ``threshold,
       null_quantile, null_size, null, rule, k``;
     - ``control_classes``: the same columns for the control SAE (``core.control``), plus its
       ``encoder_norm`` / ``decoder_norm`` (the SAE's norms in a seeded random order);

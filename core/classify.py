@@ -265,7 +265,7 @@ def classify_features(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembed
     Row columns: ``sample, feature, topk_z, heavy_tailed, {out,in}_{levenshtein, cosine, concentration,
     n_excluded, n_collapsed, n_passes, semantic_score}, semantic_output, semantic_input, semantic,
     semantic_score, output_predicting, out_top_forms, in_top_forms, token_jaccard, top1_share, token_identity,
-    threshold`` (top-k z threshold), ``null_quantile, null_size, null, rule, k``."""
+    {out,in}_whitening_components, threshold`` (top-k z threshold), ``null_quantile, null_size, null, rule, k``."""
     if k not in K_GRID or max(K_GRID) > CANDIDATES:
         raise ValueError(f"k must be one of {K_GRID} (the lens keeps {CANDIDATES} candidates)")
     if null not in NULLS:
@@ -279,6 +279,8 @@ def classify_features(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembed
     rows["out_top_forms"] = [f[:k] for f in m.sets["output"].forms]
     rows["in_top_forms"] = [f[:k] for f in m.sets["input"].forms]
     z_threshold = chosen.thresholds.loc[chosen.thresholds["metric"] == "topk_z", "threshold"].iloc[0]
+    rows = rows.assign(out_whitening_components=m.whitening_components["output"],
+                       in_whitening_components=m.whitening_components["input"])
     rows = rows.assign(threshold=z_threshold, null_quantile=quantile,
                        null_size=int((m.keys["sample"] == NULLS[null]).sum()), null=null, rule="null_calibrated", k=k)
     label = {"rule": "null_calibrated", "k": k}
