@@ -203,3 +203,20 @@ def test_offline_empty_cache_and_missing_layer_are_clear_errors(chain, tmp_path)
     assert "planted/Llama-Scope-tiny-LXR-8x" in text and "is not in" in text and "HF_HUB_OFFLINE" in text
     with pytest.raises(Exception, match="layer 9 is outside release 'planted-llama'"):
         parse_key("planted-llama:l9r_8x")
+
+
+def readme_queries() -> list[str]:
+    """The SQL statements of the README's ```sql blocks."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```sql")[1:]]
+    statements = [q.strip() for b in blocks for q in b.split(";")]
+    return [q for q in statements if any(line.strip() and not line.strip().startswith("--") for line in q.splitlines())]
+
+
+def test_readme_queries_run_and_return_rows(chain):
+    _, data, _ = chain
+    queries = readme_queries()
+    assert len(queries) >= 6
+    with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
+        for query in queries:
+            assert len(con.execute(query).fetchall()) > 0, query
