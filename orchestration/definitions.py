@@ -3,7 +3,15 @@
 
 import dagster as dg
 
-from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, SAE_ASSETS, observe_job, report_job, sae_chain_job
+from orchestration.jobs import (
+    ALL_ASSETS,
+    REPORT_ASSETS,
+    SAE_ASSETS,
+    automation_sensor,
+    observe_job,
+    report_job,
+    sae_chain_job,
+)
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 from orchestration.sensors import sae_release_schedule, sae_release_sensor
 
@@ -18,7 +26,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=[sae_chain_job, report_job, observe_job],
-    sensors=[sae_release_sensor],
+    sensors=[sae_release_sensor, automation_sensor],
     schedules=[sae_release_schedule],
     resources=resources(),
 )

@@ -1,10 +1,15 @@
 """The assets as the orchestration sees them — versioned and with automation conditions — and jobs.
 
-Automation (declarative; the default automation sensor runs it every 30 s once ``dagster dev`` is up):
+Automation (declarative; ``automation_sensor`` evaluates it every 30 s and is RUNNING by default, so
+``dagster dev`` keeps results fresh without a click):
 - weight assets rerun when their code version changes; new or changed SAE files reach them through
   ``sae_release_sensor`` runs (it knows the hub, automation does not);
-- every downstream asset is ``eager() | code_version_changed()``: it reruns when a parent was updated
-  or its own code changed, and is left alone otherwise. ``eager()`` alone would ignore code changes.
+- the pool-``compute`` assets (``lens_tables``, ``circuit_tables``: GPU-hours on a real release) are
+  ``eager()`` only: they rerun when their inputs change (new or changed SAE files), never silently because
+  their own code changed — that takes an explicit ``python -m orchestration.cli materialize --force`` or a
+  backfill in the UI;
+- every other downstream asset is ``eager() | code_version_changed()``: it reruns when a parent was updated
+  or its own code changed, and is left alone otherwise.
 Partitions that were already missing when automation first saw them are not filled by ``eager()``:
 materialise them with ``python -m orchestration.cli materialize`` or a backfill in the UI.
 """
@@ -23,7 +28,8 @@ from assets.weights import model_weights, sae_weights
 from orchestration.versions import code_version
 
 ON_CODE_CHANGE = dg.AutomationCondition.code_version_changed()
-ON_UPDATE_OR_CODE_CHANGE = dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()
+ON_UPDATE = dg.AutomationCondition.eager()
+ON_UPDATE_OR_CODE_CHANGE = ON_UPDATE | ON_CODE_CHANGE
 
 
 def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition) -> dg.AssetsDefinition:
@@ -35,8 +41,8 @@ def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition) 
 SAE_ASSETS = [
     orchestrated(sae_weights, ON_CODE_CHANGE),
     orchestrated(model_weights, ON_CODE_CHANGE),
-    orchestrated(lens_tables, ON_UPDATE_OR_CODE_CHANGE),
-    orchestrated(circuit_tables, ON_UPDATE_OR_CODE_CHANGE),
+    orchestrated(lens_tables, ON_UPDATE),  # pool "compute": a code change is recomputed on request only
+    orchestrated(circuit_tables, ON_UPDATE),
     orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
 ]
 REPORT_ASSETS = [
@@ -50,6 +56,10 @@ sae_chain_job = dg.define_asset_job(
     description="Weights → lenses and attention circuits → feature classes for one SAE partition.",
 )
 report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(*REPORT_ASSETS))
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Evaluates every asset's automation condition (orchestration/jobs.py docstring).",
+)
 observe_job = dg.define_asset_job(
     "observe_sae_files",
     selection=dg.AssetSelection.assets(sae_files.key),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import dagster as dg
+from dagster._core.definitions.partitions.context import partition_loading_context
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from core.planted import generate
 from core.registry import get_release, parse_key
 from orchestration.cli import materialize_all
 from orchestration.definitions import defs
-from orchestration.jobs import ALL_ASSETS, sae_chain_job
+from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, sae_chain_job
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 from orchestration.sensors import sae_release_sensor
 
@@ -23,9 +24,11 @@ GEMMA = get_release("planted-gemma")
 KEYS = [f"planted-gemma:layer_{layer}/width_512/average_l0_32" for layer in (0, 1)]
 
 
-def requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set[str]]:
-    return {r.key.to_user_string(): set(r.true_subset.expensively_compute_partition_keys() or {"(unpartitioned)"})
-            for r in result.results if r.true_subset.size}
+def requested(result: dg.EvaluateAutomationConditionsResult, instance: dg.DagsterInstance) -> dict[str, set[str]]:
+    """Asset name -> the partition keys the evaluation requests (``(unpartitioned)`` for unpartitioned assets)."""
+    with partition_loading_context(dynamic_partitions_store=instance):
+        return {r.key.to_user_string(): set(r.true_subset.expensively_compute_partition_keys())
+                if r.true_subset.is_partitioned else {"(unpartitioned)"} for r in result.results if r.true_subset.size}
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +76,37 @@ def observed_vs_materialised(world) -> dict[str, bool]:
 def test_nothing_reruns_when_nothing_changed(world):
     instance = world[0]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    assert requested(first) == {}
-    assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)) == {}
+    assert requested(first, instance) == {}
+    assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor), instance) == {}
     runs = sensor_runs(world)
     assert isinstance(runs, str) or runs == {}  # planted-llama is not in this cache: only a problem, no run
 
 
-def test_code_version_bump_reruns_that_asset_and_descendants(world):
+def bumped(*names: str) -> dg.Definitions:
+    """The definitions with the code version of the assets ``names`` changed."""
+    assets = [a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped"))
+              if a.key.to_user_string() in names else a for a in ALL_ASSETS]
+    return dg.Definitions(assets=assets, resources=defs.resources)
+
+
+def test_code_version_bump_reruns_cheap_assets_only(world):
     instance = world[0]
     cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
-    bumped = [
-        a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped")) if a.key.to_user_string() == "lens_tables" else a
-        for a in ALL_ASSETS
-    ]
-    result = dg.evaluate_automation_conditions(defs=dg.Definitions(assets=bumped, resources=defs.resources), instance=instance, cursor=cursor)
-    assert requested(result) == {"lens_tables": set(KEYS), "feature_classes": set(KEYS)}
+    # a pool-"compute" asset's code change is never re-queued silently (GPU-hours on a real release)
+    assert requested(dg.evaluate_automation_conditions(defs=bumped("lens_tables", "circuit_tables"),
+                                                       instance=instance, cursor=cursor), instance) == {}
+    result = dg.evaluate_automation_conditions(defs=bumped("feature_classes"), instance=instance, cursor=cursor)
+    assert requested(result, instance) == {"feature_classes": set(KEYS)}  # the report follows once they are rebuilt
+
+
+def test_a_rematerialised_partition_makes_the_automation_sensor_rebuild_the_report(world):
+    instance, _, resources = world
+    assert defs.resolve_sensor_def("automation_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
+    job = sae_chain_job.resolve(asset_graph=defs.resolve_asset_graph())
+    assert job.execute_in_process(instance=instance, partition_key=KEYS[0], resources=resources).success
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    assert requested(result, instance) == {a.key.to_user_string(): {"(unpartitioned)"} for a in REPORT_ASSETS}
 
 
 def test_rewritten_sae_reruns_only_its_partition(world):
