@@ -1,11 +1,9 @@
 """Release-level statistics behind the paper's claims (``core.claims``), from every SAE's tables."""
 
-from collections.abc import Iterator
-
 import dagster as dg
 
 from assets.common import check_results, check_specs, store_table
-from core.claims import CLASS_TABLES, ReleaseResults, results_from_tables, verdict_table
+from core.claims import CLASS_TABLES, RESULT_TABLES, ReleaseResults, results_from_tables, verdict_table
 from core.profiles import PROFILE_STATS
 from core.registry import get_release
 from core.verdicts import VERDICTS
@@ -16,18 +14,33 @@ from orchestration.resources import HubResource, StoreResource
 STATISTICS_CHECKS = ["one_row_per_analysed_sae", "statistics_finite", "verdicts_valid"]
 
 
+def stored_results(store: StoreResource, hub: HubResource) -> dict[str, ReleaseResults]:
+    """Per release, what ``claim_statistics`` stored (``core.claims.RESULT_TABLES``) with the class tables it read
+    and, for planted releases, the ground truth: the one data path of the plots and the report (no pickle)."""
+    tables = store.tables()
+    frames = {name: tables.read(name) for name in (*CLASS_TABLES, *RESULT_TABLES)}
+    if frames["claim_verdicts"].empty:
+        raise dg.Failure("No claim_verdicts are stored yet: materialise claim_statistics first.")
+    out = {}
+    for release_id in sorted(frames["claim_verdicts"]["release"].unique()):
+        release = get_release(str(release_id))
+        truth = load_truth(release.id, hub.client()).data if release.planted else None
+        out[release.id] = results_from_tables(release, frames, truth, computed=True)
+    return out
+
+
 @dg.asset(
     group_name="claims",
-    deps=[dg.AssetDep("feature_classes", partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping()) for name in ("feature_classes", "sae_weights")],
     kinds={"parquet"},
     check_specs=check_specs("claim_statistics", STATISTICS_CHECKS),
 )
 def claim_statistics(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource
-) -> Iterator[dg.Output | dg.AssetCheckResult]:
+) -> dg.MaterializeResult:
     """Per release with stored feature classes: every measured quantity of claims C1–C4 for the features
-    and their control (``core.claims.release_results``), handed to the plot and report assets, and stored
-    as tables ``claim_verdicts`` (``core.verdicts``: ``release, claim, verdict, statistic, value, ci_low,
+    and their control (``core.claims.release_results``), stored as tables (the plot and report assets read
+    them back, ``stored_results``): ``claim_verdicts`` (``core.verdicts``: ``release, claim, verdict, statistic, value, ci_low,
     ci_high, control_value, p_value, n, rule``), ``output_fraction_by_layer`` (``sample, layer, sae_id, n,
     hits, fraction, ci_low, ci_high``) and ``depth_profiles`` (``sample, phase, layer, depth, n,
     participating, mean/median/p75`` with 95 % bands). Planted releases carry their ground truth."""
@@ -35,7 +48,6 @@ def claim_statistics(
     frames = {name: tables.read(name) for name in CLASS_TABLES}
     if frames["feature_classes"].empty:
         raise dg.Failure("No feature_classes rows are stored yet: materialise at least one SAE partition first.")
-    results: dict[str, ReleaseResults] = {}
     metadata: dict[str, dg.MetadataValue] = {}
     parts: dict[str, list[Check]] = {name: [] for name in STATISTICS_CHECKS}
     for release_id in sorted(frames["feature_classes"]["release"].unique()):
@@ -50,7 +62,6 @@ def claim_statistics(
         if result.missing_layers:
             context.log.warning(f"{release.id}: no analysed SAE for layers {result.missing_layers}")
         metadata[f"{release.id}/missing_layers"] = dg.MetadataValue.text(str(result.missing_layers))
-        results[release.id] = result
         analysed = frames["feature_classes"].query("release == @release.id")["sae_id"].nunique()
         parts["one_row_per_analysed_sae"].append(rows_match(f"{release.id} by layer (features, control)", result.by_layer,
                                                             2 * analysed))
@@ -59,5 +70,5 @@ def claim_statistics(
         parts["statistics_finite"].append(finite(f"{release.id} by layer", result.by_layer, ["fraction", "ci_low", "ci_high"]))
         if len(result.profile):
             parts["statistics_finite"].append(finite(f"{release.id} profiles", result.profile, list(PROFILE_STATS)))
-    yield dg.Output(results, metadata=metadata)
-    yield from check_results([combined(name, found) for name, found in parts.items()])
+    return dg.MaterializeResult(metadata=metadata,
+                                check_results=check_results([combined(name, found) for name, found in parts.items()]))

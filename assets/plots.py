@@ -17,7 +17,8 @@ from core.plots import (
     participation_heatmap,
     semantic_violins,
 )
-from orchestration.resources import StoreResource
+from assets.claims import stored_results
+from orchestration.resources import HubResource, StoreResource
 
 VIOLIN_VALUES = {
     "score_encoder_embedding": "encoder–embedding participation\n(writer circuit, null z)",
@@ -80,12 +81,14 @@ def png_data_uri(path: Path) -> str:
 def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.AssetsDefinition:
     """The asset drawing one plot for every release in ``claim_statistics``."""
 
-    @dg.asset(name=name, group_name="plots", kinds={"seaborn"}, description=description)
-    def _plot(store: StoreResource, claim_statistics: dict[str, ReleaseResults]) -> dg.MaterializeResult:
+    @dg.asset(name=name, group_name="plots", kinds={"seaborn"}, description=description, deps=["claim_statistics"])
+    def _plot(store: StoreResource, hub: HubResource) -> dg.MaterializeResult:
         metadata: dict[str, dg.MetadataValue] = {}
-        for release, results in claim_statistics.items():
-            path = draw(results, store.artifacts("reports") / release / file_name)
-            if path is None:
+        for release, results in stored_results(store, hub).items():
+            target = store.artifacts("reports") / release / file_name
+            path = draw(results, target)
+            if path is None:  # nothing to draw this time: no older file may stand in for it in the report
+                target.unlink(missing_ok=True)
                 metadata[f"{release}/plot"] = dg.MetadataValue.text("no data for this plot (no attention statistics)")
                 continue
             metadata[f"{release}/plot"] = dg.MetadataValue.md(f"![{release}: {description}]({png_data_uri(path)})")

@@ -5,19 +5,19 @@ import os
 import dagster as dg
 
 from assets.plots import PLOTS, png_data_uri
-from core.claims import ReleaseResults, render_report
-from orchestration.resources import StoreResource
+from assets.claims import stored_results
+from core.claims import render_report
+from orchestration.resources import HubResource, StoreResource
 
 
-@dg.asset(group_name="report", deps=list(PLOTS), kinds={"markdown"})
-def claims_report(
-    context: dg.AssetExecutionContext, store: StoreResource, claim_statistics: dict[str, ReleaseResults]
-) -> dg.MaterializeResult:
+@dg.asset(group_name="report", deps=["claim_statistics", *PLOTS], kinds={"markdown"})
+def claims_report(context: dg.AssetExecutionContext, store: StoreResource, hub: HubResource) -> dg.MaterializeResult:
     """``<data>/reports/<release>/report.md`` per release (``core.claims.render_report``): for each claim
     the paper's statement, the value measured here, the verdict and the plot; planted releases show their
-    ground truth beside the measured values; layers without an analysed SAE are listed."""
+    ground truth beside the measured values; layers without an analysed SAE are listed. Reads what
+    ``claim_statistics`` stored and the PNGs the plot assets drew (a plot with nothing to draw leaves none)."""
     metadata: dict[str, dg.MetadataValue] = {}
-    for release, results in claim_statistics.items():
+    for release, results in stored_results(store, hub).items():
         folder = store.artifacts("reports") / release
         plots = {name: folder / file_name for name, (file_name, _, _) in PLOTS.items() if (folder / file_name).exists()}
         text = render_report(results, {name.removeprefix("plot_"): path.name for name, path in plots.items()})

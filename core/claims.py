@@ -154,22 +154,27 @@ def release_results(
     feature_part: pd.DataFrame,
     sensitivity: pd.DataFrame,
     truth: dict | None = None,
+    stored: dict[str, pd.DataFrame] | None = None,
 ) -> ReleaseResults:
-    """Every measured quantity and verdict of one release from its tables (each filtered to the release)."""
+    """Every measured quantity and verdict of one release from its tables (each filtered to the release);
+    ``stored``: the ``RESULT_TABLES`` already computed for it (read back, not recomputed)."""
     per_feature = per_feature_table(classes, control, norms, feature_part)
-    by_layer = output_fraction_by_layer(per_feature)
+    if stored is None:
+        stored = {"output_fraction_by_layer": output_fraction_by_layer(per_feature),
+                  "claim_verdicts": claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
+                  "depth_profiles": depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame()}
     results = ReleaseResults(
         release=release,
         architecture=architecture,
-        by_layer=by_layer,
-        verdicts=claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
+        by_layer=stored["output_fraction_by_layer"],
+        verdicts=stored["claim_verdicts"],
         thresholds=thresholds.groupby(["null", "side", "metric"], as_index=False).agg(
             threshold=("threshold", "median"), null_median=("null_median", "median"), quantile=("quantile", "first"),
             null_size=("null_size", "first"), saes=("threshold", "size")),
         null_rate=null_rate(null_rows, classes),
         semantic_fraction=float(classes["semantic"].mean()),
         missing_layers=sorted(set(range(n_layers)) - set(classes["layer"].astype(int))),
-        profile=depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame(),
+        profile=stored["depth_profiles"],
         head_participation=head_part,
         per_feature=per_feature,
         null_rows=null_rows,
@@ -194,16 +199,21 @@ def release_results(
 
 CLASS_TABLES = ("feature_classes", "control_classes", "semantic_null", "class_thresholds", "sae_features",
                 "attention_participation", "feature_participation", "c1_sensitivity")
+RESULT_TABLES = ("claim_verdicts", "output_fraction_by_layer", "depth_profiles")  # what claim_statistics stores
 ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama", "gemma_scope_2_safetensors": "gemma3"}  # SAE format -> model family
 
 
-def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None) -> ReleaseResults:
-    """``release_results`` of one release from the stored ``CLASS_TABLES`` (all releases; filtered here)."""
-    pick = {name: frame[frame["release"] == release.id] if len(frame) else frame for name, frame in tables.items()}
+def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None,
+                        computed: bool = False) -> ReleaseResults:
+    """``release_results`` of one release from the stored ``CLASS_TABLES`` (all releases; filtered here); with
+    ``computed``, the release's ``RESULT_TABLES`` are read from ``tables`` too instead of being computed."""
+    pick = {name: frame[frame["release"] == release.id].reset_index(drop=True) if len(frame) else frame
+            for name, frame in tables.items()}
     return release_results(
         release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers, pick["feature_classes"],
         pick["control_classes"], pick["semantic_null"], pick["class_thresholds"], pick["sae_features"],
         pick["attention_participation"], pick["feature_participation"], pick["c1_sensitivity"], truth,
+        {name: pick[name] for name in RESULT_TABLES} if computed else None,
     )
 
 

@@ -220,3 +220,12 @@ def test_readme_queries_run_and_return_rows(chain):
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
         for query in queries:
             assert len(con.execute(query).fetchall()) > 0, query
+
+
+def test_no_value_goes_through_an_io_manager(chain):
+    """The plots and the report read what claim_statistics stored: no step loads an input from an IO manager
+    (before, every plot loaded claim_statistics' pickle from $DAGSTER_HOME/storage)."""
+    instance, _, _ = chain
+    loaded = [e.dagster_event.message for run in instance.get_runs() for e in instance.all_logs(run.run_id)
+              if e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.LOADED_INPUT]
+    assert loaded == []
