@@ -1134,6 +1134,15 @@ def _strength_noise(p: PlantedParams, h: HardParams, layer: int) -> np.ndarray |
     return np.random.default_rng([p.seed, 5, layer, 1]).uniform(lo, hi, p.n_semantic)
 
 
+def _take(pool: np.ndarray, counts: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Consecutive slices of ``pool`` per class (``counts`` in order), each sorted, and what is left."""
+    chosen, start = {}, 0
+    for name, n in counts.items():
+        chosen[name] = np.sort(pool[start:start + n])
+        start += n
+    return chosen, pool[start:]
+
+
 def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: np.ndarray, c_out: np.ndarray,
                 final_gain: np.ndarray, hv: _HardVocab) -> tuple[_Layer, dict[str, Any]]:
     """Rewrite some non-semantic features of one SAE into the hard classes (stream ``[seed, 5, layer]``); returns
@@ -1144,12 +1153,7 @@ def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: 
     nonsem = rng.permutation(np.setdiff1d(np.arange(p.d_sae), sae.semantic))
     counts = {"single_token": h.single_token, "coherent_flat": h.coherent_flat, "input_only": h.input_only,
               "string_free_group": h.string_free_features if hv.string_free else 0}
-    chosen: dict[str, np.ndarray] = {}
-    start = 0
-    for name, n in counts.items():
-        chosen[name] = np.sort(nonsem[start:start + n])
-        start += n
-    rest = nonsem[start:]
+    chosen, rest = _take(nonsem, counts)
     detail: dict[str, list[dict[str, Any]]] = {}
 
     feats = chosen["single_token"]
@@ -1210,12 +1214,7 @@ def _trap_layer(p: PlantedParams, h: HardParams, layer: int, enc_dir: np.ndarray
     tr, d = hv.traps, p.d_model
     counts = {"case_variant": h.case_variant, "byte_token": h.byte_token, "unused_cluster": h.unused_cluster,
               "current_token": h.current_token}
-    chosen: dict[str, np.ndarray] = {}
-    start = 0
-    for name, n in counts.items():
-        chosen[name] = np.sort(rest[start:start + n])
-        start += n
-    rest = rest[start:]
+    chosen, rest = _take(rest, counts)
     strings = _token_strings(p.vocab_size, h.unused_tokens)
     rows = (hv.unembedding - tr.common_out) / final_gain  # gain-corrected W_U rows without the common component
 
