@@ -9,12 +9,11 @@ Automation (declarative; ``automation_sensor`` evaluates it every 30 s and is RU
   their own code changed — that takes an explicit ``python -m orchestration.cli materialize --force`` or a
   backfill in the UI;
 - every other downstream asset is ``eager() | code_version_changed()``: it reruns when a parent was updated
-  or its own code changed, and is left alone otherwise.
+  or its own code changed, and is left alone otherwise; ``claim_statistics`` without eager's wait for missing
+  dependencies, so the report updates from the SAEs that are stored and names the missing layers.
 Partitions that were already missing when automation first saw them are not filled by ``eager()``:
 materialise them with ``python -m orchestration.cli materialize`` or a backfill in the UI.
 """
-
-import sys
 
 import dagster as dg
 
@@ -30,12 +29,19 @@ from orchestration.versions import code_version
 ON_CODE_CHANGE = dg.AutomationCondition.code_version_changed()
 ON_UPDATE = dg.AutomationCondition.eager()
 ON_UPDATE_OR_CODE_CHANGE = ON_UPDATE | ON_CODE_CHANGE
+# the release-level statistics read whatever SAE partitions are stored: one missing or failed SAE must not hold
+# the report back forever (``eager()`` waits while any dependency partition is missing)
+ON_ANY_UPDATE_OR_CODE_CHANGE = (ON_UPDATE.without(~dg.AutomationCondition.any_deps_missing())
+                                .with_label("eager_allow_missing") | ON_CODE_CHANGE)
 
 
 def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition) -> dg.AssetsDefinition:
-    """The asset with its derived code version and an automation condition."""
-    version = code_version(sys.modules[asset.op.compute_fn.decorated_fn.__module__])
-    return asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version, automation_condition=condition))
+    """The asset with an automation condition and a code version derived from the code its compute function
+    reaches and the default settings it reads (``orchestration.versions``)."""
+    version = code_version(asset.op.compute_fn.decorated_fn)
+    return asset.map_asset_specs(
+        lambda spec: spec.replace_attributes(code_version=version, automation_condition=condition)
+    )
 
 
 SAE_ASSETS = [
@@ -46,7 +52,8 @@ SAE_ASSETS = [
     orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
 ]
 REPORT_ASSETS = [
-    orchestrated(asset, ON_UPDATE_OR_CODE_CHANGE) for asset in (claim_statistics, *PLOT_ASSETS, claims_report)
+    orchestrated(claim_statistics, ON_ANY_UPDATE_OR_CODE_CHANGE),
+    *(orchestrated(asset, ON_UPDATE_OR_CODE_CHANGE) for asset in (*PLOT_ASSETS, claims_report)),
 ]
 ALL_ASSETS = [sae_files, *SAE_ASSETS, *REPORT_ASSETS]
 
