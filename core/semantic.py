@@ -229,7 +229,8 @@ def string_permutation_null(sets: TokenSets, forms: list[str], k: int, n: int, s
         by_length.setdefault(len(form), []).append(form)
     if not by_length:
         raise ValueError("no normal forms to draw a string-permutation null from")
-    nearest = {n: min(by_length, key=lambda m: (abs(m - n), m)) for f in sets.forms for n in map(len, f)}
+    lengths = {len(form) for row in sets.forms for form in row}
+    nearest = {n: min(by_length, key=lambda m: (abs(m - n), m)) for n in lengths}
     rng = np.random.default_rng(seed)
     rows = [r for r in sets.forms if len(r) >= k]
     if not rows:
