@@ -171,7 +171,9 @@ def assert_qk_circuits_match(model, ckpt, operands, features) -> None:
             for head in range(g.n_heads):
                 for kind, expected in (("qk_feature_query", as_query[head]), ("qk_feature_key", as_key[head])):
                     circuit = Circuit(phase, kind, layer, head)
-                    scale = dict(rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+                    # float32 on both sides with different reduction orders (thread count varies with load):
+                    # errors of a few 1e-5 of the largest score, where scores cancel to near 0 (seen: 3e-5)
+                    scale = dict(rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
                     torch.testing.assert_close(circuit_scores(features, circuit, operands), expected, **scale)
                     assert_stats_match(circuit_stats(features, circuit, operands, k=K), expected)
 
