@@ -1,11 +1,10 @@
 """The claim-by-claim report: one markdown file per release beside its plots, and in the UI."""
 
-import os
-
 import dagster as dg
 
 from assets.plots import PLOTS, png_data_uri
 from assets.claims import stored_results
+from core import atomic
 from core.claims import render_report
 from orchestration.resources import HubResource, StoreResource
 
@@ -22,9 +21,7 @@ def claims_report(context: dg.AssetExecutionContext, store: StoreResource, hub: 
         plots = {name: folder / file_name for name, (file_name, _, _) in PLOTS.items() if (folder / file_name).exists()}
         text = render_report(results, {name.removeprefix("plot_"): path.name for name, path in plots.items()})
         report_path = folder / "report.md"
-        tmp = report_path.with_name(".report.md.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, report_path)
+        atomic.write_text(report_path, text)
         inline = text
         for path in plots.values():
             inline = inline.replace(f"]({path.name})", f"]({png_data_uri(path)})")

@@ -25,11 +25,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub.file_download import repo_folder_name
+
+from core import atomic
 
 __all__ = ["blob_hash", "repo_cache_dir", "read_tree", "write_snapshot"]
 
@@ -94,35 +95,15 @@ def _commit_sha(tree: Mapping[str, str], parent: str | None) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_blob(blob: Path, content: bytes | Path) -> None:
+def _write_blob(blob: Path, content: bytes | Path) -> None:
     if blob.exists():
         return
-    fd, tmp = tempfile.mkstemp(dir=blob.parent, prefix=f".{blob.name}.", suffix=".incomplete")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(content, bytes):
-                f.write(content)
-            else:
-                with open(content, "rb") as src:
-                    shutil.copyfileobj(src, f, _CHUNK)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the hub's blobs follow the umask (usually 0644)
-        os.replace(tmp, blob)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_symlink(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic.atomic_path(blob, mode=0o644) as tmp:  # the hub's blobs follow the umask (usually 0644)
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            with open(content, "rb") as src, open(tmp, "wb") as f:
+                shutil.copyfileobj(src, f, _CHUNK)
 
 
 def write_snapshot(
@@ -136,7 +117,7 @@ def write_snapshot(
 
     The new tree is the ``base`` revision's tree (a branch name or commit sha; ``None`` or a missing
     revision = empty) overlaid with ``files`` (repo path -> bytes or a file to copy). Blobs are
-    written atomically (temp file + ``os.replace``); older snapshots stay intact. If the overlay
+    written atomically (``core.atomic``); older snapshots stay intact. If the overlay
     leaves the base tree unchanged, no revision is made and the base commit is returned
     (re-writing is idempotent).
 
@@ -155,12 +136,12 @@ def write_snapshot(
         blobs_dir = repo_dir / "blobs"
         blobs_dir.mkdir(parents=True, exist_ok=True)
         for path, blob in new_blobs.items():
-            _atomic_write_blob(blobs_dir / blob, contents[path])
+            _write_blob(blobs_dir / blob, contents[path])
         snap = repo_dir / "snapshots" / commit
         for path, blob in tree.items():
             link = snap / path
             link.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_symlink(os.path.relpath(blobs_dir / blob, link.parent), link)
+            atomic.symlink(os.path.relpath(blobs_dir / blob, link.parent), link)
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(repo_dir / "refs" / "main", commit)
+    atomic.write_text(repo_dir / "refs" / "main", commit)
     return commit

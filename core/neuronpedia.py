@@ -9,13 +9,13 @@ W_U not centred — and its top and bottom 10 tokens. This project's own output 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 import torch
 
+from core import atomic
 from core.engine import RowStats, row_stats
 
 DASHBOARD_K = 10
@@ -43,10 +43,6 @@ def dashboard_frame(stats: RowStats, tokens: list[str]) -> pd.DataFrame:
 def write_json_export(frame: pd.DataFrame, folder: Path, sae_id: str) -> Path:
     """``folder/<sae_id, URL-quoted>.json``: a list of ``{feature, pos_str, pos_values, neg_str, neg_values}``
     records, written atomically (temp file + rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{quote(sae_id, safe='')}.json"
     records = frame[["feature", "pos_str", "pos_values", "neg_str", "neg_values"]].to_dict(orient="records")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(records))
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, json.dumps(records))

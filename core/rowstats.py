@@ -26,11 +26,12 @@ import os
 import platform
 import subprocess
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,8 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     directory = directory or Path(os.environ.get("WEIGHTLENS_NATIVE_DIR") or Path(tempfile.gettempdir()) / "weightlens-native")
     library = directory / f"rowstats-{key}.so"
     if not library.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / f".{library.name}.{uuid.uuid4().hex}.tmp"
-        try:
+        with atomic_path(library) as partial:
             subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True)
-            os.replace(partial, library)
-        finally:
-            partial.unlink(missing_ok=True)
     return library
 
 

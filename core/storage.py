@@ -7,16 +7,15 @@ Layout under a data directory ``root``::
 
 Why Parquet + views rather than tables inside the DuckDB file: DuckDB allows one writing process per
 file, and an analyst holding ``results.duckdb`` open in a notebook would otherwise block (or crash)
-every materialisation. Here a materialisation only writes its own Parquet file — to a temporary name in
-the same directory, then ``os.replace`` — so readers see the old file or the new one, never a half
+every materialisation. Here a materialisation only writes its own Parquet file — atomically
+(``core.atomic``) — so readers see the old file or the new one, never a half
 file, and two partitions never touch the same file. The views are (re)created when a new table appears;
 if another process holds the database at that moment the refresh is skipped and retried on the next
 write (views glob the directory, so new partitions show up without a refresh).
 
 A writer killed between writing its temporary file and the rename (SIGKILL, power loss) leaves that
-file behind: temporary names carry the writer's host and process id, and the next write on the same
-host to the same table removes that host's ones whose process is gone (several hosts may share a data
-directory: none sweeps another's files). A write that
+file behind; the next write on the same host to the same table removes that host's ones whose process is
+gone (``core.atomic.sweep_orphans``). A write that
 fails (disk full, read-only or unwritable directory) raises ``StorageError`` naming the destination
 file; the partition's previously stored file is untouched.
 
@@ -26,20 +25,16 @@ across files.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import duckdb
 import pandas as pd
 
+from core.atomic import atomic_path, sweep_orphans
+
 DB_FILE = "results.duckdb"
-TMP_SUFFIX = ".tmp"
-HOST = socket.gethostname().replace(".", "-")  # in temporary names, so a sweep only judges its own host's
 
 
 class StorageError(OSError):
@@ -61,26 +56,20 @@ class TableStore:
     def write(self, table: str, key: str, frame: pd.DataFrame) -> Path:
         """Replace a partition's rows atomically (temp file + rename); other partitions are untouched."""
         path = self.file(table, key)
-        tmp = path.with_name(f".{path.stem}.{HOST}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _sweep_orphans(path.parent)
-            con = duckdb.connect()
-            try:
-                con.register("frame", frame)
-                con.execute(f"COPY frame TO '{_sql_path(tmp)}' (FORMAT parquet)")
-            finally:
-                con.close()
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            sweep_orphans(path.parent)
+            with atomic_path(path) as tmp:
+                con = duckdb.connect()
+                try:
+                    con.register("frame", frame)
+                    con.execute(f"COPY frame TO '{_sql_path(tmp)}' (FORMAT parquet)")
+                finally:
+                    con.close()
         except (OSError, duckdb.Error) as error:
             message = f"{path}: cannot store table {table!r} for {key!r} ({error}); previously stored rows are unchanged"
             errno = getattr(error, "errno", None)
             raise (StorageError(errno, message) if isinstance(errno, int) else StorageError(message)) from error
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
         return path
 
     def read(self, table: str, key: str | None = None) -> pd.DataFrame:
@@ -155,27 +144,6 @@ class TableStore:
         """A DuckDB connection to the views (read-only by default, so it never blocks writers' refresh
         for longer than it is open)."""
         return duckdb.connect(str(self.db_path), read_only=read_only)
-
-
-def _sweep_orphans(folder: Path) -> None:
-    """Remove temporary files left in ``folder`` by writers on this host that no longer run (killed
-    mid-write). Other hosts' files are left alone: their process ids mean nothing here."""
-    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
-        parts = tmp.name.rsplit(".", 4)  # ['.<stem>', '<host>', '<pid>', '<uuid>', 'tmp']
-        if len(parts) == 5 and parts[1] == HOST and parts[2].isdigit() and not process_alive(int(parts[2])):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (signal 0 probes without signalling)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _sql_path(path: Path) -> str:

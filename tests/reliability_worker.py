@@ -55,7 +55,7 @@ def store_loop(data: str, rows: int) -> int:
 
 
 def pause_before_replace(table: str) -> None:
-    """Wrap os.replace (used by core.storage) so the rename of TABLE's temp file never happens."""
+    """Wrap os.replace (the rename in core.atomic) so the rename of TABLE's temp file never happens."""
     real_replace = os.replace
 
     def replace(src, dst, *args, **kwargs):

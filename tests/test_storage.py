@@ -11,7 +11,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from core.storage import HOST, TableStore
+from core.atomic import HOST
+from core.storage import TableStore
 
 
 def frame(key: str, n: int) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def test_failed_write_keeps_previous_rows(tmp_path, monkeypatch):
     def disk_error(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("core.storage.os.fsync", disk_error)  # fails after the temp file is written
+    monkeypatch.setattr("core.atomic.os.fsync", disk_error)  # fails after the temp file is written
     with pytest.raises(OSError, match="No space left"):
         store.write("t", "rel:a", frame("rel:a", 7))
     assert len(store.read("t", "rel:a")) == 3
