@@ -3,12 +3,13 @@
 import dagster as dg
 
 from assets.common import check_results, check_specs, store_table
-from core.claims import CLASS_TABLES, RESULT_TABLES, ReleaseResults, results_from_tables, verdict_table
+from core.claims import CLASS_TABLES, RESULT_TABLES, ReleaseResults, missing_saes, results_from_tables, verdict_table
 from core.profiles import PROFILE_STATS
 from core.registry import get_release
 from core.verdicts import VERDICTS
 from core.table_checks import Check, combined, finite, rows_match
 from core.truth import load_truth
+from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource, StoreResource
 
 STATISTICS_CHECKS = ["one_row_per_analysed_sae", "statistics_finite", "verdicts_valid"]
@@ -50,18 +51,23 @@ def claim_statistics(
         raise dg.Failure("No feature_classes rows are stored yet: materialise at least one SAE partition first.")
     metadata: dict[str, dg.MetadataValue] = {}
     parts: dict[str, list[Check]] = {name: [] for name in STATISTICS_CHECKS}
+    registered = context.instance.get_dynamic_partitions(sae_partitions.name)  # "{release}:{sae_id}"
     for release_id in sorted(frames["feature_classes"]["release"].unique()):
         release = get_release(str(release_id))
         truth = load_truth(release.id, hub.client()).data if release.planted else None
-        result = results_from_tables(release, frames, truth)
-        for table, frame in (("claim_verdicts", result.verdicts), ("output_fraction_by_layer", result.by_layer),
-                             ("depth_profiles", result.profile)):
+        result = results_from_tables(release, frames, truth,
+                                     registered=[key.partition(":")[2] for key in registered if key.startswith(f"{release.id}:")])
+        for table, frame in (("sae_coverage", result.coverage), ("claim_verdicts", result.verdicts),
+                             ("output_fraction_by_layer", result.by_layer), ("depth_profiles", result.profile)):
             if len(frame):
                 metadata |= store_table(store, table, release.id, frame)
         metadata[f"{release.id}/verdicts"] = dg.MetadataValue.md(verdict_table(result.verdicts))
         if result.missing_layers:
             context.log.warning(f"{release.id}: no analysed SAE for layers {result.missing_layers}")
         metadata[f"{release.id}/missing_layers"] = dg.MetadataValue.text(str(result.missing_layers))
+        if not_analysed := missing_saes(result.coverage):
+            context.log.warning(f"{release.id}: registered SAEs not analysed (statistics without them): {not_analysed}")
+        metadata[f"{release.id}/missing_saes"] = dg.MetadataValue.json(not_analysed)
         analysed = frames["feature_classes"].query("release == @release.id")["sae_id"].nunique()
         parts["one_row_per_analysed_sae"].append(rows_match(f"{release.id} by layer (features, control)", result.by_layer,
                                                             2 * analysed))

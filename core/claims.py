@@ -9,6 +9,7 @@ invariant to function-preserving rewrites of the weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,7 @@ class ReleaseResults:
     null_rate: float
     semantic_fraction: float
     missing_layers: list[int]
+    coverage: pd.DataFrame  # sae_coverage: registered SAEs, analysed or missing
     truth: PlantedTruth | None = None
     profile: pd.DataFrame = field(default_factory=pd.DataFrame)  # core.profiles.depth_profile
     head_participation: pd.DataFrame = field(default_factory=pd.DataFrame)  # attention_participation rows
@@ -155,12 +157,15 @@ def release_results(
     sensitivity: pd.DataFrame,
     truth: dict | None = None,
     stored: dict[str, pd.DataFrame] | None = None,
+    registered: Sequence[str] = (),
 ) -> ReleaseResults:
     """Every measured quantity and verdict of one release from its tables (each filtered to the release);
-    ``stored``: the ``RESULT_TABLES`` already computed for it (read back, not recomputed)."""
+    ``stored``: the ``RESULT_TABLES`` already computed for it (read back, not recomputed); ``registered``: the
+    release's registered SAE ids (partitions), for ``sae_coverage``."""
     per_feature = per_feature_table(classes, control, norms, feature_part)
     if stored is None:
-        stored = {"output_fraction_by_layer": output_fraction_by_layer(per_feature),
+        stored = {"sae_coverage": coverage_table(release, registered, classes["sae_id"].unique()),
+                  "output_fraction_by_layer": output_fraction_by_layer(per_feature),
                   "claim_verdicts": claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
                   "depth_profiles": depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame()}
     results = ReleaseResults(
@@ -174,6 +179,7 @@ def release_results(
         null_rate=null_rate(null_rows, classes),
         semantic_fraction=float(classes["semantic"].mean()),
         missing_layers=sorted(set(range(n_layers)) - set(classes["layer"].astype(int))),
+        coverage=stored["sae_coverage"],
         profile=stored["depth_profiles"],
         head_participation=head_part,
         per_feature=per_feature,
@@ -199,21 +205,37 @@ def release_results(
 
 CLASS_TABLES = ("feature_classes", "control_classes", "semantic_null", "class_thresholds", "sae_features",
                 "attention_participation", "feature_participation", "c1_sensitivity")
-RESULT_TABLES = ("claim_verdicts", "output_fraction_by_layer", "depth_profiles")  # what claim_statistics stores
+RESULT_TABLES = ("sae_coverage", "claim_verdicts", "output_fraction_by_layer", "depth_profiles")  # what claim_statistics stores
 ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama", "gemma_scope_2_safetensors": "gemma3"}  # SAE format -> model family
 
 
+def coverage_table(release: str, registered: Iterable[str], analysed: Iterable[str]) -> pd.DataFrame:
+    """``sae_coverage``: one row per SAE of the release that is registered (a partition) or analysed, with
+    ``status`` ``analysed`` (its class tables are stored) or ``missing`` (registered, nothing stored: never
+    materialised, or failed before its first success). Release-level statistics use the analysed ones."""
+    done = set(analysed)
+    ids = sorted(done | set(registered))
+    return pd.DataFrame({"release": release, "sae_id": ids,
+                         "status": ["analysed" if sae_id in done else "missing" for sae_id in ids]})
+
+
+def missing_saes(coverage: pd.DataFrame) -> list[str]:
+    """The SAE ids ``coverage_table`` marks missing."""
+    return sorted(coverage.loc[coverage["status"] == "missing", "sae_id"]) if len(coverage) else []
+
+
 def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None,
-                        computed: bool = False) -> ReleaseResults:
+                        computed: bool = False, registered: Sequence[str] = ()) -> ReleaseResults:
     """``release_results`` of one release from the stored ``CLASS_TABLES`` (all releases; filtered here); with
-    ``computed``, the release's ``RESULT_TABLES`` are read from ``tables`` too instead of being computed."""
+    ``computed``, the release's ``RESULT_TABLES`` are read from ``tables`` too instead of being computed;
+    ``registered``: the release's registered SAE ids."""
     pick = {name: frame[frame["release"] == release.id].reset_index(drop=True) if len(frame) else frame
             for name, frame in tables.items()}
     return release_results(
         release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers, pick["feature_classes"],
         pick["control_classes"], pick["semantic_null"], pick["class_thresholds"], pick["sae_features"],
         pick["attention_participation"], pick["feature_participation"], pick["c1_sensitivity"], truth,
-        {name: pick[name] for name in RESULT_TABLES} if computed else None,
+        {name: pick[name] for name in RESULT_TABLES} if computed else None, registered,
     )
 
 
@@ -249,6 +271,7 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
     feats = by_layer[by_layer["sample"] == "feature"]
     n = int(feats["n"].sum())
     missing = results.missing_layers
+    not_analysed = missing_saes(results.coverage)
     counts = results.verdicts["verdict"].value_counts().reindex(VERDICTS, fill_value=0)
     lines = [
         f"# {results.release}: weight-only claims report",
@@ -258,7 +281,9 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
         "for a control SAE of the same width (random directions with the SAE's own second moments); C2–C4 "
         "verdicts are about the difference."
         + (f" **Layers without an analysed SAE: {', '.join(map(str, missing))}** — layer-level statistics use the "
-           "analysed layers only." if missing else ""),
+           "analysed layers only." if missing else "")
+        + (f" **Registered SAEs not analysed (never materialised or failed): {', '.join(not_analysed)}** — every "
+           "statistic below is over the analysed SAEs only." if not_analysed else ""),
         "",
         "## Verdicts", "",
         "Verdicts: " + ", ".join(f"{v} {c}" for v, c in counts.items()) + ".",

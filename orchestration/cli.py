@@ -314,8 +314,9 @@ class Planner:
     within the pinned dagster 1.13.27."""
 
     def __init__(self, instance: dg.DagsterInstance, resources: Mapping[str, dg.ConfigurableResource],
-                 listings: Sequence[ReleaseListing], keys: Sequence[str]) -> None:
+                 listings: Sequence[ReleaseListing]) -> None:
         self.instance = instance
+        keys = [ref.key for listing in listings for ref in listing.saes]  # all listed: estimates use the others
         self.records = {asset: self.latest_by_partition(asset, keys) for asset in CHAIN}
         self.hub = resources["hub"].client()
         self.settings = settings_of(resources)
@@ -326,6 +327,7 @@ class Planner:
         self.resolver = CachingStaleStatusResolver(instance, self.graph, view)
         self._run_settings: dict[str, dict[str, dict[str, Any]]] = {}
         self._model_blobs: dict[str, dict[str, str]] = {}
+        self._step_seconds: dict[str, dict[str, float]] = {}
 
     def latest_by_partition(self, asset: dg.AssetKey, keys: Sequence[str]) -> dict[str, dg.EventLogRecord]:
         """The latest materialisation of each of these partitions of ``asset`` (one query a page, not one a key)."""
@@ -413,6 +415,41 @@ class Planner:
         blobs = self._model_blobs[ref.release]
         return content_id(blobs.get(path, "absent") for path in shards.value)
 
+    def estimate(self, plans: Sequence[Plan]) -> str:
+        """``N partition(s) to recompute (asset on n, ...), roughly T``: T sums, per asset to run, its last
+        step's duration for that partition, else the median over the partitions of that release that have one
+        (Dagster's step stats of the recorded runs); assets never timed are counted, not guessed."""
+        todo = [plan for plan in plans if plan.key and plan.assets]
+        if not todo:
+            return "nothing to recompute"
+        seconds, untimed = 0.0, 0
+        for plan in todo:
+            for asset in plan.assets:
+                took = self.step_seconds(asset, plan.key) or self.typical_seconds(asset, plan.key.partition(":")[0])
+                seconds, untimed = (seconds + took, untimed) if took is not None else (seconds, untimed + 1)
+        counts = ", ".join(f"{asset.to_user_string()} on {n}" for asset in CHAIN
+                           if (n := sum(asset in plan.assets for plan in todo)))
+        timed = f"roughly {_duration(seconds)} from earlier runs" if seconds else "no earlier run to time them by"
+        return (f"plan: {len(todo)} partition(s) to recompute ({counts}), {timed}"
+                + (f" ({untimed} asset step(s) never timed)" if untimed and seconds else ""))
+
+    def step_seconds(self, asset: dg.AssetKey, partition: str) -> float | None:
+        """Wall seconds of the step that produced the latest materialisation of ``asset`` for ``partition``."""
+        record = self.records[asset].get(partition)
+        if record is None:
+            return None
+        if record.run_id not in self._step_seconds:
+            self._step_seconds[record.run_id] = {
+                stats.step_key: stats.end_time - stats.start_time
+                for stats in self.instance.get_run_step_stats(record.run_id) if stats.start_time and stats.end_time}
+        return self._step_seconds[record.run_id].get(asset.to_python_identifier())
+
+    def typical_seconds(self, asset: dg.AssetKey, release: str) -> float | None:
+        """The median ``step_seconds`` of ``asset`` over the recorded partitions of ``release``."""
+        found = [s for key in self.records[asset] if key.startswith(f"{release}:")
+                 if (s := self.step_seconds(asset, key)) is not None]
+        return float(sorted(found)[len(found) // 2]) if found else None
+
     def run_settings(self, run_id: str) -> dict[str, dict[str, Any]]:
         if run_id not in self._run_settings:
             run = self.instance.get_run_by_id(run_id)
@@ -488,10 +525,11 @@ def materialize(args: argparse.Namespace, resources: Mapping[str, dg.Configurabl
             for run_id in fail_dead_runs(instance):
                 print(f"run {run_id}: its process is gone (killed); marked failed, pool slot freed", file=sys.stderr)
             instance.add_dynamic_partitions(sae_partitions.name, [ref.key for entry in listings for ref in entry.saes])
-        planner = Planner(instance, resources, listings, [ref.key for ref in refs])
+        planner = Planner(instance, resources, listings)
         plans = [planner.partition(ref, args.force) for ref in refs]
         todo = [plan for plan in plans if plan.assets]
         plans.append(planner.report(len(todo), args.force))
+        print(planner.estimate(plans), flush=True)
         for plan in plans:
             print(plan.line(args.dry_run), flush=True)
             if plan.assets and not args.dry_run:
@@ -499,6 +537,10 @@ def materialize(args: argparse.Namespace, resources: Mapping[str, dg.Configurabl
     done = "would be recomputed" if args.dry_run else "recomputed"
     print(f"done: {len(todo)} of {len(refs)} selected SAE partition(s) {done}, the report "
           f"{done if plans[-1].assets else 'current'}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -103,6 +103,7 @@ def test_second_run_recomputes_nothing_force_and_changes_do(env: Env, small_cach
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     env.main(RELEASE)
+    assert "plan: 2 partition(s) to recompute (" in capsys.readouterr().out  # nothing timed yet: counted only
     first = env.materialisations()
     everything = {(a, k) for a in CHAIN for k in (LAYER_0, LAYER_1)} | {(a, None) for a in REPORT}
     assert {(a, p) for a, p, _ in first} == everything
@@ -115,6 +116,7 @@ def test_second_run_recomputes_nothing_force_and_changes_do(env: Env, small_cach
     assert env.materialisations() == first, "a second run must not materialise anything"
     assert seconds < 10, f"second run took {seconds:.1f} s"
     skips = [line for line in lines if line.startswith("skip ")]
+    assert "nothing to recompute" in lines
     assert skips == [f"skip {key}: current (code versions, input data versions and settings unchanged)"
                      for key in (LAYER_0, LAYER_1)] + [skips[-1]] and skips[-1].startswith("skip report: current")
 
@@ -126,6 +128,10 @@ def test_second_run_recomputes_nothing_force_and_changes_do(env: Env, small_cach
     (line,) = [line for line in lines if line.startswith(f"would run {LAYER_0}")]
     assert "dtype 'float32' -> 'bfloat16'" in line and "circuit_layers 'adjacent' -> 'all'" in line
     assert line.endswith("-> lens_tables, circuit_tables, feature_classes")
+    # before anything runs, how many partitions and roughly how long (from the first run's step durations)
+    (plan,) = [line for line in lines if line.startswith("plan: ")]
+    assert plan.startswith("plan: 2 partition(s) to recompute (lens_tables on 2, circuit_tables on 2, "
+                           "feature_classes on 2), roughly ") and plan.endswith(" from earlier runs"), plan
     assert any(line.startswith("would run report: 2 SAE partition(s) recomputed") for line in lines)
 
     # --force recomputes the selected partition (its whole chain) and the report, nothing else.

@@ -16,7 +16,7 @@ from core.planted import generate
 from core.registry import get_release, parse_key
 from orchestration.cli import materialize_all
 from orchestration.definitions import defs
-from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, sae_chain_job
+from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, report_job, sae_chain_job
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 from orchestration.sensors import sae_release_sensor
 
@@ -108,9 +108,21 @@ def test_a_rematerialised_partition_makes_the_automation_sensor_rebuild_the_repo
     job = sae_chain_job.resolve(asset_graph=defs.resolve_asset_graph())
     assert job.execute_in_process(instance=instance, partition_key=KEYS[0], resources=resources).success
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
-    instance.delete_dynamic_partition("sae", missing)
     # exactly the release-level assets, although one SAE partition is missing
     assert requested(result, instance) == {a.key.to_user_string(): {"(unpartitioned)"} for a in REPORT_ASSETS}
+    # ... and they update from the stored partitions, naming the missing one in the table, metadata and report
+    job = report_job.resolve(asset_graph=defs.resolve_asset_graph())
+    run = job.execute_in_process(instance=instance, resources=resources)
+    instance.delete_dynamic_partition("sae", missing)
+    assert run.success
+    coverage = resources["store"].tables().read("sae_coverage", "planted-gemma")
+    sae_id = missing.partition(":")[2]
+    assert dict(zip(coverage["sae_id"], coverage["status"])) == {
+        sae_id: "missing", **{key.partition(":")[2]: "analysed" for key in KEYS}}
+    (statistics,) = [m for m in run.asset_materializations_for_node("claim_statistics")]
+    assert statistics.metadata["planted-gemma/missing_saes"].value == [sae_id]
+    report = (resources["store"].artifacts("reports") / "planted-gemma" / "report.md").read_text()
+    assert f"Registered SAEs not analysed (never materialised or failed): {sae_id}" in report
 
 
 def test_rewritten_sae_reruns_only_its_partition(world):
