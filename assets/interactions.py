@@ -121,7 +121,8 @@ def circuit_tables(
         if i % 24 == 0:
             context.log.info(f"circuits {ref.key}: {i}/{n}")
 
-    out = circuit_stage(sae, checkpoint, ref.key, ref.layer, n_null, compute.engine(), compute.circuit_layers, progress)
+    out = circuit_stage(sae, checkpoint, ref.key, ref.layer, n_null, compute.engine(), compute.circuit_layers,
+                        compute.circuit_set, progress)
     table = out.circuit_stats
     checks = [
         rows_match(CIRCUIT_CHECKS[0], table, (2 * sae.d_sae + n_null) * out.n_circuits),
@@ -133,5 +134,6 @@ def circuit_tables(
         "circuits": dg.MetadataValue.int(out.n_circuits),
         "seconds": dg.MetadataValue.float(round(time.perf_counter() - start, 3)),
         "device": dg.MetadataValue.text(compute.resolved_device()),
+        "dtype": dg.MetadataValue.text(compute.dtype),
     }
     return dg.MaterializeResult(metadata=metadata, check_results=check_results(checks))

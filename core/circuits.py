@@ -49,7 +49,10 @@ encoder direction reads (encoder–embedding writer circuit). Default scope ``"a
 analyses is ``PHASE_KINDS``: encoder–embedding → ``ov_writer`` (token embeddings written into the encoder
 direction); decoder–unembedding → ``qk_feature_query``, ``qk_feature_key`` (the decoder direction as query /
 as key against the unembedding rows) and ``ov`` (the decoder direction moved to logits), plus the head's write
-norm ``ov_write_norms``. The encoder-side QK circuits and the decoder-side ``ov_writer`` stay computable
+norm ``ov_write_norms``. Which of them a run computes is a circuit set (``CIRCUIT_SETS``): ``"used"``, the
+default, is what the classes and claims read (``core.profiles.SCORE_KINDS``: ``ov_writer``, the two QK kinds,
+and the write norms); ``"all"`` adds the decoder-side ``ov`` circuit (its logit distributions go to
+``circuit_stats`` for users' own queries; on Gemma-2-2B it is a quarter of the circuit time). The encoder-side QK circuits and the decoder-side ``ov_writer`` stay computable
 (``Circuit`` accepts every phase × kind) but are not analysed: the encoder direction never sits in the stream
 that layer L's queries and keys read.
 
@@ -88,6 +91,10 @@ PHASE_KINDS: dict[str, tuple[str, ...]] = {
     "decoder_unembedding": ("qk_feature_query", "qk_feature_key", "ov"),
 }
 LAYER_SCOPES = ("adjacent", "all")
+CIRCUIT_SETS: dict[str, dict[str, tuple[str, ...]]] = {  # name -> the kinds computed per phase (module doc)
+    "used": {"encoder_embedding": ("ov_writer",), "decoder_unembedding": ("qk_feature_query", "qk_feature_key")},
+    "all": PHASE_KINDS,
+}
 # Vocabulary operands kept: in all_circuits' order a kv group's keys (both phases) and a head's OV operand are
 # reused while at most 4 other operands are touched in between, so each operand is computed once.
 OPERAND_CACHE_SIZE = 6
@@ -120,9 +127,10 @@ def paired_layers(sae_layer: int, n_layers: int, scope: str = "adjacent") -> dic
     raise ValueError(f"layer scope {scope!r} is not one of {LAYER_SCOPES}")
 
 
-def all_circuits(geometry: ModelGeometry, layers: dict[str, Sequence[int]] | None = None) -> list[Circuit]:
-    """The analysed circuits (``PHASE_KINDS``) at each phase's ``layers`` (default: every layer for both
-    phases), ordered layer → query head (kv groups contiguous) → phase → kind, the order in which
+def all_circuits(geometry: ModelGeometry, layers: dict[str, Sequence[int]] | None = None,
+                 kinds: dict[str, tuple[str, ...]] = PHASE_KINDS) -> list[Circuit]:
+    """The circuits of ``kinds`` (default: every analysed kind, ``PHASE_KINDS``; or a ``CIRCUIT_SETS`` entry) at
+    each phase's ``layers`` (default: every layer for both phases), ordered layer → query head (kv groups contiguous) → phase → kind, the order in which
     ``VocabOperands``' cache computes each vocabulary operand once."""
     every = range(geometry.n_layers)
     chosen = {phase: set(every if layers is None else layers.get(phase, ())) for phase in PHASES}
@@ -132,7 +140,7 @@ def all_circuits(geometry: ModelGeometry, layers: dict[str, Sequence[int]] | Non
         for head in range(geometry.n_heads)
         for phase in PHASES
         if layer in chosen[phase]
-        for kind in PHASE_KINDS[phase]
+        for kind in kinds.get(phase, ())
     ]
 
 

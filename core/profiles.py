@@ -33,13 +33,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from core.circuits import CIRCUIT_SETS
 from core.statistics import DEFAULT_QUANTILE, summary_statistic
 
-SCORE_KINDS: dict[str, tuple[str, ...]] = {
-    "encoder_embedding": ("ov_writer",),
-    "decoder_unembedding": ("qk_feature_query", "qk_feature_key", "ov_write_norm"),
-}
 OV_WRITE_KIND = "ov_write_norm"
+SCORE_KINDS: dict[str, tuple[str, ...]] = {  # the default circuit set, plus the decoder directions' write norms
+    "encoder_embedding": CIRCUIT_SETS["used"]["encoder_embedding"],
+    "decoder_unembedding": (*CIRCUIT_SETS["used"]["decoder_unembedding"], OV_WRITE_KIND),
+}
 MAD_TO_SD = 1.4826  # MAD of a normal distribution × 1.4826 = its standard deviation
 PROFILE_STATS = ("mean", "median", "p75", "p99")
 SAE_COLUMNS = ["release", "sae_id", "layer"]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.circuits import VocabOperands, all_circuits, circuit_stats, input_lens, ov_write_norms, paired_layers
+from core.circuits import CIRCUIT_SETS, VocabOperands, all_circuits, circuit_stats, input_lens, ov_write_norms, paired_layers
 from core.classify import FeatureClasses, classify_features
 from core.control import control_sae, matched_null
 from core.engine import RowStats
@@ -94,15 +94,17 @@ class CircuitTables:
 
 
 def circuit_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, key: str, sae_layer: int, n_null: int,
-                  settings: EngineSettings, scope: str = "adjacent",
+                  settings: EngineSettings, scope: str = "adjacent", circuit_set: str = "used",
                   progress: Callable[[int, int], None] | None = None) -> CircuitTables:
-    """Every analysed circuit (``core.circuits.PHASE_KINDS``) at the layers ``paired_layers(sae_layer, …,
+    """The circuits of ``core.circuits.CIRCUIT_SETS[circuit_set]`` at the layers ``paired_layers(sae_layer, …,
     scope)`` for every sample, and the decoder directions' write norms at the reader layers."""
     directions = sample_directions(sae, key, n_null)
     geometry = checkpoint.geometry
     layers = paired_layers(sae_layer, geometry.n_layers, scope)
     operands = VocabOperands(checkpoint, device=settings.device)
-    circuits = all_circuits(geometry, layers)
+    if circuit_set not in CIRCUIT_SETS:
+        raise ValueError(f"circuit set {circuit_set!r} is not one of {sorted(CIRCUIT_SETS)}")
+    circuits = all_circuits(geometry, layers, CIRCUIT_SETS[circuit_set])
     frames = []
     for i, circuit in enumerate(circuits, 1):
         for sample in SAMPLES:

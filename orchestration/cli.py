@@ -1,7 +1,8 @@
 """Command line: register a release's SAEs as partitions and materialise, in this process, what is stale or missing.
 
     weightlens materialize [RELEASE ...] [--sae ID ...] [--layers 5,12 | 5-12] [--width 16k ...] [--canonical]
-                           [--device cuda] [--dtype bfloat16] [--circuit-layers all] [-c settings.yaml ...]
+                           [--device cuda] [--dtype bfloat16] [--circuit-layers all] [--circuit-set all]
+                           [-c settings.yaml ...]
                            [--force] [--dry-run] [-v]
     (the same as ``python -m orchestration.cli materialize ...``)
 
@@ -29,7 +30,8 @@ runs, registers and changes nothing.
 
 Settings: ``-c FILE`` (repeatable, merged in order) is run config in the format ``dagster job execute -c`` and
 ``python -m orchestration.cluster -c`` read (``resources: {hub|store|compute: {config: {...}}}``, see
-``deploy/celery/resources.yaml``); ``--device``, ``--dtype``, ``--circuit-layers`` override its ``compute`` fields
+``deploy/celery/resources.yaml``); ``--device``, ``--dtype``, ``--circuit-layers``, ``--circuit-set`` override its
+``compute`` fields
 (``orchestration.resources.ComputeResource``). Unset: the hub cache huggingface_hub would use (``HF_HUB_CACHE``,
 else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), ``$WEIGHTLENS_DATA_DIR``, the ComputeResource defaults.
 
@@ -63,7 +65,7 @@ from dagster._utils.error import SerializableErrorInfo
 from dagster_shared.check import CheckError
 from dagster_shared.yaml_utils import load_yaml_from_glob_list
 
-from core.circuits import LAYER_SCOPES
+from core.circuits import CIRCUIT_SETS, LAYER_SCOPES
 from core.discovery import ReleaseListing, discover_saes, hub_for
 from core.errors import HubError, WeightFileError
 from core.hub import content_id
@@ -505,7 +507,8 @@ def materialize_all(
 def resources_for(args: argparse.Namespace) -> dict[str, dg.ConfigurableResource]:
     """The resources of this invocation: ``-c`` files, then the compute flags, over the defaults."""
     config = load_settings(args.config)
-    flags = {"device": args.device, "dtype": args.dtype, "circuit_layers": args.circuit_layers}
+    flags = {"device": args.device, "dtype": args.dtype, "circuit_layers": args.circuit_layers,
+             "circuit_set": args.circuit_set}
     config["compute"] = {**config.get("compute", {}), **{k: v for k, v in flags.items() if v is not None}}
     resources = build_resources(config)
     device = resources["compute"].resolved_device()
@@ -559,6 +562,8 @@ def parser() -> argparse.ArgumentParser:
     settings.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     settings.add_argument("--dtype", help="matmul precision: float32 (default) or bfloat16")
     settings.add_argument("--circuit-layers", choices=LAYER_SCOPES, help="attention layers paired with an SAE")
+    settings.add_argument("--circuit-set", choices=sorted(CIRCUIT_SETS),
+                          help="circuit kinds computed: used (what the classes read, default) or all (adds ov)")
     cmd.add_argument("--force", action="store_true", help="recompute the selected partitions and the report")
     cmd.add_argument("--dry-run", action="store_true", help="print what would run and why; run nothing")
     cmd.add_argument("-v", "--verbose", action="store_true", help="print Dagster's event log too")

@@ -153,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cmd.add_argument("-c", "--config", action="append", default=[], help="run config YAML (resources)")
         cmd.add_argument("--parallel", type=int, default=4, help="runs in flight at once (default 4)")
         cmd.add_argument("--log-dir", default=None, help="orchestrator logs (default $DAGSTER_HOME/cluster-logs/<time>)")
+        if name == "run-partitions":
+            cmd.add_argument("--report", action="store_true", help="then the release statistics, plots and report")
     args = parser.parse_args(argv)
     missing = [name for name in (BROKER_ENV, BACKEND_ENV) if not os.environ.get(name)]
     if missing:
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             keys = list(args.targets)
             instance.add_dynamic_partitions(sae_partitions.name, keys)
         log_dir = Path(args.log_dir or Path(instance.root_directory) / "cluster-logs" / time.strftime("%Y%m%d-%H%M%S"))
-    codes = run_partitions(keys, args.config, args.parallel, log_dir, report=args.command == "materialize")
+    codes = run_partitions(keys, args.config, args.parallel, log_dir, report=args.command == "materialize" or args.report)
     failed = sorted(name for name, code in codes.items() if code)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; logs in {log_dir}")

@@ -54,7 +54,8 @@ class ComputeResource(dg.ConfigurableResource):
     directions calibrate the lenses, ``circuit_null_directions`` the attention circuits.
     ``circuit_layers`` (``core.circuits.paired_layers``): "adjacent" = the writer layer L and the reader layer
     L+1 of a resid_post(L) SAE (every head); "all" = writers 0..L and readers L+1..N−1 (the full grid, a GPU
-    job at real scale)."""
+    job at real scale). ``circuit_set`` (``core.circuits.CIRCUIT_SETS``): "used" = the circuit kinds the classes
+    and claims read; "all" adds the decoder-side ``ov`` logit circuits to ``circuit_stats``."""
 
     device: Optional[str] = None
     dtype: str = "float32"
@@ -62,6 +63,7 @@ class ComputeResource(dg.ConfigurableResource):
     null_directions: int = 1024
     circuit_null_directions: int = 256
     circuit_layers: str = "adjacent"
+    circuit_set: str = "used"
 
     def engine(self) -> EngineSettings:
         """The engine settings of every stage (``core.stages``)."""

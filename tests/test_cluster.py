@@ -13,8 +13,12 @@ log and the worker logs:
 - the ``compute`` pool (limit 1) still held across runs and workers: no two ``compute`` steps overlapped
   in time (step start/success events), and compute steps that were ready before another one ended were
   only submitted to Celery after it ended (they waited for the pool, not for a worker);
-- the tables (Parquet, every table of the three partitions) and the Neuronpedia JSON exports equal those
-  of a single-process run of the same partitions with the same resources.
+- then the release statistics, plots and report run on the workers too (``--report``: one more run), read
+  what the partitions stored (no pickled hand-off: no run or worker log mentions Dagster's pickling IO
+  manager);
+- the tables (Parquet, every table of the partitions and of the release), the Neuronpedia JSON exports, the
+  report's text and its plots equal those of a single-process run of the same partitions with the same
+  resources.
 
 An environment where the installs or services fail makes this test fail with the installer's or the
 server's output, never skip.
@@ -117,12 +121,14 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
             t = time.monotonic()
             done = subprocess.run(
                 [sys.executable, "-m", "orchestration.cluster", "run-partitions",
-                 "-c", str(resources_yaml), "--parallel", str(len(keys)), "--log-dir", str(tmp_path / "runs"), *keys],
+                 "-c", str(resources_yaml), "--parallel", str(len(keys)), "--log-dir", str(tmp_path / "runs"), "--report",
+                 *keys],
                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200,
             )
             timings["runs"] = time.monotonic() - t
             worker_logs = {w.node: w.log.read_text(errors="replace") for w in workers}
-        run_logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted((tmp_path / "runs").glob("*.log")))
+        full_run_logs = {p: p.read_text(errors="replace") for p in sorted((tmp_path / "runs").rglob("*.log"))}
+        run_logs = "\n".join(text[-4000:] for text in full_run_logs.values())
         assert done.returncode == 0, f"{done.stderr[-3000:]}\n--- run logs ---\n{run_logs}\n--- workers ---\n" + "\n".join(
             log[-3000:] for log in worker_logs.values()
         )
@@ -132,16 +138,19 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
             monkeypatch.setenv(name, value)
         with dg.DagsterInstance.from_config(str(home)) as instance:
             assert "Postgres" in type(instance.run_storage).__name__
-            runs = instance.get_runs()
-            by_key = {run.tags.get("dagster/partition"): run for run in runs}
-            assert sorted(by_key) == sorted(keys) and len(runs) == len(keys)
-            assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
-            events = [row for run in runs for row in event_rows(instance, run.run_id)]
+            all_runs = instance.get_runs()
+            by_key = {run.tags.get("dagster/partition"): run for run in all_runs}
+            assert sorted(by_key, key=str) == sorted([*keys, None], key=str) and len(all_runs) == len(keys) + 1
+            assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in all_runs)
+            events = [row for run in all_runs for row in event_rows(instance, run.run_id)]
+            runs = [by_key[key] for key in keys]
+            report_run = by_key[None]
 
     # Every step ran in a worker (not the run's orchestrating process), and both workers took steps.
     orchestrator_pid = {r["run_id"]: r["pid"] for r in events if r["type"] == RUN_START}
     starts = [r for r in events if r["type"] == "STEP_START"]
-    assert len(starts) == 5 * len(keys)
+    report_steps = [r for r in starts if r["run_id"] == report_run.run_id]
+    assert len(starts) - len(report_steps) == 5 * len(keys) and len(report_steps) == 7  # statistics, 5 plots, report
     assert all(r["pid"] != orchestrator_pid[r["run_id"]] for r in starts)
     handed = [r for r in events if r["type"] == "ENGINE_EVENT" and "Celery worker" in r["metadata"]]  # the worker's "Executing steps"
     steps_by_worker = defaultdict(list)
@@ -160,8 +169,8 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     # And it gated them: the Celery executor submits every ready step at once (submission does not wait for a
     # free worker), so a compute step that was ready (both weights steps of its run done) before another
     # compute step ended, and was submitted only after that one ended, waited for the pool's slot.
-    ready = {run_id: max(r["t"] for r in events if r["run_id"] == run_id and r["type"] == "STEP_SUCCESS" and r["step"] in WEIGHT_STEPS)
-             for run_id in orchestrator_pid}
+    ready = {run.run_id: max(r["t"] for r in events if r["run_id"] == run.run_id and r["type"] == "STEP_SUCCESS"
+                             and r["step"] in WEIGHT_STEPS) for run in runs}
     submitted = {(r["run_id"], r["step"]): r["t"] for r in events if r["type"] == "ENGINE_EVENT" and r["message"].startswith("Submitting celery task")}
     waited = sorted(
         {f"{r['run_id'][:8]}:{r['step']}" for r in starts if r["step"] in COMPUTE_STEPS
@@ -183,7 +192,7 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     reference, cluster = TableStore(reference_dir), TableStore(data)
     compared, rows, identical_bytes = 0, 0, 0
     for table_dir in sorted(p for p in reference.tables_dir.iterdir() if p.is_dir()):
-        for key in keys:
+        for key in [*keys, "planted-gemma"]:  # the partitions' tables and the release's (claim_statistics)
             ref_file = reference.file(table_dir.name, key)
             if not ref_file.exists():
                 continue
@@ -199,6 +208,12 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     assert len(exports) == len(keys)
     for rel in exports:
         assert json.loads((data / rel).read_text()) == json.loads((Path(reference_dir) / rel).read_text()), rel
+    report = Path("reports") / "planted-gemma"
+    drawn = sorted(p.name for p in (data / report).glob("*.png"))
+    assert drawn == sorted(p.name for p in (reference_dir / report).glob("*.png")) and drawn
+    assert (data / report / "report.md").read_text() == (reference_dir / report / "report.md").read_text()
+    logs = [*full_run_logs.values(), *worker_logs.values()]
+    assert not [log[:200] for log in logs if "PickledObjectFilesystemIOManager" in log]
 
     timings["total"] = time.monotonic() - t0
     summary = {

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.profiles import SCORE_KINDS, depth_profile, feature_participation, null_z, participation
+from core.profiles import SCORE_KINDS, circuit_values, depth_profile, feature_participation, null_z, participation
 from core.statistics import (
     auroc,
     layer_bootstrap,
@@ -172,3 +172,27 @@ def test_scores_do_not_move_when_a_circuit_is_rescaled():
     a, b = participation(base), participation(scaled)
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-9, atol=1e-9)
     assert (a["participates"] == b["participates"]).all()
+
+
+def test_the_default_circuit_set_is_what_participation_reads_and_all_adds_only_unread_rows(tmp_path):
+    """``circuit_set="used"`` computes exactly the circuit kinds ``SCORE_KINDS`` reads; ``"all"`` adds the
+    decoder-side ``ov`` rows and leaves every class and participation score unchanged."""
+    from core.stages import EngineSettings, circuit_stage
+    from tests.core_chain import random_model, random_sae
+
+    checkpoint = random_model("gemma2", 3, tmp_path)
+    sae = random_sae(checkpoint.geometry.d_model, 32, 3)
+    ids = {"release": "r", "sae_id": "s", "layer": 2}
+    runs = {name: circuit_stage(sae, checkpoint, "r:s", 2, 16, EngineSettings(), "adjacent", name)
+            for name in ("used", "all")}
+    kinds = {name: set(out.circuit_stats["kind"]) for name, out in runs.items()}
+    read = {kind for phase_kinds in SCORE_KINDS.values() for kind in phase_kinds} - {"ov_write_norm"}
+    assert kinds == {"used": read, "all": read | {"ov"}}
+    assert runs["all"].n_circuits == runs["used"].n_circuits * 4 // 3  # one more kind beside the three read
+
+    def scores(out):
+        return participation(circuit_values(out.circuit_stats.assign(**ids), out.head_writes.assign(**ids)))
+
+    used, every = (scores(out) for out in runs.values())
+    assert len(used) and used["participates"].notna().all()
+    pd.testing.assert_frame_equal(used, every)

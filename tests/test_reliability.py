@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.circuits import all_circuits, paired_layers
+from core.circuits import CIRCUIT_SETS, all_circuits, paired_layers
 from core.discovery import discover_saes, fetch_model
 from core.hub import Hub
 from core.registry import parse_key
@@ -411,7 +411,8 @@ def expected_rows(planted_cache: Path, key: str) -> dict[str, int]:
     ref = parse_key(key)
     d_sae = int(re.search(r"width_(\d+)", ref.sae_id).group(1))
     _, checkpoint = fetch_model(RELEASE, Hub(cache_dir=planted_cache, offline=True))
-    circuits = len(all_circuits(checkpoint.geometry, paired_layers(ref.layer, checkpoint.geometry.n_layers)))
+    circuits = len(all_circuits(checkpoint.geometry, paired_layers(ref.layer, checkpoint.geometry.n_layers),
+                                CIRCUIT_SETS["used"]))
     lens = 2 * (d_sae + COMPUTE["null_directions"])  # features, their control, the isotropic and the matched null
     return {
         "sae_features": d_sae,

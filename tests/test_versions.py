@@ -52,7 +52,7 @@ EDITS: dict[str, tuple[str, str | None, str, set[str]]] = {
 # the ComputeResource fields hashed into each asset's code version (every other asset: none)
 SETTINGS = {
     "lens_tables": ["dtype", "null_directions", "top_k"],
-    "circuit_tables": ["circuit_layers", "circuit_null_directions", "dtype", "top_k"],
+    "circuit_tables": ["circuit_layers", "circuit_null_directions", "circuit_set", "dtype", "top_k"],
     "feature_classes": ["top_k"],
 }
 
