@@ -248,9 +248,10 @@ def circuit_operands(features: Tensor, circuit: Circuit, operands: VocabOperands
 
 
 def circuit_scores(features: Tensor, circuit: Circuit, operands: VocabOperands) -> Tensor:
-    """The full (n_feat, vocab) score matrix of ``circuit`` — for small shapes (tests, inspection) only."""
+    """The full (n_feat, vocab) score matrix of ``circuit``, on the CPU — for small shapes (tests, inspection)
+    only."""
     left, right, cap = circuit_operands(features, circuit, operands)
-    return softcap(left @ right.T, cap)
+    return softcap(left @ right.T, cap).cpu()
 
 
 def circuit_stats(

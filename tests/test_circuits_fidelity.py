@@ -38,6 +38,7 @@ from core.circuits import (
 )
 from core.engine import RowStats
 from core.model_weights import ModelCheckpoint
+from tests.device import DEVICE
 
 TINY = dict(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -72,7 +73,7 @@ def tiny(request, tmp_path_factory):
     ckpt = ModelCheckpoint(path)
     features = torch.randn(N_FEAT, 64, generator=torch.Generator().manual_seed(1))
     features /= features.norm(dim=1, keepdim=True)
-    return model, ckpt, VocabOperands(ckpt, "cpu"), features
+    return model, ckpt, VocabOperands(ckpt, DEVICE), features
 
 
 def token_vectors(model, phase: str) -> torch.Tensor:
@@ -253,7 +254,7 @@ def test_input_lens_equals_embedding_module(tiny):
     model, ckpt, _, features = tiny
     with torch.no_grad():
         expected = features @ token_vectors(model, "encoder_embedding").T
-    assert_stats_match(input_lens(features, ckpt, k=K, device="cpu"), expected)
+    assert_stats_match(input_lens(features, ckpt, k=K, device=DEVICE), expected)
 
 
 def test_stats_do_not_depend_on_the_memory_budget(tiny):
@@ -294,7 +295,7 @@ def test_all_circuits_and_operand_reuse(tiny):
     assert len(set(circuits)) == len(circuits) == per_layer_head * g.n_layers * g.n_heads
     paired = all_circuits(g, paired_layers(0, g.n_layers))
     assert {(c.phase, c.layer) for c in paired} == {("encoder_embedding", 0), ("decoder_unembedding", 1)}
-    operands, seen = VocabOperands(ckpt, "cpu"), {}
+    operands, seen = VocabOperands(ckpt, DEVICE), {}
     for c in circuits:
         key = {"qk_feature_query": ("k", c.phase, c.layer, g.kv_head(c.head)),
                "qk_feature_key": ("q", c.phase, c.layer, c.head), "ov": ("u", c.layer, c.head),

@@ -27,6 +27,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from core.circuits import Circuit, VocabOperands, circuit_scores, input_lens
 from core.model_weights import INDEX_FILE, ModelCheckpoint, ModelGeometry
 from core.output_lens import output_lens
+from tests.device import DEVICE
 from tests.test_circuits_fidelity import assert_ov_circuits_match, assert_qk_circuits_match, assert_stats_match
 
 TINY = dict(
@@ -64,7 +65,7 @@ def tiny(request, tmp_path_factory):
     ckpt = ModelCheckpoint(path)
     features = torch.randn(N_FEAT, 64, generator=torch.Generator().manual_seed(1))
     features /= features.norm(dim=1, keepdim=True)
-    return model, ckpt, VocabOperands(ckpt, "cpu"), features
+    return model, ckpt, VocabOperands(ckpt, DEVICE), features
 
 
 def test_geometry_reads_the_gemma3_config(tiny):
@@ -111,7 +112,7 @@ def test_qk_norm_is_not_optional(tiny):
     model, ckpt, operands, features = tiny
     circuit = Circuit("encoder_embedding", "qk_feature_query", 0, 0)
     with_norm = circuit_scores(features, circuit, operands)
-    bare = VocabOperands(ckpt, "cpu")
+    bare = VocabOperands(ckpt, DEVICE)
     bare._layer = (0, ckpt.attention(0).__class__(**{**vars(ckpt.attention(0)), "q_norm_gain": None,
                                                       "k_norm_gain": None}))
     assert not torch.allclose(circuit_scores(features, circuit, bare), with_norm, rtol=1e-2)
@@ -125,7 +126,7 @@ def test_input_lens_equals_scaled_embedding_module(tiny):
     model, ckpt, _, features = tiny
     with torch.no_grad():
         expected = features @ model.model.embed_tokens(torch.arange(model.config.vocab_size)).T
-    assert_stats_match(input_lens(features, ckpt, k=K, device="cpu"), expected)
+    assert_stats_match(input_lens(features, ckpt, k=K, device=DEVICE), expected)
 
 
 def test_sliding_window_never_masks_distance_zero(tiny):
@@ -162,7 +163,7 @@ def test_multimodal_wrapper_layout_reads_the_same_geometry(tiny, tmp_path):
     assert set(ModelCheckpoint.needed_tensors(wrapped.geometry)) <= set(wrapped.weight_map)
     torch.testing.assert_close(output_lens(features, wrapped, k=K).top_values, output_lens(features, ckpt, k=K).top_values)
     circuit = Circuit("encoder_embedding", "qk_feature_key", 2, 3)
-    torch.testing.assert_close(circuit_scores(features, circuit, VocabOperands(wrapped, "cpu")),
+    torch.testing.assert_close(circuit_scores(features, circuit, VocabOperands(wrapped, DEVICE)),
                                circuit_scores(features, circuit, operands))
 
 
