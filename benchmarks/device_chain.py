@@ -1,5 +1,6 @@
-"""The asset chain on one planted partition on a device, compared table by table with the same partition on
-the CPU (``benchmarks/gpu_check.sh``, step 3).
+"""The asset chain on one planted partition on a device and in a precision, compared table by table with the
+same partition in float32 on the CPU (``benchmarks/gpu_check.sh``, step 3; ``--device cpu --dtype bfloat16``
+measures what bf16 changes).
 
 Run: .venv/bin/python benchmarks/device_chain.py --device cuda [--dtype float32] [--null-directions 512] [--out DIR]
 
@@ -62,18 +63,20 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp())
     cache = out / "hf-cache"
     generate(RELEASE, cache, layers=[0])
-    seconds = {device: run_chain(cache, out / device, device, args.dtype, args.null_directions)
-               for device in dict.fromkeys([args.device, "cpu"])}
-    stores = {device: TableStore(out / device) for device in seconds}
+    subject, reference = (args.device, args.dtype), ("cpu", "float32")
+    seconds = {run: run_chain(cache, out / "-".join(run), *run, args.null_directions)
+               for run in dict.fromkeys([subject, reference])}
+    stores = {run: TableStore(out / "-".join(run)) for run in seconds}
+    print(f"{'/'.join(subject)} against {'/'.join(reference)}")
     print(f"{'table':20} {'rows':>7} {'max rel diff':>13} {'top ids agree':>14}")
     for table in TABLES:
-        got, ref = (stores[d].read(table, KEY) for d in (args.device, "cpu"))
+        got, ref = (stores[run].read(table, KEY) for run in (subject, reference))
         r = compare(got, ref)
         print(f"{table:20} {r['rows']:7d} {r['max_rel_diff']:13.2e} {r['top_ids_agree']:14.4f}")
-    got, ref = (stores[d].read("feature_classes", KEY) for d in (args.device, "cpu"))
+    got, ref = (stores[run].read("feature_classes", KEY) for run in (subject, reference))
     same = {c: float((got[c] == ref[c]).mean()) for c in ("output_predicting", "semantic")}
     print("classes agree: " + ", ".join(f"{c} {v:.4f}" for c, v in same.items()))
-    print("seconds: " + ", ".join(f"{d} {s:.1f}" for d, s in seconds.items()))
+    print("seconds: " + ", ".join(f"{'/'.join(run)} {s:.1f}" for run, s in seconds.items()))
 
 
 if __name__ == "__main__":
