@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import glob
 import importlib
+import importlib.util
 import os
 import pwd
 import secrets
@@ -59,6 +60,14 @@ def _run(command: list[str], what: str, timeout: float = 600, env: dict[str, str
         tail = (done.stdout + done.stderr)[-3000:]
         raise ClusterSetupError(f"{what}: {' '.join(command)} exited {done.returncode}:\n{tail}")
     return done.stdout
+
+
+def missing_prerequisites() -> list[str]:
+    """What ``install`` would install: Debian packages without their binaries, and the cluster extra's modules
+    that cannot be imported."""
+    packages = [pkg for pkg, present in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server")))
+                if not present]
+    return packages + [name for name in CLUSTER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def ensure_debian_packages() -> list[str]:
@@ -329,7 +338,14 @@ def main(argv: list[str] | None = None) -> None:
     up = sub.add_parser("up", help="start PostgreSQL, Redis and Celery workers on 127.0.0.1 until Ctrl-C")
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--dir", default=None, help="where DAGSTER_HOME and logs go (default: a new temp dir)")
+    sub.add_parser("install", help="install what the cluster needs (apt: postgresql, redis-server; pip: .[cluster])")
     args = parser.parse_args(argv)
+    if args.command == "install":
+        installed = ensure_debian_packages()
+        extra = ensure_cluster_extra()
+        print(f"cluster prerequisites present (installed: {', '.join(installed) or 'no packages'}"
+              f"{', the cluster extra' if extra else ''})")
+        return
 
     def interrupt(*_):
         raise KeyboardInterrupt
