@@ -42,6 +42,7 @@ import pytest
 import yaml
 
 from core.storage import TableStore
+from orchestration.jobs import REPORT_ASSETS, SAE_ASSETS
 from scripts.local_cluster import celery_workers, init_instance, missing_prerequisites, postgres, redis
 from tests.planted_chain import chain_resources, materialise_planted
 
@@ -143,7 +144,7 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     orchestrator_pid = {r["run_id"]: r["pid"] for r in events if r["type"] == RUN_START}
     starts = [r for r in events if r["type"] == "STEP_START"]
     report_steps = [r for r in starts if r["run_id"] == report_run.run_id]
-    assert len(starts) - len(report_steps) == 5 * len(keys) and len(report_steps) == 7  # statistics, 5 plots, report
+    assert len(starts) - len(report_steps) == len(SAE_ASSETS) * len(keys) and len(report_steps) == len(REPORT_ASSETS)
     assert all(r["pid"] != orchestrator_pid[r["run_id"]] for r in starts)
     handed = [r for r in events if r["type"] == "ENGINE_EVENT" and "Celery worker" in r["metadata"]]  # the worker's "Executing steps"
     steps_by_worker = defaultdict(list)
