@@ -86,7 +86,8 @@ def lens_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], 
 
 @dataclass(frozen=True)
 class CircuitTables:
-    """``circuit_stats`` (engine summaries per direction × circuit) and ``head_writes`` (write norms)."""
+    """``circuit_stats`` (engine summaries per direction × circuit; empty when they went to a sink) and
+    ``head_writes`` (write norms)."""
 
     circuit_stats: pd.DataFrame
     head_writes: pd.DataFrame
@@ -95,9 +96,12 @@ class CircuitTables:
 
 def circuit_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, key: str, sae_layer: int, n_null: int,
                   settings: EngineSettings, scope: str = "adjacent", circuit_set: str = "used",
-                  progress: Callable[[int, int], None] | None = None) -> CircuitTables:
+                  progress: Callable[[int, int], None] | None = None,
+                  sink: Callable[[pd.DataFrame], None] | None = None) -> CircuitTables:
     """The circuits of ``core.circuits.CIRCUIT_SETS[circuit_set]`` at the layers ``paired_layers(sae_layer, …,
-    scope)`` for every sample, and the decoder directions' write norms at the reader layers."""
+    scope)`` for every sample, and the decoder directions' write norms at the reader layers. With ``sink``,
+    each circuit's ``circuit_stats`` rows (all samples) are handed to it as soon as they exist and not kept
+    (``TableStore.appender`` streams them to disk), so memory does not grow with the number of circuits."""
     directions = sample_directions(sae, key, n_null)
     geometry = checkpoint.geometry
     layers = paired_layers(sae_layer, geometry.n_layers, scope)
@@ -105,12 +109,16 @@ def circuit_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, key: str, sae_la
     if circuit_set not in CIRCUIT_SETS:
         raise ValueError(f"circuit set {circuit_set!r} is not one of {sorted(CIRCUIT_SETS)}")
     circuits = all_circuits(geometry, layers, CIRCUIT_SETS[circuit_set])
-    frames = []
+    frames: list[pd.DataFrame] = []
     for i, circuit in enumerate(circuits, 1):
-        for sample in SAMPLES:
-            stats = circuit_stats(directions[sample][circuit.phase], circuit, operands, k=settings.k,
-                                  compute_dtype=settings.compute_dtype)
-            frames.append(circuit_frame(stats, circuit, geometry).assign(sample=sample))
+        rows = pd.concat([circuit_frame(circuit_stats(directions[sample][circuit.phase], circuit, operands,
+                                                      k=settings.k, compute_dtype=settings.compute_dtype),
+                                        circuit, geometry).assign(sample=sample) for sample in SAMPLES],
+                         ignore_index=True)
+        if sink is None:
+            frames.append(rows)
+        else:
+            sink(rows)
         if progress is not None:
             progress(i, len(circuits))
     writes = [head_write_frame({s: ov_write_norms(directions[s]["decoder_unembedding"], layer, operands).numpy()

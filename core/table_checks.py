@@ -17,14 +17,42 @@ class Check:
 
 def rows_match(name: str, frame: pd.DataFrame, expected: int) -> Check:
     """The table has exactly ``expected`` rows (e.g. one per feature × side × rank)."""
-    return Check(name, len(frame) == expected, f"{len(frame)} rows, expected {expected}")
+    return _count_check(name, len(frame), expected)
+
+
+def _count_check(name: str, rows: int, expected: int) -> Check:
+    return Check(name, rows == expected, f"{rows} rows, expected {expected}")
 
 
 def finite(name: str, frame: pd.DataFrame, columns: list[str]) -> Check:
     """No NaN/Inf in the numeric ``columns``."""
-    bad = {c: int((~np.isfinite(frame[c].to_numpy(dtype=np.float64))).sum()) for c in columns}
-    bad = {c: n for c, n in bad.items() if n}
-    return Check(name, not bad, f"non-finite values: {bad}" if bad else f"all finite in {len(columns)} columns")
+    tally = RowTally(columns)
+    tally.add(frame)
+    return tally.finite(name)
+
+
+class RowTally:
+    """``rows_match`` and ``finite`` for a table whose rows pass by in parts (streamed to disk, never held
+    whole): ``add`` each part, then ask for the checks."""
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = columns
+        self.rows = 0
+        self.bad = dict.fromkeys(columns, 0)
+
+    def add(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Count the part's rows and non-finite values; returns it unchanged."""
+        self.rows += len(frame)
+        for c in self.columns:
+            self.bad[c] += int((~np.isfinite(frame[c].to_numpy(dtype=np.float64))).sum())
+        return frame
+
+    def rows_match(self, name: str, expected: int) -> Check:
+        return _count_check(name, self.rows, expected)
+
+    def finite(self, name: str) -> Check:
+        bad = {c: n for c, n in self.bad.items() if n}
+        return Check(name, not bad, f"non-finite values: {bad}" if bad else f"all finite in {len(self.columns)} columns")
 
 
 def ids_in_range(name: str, frame: pd.DataFrame, column: str, upper: int) -> Check:
