@@ -4,15 +4,16 @@ import time
 
 import dagster as dg
 
-from assets.common import check_results, check_specs, sae_of, store_table
+from assets.common import check_results, check_specs, sae_of, store_table, stored_table_metadata
 from core.discovery import fetch_model, fetch_sae
 from core.frames import SUMMARY_COLUMNS, with_sae
 from core.model_weights import TOKENIZER_FILE
-from core.neuronpedia import dashboard_frame, raw_top_logits, write_json_export
+from core.neuronpedia import (NeuronpediaSource, dashboard_frame, dashboard_tokens, dashboard_top_logits,
+                              write_json_export)
 from core.registry import SaeRef, get_release
 from core.sae_formats import FORMATS
 from core.stages import LENS_SIDES, circuit_stage, lens_stage
-from core.table_checks import Check, combined, finite, ids_in_range, rows_match
+from core.table_checks import Check, RowTally, combined, finite, ids_in_range, rows_match
 from core.semantic import CANDIDATES
 from core.vocab import vocabulary_table
 from orchestration.partitions import sae_partitions
@@ -86,13 +87,17 @@ def lens_tables(
         )
         parts["values_finite"] += [finite(f"{lens} tokens", token_rows, ["value"]), finite(f"{lens} stats", stats, STAT_COLUMNS)]
         parts["token_ids_in_vocab"].append(ids_in_range(lens, token_rows, "token_id", checkpoint.geometry.vocab_size))
-    engine_args = dict(compute_dtype=engine.compute_dtype, device=engine.device)
-    dashboard = with_sae(dashboard_frame(raw_top_logits(sae.W_dec, checkpoint.unembedding(), **engine_args), tokens), ref)
+    dashboard_vocab = dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
+    dashboard = with_sae(dashboard_frame(dashboard_top_logits(sae, checkpoint, engine.device), dashboard_vocab), ref)
     metadata |= store_table(store, "neuronpedia_top_logits", ref.key, dashboard)
     parts["one_row_per_feature_side_rank"].append(rows_match("neuronpedia", dashboard, sae.d_sae))
     parts["values_finite"].append(finite("neuronpedia", dashboard.explode(["pos_values", "neg_values"]), ["pos_values", "neg_values"]))
+    source = NeuronpediaSource.of(ref, get_release(ref.release))
     metadata["neuronpedia_top_logits/json"] = dg.MetadataValue.path(
-        str(write_json_export(dashboard, store.artifacts("exports") / "neuronpedia" / ref.release, ref.sae_id))
+        str(write_json_export(dashboard, source, store.artifacts("exports") / "neuronpedia" / ref.release, ref.sae_id))
+    )
+    metadata["neuronpedia_top_logits/neuronpedia_id"] = dg.MetadataValue.text(
+        ref.neuronpedia or f"none in the registry: SAEDashboard defaults {source}"
     )
     metadata |= {"device": dg.MetadataValue.text(engine.device), "dtype": dg.MetadataValue.text(compute.dtype)}
     checks = [combined(name, found) for name, found in parts.items()]
@@ -121,14 +126,13 @@ def circuit_tables(
         if i % 24 == 0:
             context.log.info(f"circuits {ref.key}: {i}/{n}")
 
-    out = circuit_stage(sae, checkpoint, ref.key, ref.layer, n_null, compute.engine(), compute.circuit_layers,
-                        compute.circuit_set, progress)
-    table = out.circuit_stats
-    checks = [
-        rows_match(CIRCUIT_CHECKS[0], table, (2 * sae.d_sae + n_null) * out.n_circuits),
-        finite(CIRCUIT_CHECKS[1], table, STAT_COLUMNS) if len(table) else Check(CIRCUIT_CHECKS[1], True, "no circuits"),
-    ]
-    metadata = store_table(store, "circuit_stats", ref.key, with_sae(table, ref))
+    tally = RowTally(STAT_COLUMNS)
+    with store.tables().appender("circuit_stats", ref.key) as append:  # each circuit's rows to disk as they come
+        out = circuit_stage(sae, checkpoint, ref.key, ref.layer, n_null, compute.engine(), compute.circuit_layers,
+                            compute.circuit_set, progress, sink=lambda rows: append(tally.add(with_sae(rows, ref))))
+    checks = [tally.rows_match(CIRCUIT_CHECKS[0], (2 * sae.d_sae + n_null) * out.n_circuits),
+              tally.finite(CIRCUIT_CHECKS[1])]
+    metadata = stored_table_metadata(store, "circuit_stats", store.tables().file("circuit_stats", ref.key), tally.rows)
     metadata |= store_table(store, "head_writes", ref.key, with_sae(out.head_writes, ref))
     metadata |= {
         "circuits": dg.MetadataValue.int(out.n_circuits),

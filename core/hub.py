@@ -4,6 +4,14 @@ Downloads go through ``huggingface_hub.snapshot_download`` with ``allow_patterns
 named are fetched. The token comes from ``HF_TOKEN`` or ``hf auth login`` (huggingface_hub reads it;
 this module never touches or logs it). Offline — ``HF_HUB_OFFLINE=1`` or ``offline=True`` — the same
 calls read the cache only (``local_files_only``), which is how the planted releases and the tests work.
+
+Two caches: the hub cache (``cache_dir``; None = huggingface_hub's own, shared with every other tool, so
+weights a user already has are not downloaded again) and, optionally, a cache for the planted releases
+(``planted_cache_dir``), which ``core.planted`` generates and which exist on no hub. Keeping them apart
+means the hub cache never has to be pointed at a project directory — which would hide the user's own
+cache — to find them. Only the repositories in ``planted_repos`` are ever read from the planted cache,
+and only when the hub cache does not hold them: a cache the caller filled with them itself (a test's,
+or ``python -m core.planted --cache-dir`` pointed at the hub cache) is read as before.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     LocalEntryNotFoundError,
@@ -24,6 +32,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 
 from core.errors import HubError
+from core.hub_cache import repo_cache_dir
 
 
 def offline_from_env() -> bool:
@@ -50,14 +59,38 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Hub:
-    """Where and how to fetch: a cache directory (None = huggingface_hub's default) and online/offline."""
+    """Where and how to fetch: a cache directory (None = huggingface_hub's default), online/offline, and
+    where the planted releases' repositories are when the cache directory lacks them."""
 
     cache_dir: Path | None = None
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
+    planted_cache_dir: Path | None = None
+    planted_repos: frozenset[str] = frozenset()
 
     @property
     def is_offline(self) -> bool:
         return offline_from_env() if self.offline is None else self.offline
+
+    def cache_for(self, repo_id: str) -> Path | None:
+        """The cache ``repo_id`` is read from and downloaded into (None = huggingface_hub's default): the hub
+        cache, except for a planted repository it does not hold, which comes from the planted cache."""
+        if not self._from_planted_cache(repo_id):
+            return self.cache_dir
+        hub_cache = self.cache_dir or Path(constants.HF_HUB_CACHE)
+        return self.cache_dir if repo_cache_dir(hub_cache, repo_id).is_dir() else self.planted_cache_dir
+
+    def _from_planted_cache(self, repo_id: str) -> bool:
+        """Whether ``repo_id`` may be read from the planted cache (a planted repository, and one is set)."""
+        return repo_id in self.planted_repos and self.planted_cache_dir is not None
+
+    def _not_cached(self, repo_id: str) -> str:
+        """Where a missing repository was looked for, and how to get it there."""
+        planted = self._from_planted_cache(repo_id)
+        also = f" nor in the planted releases' cache {self.planted_cache_dir}" if planted else ""
+        into = f" --cache-dir {self.planted_cache_dir}" if planted else ""
+        return (f"is not in {self.cache_dir or 'the default hub cache'}{also} and the hub is not reachable or "
+                "offline mode is on (HF_HUB_OFFLINE=1). Download it once online, or for the planted releases run "
+                f"`python -m core.planted{into}`")
 
     def fetch(self, repo_id: str, patterns: list[str], revision: str | None = None) -> Snapshot:
         """Download (or, offline, find in the cache) the files of ``repo_id`` matching ``patterns``.
@@ -65,13 +98,12 @@ class Hub:
         Raises HubError with an actionable message for a missing cache entry offline, a gated or
         unknown repository and an unknown revision.
         """
-        where = self.cache_dir or "the default hub cache"
         try:
             root = snapshot_download(
                 repo_id,
                 revision=revision,
                 allow_patterns=patterns,
-                cache_dir=self.cache_dir,
+                cache_dir=self.cache_for(repo_id),
                 local_files_only=self.is_offline,
             )
         except GatedRepoError as exc:
@@ -84,11 +116,7 @@ class Hub:
         except RepositoryNotFoundError as exc:
             raise HubError(f"{repo_id}: repository not found (or private without a token)") from exc
         except LocalEntryNotFoundError as exc:
-            raise HubError(
-                f"{repo_id} (revision {revision or 'main'}) is not in {where} and the hub is not "
-                "reachable or offline mode is on (HF_HUB_OFFLINE=1). Download it once online, or for the "
-                "planted releases run `python -m core.planted`."
-            ) from exc
+            raise HubError(f"{repo_id} (revision {revision or 'main'}) {self._not_cached(repo_id)}.") from exc
         snapshot = Snapshot(repo_id=repo_id, revision=Path(root).name, root=Path(root))
         missing = [p for p in patterns if "*" not in p and not snapshot.path(p).is_file()]
         if missing:

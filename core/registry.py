@@ -47,6 +47,7 @@ class SaeRef:
     layer: int
     width: str | None = None
     l0: int | None = None
+    neuronpedia: str | None = None  # Neuronpedia's id "{model}/{layer}-{set}[__{suffix}]"; None if unknown
 
     @property
     def key(self) -> str:
@@ -80,12 +81,14 @@ class Canonical:
     """A release's SAELens ``-canonical`` alias (the ``canonical`` block of ``releases.yaml``).
 
     ``release`` is the alias release id, ``sae_id`` its SAE id pattern (``{layer}`` and ``{width}``, no
-    L0), and ``l0[width][layer]`` the L0 of the base release's folder each alias id stands for.
+    L0), ``l0[width][layer]`` the L0 of the base release's folder each alias id stands for, and
+    ``neuronpedia`` (optional) the Neuronpedia id pattern of those SAEs (``{layer}``, ``{width}``).
     """
 
     release: str
     sae_id: str
     l0: dict[str, dict[int, int]] = field(compare=False, hash=False)
+    neuronpedia: str | None = None
 
     @classmethod
     def from_yaml(cls, raw: dict[str, Any]) -> Canonical:
@@ -114,6 +117,13 @@ class Canonical:
                            f"Canonical SAEs: {known}.")
         return {**fields, "l0": str(l0)}
 
+    def neuronpedia_id(self, fields: dict[str, str]) -> str | None:
+        """The Neuronpedia id of the SAE with these fields when it is this alias' canonical one, else None."""
+        layer, l0 = int(fields["layer"]), fields.get("l0")
+        if self.neuronpedia is None or l0 is None or self.l0.get(fields["width"], {}).get(layer) != int(l0):
+            return None
+        return self.neuronpedia.format(**fields)
+
 
 @dataclass(frozen=True)
 class Release:
@@ -130,6 +140,7 @@ class Release:
     aliases: tuple[str, ...] = ()
     track: bool = False
     canonical: Canonical | None = None
+    neuronpedia: str | None = None
     planted: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:  # a canonical table may only name the model's layers
@@ -191,7 +202,15 @@ class Release:
             layer=layer,
             width=fields.get("width"),
             l0=int(fields["l0"]) if "l0" in fields else None,
+            neuronpedia=self.neuronpedia_id(fields),
         )
+
+    def neuronpedia_id(self, fields: dict[str, str]) -> str | None:
+        """The SAE's Neuronpedia id: the canonical alias' pattern when the SAE is the canonical one (Neuronpedia
+        hosts those under the alias' set, e.g. ``gemma-2-2b/12-gemmascope-res-16k``), else the release's pattern
+        (``gemma-2-2b/12-gemmascope-res-16k__l0-176``); None when the release has none."""
+        canonical = self.canonical.neuronpedia_id(fields) if self.canonical else None
+        return canonical or (self.neuronpedia.format(**fields) if self.neuronpedia else None)
 
 
 @cache

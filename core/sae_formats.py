@@ -3,8 +3,9 @@
 Conventions of ``SaeWeights`` (SAELens' ``W_enc``/``W_dec`` orientation), whatever the file layout:
 ``W_enc (d_model, d_sae)``, ``W_dec (d_sae, d_model)``, ``b_enc (d_sae)``, ``b_dec (d_model)``,
 ``threshold (d_sae)`` (JumpReLU: feature i fires when ``x·W_enc[:, i] + b_enc[i] > threshold[i]``), all
-float32 on CPU. The decoder keeps its raw row norms — unit directions go to the interaction math and the
-norms to the magnitude analysis.
+float32 on CPU, in model units (x is the raw residual stream; SAELens' tensors after ``from_pretrained``). The
+decoder keeps its row norms (not normalised to 1) — unit directions go to the interaction math and the norms to the
+magnitude analysis.
 
 Formats:
 - Gemma Scope (``google/gemma-scope-*``): ``params.npz`` with exactly those five float32 arrays, decoder
@@ -16,10 +17,30 @@ Formats:
   input normalisation, ``apply_b_dec_to_input: False``). Transcoder folders add ``affine_skip_connection``, which
   is not read. The stored dtype is not pinned here (SAELens casts to float32); any float dtype is accepted.
 - Llama Scope (``fnlp/Llama3_1-8B-Base-L*``): ``checkpoints/final.safetensors`` (bf16, PyTorch Linear
-  layout ``encoder.weight [d_sae, d_model]``, ``decoder.weight [d_model, d_sae]``) and
-  ``hyperparams.json``. Inputs are scaled by ``s = sqrt(d_model) / dataset_average_activation_norm.in``
-  before encoding (``norm_activation: dataset-wise``); that scale is folded into ``W_enc`` so the encoder
-  reads the raw residual stream, and the scalar ``jump_relu_threshold`` becomes a per-feature vector.
+  layout ``encoder.weight [d_sae, d_model]``, ``decoder.weight [d_model, d_sae]``) and ``hyperparams.json``.
+  The SAE was trained on inputs scaled by ``s = sqrt(d_model) / dataset_average_activation_norm["in"]``
+  (``norm_activation: dataset-wise``: OpenMOSS lm_saes' ``compute_norm_factor``). Read in SAELens' convention, so
+  every tensor is in model (residual-stream) units::
+
+      W_enc = encoder.weightᵀ · s      b_enc = encoder.bias
+      W_dec = decoder.weightᵀ / s      b_dec = decoder.bias / s      threshold = jump_relu_threshold · s (all features)
+
+  Source (decoderesearch/SAELens, checked in sae-lens 6.54.12): ``SAE.fold_activation_norm_scaling_factor(s)``
+  (``sae_lens/saes/sae.py``: ``W_enc *= s; W_dec /= s; b_dec /= s``), which ``SAE.from_pretrained`` applies to
+  Llama Scope SAEs (their config reader sets ``normalize_activations: expected_average_only_in``; s is the
+  ``norm_scaling_factor`` listed per SAE in ``pretrained_saes.yaml``), and ``get_llama_scope_config_from_hf``
+  (``sae_lens/loading/pretrained_sae_loaders.py``), which sets the scalar threshold to ``jump_relu_threshold · s``
+  with s from hyperparams.json (decoderesearch/SAELens PR 483, "Fix abnormally large llamascope L0", by Hzfinfdu, a
+  Llama Scope author: an empirical fix for too-large L0s, the cause left unidentified there). So the encoder reads the
+  raw residual stream, ``x·W_enc + b_enc`` is the trained pre-activation of ``s·x``, and ``W_dec`` rows (file norms
+  ≈ 1.5, so ≈ 1.5/s here) map feature activations back into the residual stream: decoder norms are in model units,
+  comparable across layers and with other releases. SAELens reads no ``norm_activation`` (its config reader needs
+  ``dataset_average_activation_norm`` and always scales the threshold); here s is applied only when
+  ``norm_activation`` is ``dataset-wise`` and is 1 otherwise (lm_saes sets ``inference`` once its
+  ``standardize_parameters_of_dataset_norm`` has folded s itself). Real Llama Scope files are dataset-wise, so the
+  two agree on them. ``sparsity_include_decoder_norm: true`` (lm_saes gates on ``hidden_pre · ||decoder row|| >
+  jump_relu_threshold``) is read by neither: SAELens ignores it and so does this reader — the threshold is SAELens'
+  scalar, kept for comparison with SAELens and Neuronpedia; no weight-only statistic here reads it.
 """
 
 from __future__ import annotations
@@ -86,6 +107,22 @@ class SaeFormat(Protocol):
         ...
 
 
+FINITE_CHUNK_ELEMENTS = 1 << 20  # elements per finiteness pass: 4 MiB of float32
+
+
+def nonfinite_count(t: torch.Tensor, chunk_elements: int = FINITE_CHUNK_ELEMENTS) -> int:
+    """Number of NaN/±Inf entries of ``t``, counted block by block along dim 0.
+
+    ``torch.isfinite(x)`` is ``(x == x) * (x.abs() != inf)`` (ATen ``isfinite``): it allocates ``|x|`` and three
+    bool masks, 1.75× a float32 tensor at once. Over blocks of whole rows of about ``chunk_elements`` entries
+    (views, nothing copied) the extra memory is ~1.75 × 4 B × ``chunk_elements`` (7 MiB by default) — or one row's
+    worth when a single row is longer than that.
+    """
+    rows = t.reshape(-1) if t.ndim <= 1 else t
+    per_block = max(1, chunk_elements // max(1, rows[0].numel())) if len(rows) else 1
+    return sum(int((~torch.isfinite(block)).sum()) for block in rows.split(per_block))
+
+
 def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | None = None) -> SaeWeights:
     """Check shapes, dtypes and finiteness of SAELens-oriented tensors; return float32 ``SaeWeights``.
 
@@ -94,7 +131,7 @@ def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | Non
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise WeightFileError(source, f"{name} has dtype {t.dtype}, expected a floating-point type")
-    W_enc, W_dec = tensors["W_enc"], tensors["W_dec"]
+    W_enc = tensors["W_enc"]
     if W_enc.ndim != 2:
         raise WeightFileError(source, f"W_enc must be 2-D (d_model, d_sae), got shape {tuple(W_enc.shape)}")
     dm, ds = W_enc.shape
@@ -108,7 +145,7 @@ def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | Non
         raise WeightFileError(source, f"SAE d_model {dm} does not match the model's hidden size {d_model}")
     out = {name: t.to(torch.float32).contiguous() for name, t in tensors.items()}
     for name, t in out.items():
-        bad = int((~torch.isfinite(t)).sum())
+        bad = nonfinite_count(t)
         if bad:
             raise WeightFileError(source, f"{name} has {bad} NaN/Inf values")
     if bool((out["W_dec"].norm(dim=1) == 0).any()):
@@ -152,7 +189,7 @@ class GemmaScope2Safetensors:
 
 
 class LlamaScopeSafetensors:
-    """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json`` (see module docstring)."""
+    """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json``, in SAELens' convention (module docstring)."""
 
     files = ("checkpoints/final.safetensors", "hyperparams.json")
 
@@ -162,26 +199,40 @@ class LlamaScopeSafetensors:
         try:
             hp_d_model = int(hp["d_model"])
             threshold = float(hp["jump_relu_threshold"])
-            scale = 1.0
-            if hp.get("norm_activation") == "dataset-wise":
-                scale = math.sqrt(hp_d_model) / float(hp["dataset_average_activation_norm"]["in"])
-        except (KeyError, TypeError, ValueError) as exc:
+            s = llama_scope_input_scale(hp)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise WeightFileError(hp_path, f"missing or malformed hyperparameter: {exc!r}") from exc
         names = ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
         raw = {n: t.float() if t.is_floating_point() else t for n, t in read_safetensors(weights_path, names).items()}
         d_sae = raw["encoder.bias"].shape[0] if raw["encoder.bias"].ndim == 1 else -1
-        tensors = {
-            "W_enc": raw["encoder.weight"].T * scale,  # scaled in float32, not in the file's bf16
-            "W_dec": raw["decoder.weight"].T,
+        tensors = {  # scaled in float32 (not in the file's bf16), as SAELens does after its float32 cast
+            "W_enc": raw["encoder.weight"].T * s,
+            "W_dec": raw["decoder.weight"].T / s,
             "b_enc": raw["encoder.bias"],
-            "b_dec": raw["decoder.bias"],
-            "threshold": torch.full((max(d_sae, 0),), threshold),
+            "b_dec": raw["decoder.bias"] / s,
+            "threshold": torch.full((max(d_sae, 0),), threshold * s),
         }
         if hp.get("d_sae") is not None and int(hp["d_sae"]) != d_sae:
             raise WeightFileError(weights_path, f"has d_sae {d_sae} but {hp_path.name} says {hp['d_sae']}")
         if d_model is not None and hp_d_model != d_model:
             raise WeightFileError(hp_path, f"d_model {hp_d_model} does not match the model's hidden size {d_model}")
         return validated(weights_path, tensors, d_model=hp_d_model)
+
+
+def llama_scope_input_scale(hp: dict) -> float:
+    """The input scale s of a Llama Scope SAE (dimensionless): the SAE saw ``s·x`` for a residual vector x.
+
+    ``s = sqrt(d_model) / dataset_average_activation_norm["in"]`` when ``norm_activation`` is ``dataset-wise``
+    (lm_saes' ``compute_norm_factor``; SAELens' ``norm_scaling_factor``, 58.9 at layer 0 to 0.86 at layer 31 of
+    LXR-8x), else 1. Raises KeyError/TypeError/ValueError/ZeroDivisionError on a malformed entry, ValueError on a
+    scale that is not finite and positive (a negative norm would flip every direction).
+    """
+    if hp.get("norm_activation") != "dataset-wise":
+        return 1.0
+    s = math.sqrt(int(hp["d_model"])) / float(hp["dataset_average_activation_norm"]["in"])
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"input scale sqrt(d_model) / dataset_average_activation_norm.in = {s} is not finite and > 0")
+    return s
 
 
 def read_json(path: Path) -> dict:

@@ -10,10 +10,12 @@ import dagster as dg
 import torch
 
 from core.hub import Hub
+from core.registry import load_registry
 from core.stages import EngineSettings
 from core.storage import TableStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PLANTED_CACHE_ENV = "WEIGHTLENS_PLANTED_CACHE"
 
 
 def default_data_dir() -> str:
@@ -23,14 +25,25 @@ def default_data_dir() -> str:
 
 class HubResource(dg.ConfigurableResource):
     """Hugging Face hub access. ``cache_dir`` None = huggingface_hub's default cache (HF_HUB_CACHE /
-    HF_HOME); ``offline`` None = follow HF_HUB_OFFLINE. The token is never part of this config: it is
-    read by huggingface_hub from HF_TOKEN or ``hf auth login``."""
+    HF_HOME), so weights a user already has are not downloaded again; ``offline`` None = follow
+    HF_HUB_OFFLINE; ``planted_cache_dir`` None = ``$WEIGHTLENS_PLANTED_CACHE`` (``scripts/env.sh``:
+    ``<data dir>/planted-hub``, where ``scripts/demo.sh`` generates them): the cache the planted releases are
+    read from when the hub cache lacks them (``core.hub``); unset too, the hub cache only. The token is never
+    part of this config: it is read by huggingface_hub from HF_TOKEN or ``hf auth login``."""
 
     cache_dir: Optional[str] = None
     offline: Optional[bool] = None
+    planted_cache_dir: Optional[str] = None
 
     def client(self) -> Hub:
-        return Hub(cache_dir=Path(self.cache_dir) if self.cache_dir else None, offline=self.offline)
+        planted = self.planted_cache_dir or os.environ.get(PLANTED_CACHE_ENV)
+        return Hub(cache_dir=Path(self.cache_dir) if self.cache_dir else None, offline=self.offline,
+                   planted_cache_dir=Path(planted) if planted else None, planted_repos=planted_repos())
+
+
+def planted_repos() -> frozenset[str]:
+    """The model and SAE repositories of the registry's planted releases (``planted`` in releases.yaml)."""
+    return frozenset(repo for r in load_registry().values() if r.planted for repo in (r.sae_repo, r.model_repo))
 
 
 class StoreResource(dg.ConfigurableResource):

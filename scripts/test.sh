@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 python scripts/local_cluster.py install  # PostgreSQL, Redis, the cluster extra (tests/test_cluster.py)
+python -m pip install --quiet --disable-pip-version-check -c <(echo torch==2.13.0) -e ".[peer]"  # SAELens, TransformerLens
 export HF_HUB_OFFLINE=1
 exec python -m pytest -q "$@"

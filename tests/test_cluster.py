@@ -38,7 +38,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 
 from core.storage import TableStore

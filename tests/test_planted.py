@@ -512,7 +512,7 @@ def test_model_only_structure_is_strong_and_in_no_feature(cache: Path, truths: d
     attn, p = t.data["attention"], t.data["params"]
     config, state = load_model(cache, t.model_repo)
     circ = Circuits(config, state)
-    hd, (lo, hi) = p["head_dim"], attn["rows"]["1"]["model_only"]["rows"]
+    lo, hi = attn["rows"]["1"]["model_only"]["rows"]
     z = []
     for layer in range(1, p["n_layers"]):
         g = circ.gain(f"model.layers.{layer}.input_layernorm.weight")

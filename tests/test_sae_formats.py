@@ -70,18 +70,58 @@ def test_gemma_scope_npz_round_trip(tmp_path):
     assert sae.source.endswith("params.npz")
 
 
-def test_llama_scope_transposes_folds_input_norm_and_keeps_decoder_norms(tmp_path):
+def test_llama_scope_is_read_in_saelens_convention(tmp_path):
+    """W_enc·s, W_dec/s, b_dec/s, threshold θ·s with s = sqrt(d_model) / dataset_average_activation_norm.in
+    (SAELens' fold_activation_norm_scaling_factor + its Llama Scope config reader), computed in float32."""
     tensors, hp = llama_parts(avg_norm=2.0)
     write_llama(tmp_path, tensors, hp)
     sae = FORMATS["llama_scope_safetensors"].read(tmp_path, d_model=D_MODEL)
-    scale = math.sqrt(D_MODEL) / 2.0
-    torch.testing.assert_close(sae.W_enc, tensors["encoder.weight"].float().T * scale)
-    torch.testing.assert_close(sae.W_dec, tensors["decoder.weight"].float().T)
-    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.5))
+    s = math.sqrt(D_MODEL) / 2.0
+    torch.testing.assert_close(sae.W_enc, tensors["encoder.weight"].float().T * s, rtol=0, atol=0)
+    torch.testing.assert_close(sae.W_dec, tensors["decoder.weight"].float().T / s, rtol=0, atol=0)
+    torch.testing.assert_close(sae.b_enc, tensors["encoder.bias"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(sae.b_dec, tensors["decoder.bias"].float() / s, rtol=0, atol=0)
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.5 * s), rtol=0, atol=0)
     assert sae.W_enc.dtype == torch.float32
-    # decoder norms are the raw ones (not 1), directions are unit
+    # decoder norms are in model units (file norms / s, not 1), directions are unit and unchanged by the fold
+    torch.testing.assert_close(sae.decoder_norms, tensors["decoder.weight"].float().norm(dim=0) / s)
     assert not torch.allclose(sae.decoder_norms, torch.ones(D_SAE), atol=0.1)
     torch.testing.assert_close(sae.decoder_directions().norm(dim=1), torch.ones(D_SAE))
+
+
+def test_llama_scope_fold_keeps_the_sae_function_in_model_units(tmp_path):
+    """On a residual vector x the folded SAE has the file SAE's pre-activations on s·x, and its reconstruction is the
+    file SAE's mapped back to model units (lm_saes: x̂ = (W_dec_file f + b_dec_file) / s)."""
+    tensors, hp = llama_parts(avg_norm=5.0)
+    write_llama(tmp_path, tensors, hp)
+    sae = FORMATS["llama_scope_safetensors"].read(tmp_path)
+    s = math.sqrt(D_MODEL) / 5.0
+    raw = {k: v.float() for k, v in tensors.items()}
+    x = torch.randn(16, D_MODEL, generator=torch.Generator().manual_seed(1))
+    pre_file = (s * x) @ raw["encoder.weight"].T + raw["encoder.bias"]
+    torch.testing.assert_close(x @ sae.W_enc + sae.b_enc, pre_file)
+    f = torch.relu(pre_file)
+    torch.testing.assert_close(f @ sae.W_dec + sae.b_dec, (f @ raw["decoder.weight"].T + raw["decoder.bias"]) / s)
+
+
+@pytest.mark.parametrize("norm_activation", ["inference", None])
+def test_llama_scope_without_dataset_wise_norm_is_not_scaled(tmp_path, norm_activation):
+    tensors, hp = llama_parts(avg_norm=2.0)
+    hp = {k: v for k, v in hp.items() if k != "norm_activation"}
+    if norm_activation is not None:
+        hp["norm_activation"] = norm_activation
+    write_llama(tmp_path, tensors, hp)
+    sae = FORMATS["llama_scope_safetensors"].read(tmp_path)
+    torch.testing.assert_close(sae.W_dec, tensors["decoder.weight"].float().T, rtol=0, atol=0)
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("avg_norm", [0.0, -2.0, float("inf")])
+def test_llama_scope_refuses_a_non_positive_input_scale(tmp_path, avg_norm):
+    tensors, hp = llama_parts(avg_norm=avg_norm)
+    write_llama(tmp_path, tensors, hp)
+    with pytest.raises(WeightFileError, match="hyperparams.json: missing or malformed hyperparameter"):
+        FORMATS["llama_scope_safetensors"].read(tmp_path)
 
 
 def test_truncated_npz_names_the_file(tmp_path):
