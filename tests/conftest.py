@@ -8,9 +8,22 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / "data" / "mplconfig"))
+# The tests name every cache they read; a planted cache the user's shell points at (scripts/env.sh) must not make
+# a release "present" that a test expects missing.
+os.environ.pop("WEIGHTLENS_PLANTED_CACHE", None)
 
 from core.planted import generate  # noqa: E402
 from tests.planted_chain import PLANTED, PLANTED_NULL, materialise_planted  # noqa: E402
+
+
+TIERS = ("unit", "chain", "system")  # pyproject.toml [tool.pytest.ini_options] markers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test carries exactly one tier marker (a module's ``pytestmark``), so ``-m unit`` selects a known set."""
+    unmarked = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if unmarked:
+        raise pytest.UsageError(f"tests without exactly one of the markers {TIERS}: {unmarked[:5]}")
 
 
 @pytest.fixture(scope="session")

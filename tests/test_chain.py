@@ -21,6 +21,8 @@ from core.semantic import CANDIDATES
 from orchestration.definitions import SAE_ASSETS, defs
 from tests.planted_chain import PLANTED, chain_resources
 
+pytestmark = pytest.mark.chain
+
 
 def truth(cache: Path, release_id: str) -> dict:
     repo = get_release(release_id).sae_repo.replace("/", "--")

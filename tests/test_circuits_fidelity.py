@@ -40,6 +40,8 @@ from core.engine import RowStats
 from core.model_weights import ModelCheckpoint
 from tests.device import DEVICE
 
+pytestmark = pytest.mark.unit
+
 TINY = dict(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16,

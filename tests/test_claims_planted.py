@@ -28,6 +28,8 @@ from orchestration.resources import HubResource
 from tests.planted_chain import PLANTED, PLANTED_NULL
 from tests.core_chain import lens_classes
 
+pytestmark = pytest.mark.chain
+
 N_NULL = 512
 
 

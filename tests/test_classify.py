@@ -28,6 +28,8 @@ from core.semantic import (
     whitening,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_normalise_token_strips_markers_and_case():
     assert normalise_token("ĠCart") == "cart"

@@ -27,6 +27,8 @@ from orchestration import cli
 from orchestration.definitions import REPORT_ASSETS, SAE_ASSETS
 from tests.fake_hub import FakeHub
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = "planted-gemma"
 LAYER_0, LAYER_1 = (f"{RELEASE}:layer_{n}/width_512/average_l0_32" for n in (0, 1))

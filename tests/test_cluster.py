@@ -38,12 +38,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from core.storage import TableStore
 from orchestration.jobs import REPORT_ASSETS, SAE_ASSETS
 from scripts.local_cluster import celery_workers, init_instance, missing_prerequisites, postgres, redis
 from tests.planted_chain import chain_resources, materialise_planted
+
+pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_STEPS = {"lens_tables", "circuit_tables"}  # pool="compute" (assets/interactions.py)

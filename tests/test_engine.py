@@ -16,6 +16,8 @@ from torch import Tensor
 from core import engine, rowstats
 from core.engine import RowStats, row_stats
 
+pytestmark = pytest.mark.unit
+
 EXACT = ("top_ids", "top_values", "bottom_ids", "bottom_values", "median", "p75")
 CLOSE = ("mean", "std", "softmax_max", "softmax_entropy", "topk_mass")
 

@@ -15,6 +15,8 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 from core.model_weights import ModelCheckpoint, ModelGeometry
 from core.output_lens import output_lens
 
+pytestmark = pytest.mark.unit
+
 TINY = dict(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16,

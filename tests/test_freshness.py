@@ -20,6 +20,8 @@ from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, report_job, sae_chain_
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 from orchestration.sensors import sae_release_sensor
 
+pytestmark = pytest.mark.chain
+
 GEMMA = get_release("planted-gemma")
 KEYS = [f"planted-gemma:layer_{layer}/width_512/average_l0_32" for layer in (0, 1)]
 

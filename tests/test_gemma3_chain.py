@@ -5,12 +5,15 @@ registry data, a loader and geometry only, no change to assets or orchestration.
 from __future__ import annotations
 
 import dagster as dg
+import pytest
 
 from core.planted import generate
 from core.storage import TableStore
 from orchestration.definitions import SAE_ASSETS
 from orchestration.partitions import sae_partitions
 from tests.planted_chain import chain_resources
+
+pytestmark = pytest.mark.chain
 
 KEY, SAE_ID = "planted-gemma3:layer_3_width_256_l0_medium", "layer_3_width_256_l0_medium"
 

@@ -30,6 +30,8 @@ from core.output_lens import output_lens
 from tests.device import DEVICE
 from tests.test_circuits_fidelity import assert_ov_circuits_match, assert_qk_circuits_match, assert_stats_match
 
+pytestmark = pytest.mark.unit
+
 TINY = dict(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,

@@ -13,6 +13,8 @@ from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 
 from core.hub_cache import blob_hash, read_tree, repo_cache_dir, write_snapshot
 
+pytestmark = pytest.mark.unit
+
 REPO = "org-x/tiny-repo"
 
 

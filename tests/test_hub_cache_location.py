@@ -19,6 +19,8 @@ from core.planted import generate
 from core.registry import get_release
 from orchestration.resources import PLANTED_CACHE_ENV, HubResource
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = get_release("planted-gemma")
 REAL_REPO = "google/gemma-scope-2b-pt-res"

@@ -25,6 +25,8 @@ from core.hub_cache import read_tree, repo_cache_dir, write_snapshot
 from core.planted import generate
 from tests.fake_hub import FakeHub
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 SAE_REPO = "planted/gemma-scope-tiny-pt-res"
 MODEL_REPO = "planted/gemma-2-tiny"

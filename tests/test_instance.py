@@ -6,8 +6,11 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from orchestration.definitions import defs
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,8 @@ from tests.core_chain import analyse
 from tests.planted_chain import PLANTED
 from tests.rewrites import REWRITES, write_rewritten_release
 
+pytestmark = pytest.mark.chain
+
 SCORES = ["score_encoder_embedding", "score_decoder_unembedding", "encoder_norm", "decoder_norm", "topk_z"]
 CALLS = ["output_predicting", "semantic", "semantic_output", "semantic_input"]
 

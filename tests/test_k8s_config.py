@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit
+
 dagster_k8s = pytest.importorskip("dagster_k8s", reason="the k8s extra is not installed (pip install -e '.[k8s]')")
 
 import dagster as dg  # noqa: E402

@@ -19,6 +19,8 @@ from core.stages import EngineSettings, lens_stage
 from core.vocab import normal_tokens, vocabulary_table
 from tests.core_chain import SIZE, random_model
 
+pytestmark = pytest.mark.unit
+
 N_HEAVY = 3
 D_SAE = 2048
 N_NULL = 2048

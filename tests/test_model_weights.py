@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from core.errors import WeightFileError
 from core.model_weights import ModelCheckpoint
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture()
 def llama_dir(tmp_path):

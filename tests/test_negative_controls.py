@@ -19,6 +19,8 @@ from core.sae_formats import SaeWeights
 from core.verdicts import VERDICTS, claim_verdicts
 from tests.core_chain import random_release_verdicts
 
+pytestmark = pytest.mark.chain
+
 SEEDS = [("gemma2", s) for s in range(4)] + [("llama", s) for s in range(4, 8)]
 
 

@@ -23,6 +23,8 @@ from core.registry import get_release, parse_key
 from core.sae_formats import FORMATS, SaeWeights
 from core.vocab import token_strings
 
+pytestmark = pytest.mark.unit
+
 GEMMA, LLAMA, GEMMA3 = ("planted-gemma:layer_0/width_512/average_l0_32", "planted-llama:l2r_8x",
                         "planted-gemma3:layer_1_width_256_l0_medium")
 # sae_dashboard/neuronpedia/neuronpedia_runner.py (v0.8.0) HTML_ANOMALIES, transcribed for the independent check.

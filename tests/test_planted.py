@@ -32,6 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from core.hub_cache import repo_cache_dir
 from core.planted import PlantedTruth, generate, main
 
+pytestmark = pytest.mark.chain
+
 RELEASES = ("planted-gemma", "planted-llama")
 NULL_RELEASES = {"planted-gemma-null": "planted-gemma", "planted-llama-null": "planted-llama"}
 N_NULL = 128

@@ -23,6 +23,8 @@ from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import lens_classes
 
+pytestmark = pytest.mark.chain
+
 LAYERS = [0, 2, 4]
 N_NULL = 512
 

@@ -32,6 +32,8 @@ from core.release_watch import tracked_releases
 from core.sae_formats import FORMATS
 from tests.test_planted import Circuits, load_model, z_profiles
 
+pytestmark = pytest.mark.unit
+
 RELEASE = "planted-gemma3"
 
 

@@ -31,6 +31,8 @@ from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import lens_classes
 
+pytestmark = pytest.mark.chain
+
 RELEASE = "planted-gemma-hard"
 N_NULL = 512
 MAX_NOISE = 0.76  # the two lowest of the five strength bins: where the planted signal stands above the null

@@ -29,6 +29,8 @@ from core.planted import HARD_CLASSES, HARD_EXPECTED, PlantedTruth, generate
 from core.registry import REGISTRY_PATH, get_release
 from core.sae_formats import FORMATS, SaeWeights
 
+pytestmark = pytest.mark.unit
+
 RELEASE = "planted-gemma-hard"
 TRAPS = ("case_variant", "byte_token", "unused_cluster", "current_token")
 K = 10

@@ -20,6 +20,8 @@ from core.stages import EngineSettings, class_stage, lens_stage
 from core.vocab import normal_tokens, vocabulary_table
 from orchestration.resources import HubResource
 
+pytestmark = pytest.mark.chain
+
 N_NULL, K = 512, 10
 LAYER = 1
 CLASS_COLUMNS = ("output_predicting", "semantic", "token_identity")

@@ -22,6 +22,8 @@ from core.statistics import (
     stratified_rank_test,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def exact_permutation_p(x, y) -> float:
     """Two-sided exact p of U over every split of the pooled sample (the brute-force reference)."""

@@ -8,6 +8,8 @@ from core.discovery import discover_saes
 from core.hub import Hub
 from core.registry import UnknownReleaseError, get_release, load_registry, parse_key
 
+pytestmark = pytest.mark.unit
+
 
 def test_required_releases_are_registered():
     releases = load_registry()

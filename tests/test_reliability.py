@@ -46,6 +46,8 @@ from core.semantic import CANDIDATES
 from core.storage import StorageError, TableStore
 from tests.reliability_worker import COMPUTE, LOOP_KEY
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("reliability_worker.py")
 RELEASE = "planted-gemma"

@@ -34,6 +34,8 @@ from core.registry import get_release
 from tests.rewrites import (EXACT, INDEX_FILE, REWRITES, load_release_model, qk_head_scale, snapshot_dir,
                             vo_head_scale, write_rewritten_release)
 
+pytestmark = pytest.mark.unit
+
 RELEASES = tuple(REWRITES)
 CASES = [(release, name) for release in RELEASES for name in REWRITES[release]]
 FLOAT32_REL = 1e-5

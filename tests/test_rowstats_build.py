@@ -11,6 +11,8 @@ from core import engine, rowstats
 from core.engine import row_stats
 from tests.test_engine import EXACT, assert_matches, integer_inputs, reference
 
+pytestmark = pytest.mark.system
+
 
 def test_build_is_cached_and_a_missing_compiler_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

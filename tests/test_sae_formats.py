@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from core.errors import WeightFileError
 from core.sae_formats import FORMATS
 
+pytestmark = pytest.mark.unit
+
 D_MODEL, D_SAE = 8, 24
 
 

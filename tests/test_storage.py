@@ -18,6 +18,8 @@ from core.atomic import HOST
 from core.storage import STORAGE_VERSION, TableStore
 from tests.test_chain import readme_queries
 
+pytestmark = pytest.mark.system
+
 GEMMA = "planted-gemma"
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from core.storage import TableStore
 
+pytestmark = pytest.mark.unit
+
 
 def part(i: int, rows: int = 50) -> pd.DataFrame:
     rng = np.random.default_rng(i)

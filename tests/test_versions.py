@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.chain
+
 ROOT = Path(__file__).resolve().parents[1]
 PLOTS = {"plot_output_fraction", "plot_depth_profiles", "plot_participation_heatmap", "plot_semantic_violins",
          "plot_calibration", "plot_c1_sensitivity"}

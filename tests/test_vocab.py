@@ -16,6 +16,8 @@ from core.errors import WeightFileError
 from core.planted import PlantedParams, gpt2_tokenizer
 from core.vocab import PADDING_TOLERANCE, TOKEN_CLASSES, token_strings, vocabulary_table
 
+pytestmark = pytest.mark.unit
+
 GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 LLAMA_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 RELEASES = Path(__file__).resolve().parents[1] / "core" / "releases.yaml"

@@ -20,6 +20,8 @@ from core.planted import generate
 from orchestration.cli import materialize_all
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "planted-gemma:layer_0/width_512/average_l0_32"
 
