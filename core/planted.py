@@ -194,6 +194,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -1287,8 +1288,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     planted = [k for k, v in releases.items() if "planted" in v]
     parser = argparse.ArgumentParser(prog="python -m core.planted",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--cache-dir", type=Path, default=Path(constants.HF_HUB_CACHE),
-                        help="hub cache to write into (default: huggingface_hub's HF_HUB_CACHE)")
+    default = os.environ.get("WEIGHTLENS_PLANTED_CACHE") or constants.HF_HUB_CACHE  # scripts/env.sh sets the first
+    parser.add_argument("--cache-dir", type=Path, default=Path(default),
+                        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the planted releases' own "
+                             "cache, else huggingface_hub's HF_HUB_CACHE)")
     parser.add_argument("releases", nargs="*", metavar="release",
                         help=f"planted release ids (default: {' '.join(planted)})")
     args = parser.parse_args(argv)
