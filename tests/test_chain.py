@@ -104,7 +104,7 @@ def test_tables_are_queryable_from_duckdb(chain):
             "SELECT count(*), min(len(pos_str)), max(len(neg_values)) FROM neuronpedia_top_logits "
             "WHERE release = 'planted-llama' AND layer = 5"
         ).fetchone()
-        assert dashboard == (1024, 10, 10)  # Neuronpedia's top/bottom 10 raw logits per feature
+        assert dashboard == (1024, 10, 10)  # top/bottom 10 logits per feature, SAEDashboard's convention
     exports = sorted(p.name for p in (data / "exports" / "neuronpedia" / "planted-llama").glob("*.json"))
     assert exports == sorted(f"{parse_key(k).sae_id}.json" for k in keys if k.startswith("planted-llama:"))
 
