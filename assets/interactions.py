@@ -61,7 +61,8 @@ def lens_tables(
     token_id, token, value`` (top: the ``core.semantic.CANDIDATES`` best, bottom: top_k). ``*_stats``: ``sample``,
     ``feature``, mean/std/median/p75, softmax max/entropy/top-k mass (over the candidates), ``top_mean`` (top_k),
     ``top1_cosine``. ``vocabulary``: ``token_id, token, token_class`` (``core.vocab``) of the model's
-    tokenizer."""
+    tokenizer. ``neuronpedia_top_logits`` and the Neuronpedia batch JSON: top/bottom logits in SAEDashboard's
+    convention (``core.neuronpedia``)."""
     ref = sae_of(context)
     snapshot, checkpoint, sae = load(ref, hub)
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
