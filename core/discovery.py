@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from core.errors import WeightFileError
 from core.hub import Hub, Snapshot, content_id
 from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint
-from core.registry import Release, SaeRef, get_release
+from core.registry import REGISTRY_PATH, Release, SaeRef, get_release
 from core.sae_formats import FORMATS
 
 
@@ -65,5 +65,9 @@ def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
     else:
         shards = [SINGLE_FILE]
     snapshot = hub.fetch(release.model_repo, ["*.json", *shards], revision=snapshot.revision)
-    return snapshot, ModelCheckpoint(snapshot.root)
+    checkpoint = ModelCheckpoint(snapshot.root)
+    if checkpoint.geometry.n_layers != release.n_layers:
+        raise WeightFileError(snapshot.path("config.json"), f"the model has {checkpoint.geometry.n_layers} layers but "
+                              f"release {release.id!r} in {REGISTRY_PATH} says n_layers: {release.n_layers}")
+    return snapshot, checkpoint
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from core.sae_formats import FORMATS
+
 REGISTRY_PATH = Path(__file__).with_name("releases.yaml")
+HOOKS = ("resid_post",)  # hook points the lenses and the layer pairing implement (core.circuits.paired_layers)
 # Fields of folder / SAE id patterns: ``l0`` is Gemma Scope's numeric average_l0_N, ``sparsity`` Gemma Scope 2's
 # named L0 bucket (``l0_small`` / ``l0_medium`` / ``l0_big``).
 _FIELDS = {"layer": r"(?P<layer>\d+)", "width": r"(?P<width>[A-Za-z0-9.]+)", "l0": r"(?P<l0>\d+)",
@@ -53,6 +57,21 @@ class SaeRef:
     def key(self) -> str:
         """The partition key naming this SAE: ``"{release}:{sae_id}"``."""
         return f"{self.release}:{self.sae_id}"
+
+
+def _placeholders(pattern: str) -> list[str]:
+    """The ``{field}`` names of a pattern, in order."""
+    return re.findall(r"\{(\w*)\}", pattern)
+
+
+def _known(field_name: str, value: str, known: Iterable[str], where: str = "") -> None:
+    """Raise ``ValueError`` naming the field, the value and the nearest known values unless ``value`` is known."""
+    known = sorted(known)
+    if value not in known:
+        by_case = {k.lower(): k for k in known}  # a wrong case is the likeliest slip ({L0} for {l0})
+        near = [by_case[k] for k in difflib.get_close_matches(value.lower(), list(by_case), n=2)]
+        hint = f" Did you mean {' or '.join(map(repr, near))}?" if near else ""
+        raise ValueError(f"field {field_name!r}: {value!r}{' ' + where if where else ''} is not one of {known}.{hint}")
 
 
 def _id_fields(pattern: str, sae_id: str) -> dict[str, str] | None:
@@ -143,8 +162,28 @@ class Release:
     neuronpedia: str | None = None
     planted: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
-    def __post_init__(self) -> None:  # a canonical table may only name the model's layers
+    def __post_init__(self) -> None:
+        """Refuse, at load, what would otherwise load and fail later (a bare ``KeyError``) or silently drop
+        SAEs: each message names the field; ``load_registry`` adds the file and the release."""
+        _known("format", self.format, FORMATS)
+        _known("hook", self.hook, HOOKS)
+        patterns = {"folder": self.folder, "sae_id": self.sae_id,
+                    **({"neuronpedia": self.neuronpedia} if self.neuronpedia else {})}
         if self.canonical:
+            patterns |= {"canonical.sae_id": self.canonical.sae_id,
+                         **({"canonical.neuronpedia": self.canonical.neuronpedia} if self.canonical.neuronpedia
+                            else {})}
+        for name, pattern in patterns.items():
+            for placeholder in _placeholders(pattern):
+                _known(f"{name} placeholder", placeholder, _FIELDS, f"in {pattern!r}")
+        folder, sae_id = set(_placeholders(self.folder)), set(_placeholders(self.sae_id))
+        if folder != sae_id:  # an SAE id must name exactly one folder, and every folder must have an id
+            raise ValueError(f"field 'sae_id' {self.sae_id!r} uses the fields {sorted(sae_id)} but 'folder' "
+                             f"{self.folder!r} uses {sorted(folder)}: SAEs differing only in "
+                             f"{sorted(folder ^ sae_id)} would get one id")
+        if "layer" not in folder:
+            raise ValueError(f"field 'folder' {self.folder!r} has no {{layer}}: every SAE reads one layer")
+        if self.canonical:  # a canonical table may only name the model's layers
             bad = sorted({n for t in self.canonical.l0.values() for n in t if not 0 <= n < self.n_layers})
             if bad:
                 raise ValueError(f"canonical table names layers {bad} outside the model's {self.n_layers}")
@@ -220,12 +259,17 @@ def load_registry(path: Path = REGISTRY_PATH) -> dict[str, Release]:
     releases = {}
     for rid, entry in (raw or {}).get("releases", {}).items():
         try:
+            for name in entry:
+                _known("name", name, RELEASE_FIELDS, "(a release field)")
             canonical = Canonical.from_yaml(entry["canonical"]) if "canonical" in entry else None
             releases[rid] = Release(id=rid, **{**entry, "aliases": tuple(entry.get("aliases", ())),
                                                "canonical": canonical})
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path}: release {rid!r} is malformed: {exc}") from exc
     return releases
+
+
+RELEASE_FIELDS = tuple(f.name for f in dataclass_fields(Release) if f.name != "id")
 
 
 def get_release(release_id: str, path: Path = REGISTRY_PATH) -> Release:

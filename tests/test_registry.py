@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from core.discovery import discover_saes
+import pytest
+import yaml
+
+from core.discovery import discover_saes, fetch_model
+from core.errors import WeightFileError
 from core.hub import Hub
 from core.registry import UnknownReleaseError, get_release, load_registry, parse_key
 
@@ -159,3 +163,38 @@ def test_planted_canonical_ids_resolve_to_discovered_saes_offline(planted_cache)
     assert [r.key for r in refs] == [f"planted-gemma:layer_{n}/width_512/average_l0_32" for n in range(6)]
     # the canonical release id names the same release (and so the same listing) as its base
     assert discover_saes("planted-gemma-canonical", Hub(cache_dir=planted_cache, offline=True)).saes == refs
+
+
+GOOD = {"sae_repo": "a/b", "model_repo": "a/c", "format": "gemma_scope_npz", "hook": "resid_post", "n_layers": 2,
+        "folder": "layer_{layer}/width_{width}/average_l0_{l0}", "sae_id": "layer_{layer}/width_{width}/average_l0_{l0}"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"format": "gemma_scope_npzz"}, r"field 'format': 'gemma_scope_npzz' is not one of .* Did you mean 'gemma_scope_npz'"),
+    ({"hook": "resid_pre"}, r"field 'hook': 'resid_pre' is not one of \['resid_post'\]\. Did you mean 'resid_post'"),
+    ({"folder": "layer_{layer}/width_{width}/average_l0_{L0}"}, r"field 'folder placeholder': 'L0' in .* Did you mean 'l0'"),
+    ({"sae_id": "layer_{layer}/width_{width}"}, r"field 'sae_id' .* uses the fields \['layer', 'width'\] but 'folder' .* "
+                                                r"differing only in \['l0'\] would get one id"),
+    ({"neuronpedia": "m/{layer}-res-{widht}"}, r"field 'neuronpedia placeholder': 'widht' .* Did you mean 'width'"),
+    ({"formt": "gemma_scope_npz"}, r"field 'name': 'formt' \(a release field\) is not one of .* Did you mean 'format'"),
+    ({"folder": "width_{width}/average_l0_{l0}", "sae_id": "width_{width}/average_l0_{l0}"}, r"field 'folder' .* has no \{layer\}"),
+])
+def test_each_registry_mistake_is_refused_at_load_naming_file_release_and_field(tmp_path, change, message):
+    path = tmp_path / "releases.yaml"
+    path.write_text(yaml.safe_dump({"releases": {"tiny": {**GOOD, **change}}}))
+    with pytest.raises(ValueError, match=r"releases.yaml: release 'tiny' is malformed: " + message):
+        load_registry(path)
+
+
+def test_good_entry_loads(tmp_path):
+    path = tmp_path / "releases.yaml"
+    path.write_text(yaml.safe_dump({"releases": {"tiny": GOOD}}))
+    assert load_registry(path)["tiny"].sae("layer_1/width_1k/average_l0_5").layer == 1
+
+
+def test_n_layers_is_checked_against_the_models_config(planted_cache, monkeypatch):
+    real = get_release("planted-llama")  # 8 layers; a registry entry saying 9 would pair layer 7 with a layer 8
+    monkeypatch.setattr("core.discovery.get_release", lambda _: dataclasses.replace(real, n_layers=9))
+    with pytest.raises(WeightFileError, match=r"config.json.*the model has 8 layers but release 'planted-llama' "
+                                              r"in .*releases.yaml says n_layers: 9"):
+        fetch_model("planted-llama", Hub(cache_dir=planted_cache, offline=True))
