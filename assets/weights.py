@@ -7,6 +7,7 @@ from assets.common import check_results, check_specs, sae_of, store_table
 from core.discovery import fetch_model, fetch_sae
 from core.frames import with_sae
 from core.hub import fingerprint
+from core.model_weights import CONFIG_FILE, INDEX_FILE
 from core.registry import get_release
 from core.sae_formats import FORMATS
 from core.table_checks import finite, rows_match
@@ -67,7 +68,8 @@ def model_weights(context: dg.AssetExecutionContext, hub: HubResource) -> dg.Mat
     the analysis needs (embedding, unembedding, norms, attention projections), each read and checked.
 
     Partitioned like the SAEs so one SAE's chain is self-contained; the download itself happens once per
-    model (hub cache). Data version: the content hash of config, index and needed shards."""
+    model (hub cache). Data version: the content hash of config, index (sharded models) and the needed shards —
+    the files ``fetch_model`` downloaded (a shard holding only MLP weights is not), in the ``shards`` metadata."""
     ref = sae_of(context)
     release = get_release(ref.release)
     snapshot, checkpoint = fetch_model(ref.release, hub.client())
@@ -75,7 +77,8 @@ def model_weights(context: dg.AssetExecutionContext, hub: HubResource) -> dg.Mat
     checkpoint.final_norm_gain()
     checkpoint.unembedding()
     checkpoint.attention(ref.layer)
-    files = sorted({snapshot.path(f) for f in checkpoint.weight_map.values()} | {snapshot.path("config.json")})
+    listed = [CONFIG_FILE, *([INDEX_FILE] if snapshot.path(INDEX_FILE).exists() else []), *checkpoint.needed_shards()]
+    files = [snapshot.path(name) for name in listed]
     return dg.MaterializeResult(
         metadata={
             "repo": dg.MetadataValue.text(release.model_repo),

@@ -53,17 +53,8 @@ def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
     release = get_release(release_id)
     hub = hub_for(release, hub)
     snapshot = hub.fetch(release.model_repo, ["*.json"])
-    checkpoint = ModelCheckpoint(snapshot.root)
-    needed = ModelCheckpoint.needed_tensors(checkpoint.geometry)
-    if snapshot.path(INDEX_FILE).exists():
-        weight_map = checkpoint.weight_map
-        missing = [n for n in needed if n not in weight_map]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise WeightFileError(snapshot.path(INDEX_FILE), f"weight map lacks tensors the analysis needs: {shown}")
-        shards = sorted({weight_map[n] for n in needed})
-    else:
-        shards = [SINGLE_FILE]
+    sharded = snapshot.path(INDEX_FILE).exists()  # else one file, whose header is read once it is downloaded
+    shards = ModelCheckpoint(snapshot.root).needed_shards() if sharded else [SINGLE_FILE]
     snapshot = hub.fetch(release.model_repo, ["*.json", *shards], revision=snapshot.revision)
     checkpoint = ModelCheckpoint(snapshot.root)
     if checkpoint.geometry.n_layers != release.n_layers:

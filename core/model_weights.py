@@ -24,11 +24,17 @@ Geometry facts (transformers ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / `
   Fields missing from a Gemma 3 config take ``transformers.Gemma3TextConfig``'s defaults (5.24).
 - GQA: query head h reads key/value head ``h // (n_heads / n_kv_heads)``.
 - Tied models (Gemma) unembed with the embedding matrix; untied ones (Llama) with ``lm_head.weight``.
+
+Memory: a read holds the tensor as float32 and, while it converts a bf16 tensor, the bf16 copy too (1.5× the
+float32 size at most); the NaN/Inf check adds a few MiB (``core.sae_formats.nonfinite_count``). While a caller
+holds a tensor, asking for it again returns the same object (no second read, no second copy): a tied model's
+embedding and unembedding are one tensor.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -37,7 +43,7 @@ import torch
 from safetensors import safe_open
 
 from core.errors import WeightFileError
-from core.sae_formats import read_json, read_safetensors
+from core.sae_formats import nonfinite_count, read_json, read_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -159,6 +165,7 @@ class ModelCheckpoint:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.geometry = ModelGeometry.from_config(read_json(self.root / CONFIG_FILE), self.root / CONFIG_FILE)
+        self._held: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 
     @staticmethod
     def needed_tensors(geometry: ModelGeometry) -> list[str]:
@@ -192,18 +199,30 @@ class ModelCheckpoint:
         with safe_open(single, framework="pt") as f:
             return {name: SINGLE_FILE for name in f.keys()}
 
+    def needed_shards(self) -> list[str]:
+        """The weight files (sorted) holding ``needed_tensors``: the shards ``core.discovery.fetch_model``
+        downloads — a shard holding only other tensors (MLP weights) is neither needed nor present offline."""
+        weight_map, needed = self.weight_map, self.needed_tensors(self.geometry)
+        missing = [n for n in needed if n not in weight_map]
+        if missing:
+            source = self.root / (INDEX_FILE if (self.root / INDEX_FILE).exists() else SINGLE_FILE)
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise WeightFileError(source, f"weight map lacks tensors the analysis needs: {shown}")
+        return sorted({weight_map[n] for n in needed})
+
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """One tensor as float32, checked against ``shape`` and for NaN/Inf."""
+        """One tensor as float32, checked against ``shape`` and for NaN/Inf; the very object returned before
+        while a caller still holds it (module docstring: memory), so callers must not modify it in place."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise WeightFileError(self.root / INDEX_FILE, f"tensor {name!r} is not in the weight map")
         path = self.root / shard
-        t = read_safetensors(path, [name])[name]
+        held = self._held.get(name)
+        t = held if held is not None else read_safetensors(path, [name])[name]
         if shape is not None and tuple(t.shape) != shape:
             raise WeightFileError(path, f"{name} has shape {tuple(t.shape)}, config.json implies {shape}")
-        t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
-            raise WeightFileError(path, f"{name} has NaN/Inf values")
+        if held is None:
+            t = self._held.setdefault(name, _checked_float32(path, name, t))
         return t
 
     def embedding(self) -> torch.Tensor:
@@ -242,6 +261,16 @@ class ModelCheckpoint:
             q_norm_gain=self.norm_gain(p + "self_attn.q_norm.weight", g.head_dim) if g.qk_norm else None,
             k_norm_gain=self.norm_gain(p + "self_attn.k_norm.weight", g.head_dim) if g.qk_norm else None,
         )
+
+
+def _checked_float32(path: Path, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 (``t`` itself if it is float32), refused if any value is NaN/Inf — checked after the
+    cast, so a float64 value beyond float32's range (→ inf) is caught too."""
+    t = t.to(torch.float32)
+    bad = nonfinite_count(t)
+    if bad:
+        raise WeightFileError(path, f"{name} has {bad} NaN/Inf values")
+    return t
 
 
 def _rope_theta(rope_parameters: dict) -> float | None:

@@ -23,7 +23,7 @@ Formats:
   every tensor is in model (residual-stream) units::
 
       W_enc = encoder.weightᵀ · s      b_enc = encoder.bias
-      W_dec = decoder.weightᵀ / s      b_dec = decoder.bias / s      threshold = jump_relu_threshold · s (all features)
+      W_dec = decoder.weightᵀ / s      b_dec = decoder.bias / s      threshold = jump_relu_threshold · s (every i)
 
   Source (decoderesearch/SAELens, checked in sae-lens 6.54.12): ``SAE.fold_activation_norm_scaling_factor(s)``
   (``sae_lens/saes/sae.py``: ``W_enc *= s; W_dec /= s; b_dec /= s``), which ``SAE.from_pretrained`` applies to
@@ -120,7 +120,7 @@ def nonfinite_count(t: torch.Tensor, chunk_elements: int = FINITE_CHUNK_ELEMENTS
     """
     rows = t.reshape(-1) if t.ndim <= 1 else t
     per_block = max(1, chunk_elements // max(1, rows[0].numel())) if len(rows) else 1
-    return sum(int((~torch.isfinite(block)).sum()) for block in rows.split(per_block))
+    return sum(int(torch.count_nonzero(~torch.isfinite(block))) for block in rows.split(per_block))
 
 
 def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | None = None) -> SaeWeights:
@@ -189,7 +189,7 @@ class GemmaScope2Safetensors:
 
 
 class LlamaScopeSafetensors:
-    """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json``, in SAELens' convention (module docstring)."""
+    """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json``, SAELens' convention (module docstring)."""
 
     files = ("checkpoints/final.safetensors", "hyperparams.json")
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import save
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from assets.classes import vocab_matrices
+from core import atomic
 from core.errors import WeightFileError
 from core.model_weights import ModelCheckpoint
+from core.sae_formats import FINITE_CHUNK_ELEMENTS
 
 pytestmark = pytest.mark.unit
 
@@ -64,7 +72,7 @@ def test_nan_weights_are_refused(tmp_path):
     with torch.no_grad():
         model.model.norm.weight[3] = float("nan")
     model.save_pretrained(tmp_path)
-    with pytest.raises(WeightFileError, match="model.norm.weight has NaN/Inf values"):
+    with pytest.raises(WeightFileError, match="model.norm.weight has 1 NaN/Inf values"):
         ModelCheckpoint(tmp_path).final_norm_gain()
 
 
@@ -74,3 +82,54 @@ def test_missing_config_and_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(WeightFileError, match="missing or malformed config field"):
         ModelCheckpoint(tmp_path)
+
+
+def write_checkpoint(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A single-file checkpoint (config.json + model.safetensors) holding just ``tensors``."""
+    atomic.write_text(folder / "config.json", json.dumps(config))
+    atomic.write_bytes(folder / "model.safetensors", save(tensors))
+    return folder
+
+
+def test_finiteness_is_checked_in_chunks_and_finds_a_nan_in_the_middle(tmp_path, monkeypatch):
+    """A bf16 embedding of 3.2M entries (4 chunks): every torch.isfinite pass sees at most one chunk, together
+    they see every entry, and a NaN in an inner chunk plus an Inf in the last are counted, naming file and tensor."""
+    vocab, d = 100_000, 32
+    config = Gemma2Config(vocab_size=vocab, hidden_size=d, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16).to_dict()
+    embedding = torch.randn(vocab, d).to(torch.bfloat16)
+    embedding[50_000, 7], embedding[99_999, 0] = float("nan"), float("-inf")
+    folder = write_checkpoint(tmp_path, config, {"model.embed_tokens.weight": embedding})
+    seen: list[int] = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or isfinite(t))
+    shard = folder / "model.safetensors"
+    with pytest.raises(WeightFileError, match=rf"^{shard}: model.embed_tokens.weight has 2 NaN/Inf values$"):
+        ModelCheckpoint(folder).embedding()
+    assert sum(seen) == vocab * d and len(seen) >= 3 and max(seen) <= FINITE_CHUNK_ELEMENTS
+
+
+def test_tied_embedding_is_one_tensor_read_once_and_not_kept(tmp_path):
+    """Gemma (tied): unembedding() is the embedding tensor itself, so the classes step's arrays share one buffer;
+    the checkpoint keeps no reference of its own, so the tensor is freed once its callers drop it."""
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)
+    Gemma2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    ckpt = ModelCheckpoint(tmp_path)
+    embedding, unembedding = ckpt.embedding(), ckpt.unembedding()
+    assert unembedding is embedding and unembedding.data_ptr() == embedding.data_ptr()
+    assert embedding.dtype == torch.float32
+    w_e, w_u = vocab_matrices(ckpt)
+    assert np.shares_memory(w_e, w_u) and w_e.shape == (64, 32)
+    held = weakref.ref(embedding)
+    del embedding, unembedding, w_e, w_u
+    gc.collect()
+    assert held() is None
+
+
+def test_untied_unembedding_is_its_own_tensor(llama_dir):
+    ckpt = ModelCheckpoint(llama_dir)
+    embedding, unembedding = ckpt.embedding(), ckpt.unembedding()
+    assert unembedding is not embedding and not torch.equal(unembedding, embedding)
+    assert ckpt.embedding() is embedding  # held by the caller: the same object, not a second read
