@@ -60,7 +60,8 @@ def claim_statistics(
         for table, frame in (("sae_coverage", result.coverage), ("claim_verdicts", result.verdicts),
                              ("output_fraction_by_layer", result.by_layer), ("depth_profiles", result.profile)):
             if len(frame):
-                metadata |= store_table(store, table, release.id, frame)
+                metadata |= {f"{release.id}/{label}": value  # one key per release: none overwrites another's
+                             for label, value in store_table(store, table, release.id, frame).items()}
         metadata[f"{release.id}/verdicts"] = dg.MetadataValue.md(verdict_table(result.verdicts))
         if result.missing_layers:
             context.log.warning(f"{release.id}: no analysed SAE for layers {result.missing_layers}")

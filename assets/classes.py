@@ -1,12 +1,15 @@
 """Feature-classification assets: semantic / output-predicting classes and attention participation."""
 
 import dagster as dg
+import numpy as np
 
 from assets.common import check_results, check_specs, sae_of, store_table
 from assets.interactions import load
 from core.classify import NULLS, SIDES
 from core.control import control_sae
+from core.feature_browser import write_browser
 from core.frames import with_sae
+from core.model_weights import ModelCheckpoint
 from core.stages import class_stage
 from core.statistics import DEFAULT_QUANTILE, wilson_interval
 from core.vocab import normal_tokens
@@ -21,6 +24,14 @@ LENS_TABLES = ("output_lens_tokens", "output_lens_stats", "input_lens_tokens", "
 # normal forms (a feature pointing at <unusedN> or byte tokens) — that is a finding, not a defect
 SCORE_COLUMNS = ["topk_z"]
 CALIBRATED = 7  # thresholds per null: top-k z + three coherence metrics per side (+ Levenshtein's string null per side)
+
+
+def vocab_matrices(checkpoint: ModelCheckpoint) -> tuple[np.ndarray, np.ndarray]:
+    """(W_E, W_U) as float32 arrays, (vocab, d_model): two views of one buffer for a tied model. The embedding
+    tensor is held while the unembedding is asked for, so the checkpoint hands back that same tensor instead of
+    reading a second copy (an array from ``Tensor.numpy()`` keeps the buffer, not the tensor object)."""
+    embedding = checkpoint.embedding()
+    return embedding.numpy(), checkpoint.unembedding().numpy()
 
 
 @dg.asset(
@@ -57,15 +68,17 @@ def feature_classes(
       phase's circuits), ``topk_mass, threshold, participates`` (features and control; the null's
       false-positive rate in the metadata);
     - ``feature_participation``: ``sample, feature, phase, mean_score, max_score, mean_topk_mass,
-      heads_participating, participates``."""
+      heads_participating, participates``.
+
+    And the feature browser ``<data>/browser/<release>/<sae_id>.html`` (``core.feature_browser``, path in the
+    ``feature_browser`` metadata): every feature's top output and input tokens and classes, searchable."""
     ref = sae_of(context)
     tables = store.tables()
     _, checkpoint, sae = load(ref, hub)
     lens = {name: tables.read(name, ref.key) for name in LENS_TABLES}
     normal = normal_tokens(tables.read("vocabulary", ref.key))
     out = class_stage(lens, tables.read("circuit_stats", ref.key), tables.read("head_writes", ref.key), normal,
-                      checkpoint.embedding().numpy(), checkpoint.unembedding().numpy(), DEFAULT_QUANTILE,
-                      compute.top_k)
+                      *vocab_matrices(checkpoint), DEFAULT_QUANTILE, compute.top_k)
     classes, part, per_feature = out.classes, out.participation, out.feature_participation
     control = control_sae(sae, ref.key)
     features = out.rows("feature")
@@ -81,6 +94,9 @@ def feature_classes(
     feats_part = part[part["sample"] != "null"].reset_index(drop=True)
     metadata |= store_table(store, "attention_participation", ref.key, feats_part)
     metadata |= store_table(store, "feature_participation", ref.key, per_feature)
+    browser = write_browser(store.artifacts("browser"), ref, lens["output_lens_tokens"], lens["input_lens_tokens"],
+                            features)
+    metadata["feature_browser"] = dg.MetadataValue.path(str(browser))  # every feature's tokens, searchable
 
     n, hits = len(features), int(features.output_predicting.sum())
     low, high = wilson_interval(hits, n)

@@ -9,10 +9,50 @@ from core.registry import SaeRef, parse_key
 from core.table_checks import Check
 from orchestration.resources import StoreResource
 
+# (asset, check) -> what the check asserts, shown on the asset's Checks tab
+CHECK_DESCRIPTIONS: dict[tuple[str, str], str] = {
+    ("sae_weights", "one_row_per_feature"): "sae_features holds exactly one row per SAE feature (d_sae rows).",
+    ("sae_weights", "norms_finite"): "Every encoder norm, decoder norm and threshold is finite (no NaN/Inf).",
+    ("lens_tables", "one_row_per_feature_side_rank"):
+        "Each lens has one row per direction (features, control, both nulls) × side × rank: the candidates "
+        "on top, top_k at the bottom; the Neuronpedia export one row per feature.",
+    ("lens_tables", "values_finite"): "Every lens logit, lens statistic and Neuronpedia value is finite.",
+    ("lens_tables", "token_ids_in_vocab"): "Every token id of both lenses lies inside the model's vocabulary.",
+    ("circuit_tables", "one_row_per_direction_and_circuit"):
+        "circuit_stats has one row per direction (features, control, null) × attention circuit.",
+    ("circuit_tables", "values_finite"): "Every circuit statistic (pre- and post-softmax) is finite.",
+    ("feature_classes", "one_row_per_feature"):
+        "feature_classes and control_classes hold one row per feature, feature_participation one per "
+        "direction (features, control) × phase.",
+    ("feature_classes", "scores_finite"): "Every feature's top-k z and every attention participation score is finite.",
+    ("feature_classes", "thresholds_recorded"):
+        "class_thresholds holds every calibrated threshold (per null, side and metric), all finite, and every "
+        "participation threshold is finite.",
+    ("claim_statistics", "one_row_per_analysed_sae"):
+        "Per release, C1 by layer has two rows (features, control) per SAE with stored feature classes.",
+    ("claim_statistics", "statistics_finite"): "Per release, C1 fractions with their CIs and the depth profiles are finite.",
+    ("claim_statistics", "verdicts_valid"):
+        "Per release, every claim's verdict is one of consistent, not reproduced, inconclusive, not measured.",
+}
+
 
 def sae_of(context: dg.AssetExecutionContext) -> SaeRef:
-    """The SAE named by the run's partition key."""
-    return parse_key(context.partition_key)
+    """The SAE named by the run's partition key; records its release, id, layer, width and L0 in the
+    materialisation's metadata, because the Dagster UI's partition list cuts long keys off in the middle."""
+    ref = parse_key(context.partition_key)
+    context.add_asset_metadata(sae_metadata(ref))
+    return ref
+
+
+def sae_metadata(ref: SaeRef) -> dict[str, dg.MetadataValue]:
+    """Which SAE a partition is, one field per metadata entry (shown in the Partitions tab's detail view)."""
+    return {
+        "sae/release": dg.MetadataValue.text(ref.release),
+        "sae/sae_id": dg.MetadataValue.text(ref.sae_id),
+        "sae/layer": dg.MetadataValue.int(ref.layer),
+        "sae/width": dg.MetadataValue.text(ref.width or "not in the SAE id"),
+        "sae/l0": dg.MetadataValue.text("not in the SAE id" if ref.l0 is None else str(ref.l0)),
+    }
 
 
 def store_table(store: StoreResource, table: str, key: str, frame: pd.DataFrame) -> dict[str, dg.MetadataValue]:
@@ -36,8 +76,13 @@ def stored_table_metadata(store: StoreResource, table: str, path: Path, rows: in
 
 
 def check_specs(asset: str, names: list[str]) -> list[dg.AssetCheckSpec]:
-    """Blocking integrity checks an asset reports with each materialisation (shown in the UI)."""
-    return [dg.AssetCheckSpec(name, asset=asset, blocking=True) for name in names]
+    """Blocking integrity checks an asset reports with each materialisation (shown in the UI), each with its
+    description from ``CHECK_DESCRIPTIONS``; a check without one fails the definitions' import."""
+    missing = [name for name in names if (asset, name) not in CHECK_DESCRIPTIONS]
+    if missing:
+        raise KeyError(f"asset checks of {asset} without a description in assets.common.CHECK_DESCRIPTIONS: {missing}")
+    return [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=CHECK_DESCRIPTIONS[asset, name])
+            for name in names]
 
 
 def check_results(checks: list[Check]) -> list[dg.AssetCheckResult]:

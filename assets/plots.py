@@ -1,11 +1,13 @@
-"""One asset per plot (``core.plots``): a PNG per release under ``<data>/reports/<release>/``, shown
-inline in the asset's metadata in the Dagster UI."""
+"""One asset per plot (``core.plots``): a PNG per release under ``<data>/reports/<release>/``, embedded in
+the asset's metadata for the Dagster UI (``[Show Markdown]`` opens it, scaled to fit: ``UI_PLOT_WIDTH``)."""
 
 import base64
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+from PIL import Image
 
 from core.claims import ReleaseResults
 from core.classify import DEFAULT_NULL
@@ -28,6 +30,11 @@ VIOLIN_VALUES = {
 }
 
 Draw = Callable[[ReleaseResults, Path], Path | None]
+
+# Dagster's UI shows markdown metadata of 1000 characters or more (any data-URI plot) behind "[Show Markdown]",
+# in a dialog at most 80 % of the window wide, images at their pixel size (raw HTML such as <img width> is not
+# rendered): 1080 px fits that dialog whole in windows from 1400 px wide
+UI_PLOT_WIDTH = 1080
 
 
 def _output_fraction(r: ReleaseResults, path: Path) -> Path:
@@ -73,9 +80,21 @@ PLOTS: dict[str, tuple[str, Draw, str]] = {
 }
 
 
-def png_data_uri(path: Path) -> str:
-    """A PNG file as a ``data:`` URI, so markdown metadata shows it in the UI without file access."""
-    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"
+def fitted_png(path: Path, width: int) -> bytes:
+    """The PNG at ``path``, scaled down (Lanczos) to ``width`` pixels if it is wider."""
+    with Image.open(path) as image:
+        if image.width <= width:
+            return path.read_bytes()
+        small = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def png_data_uri(path: Path, width: int = UI_PLOT_WIDTH) -> str:
+    """A PNG file as a ``data:`` URI at most ``width`` pixels wide, so markdown metadata shows it in the UI
+    without file access, and whole (the file itself keeps its full resolution)."""
+    return f"data:image/png;base64,{base64.b64encode(fitted_png(path, width)).decode()}"
 
 
 def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.AssetsDefinition:

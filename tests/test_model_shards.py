@@ -99,7 +99,7 @@ def test_model_weights_online_downloads_and_lists_only_needed_shards(files, tmp_
     source, client = tmp_path / "source", tmp_path / "client"
     commit = write_snapshot(source, MODEL_REPO, files)
     with FakeHub(source, gated={MODEL_REPO}, token="hf_test_token") as hub:
-        result, _ = run_client(hub.url, client, f"""
+        result, _ = run_client(hub.url, client, """
 from tests.test_model_shards import materialize_model_weights
 shards, version = materialize_model_weights(HUB.cache_dir, offline=False)
 result = {{"shards": shards, "version": version}}
