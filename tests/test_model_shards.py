@@ -102,7 +102,7 @@ def test_model_weights_online_downloads_and_lists_only_needed_shards(files, tmp_
         result, _ = run_client(hub.url, client, """
 from tests.test_model_shards import materialize_model_weights
 shards, version = materialize_model_weights(HUB.cache_dir, offline=False)
-result = {{"shards": shards, "version": version}}
+result = {"shards": shards, "version": version}
 """, token="hf_test_token")
     assert result["shards"] == {name: len(files[name]) for name in NEEDED}
     assert not any(SHARDS[2] in path for path in resolve_requests(hub))  # the MLP-only shard is never asked for
