@@ -28,9 +28,9 @@ class ReleaseListing:
 
 
 def hub_for(release: Release, hub: Hub) -> Hub:
-    """Planted releases exist only in the local cache (the generator writes them there): always read
-    them offline, so a machine with hub access never asks the hub for them."""
-    return replace(hub, offline=True) if release.planted else hub
+    """Generated (planted and trained) releases exist only in the local cache (their generator writes them there):
+    always read them offline, so a machine with hub access never asks the hub for them."""
+    return replace(hub, offline=True) if release.generated else hub
 
 
 def discover_saes(release_id: str, hub: Hub) -> ReleaseListing:

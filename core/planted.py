@@ -636,7 +636,7 @@ def _model(p: PlantedParams) -> Any:
     return LlamaForCausalLM(config)
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """``np.savez`` layout (uncompressed zip of ``.npy`` members) with fixed timestamps."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
@@ -659,7 +659,7 @@ def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer
     if entry["format"] == "gemma_scope_npz":
         arrays = dict(W_enc=w_enc, W_dec=w_dec, b_enc=b_enc, b_dec=b_dec,
                       threshold=rng.uniform(0.05, 0.5, p.d_sae))
-        npz = _npz_bytes({k: a.astype(np.float32) for k, a in arrays.items()})
+        npz = npz_bytes({k: a.astype(np.float32) for k, a in arrays.items()})
         return sae_id, folder, {f"{folder}/params.npz": npz}
     from safetensors.torch import save
 

@@ -161,6 +161,14 @@ class Release:
     canonical: Canonical | None = None
     neuronpedia: str | None = None
     planted: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    trained: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    corpus: str | None = None  # a text file in sae_repo that activation measurements read (trained releases)
+
+    @property
+    def generated(self) -> bool:
+        """Written on this machine (``core.planted`` / ``core.trained``), on no hub: read offline, from the
+        generated releases' own cache, on CPU."""
+        return bool(self.planted or self.trained)
 
     def __post_init__(self) -> None:
         """Refuse, at load, what would otherwise load and fail later (a bare ``KeyError``) or silently drop

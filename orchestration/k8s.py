@@ -55,7 +55,7 @@ def weights_gib(key: str) -> float | None:
     None for a planted release (tiny, CPU) and for a model not in ``MODEL_DIMS``."""
     ref = parse_key(key)
     release = get_release(ref.release)
-    if release.planted:
+    if release.generated:
         return None
     if release.model_repo not in MODEL_DIMS:
         return None
@@ -69,7 +69,7 @@ def step_k8s_config(key: str) -> dict:
     one GPU with at least 1.25× the estimated memory (node affinity on the GPU-memory label), host memory
     for loading the weights, GPU-node tolerations. Planted releases: a small CPU pod."""
     need = weights_gib(key)
-    if need is None and get_release(parse_key(key).release).planted:
+    if need is None and get_release(parse_key(key).release).generated:
         return {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}}}
     gpu_mib = LARGEST_GPU_MIB - 1024 if need is None else min(math.ceil(1.25 * need * 1024), LARGEST_GPU_MIB - 1024)
     host_gib = 64 if need is None else max(16, math.ceil(1.5 * need))
@@ -97,10 +97,10 @@ def step_k8s_config(key: str) -> dict:
 
 def run_config_for_partition(key: str) -> dict:
     """The k8s executor's per-step config for this SAE, and the engine on the GPU (CPU for planted SAEs)."""
-    planted = get_release(parse_key(key).release).planted
+    generated = get_release(parse_key(key).release).generated
     return {
         "execution": {"config": {"per_step_k8s_config": {step: step_k8s_config(key) for step in GPU_STEPS}}},
-        "resources": {"compute": {"config": {"device": "cpu" if planted else "cuda"}}},
+        "resources": {"compute": {"config": {"device": "cpu" if generated else "cuda"}}},
     }
 
 

@@ -42,8 +42,9 @@ class HubResource(dg.ConfigurableResource):
 
 
 def planted_repos() -> frozenset[str]:
-    """The model and SAE repositories of the registry's planted releases (``planted`` in releases.yaml)."""
-    return frozenset(repo for r in load_registry().values() if r.planted for repo in (r.sae_repo, r.model_repo))
+    """The model and SAE repositories of the registry's generated releases (``planted`` / ``trained`` in
+    releases.yaml), read from the generated releases' cache."""
+    return frozenset(repo for r in load_registry().values() if r.generated for repo in (r.sae_repo, r.model_repo))
 
 
 class StoreResource(dg.ConfigurableResource):

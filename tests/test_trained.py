@@ -1,0 +1,81 @@
+"""The trained-release generator (core.trained): deterministic files in the hub layout that the real loaders read,
+a model that learned something, and SAEs whose stored quality is what the files do.
+
+Small overrides (a few dozen steps) keep this fast; the registry's parameters are what ``python -m core.trained``
+trains (README, "Trained releases")."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import snapshot_download
+
+from core.hub_cache import repo_cache_dir
+from core.registry import get_release
+from core.sae_formats import FORMATS
+from core.trained import METRICS_FILE, corpus_split, generate, resid_post, sae_quality
+
+pytestmark = pytest.mark.unit
+
+FAST = {"steps": 40, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
+
+
+def _blobs(cache, repo):
+    return sorted((p.name, p.stat().st_size) for p in (repo_cache_dir(cache, repo) / "blobs").iterdir())
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    return (a, generate("trained-llama", a, overrides=FAST)), (b, generate("trained-llama", b, overrides=FAST))
+
+
+def test_same_parameters_give_the_same_files_and_commits(two_runs):
+    (a, ra), (b, rb) = two_runs
+    assert (ra.model_commit, ra.sae_commit) == (rb.model_commit, rb.sae_commit)
+    for repo in (ra.model_repo, ra.sae_repo):
+        assert _blobs(a, repo) == _blobs(b, repo)
+
+
+def test_the_model_learned_below_the_unigram_baseline_and_the_files_load_offline(two_runs, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (cache, release), _ = two_runs
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loss = release.metrics["loss_nats_per_token"]
+    assert loss["heldout"] < loss["unigram_baseline"] - 0.3, loss  # 40 steps already; the registry's 300 go far lower
+    model_dir = snapshot_download(release.model_repo, cache_dir=cache, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
+    assert model.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tok) == FAST["vocab_size"] and tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
+
+    sae_dir = snapshot_download(release.sae_repo, cache_dir=cache, local_files_only=True)
+    stored = json.loads((Path(sae_dir) / METRICS_FILE).read_text())
+    _, heldout, source = corpus_split(stored["params"]["heldout_every"])
+    assert stored["corpus"]["sha256"] == source["sha256"]
+    assert (Path(sae_dir) / get_release("trained-llama").corpus).read_text() == "\n\n".join(heldout)
+
+    # the stored quality is what the files do, read by the project's loader on the held-out split
+    ids = torch.tensor(tok("\n\n".join(heldout)[:20000], add_special_tokens=False)["input_ids"])
+    chunks = ids[: len(ids) // 64 * 64].view(-1, 64)
+    model = model.float()
+    for sae_id, q in stored["saes"].items():
+        folder = Path(sae_dir) / q["folder"]
+        x = resid_post(model, chunks, q["layer"])
+        measured = sae_quality(x, folder, "llama_scope_safetensors")
+        assert measured["variance_explained"] == pytest.approx(q["variance_explained"], abs=0.05), sae_id
+        assert 0 < measured["l0"] < FAST["d_sae"]
+
+
+def test_gemma_scope_files_keep_unit_decoder_rows_and_the_activations(tmp_path):
+    """The Gemma Scope writer moves each decoder row's norm into the encoder: unit rows, same reconstruction."""
+    release = generate("trained-gemma", tmp_path, overrides={**FAST, "steps": 5})
+    sae_dir = snapshot_download(release.sae_repo, cache_dir=tmp_path, local_files_only=True)
+    for q in release.metrics["saes"].values():
+        sae = FORMATS["gemma_scope_npz"].read(Path(sae_dir) / q["folder"])
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
+        assert q["folder"].endswith(f"average_l0_{round(q['l0'])}")
+        assert q["variance_explained"] > 0.5
