@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from core.errors import WeightFileError
 from core.hub import Hub, Snapshot, content_id
@@ -62,3 +63,18 @@ def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
                               f"release {release.id!r} in {REGISTRY_PATH} says n_layers: {release.n_layers}")
     return snapshot, checkpoint
 
+
+
+def fetch_runnable_model(release_id: str, hub: Hub) -> Snapshot:
+    """Every file of a release's model that transformers' ``from_pretrained`` reads (config, tokenizer, all
+    weight shards): activation measurements run the model, so the MLP shards ``fetch_model`` skips are needed."""
+    release = get_release(release_id)
+    return hub_for(release, hub).fetch(release.model_repo, ["*.json", "*.safetensors"])
+
+
+def fetch_corpus(release_id: str, hub: Hub) -> Path | None:
+    """The release's held-out text (``corpus`` in releases.yaml, a file of its SAE repo); None without one."""
+    release = get_release(release_id)
+    if release.corpus is None:
+        return None
+    return hub_for(release, hub).fetch(release.sae_repo, [release.corpus]).path(release.corpus)

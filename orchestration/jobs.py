@@ -17,6 +17,7 @@ materialise them with ``python -m orchestration.cli materialize`` or a backfill 
 
 import dagster as dg
 
+from assets.activations import activation_agreement
 from assets.classes import feature_classes
 from assets.interactions import circuit_tables, lens_tables
 from assets.claims import claim_statistics
@@ -50,6 +51,7 @@ SAE_ASSETS = [
     orchestrated(lens_tables, ON_UPDATE),  # pool "compute": a code change is recomputed on request only
     orchestrated(circuit_tables, ON_UPDATE),
     orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
+    orchestrated(activation_agreement, ON_UPDATE_OR_CODE_CHANGE),  # records "no corpus" where a release has none
 ]
 REPORT_ASSETS = [
     orchestrated(claim_statistics, ON_ANY_UPDATE_OR_CODE_CHANGE),

@@ -16,7 +16,7 @@ from core.registry import get_release
 from core.sae_formats import FORMATS
 from core.trained import METRICS_FILE, corpus_split, generate, resid_post, sae_quality
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.chain  # trains small models: a minute
 
 FAST = {"steps": 40, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
 

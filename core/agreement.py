@@ -1,0 +1,109 @@
+"""How far the weight-based reading of a feature agrees with what it does on text (``core.activations``).
+
+Per feature (``feature_agreement``):
+
+* ``output_overlap = |lens_out(f) ∩ promotes(f)| / k``: the output lens' top-k tokens vs the k tokens whose
+  next-token log-probability falls most when the feature is removed where it fires;
+* ``input_overlap = |lens_in(f) ∩ fires_on(f)| / k``: the input lens' top-k tokens vs the k tokens on which the
+  feature's mean activation is highest;
+* each beside its shuffled control: the same overlap with the lens list of another feature (one seeded
+  permutation of the measured features) — chance agreement for features of this SAE and this vocabulary.
+
+Per SAE (``agreement_summary``), one row per statistic: ``value`` for the features, ``control`` under the shuffle
+(the mean over ``n_shuffles`` permutations), and ``n``: mean overlaps; the AUROC of the activation-based
+``output_score`` for the weight-based ``output_predicting`` class (``core.statistics.auroc``; control: permuted
+labels, 0.5 in expectation); Spearman's rank correlation of the weight score ``topk_z`` with ``output_score``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from core.statistics import auroc
+
+__all__ = ["agreement_summary", "feature_agreement", "top_lists"]
+
+
+def top_lists(frame: pd.DataFrame, k: int, by: str = "rank") -> dict[int, list[int]]:
+    """feature -> its first ``k`` token ids in ``by`` order, from a long table ``feature, token_id, <by>``."""
+    frame = frame.sort_values(["feature", by]).groupby("feature").head(k)
+    return {int(f): g["token_id"].astype(int).tolist() for f, g in frame.groupby("feature")}
+
+
+def _overlap(a: list[int], b: list[int], k: int) -> float:
+    return len(set(a[:k]) & set(b[:k])) / k
+
+
+def feature_agreement(lens_out: dict[int, list[int]], lens_in: dict[int, list[int]],
+                      promotes: dict[int, list[int]], fires_on: dict[int, list[int]], k: int, seed: int
+                      ) -> pd.DataFrame:
+    """``feature, output_overlap, output_overlap_shuffled, input_overlap, input_overlap_shuffled`` for every
+    feature with both sides measured (NaN where one side is missing)."""
+    rng = np.random.default_rng(seed)
+    features = sorted(set(promotes) | set(fires_on))
+    out_perm = dict(zip(features, rng.permutation(features)))
+    in_perm = dict(zip(features, rng.permutation(features)))
+    rows = []
+    for f in features:
+        row = {"feature": f}
+        for side, lens, act, perm in (("output", lens_out, promotes, out_perm), ("input", lens_in, fires_on, in_perm)):
+            have = f in act and f in lens and perm[f] in lens
+            row[f"{side}_overlap"] = _overlap(lens[f], act[f], k) if have else np.nan
+            row[f"{side}_overlap_shuffled"] = _overlap(lens[perm[f]], act[f], k) if have else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def agreement_summary(agree: pd.DataFrame, effects: pd.DataFrame, classes: pd.DataFrame, *, seed: int,
+                      n_shuffles: int = 200) -> pd.DataFrame:
+    """``statistic, value, control, n`` for one SAE (see module docstring). ``classes``: ``feature,
+    output_predicting, topk_z`` (``feature_classes``); ``effects``: ``core.activations.ablation``'s table."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for side in ("output", "input"):
+        col = agree[f"{side}_overlap"].dropna()
+        rows.append({"statistic": f"{side}_overlap", "value": float(col.mean()),
+                     "control": float(agree.loc[col.index, f"{side}_overlap_shuffled"].mean()), "n": len(col)})
+    joined = effects.merge(classes[["feature", "output_predicting", "topk_z"]], on="feature").dropna(
+        subset=["output_score"])
+    score, labels = joined["output_score"].to_numpy(), joined["output_predicting"].to_numpy(bool)
+    if 0 < labels.sum() < len(labels):
+        null = [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)]
+        rows.append({"statistic": "output_score_auroc_for_output_predicting", "value": auroc(score, labels),
+                     "control": float(np.mean(null)), "n": len(joined)})
+    if len(joined) > 2:
+        z = joined["topk_z"].to_numpy()
+        null = [_spearman(rng.permutation(z), score) for _ in range(n_shuffles)]
+        rows.append({"statistic": "spearman_topk_z_output_score", "value": _spearman(z, score),
+                     "control": float(np.mean(null)), "n": len(joined)})
+    return pd.DataFrame(rows)
+
+
+def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.DataFrame], classes: pd.DataFrame,
+                    *, k: int, seed: int, n_contexts: int = 8) -> dict[str, pd.DataFrame]:
+    """The activation-agreement stage of one SAE: ``core.activations`` on the corpus ``chunks`` (n, context),
+    compared with the stored lens tables (``lens_tokens``: ``output`` / ``input`` -> the ``*_lens_tokens``
+    table) and ``feature_classes``. Tables ``activation_features`` (``firing`` + ``ablation`` per feature),
+    ``activation_tokens`` (``side`` fires_on | promotes, ``feature, rank, token_id, value``),
+    ``activation_agreement`` (``feature_agreement``) and ``agreement_summary``."""
+    from core.activations import ablation, firing
+
+    def lens(table: pd.DataFrame) -> dict[int, list[int]]:
+        return top_lists(table[(table["sample"] == "feature") & (table["side"] == "top")], k)
+
+    lens_out, lens_in = lens(lens_tokens["output"]), lens(lens_tokens["input"])
+    fired = firing(model, sae, layer, chunks, n_contexts=n_contexts, k=k)
+    effects, promotes = ablation(model, sae, layer, chunks, fired.contexts, lens_out, k=k)
+    tokens = pd.concat([fired.fires_on.rename(columns={"mean_activation": "value"}).drop(columns="occurrences")
+                        .assign(side="fires_on"), promotes.rename(columns={"delta": "value"}).assign(side="promotes")],
+                       ignore_index=True)[["side", "feature", "rank", "token_id", "value"]]
+    agree = feature_agreement(lens_out, lens_in, top_lists(promotes, k), top_lists(fired.fires_on, k), k, seed)
+    features = fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left")
+    return {"activation_features": features, "activation_tokens": tokens, "activation_agreement": agree,
+            "agreement_summary": agreement_summary(agree, effects, classes, seed=seed)}
