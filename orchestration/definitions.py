@@ -5,6 +5,7 @@ import dagster as dg
 
 from orchestration.jobs import (
     ALL_ASSETS,
+    activation_job,
     REPORT_ASSETS,
     SAE_ASSETS,
     automation_sensor,
@@ -25,7 +26,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    jobs=[sae_chain_job, report_job, observe_job],
+    jobs=[sae_chain_job, activation_job, report_job, observe_job],
     sensors=[sae_release_sensor, automation_sensor],
     schedules=[sae_release_schedule],
     resources=resources(),

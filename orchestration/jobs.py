@@ -36,8 +36,8 @@ ON_ANY_UPDATE_OR_CODE_CHANGE = (ON_UPDATE.without(~dg.AutomationCondition.any_de
                                 .with_label("eager_allow_missing") | ON_CODE_CHANGE)
 
 
-def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition) -> dg.AssetsDefinition:
-    """The asset with an automation condition and a code version derived from the code its compute function
+def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition | None) -> dg.AssetsDefinition:
+    """The asset with an automation condition (None: none, materialised on request) and a code version derived from the code its compute function
     reaches and the default settings it reads (``orchestration.versions``)."""
     version = code_version(asset.op.compute_fn.decorated_fn)
     return asset.map_asset_specs(
@@ -51,18 +51,24 @@ SAE_ASSETS = [
     orchestrated(lens_tables, ON_UPDATE),  # pool "compute": a code change is recomputed on request only
     orchestrated(circuit_tables, ON_UPDATE),
     orchestrated(feature_classes, ON_UPDATE_OR_CODE_CHANGE),
-    orchestrated(activation_agreement, ON_UPDATE_OR_CODE_CHANGE),  # records "no corpus" where a release has none
 ]
+# optional, for releases with a corpus (the trained ones): no automation condition, so it never runs on the
+# partitions of releases without one; materialised on request (README, "Trained releases")
+ACTIVATION_ASSETS = [orchestrated(activation_agreement, None)]
 REPORT_ASSETS = [
     orchestrated(claim_statistics, ON_ANY_UPDATE_OR_CODE_CHANGE),
     *(orchestrated(asset, ON_UPDATE_OR_CODE_CHANGE) for asset in (*PLOT_ASSETS, claims_report)),
 ]
-ALL_ASSETS = [sae_files, *SAE_ASSETS, *REPORT_ASSETS]
+ALL_ASSETS = [sae_files, *SAE_ASSETS, *ACTIVATION_ASSETS, *REPORT_ASSETS]
 
 sae_chain_job = dg.define_asset_job(
     "sae_chain",
     selection=dg.AssetSelection.assets(*SAE_ASSETS),
     description="Weights → lenses and attention circuits → feature classes for one SAE partition.",
+)
+activation_job = dg.define_asset_job(
+    "activation_agreement_job", selection=dg.AssetSelection.assets(*ACTIVATION_ASSETS),
+    description="Run the model on the release's corpus and compare each feature's activations with its lenses.",
 )
 report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(*REPORT_ASSETS))
 automation_sensor = dg.AutomationConditionSensorDefinition(
