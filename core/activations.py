@@ -35,7 +35,9 @@ import torch
 
 from core.sae_formats import SaeWeights
 
-__all__ = ["Firing", "ablation", "firing", "sae_activations"]
+__all__ = ["MIN_COUNT", "Firing", "ablation", "firing", "sae_activations"]
+
+MIN_COUNT = 3  # occurrences in the corpus before a token's mean activation is ranked
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def _capture(model, layer: int) -> tuple[torch.utils.hooks.RemovableHandle, list
 
 @torch.no_grad()
 def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contexts: int = 8, k: int = 10,
-           min_count: int = 3, batch: int = 32) -> Firing:
+           min_count: int = MIN_COUNT, batch: int = 32) -> Firing:
     """Stream ``chunks`` (n, context) through the model: per-feature firing statistics, top contexts and tokens."""
     n_sae, vocab = sae.d_sae, model.config.vocab_size
     fired = torch.zeros(n_sae, dtype=torch.long)
