@@ -298,7 +298,15 @@ def generate(release_id: str, cache_dir: Path, *, overrides: dict[str, Any] | No
     """Train and write the release ``release_id`` (model + SAE repo) into the hub cache ``cache_dir``."""
     entry = _entry(release_id)
     p = TrainedParams(n_layers=entry["n_layers"], **{**entry["trained"], **(overrides or {})})
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    try:
+        return _generate(release_id, entry, p, cache_dir)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_dir: Path) -> TrainedRelease:
     torch.manual_seed(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
     seconds: dict[str, float] = {}
