@@ -89,9 +89,10 @@ def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.Da
                     *, k: int, seed: int, n_contexts: int = 8) -> dict[str, pd.DataFrame]:
     """The activation-agreement stage of one SAE: ``core.activations`` on the corpus ``chunks`` (n, context),
     compared with the stored lens tables (``lens_tokens``: ``output`` / ``input`` -> the ``*_lens_tokens``
-    table) and ``feature_classes``. Both sides range over the tokens the corpus holds at least ``MIN_COUNT``
-    times: a lens token the text never shows (a rare byte piece with a large embedding) cannot be matched by
-    any activation, so the lens lists are its best *observable* tokens. Tables ``activation_features`` (``firing`` + ``ablation`` per feature),
+    table) and ``feature_classes``. The input side ranges over the tokens the corpus holds at least ``MIN_COUNT``
+    times: an input-lens token the text never shows (a rare byte piece with a large embedding) cannot be matched
+    by any activation, so the input lens list holds its best *observable* tokens. The output side needs no such
+    filter: removing a feature changes the probability of every token, seen or not. Tables ``activation_features`` (``firing`` + ``ablation`` per feature),
     ``activation_tokens`` (``side`` fires_on | promotes, ``feature, rank, token_id, value``),
     ``activation_agreement`` (``feature_agreement``) and ``agreement_summary``."""
     import torch
@@ -101,11 +102,11 @@ def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.Da
     seen = torch.bincount(chunks.reshape(-1).cpu(), minlength=model.config.vocab_size) >= MIN_COUNT
     observable = set(torch.nonzero(seen).flatten().tolist())
 
-    def lens(table: pd.DataFrame) -> dict[int, list[int]]:
-        table = table[(table["sample"] == "feature") & (table["side"] == "top") & table["token_id"].isin(observable)]
-        return top_lists(table, k)
+    def lens(table: pd.DataFrame, tokens: set[int] | None = None) -> dict[int, list[int]]:
+        table = table[(table["sample"] == "feature") & (table["side"] == "top")]
+        return top_lists(table if tokens is None else table[table["token_id"].isin(tokens)], k)
 
-    lens_out, lens_in = lens(lens_tokens["output"]), lens(lens_tokens["input"])
+    lens_out, lens_in = lens(lens_tokens["output"]), lens(lens_tokens["input"], observable)
     fired = firing(model, sae, layer, chunks, n_contexts=n_contexts, k=k, min_count=MIN_COUNT)
     effects, promotes = ablation(model, sae, layer, chunks, fired.contexts, lens_out, k=k)
     tokens = pd.concat([fired.fires_on.rename(columns={"mean_activation": "value"}).drop(columns="occurrences")
