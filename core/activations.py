@@ -67,11 +67,11 @@ def _capture(model, layer: int) -> tuple[torch.utils.hooks.RemovableHandle, list
 def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contexts: int = 8, k: int = 10,
            min_count: int = MIN_COUNT, batch: int = 32) -> Firing:
     """Stream ``chunks`` (n, context) through the model: per-feature firing statistics, top contexts and tokens."""
-    n_sae, vocab = sae.d_sae, model.config.vocab_size
-    fired = torch.zeros(n_sae, dtype=torch.long)
-    act_sum = torch.zeros(n_sae, dtype=torch.float64)
-    top_val = torch.full((n_sae, n_contexts), -1.0)
-    top_idx = torch.full((n_sae, n_contexts), -1, dtype=torch.long)
+    n_sae, vocab, device = sae.d_sae, model.config.vocab_size, chunks.device
+    fired = torch.zeros(n_sae, dtype=torch.long, device=device)
+    act_sum = torch.zeros(n_sae, dtype=torch.float64, device=device)
+    top_val = torch.full((n_sae, n_contexts), -1.0, device=device)
+    top_idx = torch.full((n_sae, n_contexts), -1, dtype=torch.long, device=device)
     pair_keys, pair_sums = [], []
     context = chunks.shape[1]
     for start in range(0, len(chunks), batch):
@@ -85,7 +85,7 @@ def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contex
         on = f > 0
         fired += on.sum(0)
         act_sum += f.sum(0, dtype=torch.float64)
-        flat = torch.arange(start * context, start * context + f.shape[0])
+        flat = torch.arange(start * context, start * context + f.shape[0], device=device)
         merged_val = torch.cat([top_val, f.T], 1)
         merged_idx = torch.cat([top_idx, flat.expand(n_sae, -1)], 1)
         top_val, order = merged_val.topk(n_contexts, dim=1)
@@ -93,13 +93,15 @@ def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contex
         pos, feat = on.nonzero(as_tuple=True)
         keys = feat * vocab + ids.reshape(-1)[pos]
         uniq, inverse = keys.unique(return_inverse=True)
-        pair_keys.append(uniq)
-        pair_sums.append(torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, f[pos, feat].double()))
+        pair_keys.append(uniq.cpu())
+        pair_sums.append(torch.zeros(len(uniq), dtype=torch.float64, device=device)
+                         .index_add_(0, inverse, f[pos, feat].double()).cpu())
     positions = chunks.numel()
     keys = torch.cat(pair_keys)
     uniq, inverse = keys.unique(return_inverse=True)
     sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.cat(pair_sums))
-    occurrences = torch.bincount(chunks.reshape(-1), minlength=vocab)
+    occurrences = torch.bincount(chunks.reshape(-1).cpu(), minlength=vocab)
+    fired, act_sum, top_val, top_idx = fired.cpu(), act_sum.cpu(), top_val.cpu(), top_idx.cpu()
     feat, token = uniq // vocab, uniq % vocab
     per_token = pd.DataFrame({"feature": feat.numpy(), "token_id": token.numpy(),
                               "occurrences": occurrences[token].numpy()})
@@ -151,9 +153,10 @@ def ablation(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, contexts:
         for start in range(0, len(part), batch):
             rows_b = part.iloc[start:start + batch]
             ids = chunks[torch.as_tensor(rows_b["chunk"].to_numpy())]
-            pos = torch.as_tensor(rows_b["position"].to_numpy())
-            removed = (torch.as_tensor(rows_b["activation"].to_numpy(), dtype=torch.float32)[:, None]
-                       * sae.W_dec[torch.as_tensor(rows_b["feature"].to_numpy())])
+            pos = torch.as_tensor(rows_b["position"].to_numpy(), device=chunks.device)
+            removed = (torch.as_tensor(rows_b["activation"].to_numpy(), dtype=torch.float32)
+                       .to(chunks.device)[:, None] * sae.W_dec[torch.as_tensor(rows_b["feature"].to_numpy(),
+                                                                                  device=chunks.device)])
 
             def edit(_module, _inputs, output, pos=pos, removed=removed):
                 hidden = output[0] if isinstance(output, tuple) else output
@@ -164,8 +167,8 @@ def ablation(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, contexts:
             clean = _next_token_logprobs(model, ids, pos, layer)
             ablated = _next_token_logprobs(model, ids, pos, layer, edit)
             where = torch.as_tensor([slot[f] for f in rows_b["feature"]])
-            delta.index_add_(0, where, (clean - ablated).double())
-            prob_drop.index_add_(0, where, (clean.exp() - ablated.exp()).double())
+            delta.index_add_(0, where, (clean - ablated).double().cpu())
+            prob_drop.index_add_(0, where, (clean.exp() - ablated.exp()).double().cpu())
             count.index_add_(0, where, torch.ones(len(where), dtype=torch.long))
         delta /= count[:, None].clamp_min(1)
         prob_drop /= count[:, None].clamp_min(1)
