@@ -3,33 +3,14 @@ the asset's metadata for the Dagster UI (``[Show Markdown]`` opens it, scaled to
 
 import base64
 import io
-from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 from PIL import Image
 
-from core.claims import ReleaseResults
-from core.classify import DEFAULT_NULL
-from core.plots import (
-    c1_sensitivity_plot,
-    depth_profile_plot,
-    null_vs_observed_plot,
-    output_fraction_plot,
-    participation_heatmap,
-    semantic_violins,
-)
+from core.plots import PLOT_FILES, PLOTS, Draw
 from assets.claims import stored_results
 from orchestration.resources import HubResource, StoreResource
-
-VIOLIN_VALUES = {
-    "score_encoder_embedding": "encoder–embedding participation\n(writer circuit, null z)",
-    "score_decoder_unembedding": "decoder–unembedding participation\n(reader QK + write norm, null z)",
-    "encoder_norm": "raw encoder norm ‖W_enc[:, i]‖",
-    "decoder_norm": "raw decoder norm ‖W_dec[i]‖",
-}
-
-Draw = Callable[[ReleaseResults, Path], Path | None]
 
 # Dagster's UI shows markdown metadata of 1000 characters or more (any data-URI plot) behind "[Show Markdown]",
 # in a dialog at most 80 % of the window wide, images at their pixel size (raw HTML such as <img width> is not
@@ -37,47 +18,9 @@ Draw = Callable[[ReleaseResults, Path], Path | None]
 UI_PLOT_WIDTH = 1080
 
 
-def _output_fraction(r: ReleaseResults, path: Path) -> Path:
-    return output_fraction_plot(r.by_layer, r.release, path, r.truth.output.truth_fraction if r.truth else None)
-
-
-def _depth_profiles(r: ReleaseResults, path: Path) -> Path | None:
-    return None if r.profile.empty else depth_profile_plot(r.profile, r.verdicts, r.release, path, r.truth_strength)
-
-
-def _heatmap(r: ReleaseResults, path: Path) -> Path | None:
-    return None if r.head_participation.empty else participation_heatmap(r.head_participation, r.release, path)
-
-
-def _violins(r: ReleaseResults, path: Path) -> Path:
-    return semantic_violins(r.per_feature, VIOLIN_VALUES, r.release, path)
-
-
-def _calibration(r: ReleaseResults, path: Path) -> Path | None:
-    feats = r.per_feature[r.per_feature["sample"] == "feature"]
-    thresholds = r.thresholds[r.thresholds["null"] == DEFAULT_NULL] if "null" in r.thresholds else r.thresholds
-    return None if r.null_rows.empty else null_vs_observed_plot(feats, r.null_rows, thresholds, r.release, path)
-
-
-def _sensitivity(r: ReleaseResults, path: Path) -> Path | None:
-    return None if r.sensitivity.empty else c1_sensitivity_plot(r.sensitivity, r.release, path)
-
-
-# asset name -> (file name, drawing function, what the plot shows)
-PLOTS: dict[str, tuple[str, Draw, str]] = {
-    "plot_output_fraction": ("c1_output_fraction.png", _output_fraction,
-                             "C1: fraction of output-predicting features (and control) per layer, 95 % Wilson CI."),
-    "plot_depth_profiles": ("c2_depth_profiles.png", _depth_profiles,
-                            "C2: mean participation (null z) over normalised depth per phase, features vs control, C2 verdict."),
-    "plot_participation_heatmap": ("c2_layer_head_participation.png", _heatmap,
-                                   "C2: layer × head participation (mean score, % of features participating)."),
-    "plot_semantic_violins": ("c3_semantic_vs_non_semantic.png", _violins,
-                              "C3: semantic vs non-semantic features: participation and raw weight norms."),
-    "plot_calibration": ("calibration_null_vs_observed.png", _calibration,
-                         "Calibration: each metric for features vs both nulls, with the matched null's P99 threshold."),
-    "plot_c1_sensitivity": ("c1_sensitivity.png", _sensitivity,
-                            "C1 against the threshold quantile, k and the null; the paper's P75 rule beside it."),
-}
+def asset_name(plot: str) -> str:
+    """The plot asset's name for a plot of ``core.plots.PLOTS``: ``plot_<name>``."""
+    return f"plot_{plot}"
 
 
 def fitted_png(path: Path, width: int) -> bytes:
@@ -98,9 +41,12 @@ def png_data_uri(path: Path, width: int = UI_PLOT_WIDTH) -> str:
 
 
 def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.AssetsDefinition:
-    """The asset drawing one plot for every release in ``claim_statistics``."""
+    """The asset drawing plot ``name`` (``draw``: ``core.plots.PLOTS[name].draw``) for every release in
+    ``claim_statistics``. The drawing function and the literals are captured one by one, so a plot's code
+    version reaches its own drawing code only (``orchestration.versions``)."""
 
-    @dg.asset(name=name, group_name="plots", kinds={"seaborn"}, description=description, deps=["claim_statistics"])
+    @dg.asset(name=asset_name(name), group_name="plots", kinds={"seaborn"}, description=description,
+              deps=["claim_statistics"])
     def _plot(store: StoreResource, hub: HubResource) -> dg.MaterializeResult:
         metadata: dict[str, dg.MetadataValue] = {}
         for release, results in stored_results(store, hub).items():
@@ -117,10 +63,4 @@ def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.As
     return _plot
 
 
-PLOT_ASSETS = [plot_asset(name, *spec) for name, spec in PLOTS.items()]
-
-
-def write_plots(results: ReleaseResults, folder: Path) -> dict[str, Path]:
-    """Every plot of one release into ``folder`` (what the plot assets do, without Dagster)."""
-    paths = {name: draw(results, folder / file_name) for name, (file_name, draw, _) in PLOTS.items()}
-    return {name: path for name, path in paths.items() if path is not None}
+PLOT_ASSETS = [plot_asset(name, PLOT_FILES[name], plot.draw, plot.description) for name, plot in PLOTS.items()]

@@ -2,14 +2,15 @@
 
 import dagster as dg
 
-from assets.plots import PLOTS, png_data_uri
+from assets.plots import asset_name, png_data_uri
 from assets.claims import stored_results
 from core import atomic
 from core.claims import render_report
+from core.plots import PLOT_FILES
 from orchestration.resources import HubResource, StoreResource
 
 
-@dg.asset(group_name="report", deps=["claim_statistics", *PLOTS], kinds={"markdown"})
+@dg.asset(group_name="report", deps=["claim_statistics", *map(asset_name, PLOT_FILES)], kinds={"markdown"})
 def claims_report(context: dg.AssetExecutionContext, store: StoreResource, hub: HubResource) -> dg.MaterializeResult:
     """``<data>/reports/<release>/report.md`` per release (``core.claims.render_report``): for each claim
     the paper's statement, the value measured here, the verdict and the plot; planted releases show their
@@ -18,8 +19,8 @@ def claims_report(context: dg.AssetExecutionContext, store: StoreResource, hub: 
     metadata: dict[str, dg.MetadataValue] = {}
     for release, results in stored_results(store, hub).items():
         folder = store.artifacts("reports") / release
-        plots = {name: folder / file_name for name, (file_name, _, _) in PLOTS.items() if (folder / file_name).exists()}
-        text = render_report(results, {name.removeprefix("plot_"): path.name for name, path in plots.items()})
+        plots = {name: folder / file_name for name, file_name in PLOT_FILES.items() if (folder / file_name).exists()}
+        text = render_report(results, {name: path.name for name, path in plots.items()})
         report_path = folder / "report.md"
         atomic.write_text(report_path, text)
         inline = text

@@ -1,8 +1,13 @@
-"""Seaborn figures written as PNG files (for the Dagster UI and the report)."""
+"""Seaborn figures written as PNG files (for the Dagster UI and the report), and the registry of a release's
+plots (:data:`PLOTS`, keyed by plot name; the file names alone in :data:`PLOT_FILES`, which is all the report
+needs)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,6 +18,10 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from core.atomic import atomic_path  # noqa: E402
+from core.classify import DEFAULT_NULL  # noqa: E402
+
+if TYPE_CHECKING:
+    from core.claims import ReleaseResults
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -193,3 +202,75 @@ def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> 
     fig.suptitle(f"{release}: C1 sensitivity to the threshold quantile, k and the null")
     fig.tight_layout()
     return save(fig, path)
+
+
+VIOLIN_VALUES = {
+    "score_encoder_embedding": "encoder–embedding participation\n(writer circuit, null z)",
+    "score_decoder_unembedding": "decoder–unembedding participation\n(reader QK + write norm, null z)",
+    "encoder_norm": "raw encoder norm ‖W_enc[:, i]‖",
+    "decoder_norm": "raw decoder norm ‖W_dec[i]‖",
+}
+
+
+def _output_fraction(r: ReleaseResults, path: Path) -> Path:
+    return output_fraction_plot(r.by_layer, r.release, path, r.truth.output.truth_fraction if r.truth else None)
+
+
+def _depth_profiles(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.profile.empty else depth_profile_plot(r.profile, r.verdicts, r.release, path, r.truth_strength)
+
+
+def _heatmap(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.head_participation.empty else participation_heatmap(r.head_participation, r.release, path)
+
+
+def _violins(r: ReleaseResults, path: Path) -> Path:
+    return semantic_violins(r.per_feature, VIOLIN_VALUES, r.release, path)
+
+
+def _calibration(r: ReleaseResults, path: Path) -> Path | None:
+    feats = r.per_feature[r.per_feature["sample"] == "feature"]
+    thresholds = r.thresholds[r.thresholds["null"] == DEFAULT_NULL] if "null" in r.thresholds else r.thresholds
+    return None if r.null_rows.empty else null_vs_observed_plot(feats, r.null_rows, thresholds, r.release, path)
+
+
+def _sensitivity(r: ReleaseResults, path: Path) -> Path | None:
+    return None if r.sensitivity.empty else c1_sensitivity_plot(r.sensitivity, r.release, path)
+
+
+# plot name -> its PNG's file name beside the report (``<data>/reports/<release>/``); the report reads only this,
+# so editing a drawing leaves the report's code version alone
+PLOT_FILES = {
+    "output_fraction": "c1_output_fraction.png",
+    "depth_profiles": "c2_depth_profiles.png",
+    "participation_heatmap": "c2_layer_head_participation.png",
+    "semantic_violins": "c3_semantic_vs_non_semantic.png",
+    "calibration": "calibration_null_vs_observed.png",
+    "c1_sensitivity": "c1_sensitivity.png",
+}
+
+
+Draw = Callable[["ReleaseResults", Path], "Path | None"]
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One plot of a release: ``draw(results, path)`` writes the PNG and returns its path, or ``None`` when the
+    release has nothing to draw (no attention statistics, no null rows)."""
+
+    draw: Draw
+    description: str
+
+
+PLOTS: dict[str, Plot] = {
+    "output_fraction": Plot(_output_fraction, "C1: fraction of output-predicting features (and control) per layer, "
+                                              "95 % Wilson CI."),
+    "depth_profiles": Plot(_depth_profiles, "C2: mean participation (null z) over normalised depth per phase, "
+                                            "features vs control, C2 verdict."),
+    "participation_heatmap": Plot(_heatmap, "C2: layer × head participation (mean score, % of features participating)."),
+    "semantic_violins": Plot(_violins, "C3: semantic vs non-semantic features: participation and raw weight norms."),
+    "calibration": Plot(_calibration, "Calibration: each metric for features vs both nulls, with the matched null's "
+                                      "P99 threshold."),
+    "c1_sensitivity": Plot(_sensitivity, "C1 against the threshold quantile, k and the null; the paper's P75 rule "
+                                         "beside it."),
+}

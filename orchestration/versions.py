@@ -7,8 +7,8 @@ annotation (annotations are how methods called on a typed argument are reached) 
 through the defining module's top-level bindings and its ``from X import Y`` / ``import X`` lines, with the
 names local to a function or comprehension (arguments, assignments) shadowing the module's, as in Python.
 A class is hashed whole (every method and field), a constant as the statement(s) binding it (so a dict of
-functions reaches every function in it: ``claims_report`` reads ``assets.plots.PLOTS`` for its file names
-and so reaches every plot's drawing code). The pieces are hashed in sorted order under module-relative
+functions reaches every function in it; ``claims_report`` reads ``core.plots.PLOT_FILES``, the file names
+alone, and so no plot's drawing code). The pieces are hashed in sorted order under module-relative
 names, so a version is deterministic and the same in every checkout. Editing a helper changes only the
 assets that reach it; editing a module an asset imports for something else does not. Not seen (and so not
 hashed): module-level statements that bind no name (``matplotlib.use``), what is reached only through

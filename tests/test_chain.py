@@ -14,7 +14,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets.plots import PLOTS
+from assets.plots import asset_name
+from core.plots import PLOT_FILES
 from core.hub_cache import write_snapshot
 from core.registry import get_release, parse_key
 from core.semantic import CANDIDATES
@@ -33,7 +34,7 @@ def truth(cache: Path, release_id: str) -> dict:
 def test_definitions_load():
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
         "sae_weights", "model_weights", "lens_tables", "circuit_tables", "feature_classes", "claim_statistics",
-        "claims_report", *PLOTS,
+        "claims_report", *map(asset_name, PLOT_FILES),
     }
 
 
@@ -154,7 +155,7 @@ def test_report_and_plot_written(chain):
         assert "control" in report  # features and control side by side
         missing = sorted(set(range(get_release(release_id).n_layers)) - {parse_key(k).layer for k in keys if k.startswith(release_id)})
         assert not missing or f"Layers without an analysed SAE: {', '.join(map(str, missing))}" in report  # gap named
-        for file_name, _, _ in PLOTS.values():  # one asset per plot, each file linked from the report
+        for file_name in PLOT_FILES.values():  # one asset per plot, each file linked from the report
             png = (data / "reports" / release_id / file_name).read_bytes()
             assert png.startswith(b"\x89PNG") and len(png) > 10_000, file_name
             assert f"]({file_name})" in report

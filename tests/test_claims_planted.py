@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from assets.interactions import load
-from assets.plots import PLOTS, write_plots
+from core.plots import PLOT_FILES, PLOTS
 from core.claims import CLASS_TABLES, render_report, results_from_tables
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
@@ -131,12 +131,13 @@ def test_report_plots_and_missing_layers(planted, tmp_path):
         analysed = set(p["frames"]["feature_classes"].query("release == @release_id")["layer"])
         assert r.missing_layers == sorted(set(range(get_release(release_id).n_layers)) - analysed)
         assert (r.missing_layers != []) == (release_id == "planted-llama")  # planted-gemma is analysed whole
-        paths = write_plots(r, tmp_path / release_id)
-        assert set(paths) == set(PLOTS)
+        assert PLOTS.keys() == PLOT_FILES.keys()
+        paths = {name: plot.draw(r, tmp_path / release_id / PLOT_FILES[name]) for name, plot in PLOTS.items()}
+        assert None not in paths.values()  # planted releases have data for every plot
         for path in paths.values():
             data = path.read_bytes()
             assert data.startswith(b"\x89PNG") and len(data) > 20_000, path
-        text = render_report(r, {k.removeprefix("plot_"): v.name for k, v in paths.items()})
+        text = render_report(r, {k: v.name for k, v in paths.items()})
         if r.missing_layers:
             assert f"Layers without an analysed SAE: {', '.join(map(str, r.missing_layers))}" in text
         assert "| claim | statistic | features | 95 % CI | control |" in text

@@ -20,7 +20,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from assets.plots import PLOTS, UI_PLOT_WIDTH  # noqa: E402
+from assets.plots import UI_PLOT_WIDTH  # noqa: E402
+from core.plots import PLOT_FILES  # noqa: E402
 from orchestration.resources import StoreResource  # noqa: E402
 from tests.test_webserver import Served, graphql, served_chain  # noqa: E402
 
@@ -119,7 +120,7 @@ def test_plot_opens_whole_at_a_readable_width(served, browser, shots):
     image = dialog.find_element(By.CSS_SELECTOR, "img[alt^='planted-gemma']")
     geometry = image_geometry(browser, image)
     assert_whole_and_readable(geometry)
-    drawn = served.data / "reports" / "planted-gemma" / PLOTS["plot_depth_profiles"][0]
+    drawn = served.data / "reports" / "planted-gemma" / PLOT_FILES["depth_profiles"]
     assert geometry["natural"] == UI_PLOT_WIDTH and png_width(drawn) > UI_PLOT_WIDTH  # the file keeps its resolution
 
     dialog = open_markdown(browser, f"{base}/claims_report", "planted-gemma/report")

@@ -26,17 +26,16 @@ ASSETS = {"sae_weights", "model_weights", "lens_tables", "circuit_tables", "feat
 KERNEL_FUNCTION = "\nextern \"C\" int weightlens_unused_probe() { return 0; }\n"
 
 # name -> (file, text to replace (None: append), replacement, the assets whose code version must change).
-# claims_report reads ``assets.plots.PLOTS`` (for file names), a dict holding every drawing function, so a plot
-# edit reaches it too (it reruns after the plot anyway: eager).
+# claims_report reads only ``core.plots.PLOT_FILES`` (file names), so a plot edit reaches its plot asset alone.
 EDITS: dict[str, tuple[str, str | None, str, set[str]]] = {
     "classify module docstring": ("core/classify.py", "1. Heavy-tailed output lens.", "1. Heavy-tailed lens.", set()),
     "classify function docstring": ("core/classify.py", '"""Per k: ``(mean', '"""For each k: ``(mean', set()),
     "hub error message": ("core/hub.py", "revision {revision!r} not found on the hub",
                           "revision {revision!r} does not exist", set()),
     "c1 sensitivity plot title": ("core/plots.py", "C1 sensitivity to the threshold quantile",
-                                  "C1 against the threshold quantile", {"plot_c1_sensitivity", "claims_report"}),
+                                  "C1 against the threshold quantile", {"plot_c1_sensitivity"}),
     "output fraction plot title": ("core/plots.py", "features whose decoder direction directly predicts",
-                                   "features whose decoder predicts", {"plot_output_fraction", "claims_report"}),
+                                   "features whose decoder predicts", {"plot_output_fraction"}),
     "token identity threshold": ("core/classify.py", "TOKEN_IDENTITY_JACCARD = 0.5", "TOKEN_IDENTITY_JACCARD = 0.6",
                                  {"feature_classes"}),
     "top-k z formula": ("core/classify.py", "out[k] = (top_mean - mean) / std",

@@ -21,7 +21,8 @@ import dagster as dg
 import pytest
 
 from assets.common import CHECK_DESCRIPTIONS, check_specs
-from assets.plots import PLOTS
+from assets.plots import asset_name
+from core.plots import PLOT_FILES
 from core.planted import generate
 from orchestration.cli import materialize_all
 from orchestration.resources import ComputeResource, HubResource, StoreResource
@@ -137,8 +138,8 @@ def test_asset_graph_partitions_and_metadata_are_served(server):
     markdown = {label: e.get("mdStr") for label, e in latest_metadata(server, "claims_report").items()}
     assert "data:image/png;base64," in markdown["planted-gemma/report"]  # the plots, embedded for the UI
     assert "## Verdicts" in markdown["planted-gemma/report"] and "| C1 |" in markdown["planted-gemma/report"]
-    for plot in PLOTS:  # every plot asset shows its PNG in the UI
-        shown = latest_metadata(server, plot)["planted-gemma/plot"]["mdStr"]
+    for plot in PLOT_FILES:  # every plot asset shows its PNG in the UI
+        shown = latest_metadata(server, asset_name(plot))["planted-gemma/plot"]["mdStr"]
         assert shown.startswith("![planted-gemma") and "data:image/png;base64," in shown
 
 
