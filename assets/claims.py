@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets.common import check_results, check_specs, store_table
-from core.claims import CLASS_TABLES, RESULT_TABLES, ReleaseResults, missing_saes, results_from_tables, verdict_table
+from core.claims import AGREEMENT_TABLES, CLASS_TABLES, RESULT_TABLES, ReleaseResults, missing_saes, results_from_tables, verdict_table
 from core.profiles import PROFILE_STATS
 from core.registry import get_release
 from core.verdicts import VERDICTS
@@ -19,7 +19,7 @@ def stored_results(store: StoreResource, hub: HubResource) -> dict[str, ReleaseR
     """Per release, what ``claim_statistics`` stored (``core.claims.RESULT_TABLES``) with the class tables it read
     and, for planted releases, the ground truth: the one data path of the plots and the report (no pickle)."""
     tables = store.tables()
-    frames = {name: tables.read(name) for name in (*CLASS_TABLES, *RESULT_TABLES)}
+    frames = {name: tables.read(name) for name in (*CLASS_TABLES, *AGREEMENT_TABLES, *RESULT_TABLES)}
     if frames["claim_verdicts"].empty:
         raise dg.Failure("No claim_verdicts are stored yet: materialise claim_statistics first.")
     out = {}
@@ -32,7 +32,8 @@ def stored_results(store: StoreResource, hub: HubResource) -> dict[str, ReleaseR
 
 @dg.asset(
     group_name="claims",
-    deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping()) for name in ("feature_classes", "sae_weights")],
+    deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping())
+          for name in ("feature_classes", "sae_weights", "activation_agreement")],
     kinds={"parquet"},
     check_specs=check_specs("claim_statistics", STATISTICS_CHECKS),
 )
@@ -44,9 +45,11 @@ def claim_statistics(
     them back, ``stored_results``): ``claim_verdicts`` (``core.verdicts``: ``release, claim, verdict, statistic, value, ci_low,
     ci_high, control_value, p_value, n, rule``), ``output_fraction_by_layer`` (``sample, layer, sae_id, n,
     hits, fraction, ci_low, ci_high``) and ``depth_profiles`` (``sample, phase, layer, depth, n,
-    participating, mean/median/p75`` with 95 % bands). Planted releases carry their ground truth."""
+    participating, mean/median/p75`` with 95 % bands) and, where ``activation_agreement`` ran (releases with a
+    corpus), ``release_agreement`` (``core.agreement.release_agreement``). Planted releases carry their ground
+    truth."""
     tables = store.tables()
-    frames = {name: tables.read(name) for name in CLASS_TABLES}
+    frames = {name: tables.read(name) for name in (*CLASS_TABLES, *AGREEMENT_TABLES)}
     if frames["feature_classes"].empty:
         raise dg.Failure("No feature_classes rows are stored yet: materialise at least one SAE partition first.")
     metadata: dict[str, dg.MetadataValue] = {}
@@ -58,7 +61,8 @@ def claim_statistics(
         result = results_from_tables(release, frames, truth,
                                      registered=[key.partition(":")[2] for key in registered if key.startswith(f"{release.id}:")])
         for table, frame in (("sae_coverage", result.coverage), ("claim_verdicts", result.verdicts),
-                             ("output_fraction_by_layer", result.by_layer), ("depth_profiles", result.profile)):
+                             ("output_fraction_by_layer", result.by_layer), ("depth_profiles", result.profile),
+                             ("release_agreement", result.agreement)):
             if len(frame):
                 metadata |= {f"{release.id}/{label}": value  # one key per release: none overwrites another's
                              for label, value in store_table(store, table, release.id, frame).items()}

@@ -10,9 +10,16 @@ Per feature (``feature_agreement``):
   permutation of the measured features) — chance agreement for features of this SAE and this vocabulary.
 
 Per SAE (``agreement_summary``), one row per statistic: ``value`` for the features, ``control`` under the shuffle
-(the mean over ``n_shuffles`` permutations), and ``n``: mean overlaps; the AUROC of the activation-based
-``output_score`` for the weight-based ``output_predicting`` class (``core.statistics.auroc``; control: permuted
-labels, 0.5 in expectation); Spearman's rank correlation of the weight score ``topk_z`` with ``output_score``.
+(the mean over ``n_shuffles`` permutations), ``p_value`` (one-sided, value above chance) and ``n``: mean overlaps
+(p: sign flips of the per-feature differences overlap − shuffled overlap, ``core.statistics.sign_flip_test``); the
+AUROC of the activation-based ``output_score`` for the weight-based ``output_predicting`` class
+(``core.statistics.auroc``; control: permuted labels, 0.5 in expectation); Spearman's rank correlation of the
+weight score ``topk_z`` with ``output_score`` (both p: ``(1 + #{null ≥ value}) / (1 + n_shuffles)``).
+
+Per release (``release_agreement``, what the report shows), pooled over its SAEs: the overlaps over every
+measured feature (sign flips again), the AUROC and Spearman rows as ``n``-weighted means with the SAEs' p-values
+combined by Fisher's method; ``beyond_chance`` = ``p_value < ALPHA``. The statement it tests: the weight-based
+reading agrees with the activations more than another feature's reading does.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.statistics import auroc
+from core.statistics import auroc, sign_flip_test
+from core.verdicts import ALPHA
 
-__all__ = ["agreement_summary", "feature_agreement", "top_lists"]
+__all__ = ["agreement_summary", "feature_agreement", "release_agreement", "top_lists"]
+OVERLAPS = ("output_overlap", "input_overlap")
 
 
 def top_lists(frame: pd.DataFrame, k: int, by: str = "rank") -> dict[int, list[int]]:
@@ -65,24 +74,60 @@ def agreement_summary(agree: pd.DataFrame, effects: pd.DataFrame, classes: pd.Da
     """``statistic, value, control, n`` for one SAE (see module docstring). ``classes``: ``feature,
     output_predicting, topk_z`` (``feature_classes``); ``effects``: ``core.activations.ablation``'s table."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for side in ("output", "input"):
-        col = agree[f"{side}_overlap"].dropna()
-        rows.append({"statistic": f"{side}_overlap", "value": float(col.mean()),
-                     "control": float(agree.loc[col.index, f"{side}_overlap_shuffled"].mean()), "n": len(col)})
+    rows = [_overlap_row(agree, statistic, seed) for statistic in OVERLAPS]
     joined = effects.merge(classes[["feature", "output_predicting", "topk_z"]], on="feature").dropna(
         subset=["output_score"])
     score, labels = joined["output_score"].to_numpy(), joined["output_predicting"].to_numpy(bool)
     if 0 < labels.sum() < len(labels):
-        null = [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)]
-        rows.append({"statistic": "output_score_auroc_for_output_predicting", "value": auroc(score, labels),
-                     "control": float(np.mean(null)), "n": len(joined)})
+        rows.append(_permutation_row("output_score_auroc_for_output_predicting", auroc(score, labels),
+                                     [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)], len(joined)))
     if len(joined) > 2:
         z = joined["topk_z"].to_numpy()
-        null = [_spearman(rng.permutation(z), score) for _ in range(n_shuffles)]
-        rows.append({"statistic": "spearman_topk_z_output_score", "value": _spearman(z, score),
-                     "control": float(np.mean(null)), "n": len(joined)})
-    return pd.DataFrame(rows)
+        rows.append(_permutation_row("spearman_topk_z_output_score", _spearman(z, score),
+                                     [_spearman(rng.permutation(z), score) for _ in range(n_shuffles)], len(joined)))
+    return pd.DataFrame(rows, columns=["statistic", "value", "control", "p_value", "n"])
+
+
+def _overlap_row(agree: pd.DataFrame, statistic: str, seed: int) -> dict:
+    """Mean overlap and its shuffled control over the features with both sides measured; p by sign flips of
+    the per-feature differences."""
+    pairs = agree[[statistic, f"{statistic}_shuffled"]].dropna().to_numpy()
+    p = sign_flip_test(pairs[:, 0] - pairs[:, 1], seed=seed)[0] if len(pairs) else float("nan")
+    mean = pairs.mean(0) if len(pairs) else np.full(2, np.nan)
+    return {"statistic": statistic, "value": float(mean[0]), "control": float(mean[1]), "p_value": p, "n": len(pairs)}
+
+
+def _permutation_row(statistic: str, value: float, null: list[float], n: int) -> dict:
+    null_values = np.asarray(null)
+    return {"statistic": statistic, "value": value, "control": float(null_values.mean()),
+            "p_value": float((1 + np.sum(null_values >= value)) / (1 + len(null_values))), "n": n}
+
+
+def fisher_combined(p_values: np.ndarray) -> float:
+    """Fisher's method: ``X = −2 Σ ln p`` is χ² with 2m degrees of freedom under H0 for m independent tests;
+    its survival function for even degrees of freedom is ``e^{−X/2} Σ_{i<m} (X/2)^i / i!``."""
+    p_values = np.clip(np.asarray(p_values, dtype=np.float64), 1e-300, 1.0)
+    half = -np.log(p_values).sum()
+    terms = np.cumprod(np.r_[1.0, np.full(len(p_values) - 1, half) / np.arange(1, len(p_values))])
+    return float(min(1.0, np.exp(-half) * terms.sum()))
+
+
+def release_agreement(release: str, summary: pd.DataFrame, per_feature: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """``release, statistic, value, control, p_value, n, saes, beyond_chance`` of one release (module docstring)
+    from its SAEs' ``agreement_summary`` and ``activation_agreement`` rows (empty in, empty out)."""
+    if summary.empty:
+        return pd.DataFrame()
+    rows = [_overlap_row(per_feature, statistic, seed) | {"saes": int(per_feature["sae_id"].nunique())}
+            for statistic in OVERLAPS]
+    for statistic, group in summary[~summary["statistic"].isin(OVERLAPS)].groupby("statistic", sort=True):
+        weights = group["n"].to_numpy(np.float64)
+        rows.append({"statistic": statistic, "value": float(np.average(group["value"], weights=weights)),
+                     "control": float(np.average(group["control"], weights=weights)),
+                     "p_value": fisher_combined(group["p_value"].to_numpy()), "n": int(weights.sum()),
+                     "saes": len(group)})
+    out = pd.DataFrame(rows)
+    out.insert(0, "release", release)
+    return out.assign(beyond_chance=(out["p_value"] < ALPHA) & (out["value"] > out["control"]))
 
 
 def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.DataFrame], classes: pd.DataFrame,

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core.agreement import release_agreement
 from core.classify import NULLS
 from core.power import class_recovery_table, hard_case_table, power_table
 from core.profiles import depth_profile
 from core.registry import Release
 from core.statistics import auroc, wilson_interval
 from core.truth import planted_semantic_features
-from core.verdicts import C1_BAND, C2_HYPOTHESIS, VERDICTS, claim_verdicts
+from core.verdicts import ALPHA, C1_BAND, C2_HYPOTHESIS, VERDICTS, claim_verdicts
 
 PAPER = {
     "C1": "About one quarter of SAE features directly predict output tokens.",
@@ -110,6 +111,8 @@ class ReleaseResults:
     per_feature: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per direction, samples feature/control
     null_rows: pd.DataFrame = field(default_factory=pd.DataFrame)  # semantic_null rows
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)  # c1_sensitivity rows (core.classify)
+    agreement: pd.DataFrame = field(default_factory=pd.DataFrame)  # core.agreement.release_agreement (empty: no corpus)
+    agreement_by_sae: pd.DataFrame = field(default_factory=pd.DataFrame)  # agreement_summary rows of its SAEs
     truth_strength: pd.DataFrame | None = None
 
 
@@ -155,11 +158,13 @@ def release_results(
     head_part: pd.DataFrame,
     feature_part: pd.DataFrame,
     sensitivity: pd.DataFrame,
+    agreement: tuple[pd.DataFrame, pd.DataFrame] = (pd.DataFrame(), pd.DataFrame()),
     truth: dict | None = None,
     stored: dict[str, pd.DataFrame] | None = None,
     registered: Sequence[str] = (),
 ) -> ReleaseResults:
     """Every measured quantity and verdict of one release from its tables (each filtered to the release);
+    ``agreement``: its SAEs' ``agreement_summary`` and ``activation_agreement`` rows (empty without a corpus);
     ``stored``: the ``RESULT_TABLES`` already computed for it (read back, not recomputed); ``registered``: the
     release's registered SAE ids (partitions), for ``sae_coverage``."""
     per_feature = per_feature_table(classes, control, norms, feature_part)
@@ -167,7 +172,8 @@ def release_results(
         stored = {"sae_coverage": coverage_table(release, registered, classes["sae_id"].unique()),
                   "output_fraction_by_layer": output_fraction_by_layer(per_feature),
                   "claim_verdicts": claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
-                  "depth_profiles": depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame()}
+                  "depth_profiles": depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame(),
+                  "release_agreement": release_agreement(release, *agreement)}
     results = ReleaseResults(
         release=release,
         architecture=architecture,
@@ -185,6 +191,8 @@ def release_results(
         per_feature=per_feature,
         null_rows=null_rows,
         sensitivity=sensitivity,
+        agreement=stored["release_agreement"],
+        agreement_by_sae=agreement[0],
     )
     if truth is not None:
         semantic = planted_semantic_features(truth)
@@ -205,7 +213,9 @@ def release_results(
 
 CLASS_TABLES = ("feature_classes", "control_classes", "semantic_null", "class_thresholds", "sae_features",
                 "attention_participation", "feature_participation", "c1_sensitivity")
-RESULT_TABLES = ("sae_coverage", "claim_verdicts", "output_fraction_by_layer", "depth_profiles")  # what claim_statistics stores
+AGREEMENT_TABLES = ("agreement_summary", "activation_agreement")  # activation_agreement's, where a corpus exists
+RESULT_TABLES = ("sae_coverage", "claim_verdicts", "output_fraction_by_layer", "depth_profiles",
+                 "release_agreement")  # what claim_statistics stores
 ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama", "gemma_scope_2_safetensors": "gemma3"}  # SAE format -> model family
 
 
@@ -226,7 +236,8 @@ def missing_saes(coverage: pd.DataFrame) -> list[str]:
 
 def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None,
                         computed: bool = False, registered: Sequence[str] = ()) -> ReleaseResults:
-    """``release_results`` of one release from the stored ``CLASS_TABLES`` (all releases; filtered here); with
+    """``release_results`` of one release from the stored ``CLASS_TABLES`` and ``AGREEMENT_TABLES`` (all releases,
+    a missing table empty; filtered here); with
     ``computed``, the release's ``RESULT_TABLES`` are read from ``tables`` too instead of being computed;
     ``registered``: the release's registered SAE ids."""
     pick = {name: frame[frame["release"] == release.id].reset_index(drop=True) if len(frame) else frame
@@ -234,7 +245,8 @@ def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth
     return release_results(
         release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers, pick["feature_classes"],
         pick["control_classes"], pick["semantic_null"], pick["class_thresholds"], pick["sae_features"],
-        pick["attention_participation"], pick["feature_participation"], pick["c1_sensitivity"], truth,
+        pick["attention_participation"], pick["feature_participation"], pick["c1_sensitivity"],
+        (pick.get("agreement_summary", pd.DataFrame()), pick.get("activation_agreement", pd.DataFrame())), truth,
         {name: pick[name] for name in RESULT_TABLES} if computed else None, registered,
     )
 
@@ -261,6 +273,37 @@ def verdict_table(verdicts: pd.DataFrame) -> str:
         lines.append(f"| {r.claim} | {r.statistic} | {_fmt(r.value)} | {ci} | {_fmt(r.control_value)} | "
                      f"{_fmt(r.p_value, '.3g')} | {r.n} | **{r.verdict}** | {r.rule} |")
     return "\n".join(lines)
+
+
+AGREEMENT_LABELS = {
+    "output_overlap": "output lens top-k ∩ tokens its removal demotes most (fraction of k)",
+    "input_overlap": "input lens top-k ∩ tokens it fires on most (fraction of k; corpus tokens only)",
+    "output_score_auroc_for_output_predicting": "AUROC of the activation output score for the output-predicting class",
+    "spearman_topk_z_output_score": "Spearman: weight score top-k z vs activation output score",
+}
+
+
+def agreement_section(results: ReleaseResults) -> list[str]:
+    """Markdown lines: the weight-based reading against the activations on the release's held-out corpus
+    (``core.agreement``), pooled and per SAE, each beside its shuffled control; one line when not measured."""
+    lines = ["## Activation agreement (weights vs the model run on held-out text)", ""]
+    if results.agreement.empty:
+        return lines + ["Not measured: the release provides no corpus, or `activation_agreement` has not been "
+                        "materialised for its SAEs.", ""]
+    pooled = results.agreement.assign(statistic=results.agreement["statistic"].map(AGREEMENT_LABELS)
+                                      .fillna(results.agreement["statistic"]))
+    by_sae = results.agreement_by_sae.sort_values(["layer", "sae_id", "statistic"])
+    return lines + [
+        "Control: the same statistic with another feature's lens list (overlaps) or permuted labels / scores "
+        f"(AUROC, Spearman) — chance for this SAE and vocabulary. `beyond_chance`: one-sided p < {ALPHA} "
+        "(overlaps: sign flips of per-feature differences; AUROC and Spearman: permutations, SAEs combined by "
+        "Fisher's method).", "",
+        pooled[["statistic", "value", "control", "p_value", "n", "saes", "beyond_chance"]]
+        .to_markdown(index=False, floatfmt=".3g"), "",
+        "Per SAE:", "",
+        by_sae[["layer", "sae_id", "statistic", "value", "control", "p_value", "n"]]
+        .to_markdown(index=False, floatfmt=".3g"), "",
+    ]
 
 
 def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
@@ -341,6 +384,7 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
         .to_markdown(index=False, floatfmt=".3f") if not results.profile.empty else "no attention statistics",
         "",
         "## C3 semantic vs non-semantic", "", image("semantic_violins", "semantic vs non-semantic"), "",
+        *agreement_section(results),
         "## Calibration", "", image("calibration", "null vs observed"), "",
         "Thresholds used (median over the release's SAEs; each SAE is calibrated on its own null):", "",
         results.thresholds.to_markdown(index=False, floatfmt=".4g") if not results.thresholds.empty else "",

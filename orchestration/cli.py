@@ -15,7 +15,8 @@ partition; the selection flags, SAELens' vocabulary, pick which of them run (all
 release), repeatable; ``--layers``; ``--width`` (repeatable); ``--canonical``: the L0 the release's canonical table
 picks per layer and width.
 
-A selected SAE is skipped, with one line saying so, when it is current: every asset of its chain (``SAE_ASSETS``)
+A selected SAE is skipped, with one line saying so, when it is current: every asset of its chain (``SAE_ASSETS``,
+and for a release with a corpus, the trained ones, ``ACTIVATION_ASSETS``: the model run on its held-out text)
 has a materialisation of that partition that Dagster's staleness (``CachingStaleStatusResolver``: same code
 version, inputs' data versions unchanged since) calls fresh, ``sae_weights`` / ``model_weights`` recorded the
 content ids the repository listings give now (a changed SAE or model file on the hub makes them stale), and the
@@ -70,7 +71,7 @@ from core.discovery import ReleaseListing, discover_saes, hub_for
 from core.errors import HubError, WeightFileError
 from core.hub import content_id
 from core.registry import Release, SaeRef, UnknownReleaseError, get_release, load_registry, parse_key
-from orchestration.definitions import REPORT_ASSETS, SAE_ASSETS, defs
+from orchestration.definitions import ACTIVATION_ASSETS, REPORT_ASSETS, SAE_ASSETS, defs
 from orchestration.partitions import sae_partitions
 from orchestration.recovery import fail_dead_runs
 from orchestration.resources import ComputeResource, HubResource, StoreResource, default_data_dir
@@ -80,8 +81,15 @@ RESOURCE_TYPES: dict[str, type[dg.ConfigurableResource]] = {
     "hub": HubResource, "store": StoreResource, "compute": ComputeResource,
 }
 CHAIN = [key for asset in SAE_ASSETS for key in asset.keys]
+ACTIVATION = [key for asset in ACTIVATION_ASSETS for key in asset.keys]
 REPORT = [key for asset in REPORT_ASSETS for key in asset.keys]
-RESOURCES_OF = {key: asset.required_resource_keys for asset in (*SAE_ASSETS, *REPORT_ASSETS) for key in asset.keys}
+RESOURCES_OF = {key: asset.required_resource_keys for asset in (*SAE_ASSETS, *ACTIVATION_ASSETS, *REPORT_ASSETS)
+                for key in asset.keys}
+
+
+def chain_of(release_id: str) -> list[dg.AssetKey]:
+    """The assets of one SAE partition of the release: ``CHAIN``, then ``ACTIVATION`` when it has a corpus."""
+    return CHAIN + ACTIVATION if get_release(release_id).corpus else CHAIN
 # Recorded but not compared: CPU and GPU results agree to float rounding (orchestration.versions calls the device
 # neutral too); --force recomputes on another device.
 NEUTRAL_SETTINGS = {("compute", "device")}
@@ -319,7 +327,7 @@ class Planner:
                  listings: Sequence[ReleaseListing]) -> None:
         self.instance = instance
         keys = [ref.key for listing in listings for ref in listing.saes]  # all listed: estimates use the others
-        self.records = {asset: self.latest_by_partition(asset, keys) for asset in CHAIN}
+        self.records = {asset: self.latest_by_partition(asset, keys) for asset in CHAIN + ACTIVATION}
         self.hub = resources["hub"].client()
         self.settings = settings_of(resources)
         self.listings = {listing.release.id: listing for listing in listings}
@@ -352,14 +360,15 @@ class Planner:
         return records[0] if records else None
 
     def partition(self, ref: SaeRef, force: bool) -> Plan:
+        chain = chain_of(ref.release)
         if force:
-            return Plan(ref.key, tuple(CHAIN), ("--force",))
-        found = self.causes(CHAIN, ref)
+            return Plan(ref.key, tuple(chain), ("--force",))
+        found = self.causes(chain, ref)
         todo = {asset for assets in found.values() for asset in assets}
         for asset in self.graph.toposorted_asset_keys:  # and everything downstream of a stale asset in the chain
-            if asset in CHAIN and self.graph.get(asset).parent_keys & todo:
+            if asset in chain and self.graph.get(asset).parent_keys & todo:
                 todo.add(asset)
-        return Plan(ref.key, tuple(a for a in CHAIN if a in todo), explain(found))
+        return Plan(ref.key, tuple(a for a in chain if a in todo), explain(found))
 
     def report(self, recomputed: int, force: bool) -> Plan:
         if force or recomputed:
@@ -429,7 +438,7 @@ class Planner:
             for asset in plan.assets:
                 took = self.step_seconds(asset, plan.key) or self.typical_seconds(asset, plan.key.partition(":")[0])
                 seconds, untimed = (seconds + took, untimed) if took is not None else (seconds, untimed + 1)
-        counts = ", ".join(f"{asset.to_user_string()} on {n}" for asset in CHAIN
+        counts = ", ".join(f"{asset.to_user_string()} on {n}" for asset in CHAIN + ACTIVATION
                            if (n := sum(asset in plan.assets for plan in todo)))
         timed = f"roughly {_duration(seconds)} from earlier runs" if seconds else "no earlier run to time them by"
         return (f"plan: {len(todo)} partition(s) to recompute ({counts}), {timed}"
@@ -474,7 +483,7 @@ def run_assets(instance: dg.DagsterInstance, selection: Sequence[dg.AssetKey], p
                resources: Mapping[str, dg.ConfigurableResource], verbose: bool = False) -> None:
     """Materialise ``selection`` (of the partition, or the report) in one run tagged with the settings. A failure
     with an expected cause raises ``CliError`` naming it; any other failure exits with status 1."""
-    assets = SAE_ASSETS if partition else REPORT_ASSETS
+    assets = [*SAE_ASSETS, *ACTIVATION_ASSETS] if partition else REPORT_ASSETS
     result = dg.materialize(
         assets, selection=list(selection), partition_key=partition, instance=instance, resources=dict(resources),
         tags={SETTINGS_TAG: json.dumps(settings_of(resources), sort_keys=True)}, raise_on_error=False,
@@ -500,7 +509,7 @@ def materialize_all(
     failure."""
     for i, key in enumerate(keys, 1):
         print(f"[{i}/{len(keys)}] {key}", flush=True)
-        run_assets(instance, CHAIN, key, resources)
+        run_assets(instance, chain_of(parse_key(key).release), key, resources)
     run_assets(instance, REPORT, None, resources)
 
 

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from orchestration.jobs import (
+    ACTIVATION_ASSETS,
     ALL_ASSETS,
     activation_job,
     REPORT_ASSETS,
@@ -16,7 +17,7 @@ from orchestration.jobs import (
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 from orchestration.sensors import sae_release_schedule, sae_release_sensor
 
-__all__ = ["defs", "resources", "SAE_ASSETS", "REPORT_ASSETS"]
+__all__ = ["defs", "resources", "ACTIVATION_ASSETS", "SAE_ASSETS", "REPORT_ASSETS"]
 
 
 def resources() -> dict[str, dg.ConfigurableResource]:

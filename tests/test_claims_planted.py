@@ -147,3 +147,5 @@ def test_report_plots_and_missing_layers(planted, tmp_path):
         assert "Power: fraction of the planted output-predicting features" in text and (r.truth.power["power"] == 1.0).all()
         assert "## C1 under other rules and nulls" in text and "c1_sensitivity.png" in text
         assert "Precision and recall per class" in text
+        assert r.agreement.empty and "## Activation agreement" in text  # planted releases ship no corpus
+        assert "Not measured: the release provides no corpus" in text

@@ -7,6 +7,7 @@ trains (README, "Trained releases")."""
 import json
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import torch
 from huggingface_hub import snapshot_download
@@ -122,3 +123,27 @@ def test_activation_measurements_match_a_hand_computed_last_layer_case(two_runs)
     row = effects.set_index("feature").loc[0]
     assert row["output_score"] == pytest.approx(float(drop[v]), abs=1e-6) and row["n_contexts"] == 4
     assert list(effects["feature"]) == [0]  # a feature that never fires has no context to remove it from
+
+
+def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report_pools_it(two_runs, tmp_path):
+    """Through the CLI's chain (``materialize_all``): a release with a corpus gets ``activation_agreement`` per SAE,
+    ``claim_statistics`` pools it into ``release_agreement`` and the report shows it beside its controls."""
+    from core.claims import AGREEMENT_LABELS
+    from core.storage import TableStore
+    from tests.planted_chain import materialise_planted
+
+    (cache, _), _ = two_runs
+    instance, data, keys = materialise_planted(cache, tmp_path / "data", ["trained-llama"])
+    assert len(keys) == get_release("trained-llama").n_layers
+    done = {str(r.partition_key) for r in instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("activation_agreement")), limit=10).records}
+    assert done == set(keys)
+    store = TableStore(data)
+    per_sae = store.read("agreement_summary")
+    assert set(per_sae["sae_id"]) == {key.partition(":")[2] for key in keys} and per_sae["p_value"].between(0, 1).all()
+    pooled = store.read("release_agreement", "trained-llama").set_index("statistic")
+    assert {"output_overlap", "input_overlap", "spearman_topk_z_output_score"} <= set(pooled.index)
+    assert (pooled["saes"] == len(keys)).all() and pooled["control"].notna().all()
+    report = (data / "reports" / "trained-llama" / "report.md").read_text()
+    assert "## Activation agreement" in report and AGREEMENT_LABELS["output_overlap"] in report
+    assert "Not measured: the release provides no corpus" not in report
