@@ -4,21 +4,37 @@ import zlib
 from dataclasses import replace
 
 import dagster as dg
+import numpy as np
 import torch
 
-from assets.common import sae_of, store_table
+from assets.common import check_results, check_specs, sae_of, store_table
 from assets.interactions import load
 from core.agreement import agreement_stage
 from core.discovery import fetch_corpus, fetch_runnable_model
 from core.frames import with_sae
+from core.table_checks import Check, finite, ids_in_range, rows_match
 from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
 CONTEXT = 64  # tokens per corpus window
+CHECKS = ["one_row_per_feature", "values_valid", "token_ids_in_vocab"]
+
+
+def agreement_checks(out: dict, d_sae: int, vocab_size: int) -> list[Check]:
+    """The asset checks of ``core.agreement.agreement_stage``'s tables (descriptions: ``assets.common``)."""
+    summary, agree = out["agreement_summary"], out["activation_agreement"]
+    overlaps = agree.drop(columns="feature").to_numpy(dtype=float)
+    in_range = bool(summary["p_value"].between(0, 1).all()
+                    and (np.isnan(overlaps) | ((overlaps >= 0) & (overlaps <= 1))).all())
+    statistics = finite("values_valid", summary, ["value", "control"])
+    return [rows_match("one_row_per_feature", out["activation_features"], d_sae),
+            Check("values_valid", statistics.passed and in_range,
+                  f"{statistics.detail}; p-values and overlaps {'in' if in_range else 'outside'} [0, 1]"),
+            ids_in_range("token_ids_in_vocab", out["activation_tokens"], "token_id", vocab_size)]
 
 
 @dg.asset(partitions_def=sae_partitions, group_name="activations", deps=["lens_tables", "feature_classes"],
-          kinds={"pytorch", "parquet"})
+          kinds={"pytorch", "parquet"}, check_specs=check_specs("activation_agreement", CHECKS))
 def activation_agreement(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -33,7 +49,10 @@ def activation_agreement(
     client = hub.client()
     corpus = fetch_corpus(ref.release, client)
     if corpus is None:
-        return dg.MaterializeResult(metadata={"skipped": dg.MetadataValue.text("the release provides no corpus")})
+        return dg.MaterializeResult(
+            metadata={"skipped": dg.MetadataValue.text("the release provides no corpus")},
+            check_results=check_results([Check(name, True, "the release provides no corpus: nothing measured")
+                                         for name in CHECKS]))
     _, _, sae = load(ref, hub)
     root = fetch_runnable_model(ref.release, client).root
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).to(compute.device).eval()
@@ -51,4 +70,5 @@ def activation_agreement(
     summary = out["agreement_summary"]
     metadata["agreement"] = dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3f"))
     metadata["corpus_tokens"] = dg.MetadataValue.int(int(chunks.numel()))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, check_results=check_results(
+        agreement_checks(out, sae.d_sae, model.config.vocab_size)))

@@ -28,6 +28,11 @@ CHECK_DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("feature_classes", "thresholds_recorded"):
         "class_thresholds holds every calibrated threshold (per null, side and metric), all finite, and every "
         "participation threshold is finite.",
+    ("activation_agreement", "one_row_per_feature"):
+        "activation_features holds one row per SAE feature (fired or not); nothing to check without a corpus.",
+    ("activation_agreement", "values_valid"):
+        "Every agreement statistic and its control is finite, every p-value in [0, 1], every overlap in [0, 1].",
+    ("activation_agreement", "token_ids_in_vocab"): "Every fires-on and promoted token id lies inside the vocabulary.",
     ("claim_statistics", "one_row_per_analysed_sae"):
         "Per release, C1 by layer has two rows (features, control) per SAE with stored feature classes.",
     ("claim_statistics", "statistics_finite"): "Per release, C1 fractions with their CIs and the depth profiles are finite.",

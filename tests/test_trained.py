@@ -147,3 +147,7 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
     report = (data / "reports" / "trained-llama" / "report.md").read_text()
     assert "## Activation agreement" in report and AGREEMENT_LABELS["output_overlap"] in report
     assert "Not measured: the release provides no corpus" not in report
+    checks = [e.dagster_event.event_specific_data for run in instance.get_runs()
+              for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+              if e.dagster_event.event_specific_data.asset_key == dg.AssetKey("activation_agreement")]
+    assert len(checks) == 3 * len(keys) and all(c.passed for c in checks), [(c.check_name, c.passed) for c in checks]
