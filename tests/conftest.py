@@ -35,6 +35,20 @@ def planted_cache(tmp_path_factory) -> Path:
     return cache
 
 
+# core.trained overrides that train in seconds (a few dozen steps); the registry's parameters are what
+# ``python -m core.trained`` trains (README, "Trained releases")
+FAST_TRAINED = {"steps": 40, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tmp_path_factory):
+    """(hub cache, ``core.trained.TrainedRelease``) of trained-llama generated with ``FAST_TRAINED``."""
+    from core.trained import generate as train
+
+    cache = tmp_path_factory.mktemp("trained-hub")
+    return cache, train("trained-llama", cache, overrides=FAST_TRAINED)
+
+
 @pytest.fixture(scope="session")
 def chain(planted_cache, tmp_path_factory):
     """(instance, data dir, partition keys) after the whole chain ran on both planted releases."""

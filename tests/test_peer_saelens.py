@@ -161,6 +161,27 @@ def test_llama_scope_matches_saelens_from_pretrained_with_its_norm_fold(saelens_
         _assert_same(ours, _parameters(sae), ref.key)
 
 
+def test_trained_llama_scope_threshold_reads_back_in_saelens(trained_llama, monkeypatch):
+    """The trained Llama Scope SAEs store ``jump_relu_threshold = θ / s`` (``core.trained``) so that SAELens'
+    ``threshold = jump_relu_threshold · s`` is the trained θ: SAELens and ``core.sae_formats`` read the same θ, and
+    after SAELens' own fold every tensor is the same."""
+    cache, release = trained_llama
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    theta = release.metrics["params"]["sae_threshold"]
+    for q in release.metrics["saes"].values():
+        hyperparams = Path(hf_hub_download(release.sae_repo, f"{q['folder']}/hyperparams.json"))
+        ours = FORMATS["llama_scope_safetensors"].read(hyperparams.parent)
+        hp = json.loads(hyperparams.read_text())
+        s = math.sqrt(hp["d_model"]) / hp["dataset_average_activation_norm"]["in"]
+        with pytest.warns(UserWarning, match="norm_scaling_factor not found"):
+            sae = SAE.from_pretrained(release.sae_repo, q["folder"], converter=loaders.llama_scope_sae_huggingface_loader)
+        torch.testing.assert_close(sae.threshold.detach(), torch.full_like(sae.threshold, theta))
+        torch.testing.assert_close(ours.threshold, sae.threshold.detach(), rtol=0, atol=0)
+        sae.fold_activation_norm_scaling_factor(s)
+        _assert_same(ours, _parameters(sae), q["folder"])
+
+
 def _tl_config(hf_config: Any) -> dict[str, Any]:
     """The planted model's dimensions in TransformerLens' config keys (overriding the real model's recipe)."""
     c = hf_config

@@ -1,8 +1,8 @@
 """The trained-release generator (core.trained): deterministic files in the hub layout that the real loaders read,
 a model that learned something, and SAEs whose stored quality is what the files do.
 
-Small overrides (a few dozen steps) keep this fast; the registry's parameters are what ``python -m core.trained``
-trains (README, "Trained releases")."""
+Small overrides (``tests.conftest.FAST_TRAINED``: a few dozen steps) keep this fast; the registry's parameters are
+what ``python -m core.trained`` trains (README, "Trained releases")."""
 
 import json
 from pathlib import Path
@@ -16,10 +16,10 @@ from core.hub_cache import repo_cache_dir
 from core.registry import get_release
 from core.sae_formats import FORMATS
 from core.trained import METRICS_FILE, corpus_split, generate, resid_post, sae_quality
+from tests.conftest import FAST_TRAINED
 
 pytestmark = pytest.mark.chain  # trains small models: a minute
 
-FAST = {"steps": 40, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
 
 
 def _blobs(cache, repo):
@@ -27,9 +27,10 @@ def _blobs(cache, repo):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
-    return (a, generate("trained-llama", a, overrides=FAST)), (b, generate("trained-llama", b, overrides=FAST))
+def two_runs(trained_llama, tmp_path_factory):
+    """The session's trained-llama and a second generation with the same parameters."""
+    b = tmp_path_factory.mktemp("b")
+    return trained_llama, (b, generate("trained-llama", b, overrides=FAST_TRAINED))
 
 
 def test_same_parameters_give_the_same_files_and_commits(two_runs):
@@ -52,7 +53,7 @@ def test_the_model_learned_below_the_unigram_baseline_and_the_files_load_offline
     assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
     assert model.dtype == torch.bfloat16
     tok = AutoTokenizer.from_pretrained(model_dir)
-    assert len(tok) == FAST["vocab_size"] and tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
+    assert len(tok) == FAST_TRAINED["vocab_size"] and tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
 
     sae_dir = snapshot_download(release.sae_repo, cache_dir=cache, local_files_only=True)
     stored = json.loads((Path(sae_dir) / METRICS_FILE).read_text())
@@ -69,12 +70,12 @@ def test_the_model_learned_below_the_unigram_baseline_and_the_files_load_offline
         x = resid_post(model, chunks, q["layer"])
         measured = sae_quality(x, folder, "llama_scope_safetensors")
         assert measured["variance_explained"] == pytest.approx(q["variance_explained"], abs=0.05), sae_id
-        assert 0 < measured["l0"] < FAST["d_sae"]
+        assert 0 < measured["l0"] < FAST_TRAINED["d_sae"]
 
 
 def test_gemma_scope_files_keep_unit_decoder_rows_and_the_activations(tmp_path):
     """The Gemma Scope writer moves each decoder row's norm into the encoder: unit rows, same reconstruction."""
-    release = generate("trained-gemma", tmp_path, overrides={**FAST, "steps": 5})
+    release = generate("trained-gemma", tmp_path, overrides={**FAST_TRAINED, "steps": 5})
     sae_dir = snapshot_download(release.sae_repo, cache_dir=tmp_path, local_files_only=True)
     for q in release.metrics["saes"].values():
         sae = FORMATS["gemma_scope_npz"].read(Path(sae_dir) / q["folder"])
@@ -97,7 +98,7 @@ def test_activation_measurements_match_a_hand_computed_last_layer_case(two_runs)
     model = AutoModelForCausalLM.from_pretrained(
         snapshot_download(release.model_repo, cache_dir=cache, local_files_only=True), dtype=torch.float32)
     layer, d, v = model.config.num_hidden_layers - 1, model.config.hidden_size, 7
-    chunks = torch.randint(0, FAST["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(0))
+    chunks = torch.randint(0, FAST_TRAINED["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(0))
     w_dec = torch.zeros(2, d)
     w_dec[0] = model.lm_head.weight[v].detach() / model.model.norm.weight.detach()
     w_dec[0] /= w_dec[0].norm()
