@@ -6,6 +6,10 @@ An SAE is named the SAELens way — a release id plus an SAE id (``gemma-scope-2
 by matching the release's ``folder`` pattern, so a new layer or L0 folder on the hub is a new SAE
 without any code change.
 
+Patterns (``folder``, ``sae_id``) name fields in braces (``{layer}``) and may hold one optional segment in square
+brackets, present only when its fields are: Gemma Scope 2's ``..._l0_{sparsity}[_seed_{seed}]`` matches both
+``layer_13_width_262k_l0_medium`` and its retraining ``layer_13_width_262k_l0_medium_seed_1``.
+
 SAELens' ``-canonical`` releases are aliases, not releases: ``gemma-scope-2b-pt-res-canonical`` +
 ``layer_12/width_16k/canonical`` names the one L0 folder its base release's ``canonical`` table picks
 for (layer 12, width 16k), and resolves to that SAE's ``SaeRef`` — the same ``key`` as the concrete id,
@@ -29,9 +33,10 @@ from core.sae_formats import FORMATS
 REGISTRY_PATH = Path(__file__).with_name("releases.yaml")
 HOOKS = ("resid_post",)  # hook points the lenses and the layer pairing implement (core.circuits.paired_layers)
 # Fields of folder / SAE id patterns: ``l0`` is Gemma Scope's numeric average_l0_N, ``sparsity`` Gemma Scope 2's
-# named L0 bucket (``l0_small`` / ``l0_medium`` / ``l0_big``).
+# named L0 bucket (``l0_small`` / ``l0_medium`` / ``l0_big``), ``seed`` its retrainings (``_seed_1``).
 _FIELDS = {"layer": r"(?P<layer>\d+)", "width": r"(?P<width>[A-Za-z0-9.]+)", "l0": r"(?P<l0>\d+)",
-           "sparsity": r"(?P<sparsity>[a-z]+)"}
+           "sparsity": r"(?P<sparsity>[a-z]+)", "seed": r"(?P<seed>\d+)"}
+_OPTIONAL = re.compile(r"\[([^\[\]]*)\]")  # one optional segment of a pattern
 
 
 class UnknownReleaseError(KeyError):
@@ -74,11 +79,27 @@ def _known(field_name: str, value: str, known: Iterable[str], where: str = "") -
         raise ValueError(f"field {field_name!r}: {value!r}{' ' + where if where else ''} is not one of {known}.{hint}")
 
 
+def _regex(pattern: str) -> str:
+    """A pattern as a regex: each ``{field}`` its ``_FIELDS`` group, each ``[segment]`` an optional group."""
+    def literal(text: str) -> str:
+        return re.sub(r"\\\{(\w+)\\\}", lambda m: _FIELDS[m.group(1)], re.escape(text))
+
+    parts = _OPTIONAL.split(pattern)  # literal, optional, literal, ...
+    return "".join(literal(part) if i % 2 == 0 else f"(?:{literal(part)})?" for i, part in enumerate(parts))
+
+
+def _format(pattern: str, fields: dict[str, str | None]) -> str:
+    """A pattern filled with ``fields``; an optional segment is kept only when all its fields are given."""
+    def segment(m: re.Match[str]) -> str:
+        return m.group(1) if all(fields.get(name) is not None for name in _placeholders(m.group(1))) else ""
+
+    return _OPTIONAL.sub(segment, pattern).format(**fields)
+
+
 def _id_fields(pattern: str, sae_id: str) -> dict[str, str] | None:
     """The fields of ``sae_id`` read through an SAE id pattern (``layer_{layer}/width_{width}/...``), or
-    None when it does not match."""
-    regex = re.sub(r"\\\{(\w+)\\\}", lambda m: _FIELDS[m.group(1)], re.escape(pattern))
-    match = re.fullmatch(regex, sae_id)
+    None when it does not match; an absent optional field is None."""
+    match = re.fullmatch(_regex(pattern), sae_id)
     return match.groupdict() if match else None
 
 
@@ -93,6 +114,16 @@ def _span(layers: Iterable[int]) -> str:
     """``0-25`` for a contiguous run of layers, else ``5, 12, 19``."""
     s = sorted(layers)
     return f"{s[0]}-{s[-1]}" if len(s) > 2 and s == list(range(s[0], s[-1] + 1)) else ", ".join(map(str, s))
+
+
+def l0_table(raw: dict[Any, Any]) -> dict[str, dict[int, int]]:
+    """``{key: {layer: L0}}`` from the registry's L0 tables: per key (a width, an L0 bucket) either a list of L0s
+    indexed by layer or a ``{layer: L0}`` mapping (released at a few layers only)."""
+    out = {}
+    for key, l0s in raw.items():
+        pairs = enumerate(l0s) if isinstance(l0s, list) else l0s.items()
+        out[str(key)] = {int(layer): int(value) for layer, value in pairs}
+    return out
 
 
 @dataclass(frozen=True)
@@ -111,13 +142,7 @@ class Canonical:
 
     @classmethod
     def from_yaml(cls, raw: dict[str, Any]) -> Canonical:
-        """Per width, either a list of L0s indexed by layer or a ``{layer: L0}`` mapping (widths released
-        at a few layers only)."""
-        l0 = {}
-        for width, l0s in raw["l0"].items():
-            pairs = enumerate(l0s) if isinstance(l0s, list) else l0s.items()
-            l0[str(width)] = {int(layer): int(value) for layer, value in pairs}
-        return cls(**{**raw, "l0": l0})
+        return cls(**{**raw, "l0": l0_table(raw["l0"])})
 
     def ids(self) -> list[str]:
         """Every alias SAE id, by width then layer."""
@@ -160,6 +185,9 @@ class Release:
     track: bool = False
     canonical: Canonical | None = None
     neuronpedia: str | None = None
+    neuronpedia_only: dict[str, str | None] | None = field(default=None, compare=False, hash=False)
+    sparsity_l0: dict[str, dict[int, int]] | None = field(default=None, compare=False, hash=False)
+    refused: dict[str, str] | None = field(default=None, compare=False, hash=False)
     planted: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     trained: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     corpus: str | None = None  # a text file in sae_repo that activation measurements read (trained releases)
@@ -191,10 +219,15 @@ class Release:
                              f"{sorted(folder ^ sae_id)} would get one id")
         if "layer" not in folder:
             raise ValueError(f"field 'folder' {self.folder!r} has no {{layer}}: every SAE reads one layer")
-        if self.canonical:  # a canonical table may only name the model's layers
-            bad = sorted({n for t in self.canonical.l0.values() for n in t if not 0 <= n < self.n_layers})
+        for name, table in (("canonical", self.canonical.l0 if self.canonical else {}),
+                            ("sparsity_l0", self.sparsity_l0 or {})):  # L0 tables may only name the model's layers
+            bad = sorted({n for t in table.values() for n in t if not 0 <= n < self.n_layers})
             if bad:
-                raise ValueError(f"canonical table names layers {bad} outside the model's {self.n_layers}")
+                raise ValueError(f"{name} table names layers {bad} outside the model's {self.n_layers}")
+        if self.sparsity_l0 and "sparsity" not in folder:
+            raise ValueError(f"field 'sparsity_l0' needs a {{sparsity}} in 'folder' {self.folder!r}")
+        for name in self.neuronpedia_only or {}:
+            _known("neuronpedia_only field", name, folder, f"(fields of {self.folder!r})")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -203,16 +236,12 @@ class Release:
 
     def folder_regex(self) -> re.Pattern[str]:
         """The ``folder`` pattern as a regex whose named groups are the pattern's fields."""
-        parts = re.split(r"\{(\w+)\}", self.folder)
-        out = []
-        for i, part in enumerate(parts):
-            out.append(_FIELDS[part] if i % 2 else re.escape(part))
-        return re.compile("".join(out))
+        return re.compile(_regex(self.folder))
 
     def discover(self, repo_files: Iterable[str], marker_file: str) -> list[SaeRef]:
         """SAEs present in a repository listing: folders matching the pattern that hold ``marker_file``.
 
-        Sorted by (layer, width, l0) so partition order follows depth.
+        Sorted by (layer, width, l0, id) so partition order follows depth.
         """
         pattern = re.compile(self.folder_regex().pattern + "/" + re.escape(marker_file))
         refs = {}
@@ -221,11 +250,14 @@ class Release:
             if match:
                 ref = self._ref(match.groupdict())
                 refs[ref.sae_id] = ref
-        return sorted(refs.values(), key=lambda r: (r.layer, r.width or "", r.l0 or 0))
+        return sorted(refs.values(), key=lambda r: (r.layer, r.width or "", r.l0 or 0, r.sae_id))
 
     def sae(self, sae_id: str) -> SaeRef:
         """Parse an SAE id of this release (``layer_3/width_512/average_l0_32``, ``l3r_8x``) or of its
         canonical alias (``layer_3/width_512/canonical``: the concrete SAE it stands for)."""
+        for prefix, reason in (self.refused or {}).items():
+            if sae_id.startswith(prefix):
+                raise UnknownReleaseError(f"SAE id {sae_id!r} of release {self.id!r} is not analysed here: {reason}")
         fields = _id_fields(self.sae_id, sae_id)
         if fields is None and self.canonical:
             fields = self.canonical.resolve(sae_id)
@@ -244,20 +276,30 @@ class Release:
             )
         return SaeRef(
             release=self.id,
-            sae_id=self.sae_id.format(**fields),
-            folder=self.folder.format(**fields),
+            sae_id=_format(self.sae_id, fields),
+            folder=_format(self.folder, fields),
             layer=layer,
             width=fields.get("width"),
-            l0=int(fields["l0"]) if "l0" in fields else None,
+            l0=self.l0_of(fields),
             neuronpedia=self.neuronpedia_id(fields),
         )
+
+    def l0_of(self, fields: dict[str, str]) -> int | None:
+        """The SAE's numeric L0: Gemma Scope's ``average_l0_N``, or Gemma Scope 2's bucket looked up in
+        ``sparsity_l0`` (SAELens' values per bucket and layer); None when neither gives one."""
+        if fields.get("l0") is not None:
+            return int(fields["l0"])
+        table = (self.sparsity_l0 or {}).get(str(fields.get("sparsity")), {})
+        return table.get(int(fields["layer"]))
 
     def neuronpedia_id(self, fields: dict[str, str]) -> str | None:
         """The SAE's Neuronpedia id: the canonical alias' pattern when the SAE is the canonical one (Neuronpedia
         hosts those under the alias' set, e.g. ``gemma-2-2b/12-gemmascope-res-16k``), else the release's pattern
-        (``gemma-2-2b/12-gemmascope-res-16k__l0-176``); None when the release has none."""
+        (``gemma-2-2b/12-gemmascope-res-16k__l0-176``) where the SAE's fields equal ``neuronpedia_only``'s (Gemma
+        Scope 2: the medium bucket, no seed); None when the release has none."""
         canonical = self.canonical.neuronpedia_id(fields) if self.canonical else None
-        return canonical or (self.neuronpedia.format(**fields) if self.neuronpedia else None)
+        hosted = all(fields.get(name) == value for name, value in (self.neuronpedia_only or {}).items())
+        return canonical or (self.neuronpedia.format(**fields) if self.neuronpedia and hosted else None)
 
 
 @cache
@@ -270,8 +312,9 @@ def load_registry(path: Path = REGISTRY_PATH) -> dict[str, Release]:
             for name in entry:
                 _known("name", name, RELEASE_FIELDS, "(a release field)")
             canonical = Canonical.from_yaml(entry["canonical"]) if "canonical" in entry else None
+            sparsity_l0 = l0_table(entry["sparsity_l0"]) if "sparsity_l0" in entry else None
             releases[rid] = Release(id=rid, **{**entry, "aliases": tuple(entry.get("aliases", ())),
-                                               "canonical": canonical})
+                                               "canonical": canonical, "sparsity_l0": sparsity_l0})
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path}: release {rid!r} is malformed: {exc}") from exc
     return releases

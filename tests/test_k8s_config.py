@@ -41,7 +41,7 @@ DEPLOY = ROOT / "deploy" / "k8s"
 KEYS = {
     "small": "gemma-scope-2b-pt-res:layer_12/width_16k/average_l0_82",
     "large": "gemma-scope-9b-pt-res:layer_20/width_1m/average_l0_101",
-    "llama": "llama-scope-lxr-8x:l12r_8x",
+    "llama": "llama_scope_lxr_8x:l12r_8x",
     "planted": "planted-gemma:layer_0/width_512/average_l0_32",
 }
 # Top-level keys of the dagster/dagster chart's values schema (helm/dagster/schema: DagsterHelmValues).

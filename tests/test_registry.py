@@ -17,15 +17,15 @@ pytestmark = pytest.mark.unit
 
 def test_required_releases_are_registered():
     releases = load_registry()
-    assert {"gemma-scope-2b-pt-res", "gemma-scope-9b-pt-res", "llama-scope-lxr-8x", "planted-gemma", "planted-llama"} <= set(releases)
+    assert {"gemma-scope-2b-pt-res", "gemma-scope-9b-pt-res", "llama_scope_lxr_8x", "planted-gemma", "planted-llama"} <= set(releases)
     assert releases["gemma-scope-2b-pt-res"].n_layers == 26
     assert releases["gemma-scope-9b-pt-res"].model_repo == "google/gemma-2-9b"
-    llama = releases["llama-scope-lxr-8x"]
+    llama = releases["llama_scope_lxr_8x"]
     assert (llama.sae_repo, llama.model_repo, llama.n_layers) == ("fnlp/Llama3_1-8B-Base-LXR-8x", "meta-llama/Llama-3.1-8B", 32)
 
 
 def test_saelens_alias_resolves():
-    assert get_release("llama_scope_lxr_8x").id == "llama-scope-lxr-8x"
+    assert get_release("llama-scope-lxr-8x").id == "llama_scope_lxr_8x"
 
 
 def test_unknown_release_lists_known_ones():
@@ -33,7 +33,7 @@ def test_unknown_release_lists_known_ones():
         get_release("gemma-scope-2b-pt-rez")
     message = str(err.value)
     assert "Did you mean gemma-scope-2b-pt-res" in message
-    assert "llama-scope-lxr-8x" in message and "planted-gemma" in message
+    assert "llama_scope_lxr_8x" in message and "planted-gemma" in message
 
 
 def test_discovery_matches_gemma_scope_listing():
@@ -62,20 +62,43 @@ def test_discovery_matches_llama_scope_listing():
         "Llama3_1-8B-Base-L0R-8x/hyperparams.json",
         "Llama3_1-8B-Base-L31R-8x/checkpoints/final.safetensors",
     ]
-    refs = get_release("llama-scope-lxr-8x").discover(files, "checkpoints/final.safetensors")
+    refs = get_release("llama_scope_lxr_8x").discover(files, "checkpoints/final.safetensors")
     assert [(r.sae_id, r.folder, r.layer) for r in refs] == [
         ("l0r_8x", "Llama3_1-8B-Base-L0R-8x", 0), ("l31r_8x", "Llama3_1-8B-Base-L31R-8x", 31),
     ]
 
 
+def test_gemma_scope_2_seeds_l0_and_neuronpedia_follow_saelens():
+    """``_seed_1`` retrainings are SAEs of their own (the optional ``[_seed_{seed}]`` segment), every bucket has
+    SAELens' numeric L0 for its layer, and only the medium bucket without a seed has a Neuronpedia id."""
+    release = get_release("gemma-scope-2-1b-pt-res")
+    files = [f"resid_post/layer_13_width_262k_l0_{b}/params.safetensors" for b in ("small", "medium", "big",
+                                                                               "medium_seed_1")]
+    refs = release.discover(files, "params.safetensors")
+    assert [(r.sae_id, r.l0) for r in refs] == [
+        ("layer_13_width_262k_l0_small", 20), ("layer_13_width_262k_l0_medium", 60),
+        ("layer_13_width_262k_l0_medium_seed_1", 60), ("layer_13_width_262k_l0_big", 150)]
+    assert [r.neuronpedia for r in refs] == [None, "gemma-3-1b/13-gemmascope-2-res-262k", None, None]
+    seeded = parse_key("gemma-scope-2-1b-pt-res:layer_13_width_262k_l0_medium_seed_1")
+    assert seeded.folder == "resid_post/layer_13_width_262k_l0_medium_seed_1" and parse_key(seeded.key) == seeded
+    every_layer = get_release("gemma-scope-2-1b-pt-res-all").sae("layer_0_width_16k_l0_big")
+    assert (every_layer.folder, every_layer.l0) == ("resid_post_all/layer_0_width_16k_l0_big", 60)
+    assert release.sae("layer_3_width_16k_l0_small").l0 is None  # a layer SAELens lists no L0 for
+
+
+def test_embedding_saes_are_refused_with_the_reason():
+    with pytest.raises(UnknownReleaseError, match=r"'embedding/width_4k/average_l0_6' .* not analysed here: .*hook_embed"):
+        parse_key("gemma-scope-2b-pt-res:embedding/width_4k/average_l0_6")
+
+
 def test_partition_key_round_trip_and_errors():
     ref = parse_key("llama_scope_lxr_8x:l12r_8x")
-    assert (ref.release, ref.folder, ref.layer) == ("llama-scope-lxr-8x", "Llama3_1-8B-Base-L12R-8x", 12)
+    assert (ref.release, ref.folder, ref.layer) == ("llama_scope_lxr_8x", "Llama3_1-8B-Base-L12R-8x", 12)
     assert parse_key(ref.key) == ref
     with pytest.raises(UnknownReleaseError, match="not of the form"):
         parse_key("l12r_8x")
     with pytest.raises(UnknownReleaseError, match="does not match release"):
-        parse_key("llama-scope-lxr-8x:layer_12/width_16k/average_l0_82")
+        parse_key("llama_scope_lxr_8x:layer_12/width_16k/average_l0_82")
 
 
 # SAELens' -canonical ids and the folders they name, from sae_lens/pretrained_saes.yaml
@@ -138,8 +161,8 @@ def test_unknown_canonical_ids_name_the_nearest():
         parse_key("gemma-scope-2b-pt-res-canonical:layer_26/width_16k/canonical")
     with pytest.raises(UnknownReleaseError, match="or its canonical pattern 'layer_{layer}/width_{width}/canonical'"):
         parse_key("gemma-scope-9b-pt-res-canonical:layer_12/width_16k/canonicl")
-    with pytest.raises(UnknownReleaseError, match="does not match release 'llama-scope-lxr-8x'"):
-        parse_key("llama-scope-lxr-8x:layer_12/width_16k/canonical")  # no canonical alias there
+    with pytest.raises(UnknownReleaseError, match="does not match release 'llama_scope_lxr_8x'"):
+        parse_key("llama_scope_lxr_8x:layer_12/width_16k/canonical")  # no canonical alias there
 
 
 def test_canonical_table_outside_the_model_is_rejected(tmp_path):
@@ -165,6 +188,8 @@ def test_planted_canonical_ids_resolve_to_discovered_saes_offline(planted_cache)
     assert discover_saes("planted-gemma-canonical", Hub(cache_dir=planted_cache, offline=True)).saes == refs
 
 
+GS2 = {"format": "gemma_scope_2_safetensors", "folder": "resid_post/layer_{layer}_width_{width}_l0_{sparsity}",
+       "sae_id": "layer_{layer}_width_{width}_l0_{sparsity}"}
 GOOD = {"sae_repo": "a/b", "model_repo": "a/c", "format": "gemma_scope_npz", "hook": "resid_post", "n_layers": 2,
         "folder": "layer_{layer}/width_{width}/average_l0_{l0}", "sae_id": "layer_{layer}/width_{width}/average_l0_{l0}"}
 
@@ -178,6 +203,10 @@ GOOD = {"sae_repo": "a/b", "model_repo": "a/c", "format": "gemma_scope_npz", "ho
     ({"neuronpedia": "m/{layer}-res-{widht}"}, r"field 'neuronpedia placeholder': 'widht' .* Did you mean 'width'"),
     ({"formt": "gemma_scope_npz"}, r"field 'name': 'formt' \(a release field\) is not one of .* Did you mean 'format'"),
     ({"folder": "width_{width}/average_l0_{l0}", "sae_id": "width_{width}/average_l0_{l0}"}, r"field 'folder' .* has no \{layer\}"),
+    ({"sparsity_l0": {"small": [10, 20]}}, r"field 'sparsity_l0' needs a \{sparsity\} in 'folder'"),
+    ({**GS2, "sparsity_l0": {"small": {5: 10}}}, r"sparsity_l0 table names layers \[5\] outside the model's 2"),
+    ({**GS2, "neuronpedia_only": {"sparsty": "medium"}}, r"field 'neuronpedia_only field': 'sparsty' .* Did you mean 'sparsity'"),
+    ({"folder": "layer_{layer}/width_{width}/average_l0_{l0}[_seed_{sed}]"}, r"field 'folder placeholder': 'sed' in .* Did you mean 'seed'"),
 ])
 def test_each_registry_mistake_is_refused_at_load_naming_file_release_and_field(tmp_path, change, message):
     path = tmp_path / "releases.yaml"
