@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from core.errors import WeightFileError
 from core.hub import Hub, Snapshot, content_id
 from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint
 from core.registry import REGISTRY_PATH, Release, SaeRef, get_release
-from core.sae_formats import FORMATS
+from core.sae_formats import FORMATS, GEMMA_SCOPE_2_CONFIG, SaeWeights
+
+# Gemma Scope's width labels are powers of two cut to decimal thousands / millions: 16k = 16384, 65k = 65536,
+# 131k = 131072, 1m = 1048576 latents
+WIDTH_UNITS = {"": 1, "k": 1000, "m": 1000**2}
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,11 @@ def discover_saes(release_id: str, hub: Hub) -> ReleaseListing:
 
 
 def fetch_sae(ref: SaeRef, hub: Hub) -> Snapshot:
-    """Download one SAE's files (only its folder)."""
+    """Download one SAE's files (only its folder; its format's optional files where the repository has them)."""
     release = get_release(ref.release)
-    return hub_for(release, hub).fetch(release.sae_repo, [f"{ref.folder}/{name}" for name in FORMATS[release.format].files])
+    fmt = FORMATS[release.format]
+    return hub_for(release, hub).fetch(release.sae_repo, [f"{ref.folder}/{name}" for name in fmt.files],
+                                       optional=[f"{ref.folder}/{name}" for name in fmt.optional_files])
 
 
 def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
@@ -78,3 +87,49 @@ def fetch_corpus(release_id: str, hub: Hub) -> Path | None:
     if release.corpus is None:
         return None
     return hub_for(release, hub).fetch(release.sae_repo, [release.corpus]).path(release.corpus)
+
+
+class LoadedSae(NamedTuple):
+    """What every per-SAE stage starts from: the model snapshot, its checkpoint (geometry, tensors) and the SAE."""
+
+    snapshot: Snapshot
+    checkpoint: ModelCheckpoint
+    sae: SaeWeights
+
+
+def load_sae(ref: SaeRef, hub: Hub) -> LoadedSae:
+    """The load stage: fetch the model (``fetch_model``) and the SAE (``fetch_sae``), read the SAE in its format
+    against the model's width, and check it against its id (``check_sae_files``)."""
+    snapshot, checkpoint = fetch_model(ref.release, hub)
+    folder = fetch_sae(ref, hub).path(ref.folder)
+    sae = FORMATS[get_release(ref.release).format].read(folder, d_model=checkpoint.geometry.d_model)
+    check_sae_files(ref, sae, folder)
+    return LoadedSae(snapshot, checkpoint, sae)
+
+
+def width_matches(width: str, d_sae: int) -> bool | None:
+    """Whether a width label names ``d_sae`` latents: ``512`` exactly, ``16k`` / ``1m`` as ``d_sae`` cut to
+    thousands / millions (``WIDTH_UNITS``); None for a label of another form."""
+    match = re.fullmatch(r"(\d+)([km]?)", width)
+    return d_sae // WIDTH_UNITS[match.group(2)] == int(match.group(1)) if match else None
+
+
+def check_sae_files(ref: SaeRef, sae: SaeWeights, folder: Path) -> None:
+    """What the SAE's id and folder say, checked against its files; raises ``WeightFileError`` naming the file:
+    the width label against ``d_sae``; for Gemma Scope 2, where the folder has a ``config.json``, its
+    ``architecture`` (``jump_relu``) and ``hf_hook_point_in`` (``model.layers.{layer}.output``: resid_post of the
+    SAE's layer, the hook this project implements), the fields SAELens' Gemma 3 loader reads."""
+    if ref.width and width_matches(ref.width, sae.d_sae) is False:
+        raise WeightFileError(Path(sae.source), f"holds {sae.d_sae} latents but SAE {ref.key!r} says width {ref.width}")
+    config_path = folder / GEMMA_SCOPE_2_CONFIG
+    if get_release(ref.release).format != "gemma_scope_2_safetensors" or not config_path.exists():
+        return
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightFileError(config_path, f"is not readable JSON: {exc}") from exc
+    expected = {"architecture": "jump_relu", "hf_hook_point_in": f"model.layers.{ref.layer}.output"}
+    wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
+    if wrong:
+        raise WeightFileError(config_path, f"says {wrong} but SAE {ref.key!r} is a JumpReLU SAE on resid_post of "
+                              f"layer {ref.layer} ({expected})")

@@ -20,7 +20,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
@@ -92,8 +92,10 @@ class Hub:
                 "offline mode is on (HF_HUB_OFFLINE=1). Download it once online, or for the planted releases run "
                 f"`python -m core.planted{into}`")
 
-    def fetch(self, repo_id: str, patterns: list[str], revision: str | None = None) -> Snapshot:
-        """Download (or, offline, find in the cache) the files of ``repo_id`` matching ``patterns``.
+    def fetch(self, repo_id: str, patterns: list[str], revision: str | None = None,
+              optional: Sequence[str] = ()) -> Snapshot:
+        """Download (or, offline, find in the cache) the files of ``repo_id`` matching ``patterns``, and those of
+        ``optional`` that the repository holds (a missing one is no error).
 
         Raises HubError with an actionable message for a missing cache entry offline, a gated or
         unknown repository and an unknown revision.
@@ -102,7 +104,7 @@ class Hub:
             root = snapshot_download(
                 repo_id,
                 revision=revision,
-                allow_patterns=patterns,
+                allow_patterns=[*patterns, *optional],
                 cache_dir=self.cache_for(repo_id),
                 local_files_only=self.is_offline,
             )

@@ -19,7 +19,8 @@ where the hard cases ask, "Hard cases") saved as tokenizer.json + tokenizer_conf
 SAE repo: Gemma Scope ``{folder}/params.npz`` (float32 ``W_enc (d_model, d_sae)``, ``W_dec
 (d_sae, d_model)`` with unit rows, ``b_enc``, ``b_dec``, positive ``threshold``; np.savez's zip
 layout with fixed timestamps), Gemma Scope 2 ``{folder}/params.safetensors`` (the same five float32
-arrays under ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``), or Llama Scope
+arrays under ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``) + ``{folder}/config.json`` (the fields
+SAELens' Gemma 3 loader reads: ``architecture``, ``model_name``, ``hf_hook_point_in``), or Llama Scope
 ``{folder}/checkpoints/final.safetensors``
 (bfloat16 ``encoder.weight [d_sae, d_model]``, ``encoder.bias``, ``decoder.weight [d_model,
 d_sae]``, ``decoder.bias``) + ``{folder}/hyperparams.json``; and ``planted_truth.json`` at the
@@ -667,7 +668,10 @@ def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer
         arrays = dict(w_enc=w_enc, w_dec=w_dec, b_enc=b_enc, b_dec=b_dec,
                       threshold=rng.uniform(0.05, 0.5, p.d_sae))
         weights = save({k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for k, a in arrays.items()})
-        return sae_id, folder, {f"{folder}/params.safetensors": weights}
+        config = {"architecture": "jump_relu", "model_name": entry["model_repo"].split("/")[-1],
+                  "hf_hook_point_in": f"model.layers.{layer}.output"}  # what SAELens' Gemma 3 loader reads
+        return sae_id, folder, {f"{folder}/params.safetensors": weights,
+                                f"{folder}/config.json": json.dumps(config, indent=1).encode()}
     if entry["format"] != "llama_scope_safetensors":
         raise ValueError(f"no planted writer for format {entry['format']!r}")
 

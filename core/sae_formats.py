@@ -97,10 +97,15 @@ class SaeWeights:
         return (self.W_enc / self.encoder_norms.clamp_min(torch.finfo(torch.float32).tiny)).T.contiguous()
 
 
+GEMMA_SCOPE_2_CONFIG = "config.json"  # per folder: architecture, model_name, hf_hook_point_in (SAELens' Gemma 3 loader)
+
+
 class SaeFormat(Protocol):
-    """A weight format: the files an SAE folder holds (the first marks an SAE) and how to read them."""
+    """A weight format: the files an SAE folder holds (the first marks an SAE), those it may hold (fetched when
+    present, checked by ``core.discovery.check_sae_files``) and how to read them."""
 
     files: tuple[str, ...]
+    optional_files: tuple[str, ...]
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
         """Read and validate; ``d_model`` is the model's residual width the SAE must match."""
@@ -157,6 +162,7 @@ class GemmaScopeNpz:
     """Gemma Scope ``params.npz`` (see module docstring)."""
 
     files = ("params.npz",)
+    optional_files = ()
     names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
@@ -180,6 +186,7 @@ class GemmaScope2Safetensors:
     """Gemma Scope 2 ``params.safetensors`` (see module docstring): Gemma Scope's arrays under lower-case names."""
 
     files = ("params.safetensors",)
+    optional_files = (GEMMA_SCOPE_2_CONFIG,)
     names = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
@@ -192,6 +199,7 @@ class LlamaScopeSafetensors:
     """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json``, SAELens' convention (module docstring)."""
 
     files = ("checkpoints/final.safetensors", "hyperparams.json")
+    optional_files = ()
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
         weights_path, hp_path = (folder / f for f in self.files)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from assets.interactions import load
+from core.discovery import load_sae
 from core.plots import PLOT_FILES, PLOTS
 from core.claims import CLASS_TABLES, render_report, results_from_tables
 from core.discovery import discover_saes
@@ -39,7 +39,7 @@ def fresh_sae_rates(release_id: str, hub: HubResource) -> list[tuple[float, floa
     saes = sorted(discover_saes(release_id, hub.client()).saes, key=lambda r: r.layer)
     rates = []
     for ref in (saes[0], saes[-1]):
-        snapshot, checkpoint, sae = load(ref, hub)
+        snapshot, checkpoint, sae = load_sae(ref, hub.client())
         gen = torch.Generator().manual_seed(ref.layer)
         fresh = SaeWeights(torch.randn(sae.d_model, N_NULL, generator=gen), torch.randn(N_NULL, sae.d_model, generator=gen),
                            torch.zeros(N_NULL), torch.zeros(sae.d_model), torch.zeros(N_NULL), "fresh")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.interactions import load
+from core.discovery import load_sae
 from core.claims import ARCHITECTURE
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
@@ -37,7 +37,7 @@ def analysed(cache: Path, release_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     hub = HubResource(cache_dir=str(cache), offline=True)
     saes = []
     for ref in sorted(discover_saes(release_id, hub.client()).saes, key=lambda r: r.layer)[:N_LAYERS]:
-        snapshot, checkpoint, sae = load(ref, hub)
+        snapshot, checkpoint, sae = load_sae(ref, hub.client())
         saes.append((ref.layer, ref.sae_id, sae))
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
     family = ARCHITECTURE[get_release(release_id).format]

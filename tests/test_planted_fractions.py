@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from assets.interactions import load
+from core.discovery import load_sae
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.planted import generate
@@ -34,7 +34,7 @@ def c1_rows(cache: Path, release: str) -> pd.DataFrame:
     hub = HubResource(cache_dir=str(cache), offline=True)
     per_feature, sensitivity = [], []
     for ref in sorted(discover_saes(release, hub.client()).saes, key=lambda r: r.layer):
-        snapshot, checkpoint, sae = load(ref, hub)
+        snapshot, checkpoint, sae = load_sae(ref, hub.client())
         vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
         out = lens_classes(sae, checkpoint, vocabulary, ref.key, N_NULL)
         for sample in ("feature", "control"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from assets.interactions import load
+from core.discovery import load_sae
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.planted import HARD_CLASSES, PlantedTruth, generate
@@ -55,7 +55,7 @@ def classify_release(cache: Path, release_id: str, n_null: int = N_NULL) -> pd.D
     hub = HubResource(cache_dir=str(cache), offline=True)
     out = []
     for ref in sorted(discover_saes(release_id, hub.client()).saes, key=lambda r: r.layer):
-        snapshot, checkpoint, sae = load(ref, hub)
+        snapshot, checkpoint, sae = load_sae(ref, hub.client())
         vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
         classes = lens_classes(sae, checkpoint, vocabulary, f"{release_id}:{ref.sae_id}", n_null).classes
         out.append(classes.rows.assign(sae_id=ref.sae_id, layer=ref.layer))

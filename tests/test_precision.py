@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from assets.interactions import load
+from core.discovery import load_sae
 from core.discovery import discover_saes
 from core.model_weights import TOKENIZER_FILE
 from core.planted import generate
@@ -35,7 +35,7 @@ def top_sets(tokens: pd.DataFrame) -> pd.Series:
 def precision_effect(cache: Path, release: str) -> dict[str, float]:
     hub = HubResource(cache_dir=str(cache), offline=True)
     (ref,) = [r for r in discover_saes(release, hub.client()).saes if r.layer == LAYER]
-    snapshot, checkpoint, sae = load(ref, hub)
+    snapshot, checkpoint, sae = load_sae(ref, hub.client())
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
     runs = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

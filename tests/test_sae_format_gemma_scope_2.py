@@ -122,8 +122,8 @@ def test_mutated_bytes_never_crash_uncleanly(tmp_path, cut, flip, header, length
 
 
 def test_registry_entry_uses_saelens_ids_and_the_hub_folder_layout():
-    """gemma-scope-2-1b-pt-res: SAELens ids ``layer_{L}_width_{W}_l0_{bucket}`` in ``resid_post/`` folders (the
-    every-layer ``resid_post_all/`` release and the ``_seed_1`` duplicates are other SAEs, not matched)."""
+    """gemma-scope-2-1b-pt-res: SAELens ids ``layer_{L}_width_{W}_l0_{bucket}[_seed_{seed}]`` in ``resid_post/``
+    folders (the every-layer ``resid_post_all/`` folders belong to the -res-all release, not matched here)."""
     from core.registry import UnknownReleaseError, get_release
 
     release = get_release("gemma-scope-2-1b-pt-res")
@@ -138,8 +138,50 @@ def test_registry_entry_uses_saelens_ids_and_the_hub_folder_layout():
                 "resid_post/layer_7_width_16k_l0_small/config.json"]
     found = release.discover(listing, FORMAT.files[0])
     assert [r.sae_id for r in found][:2] == ["layer_7_width_16k_l0_small", "layer_7_width_16k_l0_big"]
-    assert len(found) == 8 and {r.layer for r in found} == {7, 22}
+    assert len(found) == 9 and {r.layer for r in found} == {7, 22}
+    assert "layer_7_width_262k_l0_medium_seed_1" in {r.sae_id for r in found}
     with pytest.raises(UnknownReleaseError, match="does not match"):
         release.sae("layer_13/width_16k/average_l0_82")  # a Gemma Scope 1 id
     with pytest.raises(UnknownReleaseError, match="outside release"):
         release.sae("layer_26_width_16k_l0_small")  # gemma-3-1b has 26 layers
+
+
+def _ref(layer: int = 7, width: str = str(D_SAE)):
+    from core.registry import SaeRef
+
+    sae_id = f"layer_{layer}_width_{width}_l0_small"
+    return SaeRef("gemma-scope-2-1b-pt-res", sae_id, f"resid_post/{sae_id}", layer, width)
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    (None, None),  # no config.json: nothing more to check
+    ({"architecture": "jump_relu", "model_name": "gemma-3-1b-pt", "hf_hook_point_in": "model.layers.7.output"}, None),
+    ({"architecture": "jump_relu", "hf_hook_point_in": "model.layers.8.output"}, r"says \{'hf_hook_point_in'"),
+    ({"architecture": "topk", "hf_hook_point_in": "model.layers.7.output"}, r"says \{'architecture': 'topk'\}"),
+    ("{not json", "is not readable JSON"),
+])
+def test_a_folders_config_json_is_checked_against_the_sae_id(tmp_path, config, problem):
+    import json
+
+    from core.discovery import check_sae_files
+
+    write(tmp_path, tensors())
+    if config is not None:
+        (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    sae = FORMAT.read(tmp_path, d_model=D_MODEL)
+    if problem is None:
+        check_sae_files(_ref(), sae, tmp_path)
+    else:
+        with pytest.raises(WeightFileError, match=r"config.json: " + problem):
+            check_sae_files(_ref(), sae, tmp_path)
+
+
+def test_a_width_label_that_is_not_the_files_width_is_refused(tmp_path):
+    from core.discovery import check_sae_files, width_matches
+
+    real = {"4k": 4096, "16k": 16384, "32k": 32768, "65k": 65536, "131k": 131072, "262k": 262144, "1m": 1 << 20}
+    assert all(width_matches(label, n) for label, n in real.items()) and width_matches("512", 512)
+    assert not width_matches("16k", 24) and not width_matches("512", 511) and width_matches("8x", 8) is None
+    write(tmp_path, tensors())
+    with pytest.raises(WeightFileError, match=rf"params.safetensors: holds {D_SAE} latents but SAE .* says width 16k"):
+        check_sae_files(_ref(width="16k"), FORMAT.read(tmp_path, d_model=D_MODEL), tmp_path)
