@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from assets.common import check_results, check_specs, sae_of, store_table
-from assets.interactions import load
 from core.agreement import agreement_stage
-from core.discovery import fetch_corpus, fetch_runnable_model
+from core.discovery import fetch_corpus, fetch_runnable_model, load_sae
 from core.frames import with_sae
 from core.table_checks import Check, finite, ids_in_range, rows_match
 from orchestration.partitions import sae_partitions
@@ -53,7 +52,7 @@ def activation_agreement(
             metadata={"skipped": dg.MetadataValue.text("the release provides no corpus")},
             check_results=check_results([Check(name, True, "the release provides no corpus: nothing measured")
                                          for name in CHECKS]))
-    _, _, sae = load(ref, hub)
+    _, _, sae = load_sae(ref, hub.client())
     root = fetch_runnable_model(ref.release, client).root
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).to(compute.device).eval()
     ids = torch.tensor(AutoTokenizer.from_pretrained(root)(corpus.read_text(), add_special_tokens=False)["input_ids"])

@@ -4,7 +4,7 @@ import dagster as dg
 import numpy as np
 
 from assets.common import check_results, check_specs, sae_of, store_table
-from assets.interactions import load
+from core.discovery import load_sae
 from core.classify import NULLS, SIDES
 from core.control import control_sae
 from core.feature_browser import write_browser
@@ -74,7 +74,7 @@ def feature_classes(
     ``feature_browser`` metadata): every feature's top output and input tokens and classes, searchable."""
     ref = sae_of(context)
     tables = store.tables()
-    _, checkpoint, sae = load(ref, hub)
+    _, checkpoint, sae = load_sae(ref, hub.client())
     lens = {name: tables.read(name, ref.key) for name in LENS_TABLES}
     normal = normal_tokens(tables.read("vocabulary", ref.key))
     out = class_stage(lens, tables.read("circuit_stats", ref.key), tables.read("head_writes", ref.key), normal,

@@ -5,13 +5,12 @@ import time
 import dagster as dg
 
 from assets.common import check_results, check_specs, sae_of, store_table, stored_table_metadata
-from core.discovery import fetch_model, fetch_sae
+from core.discovery import load_sae
 from core.frames import SUMMARY_COLUMNS, with_sae
 from core.model_weights import TOKENIZER_FILE
 from core.neuronpedia import (NeuronpediaSource, dashboard_frame, dashboard_tokens, dashboard_top_logits,
                               write_json_export)
-from core.registry import SaeRef, get_release
-from core.sae_formats import FORMATS
+from core.registry import get_release
 from core.stages import LENS_SIDES, circuit_stage, lens_stage
 from core.table_checks import Check, RowTally, combined, finite, ids_in_range, rows_match
 from core.semantic import CANDIDATES
@@ -31,15 +30,6 @@ INTERACTION_ASSET = dict(
 LENS_CHECKS = ["one_row_per_feature_side_rank", "values_finite", "token_ids_in_vocab"]
 CIRCUIT_CHECKS = ["one_row_per_direction_and_circuit", "values_finite"]
 STAT_COLUMNS = [*SUMMARY_COLUMNS, "top_mean"]
-
-
-def load(ref: SaeRef, hub: HubResource):
-    """The SAE (checked against the model's width), the model checkpoint and its snapshot."""
-    client = hub.client()
-    snapshot, checkpoint = fetch_model(ref.release, client)
-    sae_dir = fetch_sae(ref, client).path(ref.folder)
-    sae = FORMATS[get_release(ref.release).format].read(sae_dir, d_model=checkpoint.geometry.d_model)
-    return snapshot, checkpoint, sae
 
 
 @dg.asset(
@@ -64,7 +54,7 @@ def lens_tables(
     tokenizer. ``neuronpedia_top_logits`` and the Neuronpedia batch JSON: top/bottom logits in SAEDashboard's
     convention (``core.neuronpedia``)."""
     ref = sae_of(context)
-    snapshot, checkpoint, sae = load(ref, hub)
+    snapshot, checkpoint, sae = load_sae(ref, hub.client())
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
     tokens = vocabulary["token"].tolist()
     engine = compute.engine()
@@ -119,7 +109,7 @@ def circuit_tables(
     vocabulary), ``top_ids``/``top_values`` (lists, k each); ``head_writes``: ``sample, feature, phase, kind
     ('ov_write_norm'), attn_layer, head, value`` (‖W_O W_V n(d)‖ at the reader layers)."""
     ref = sae_of(context)
-    _, checkpoint, sae = load(ref, hub)
+    _, checkpoint, sae = load_sae(ref, hub.client())
     start = time.perf_counter()
     n_null = compute.circuit_null_directions
 

@@ -13,10 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from core.discovery import load_sae
 from core.plots import PLOT_FILES, PLOTS
 from core.claims import CLASS_TABLES, render_report, results_from_tables
-from core.discovery import discover_saes
+from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
 from core.registry import get_release
 from core.sae_formats import SaeWeights

@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.discovery import load_sae
 from core.claims import ARCHITECTURE
-from core.discovery import discover_saes
+from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
 from core.registry import get_release
 from core.vocab import vocabulary_table

@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.discovery import load_sae
-from core.discovery import discover_saes
+from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
 from core.planted import generate
 from core.verdicts import c1_verdicts

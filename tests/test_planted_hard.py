@@ -22,8 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.discovery import load_sae
-from core.discovery import discover_saes
+from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
 from core.planted import HARD_CLASSES, PlantedTruth, generate
 from core.power import class_recovery_table, hard_case_table, power_table

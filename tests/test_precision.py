@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from core.discovery import load_sae
-from core.discovery import discover_saes
+from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
 from core.planted import generate
 from core.stages import EngineSettings, class_stage, lens_stage
