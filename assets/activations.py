@@ -54,7 +54,8 @@ def activation_agreement(
                                          for name in CHECKS]))
     _, _, sae = load_sae(ref, hub.client())
     root = fetch_runnable_model(ref.release, client).root
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).to(compute.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(  # eager attention: core.activations.attention_received reads
+        root, dtype=torch.float32, attn_implementation="eager").to(compute.device).eval()  # its probabilities
     ids = torch.tensor(AutoTokenizer.from_pretrained(root)(corpus.read_text(), add_special_tokens=False)["input_ids"])
     chunks = ids[: len(ids) // CONTEXT * CONTEXT].view(-1, CONTEXT).to(compute.device)
     tables = store.tables()
@@ -62,7 +63,8 @@ def activation_agreement(
     sae = replace(sae, **{f: getattr(sae, f).to(compute.device) for f in ("W_enc", "W_dec", "b_enc", "b_dec",
                                                                        "threshold")})
     out = agreement_stage(model, sae, ref.layer, chunks, lens, tables.read("feature_classes", ref.key),
-                          k=compute.top_k, seed=zlib.crc32(ref.key.encode()))
+                          tables.read("feature_participation", ref.key), k=compute.top_k,
+                          seed=zlib.crc32(ref.key.encode()))
     metadata: dict[str, dg.MetadataValue] = {}
     for name, frame in out.items():
         metadata |= store_table(store, name, ref.key, with_sae(frame, ref))

@@ -21,6 +21,14 @@ Feature activations follow ``core.sae_formats`` (model units): ``f = pre · [pre
   feature supplies, ``sum_{v in lens top-k} mean(p_clean(v) - p_ablated(v))``. Here the intervention is removal at
   the positions where the feature fires, not amplification on a neutral prompt.
 
+* ``attention_received``: the attention counterpart of the decoder phase (the decoder direction written at
+  ``layer`` is read as a key by the attention of block ``layer + 1``): per feature, the attention block
+  ``layer + 1`` pays to the positions where the feature fires, against what uniform causal attention would pay
+  them, ``attention_log_ratio = ln(mean over heads of received / uniform)`` (key position 0 left out: the
+  attention sink would dominate). It needs the attention probabilities (a model loaded with
+  ``attn_implementation="eager"``); NaN for a feature that never fires past position 0 and for the last layer's
+  SAE (no block reads it).
+
 Memory is bounded by one batch of activations, the contexts (``d_sae × n_contexts``), the distinct (feature,
 token) pairs seen, and one block of features' ``delta`` (``feature_block × vocab``).
 """
@@ -35,7 +43,7 @@ import torch
 
 from core.sae_formats import SaeWeights
 
-__all__ = ["MIN_COUNT", "Firing", "ablation", "firing", "sae_activations"]
+__all__ = ["MIN_COUNT", "Firing", "ablation", "attention_received", "firing", "sae_activations"]
 
 MIN_COUNT = 3  # occurrences in the corpus before a token's mean activation is ranked
 
@@ -181,3 +189,39 @@ def ablation(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, contexts:
             promotes += [{"feature": int(f), "rank": r, "token_id": int(top.indices[i, r]),
                           "delta": float(top.values[i, r])} for r in range(k)]
     return pd.DataFrame(rows), pd.DataFrame(promotes)
+
+
+@torch.no_grad()
+def attention_received(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, batch: int = 32) -> pd.DataFrame:
+    """``feature, attention_log_ratio, firing_keys`` (module docstring): block ``layer + 1``'s attention to the
+    positions where each feature fires, over uniform causal attention, streamed over ``chunks``."""
+    n_sae, device = sae.d_sae, chunks.device
+    reader = layer + 1
+    if reader >= model.config.num_hidden_layers:
+        return pd.DataFrame({"feature": np.arange(n_sae), "attention_log_ratio": np.nan, "firing_keys": 0})
+    context = chunks.shape[1]
+    # uniform causal attention: query q spreads 1 / (q + 1) over keys 0..q, so key k receives sum_{q>=k} 1/(q+1)
+    uniform = (1.0 / torch.arange(1, context + 1, device=device, dtype=torch.float64)).flip(0).cumsum(0).flip(0)
+    uniform[0] = 0.0  # the sink position is left out
+    received = torch.zeros(model.config.num_attention_heads, n_sae, dtype=torch.float64, device=device)
+    expected = torch.zeros(n_sae, dtype=torch.float64, device=device)
+    keys = torch.zeros(n_sae, dtype=torch.long, device=device)
+    for start in range(0, len(chunks), batch):
+        ids = chunks[start:start + batch]
+        handle, captured = _capture(model, layer)
+        try:
+            attentions = model(input_ids=ids, output_attentions=True).attentions
+        finally:
+            handle.remove()
+        if attentions is None or attentions[reader] is None:
+            raise ValueError("the model returned no attention probabilities: load it with attn_implementation='eager'")
+        on = (sae_activations(captured[0], sae) > 0).double()  # (b, pos, d_sae)
+        on[:, 0] = 0.0
+        per_key = attentions[reader].double().sum(2)  # (b, heads, key): attention each key receives
+        received += torch.einsum("bhk,bkf->hf", per_key, on)
+        expected += torch.einsum("k,bkf->f", uniform, on)
+        keys += on.sum((0, 1)).long()
+    ratio = (received / expected.clamp_min(1e-12)).mean(0).clamp_min(1e-12).log()
+    ratio[keys == 0] = float("nan")
+    return pd.DataFrame({"feature": np.arange(n_sae), "attention_log_ratio": ratio.cpu().numpy(),
+                         "firing_keys": keys.cpu().numpy()})

@@ -14,7 +14,11 @@ Per SAE (``agreement_summary``), one row per statistic: ``value`` for the featur
 (p: sign flips of the per-feature differences overlap − shuffled overlap, ``core.statistics.sign_flip_test``); the
 AUROC of the activation-based ``output_score`` for the weight-based ``output_predicting`` class
 (``core.statistics.auroc``; control: permuted labels, 0.5 in expectation); Spearman's rank correlation of the
-weight score ``topk_z`` with ``output_score`` (both p: ``(1 + #{null ≥ value}) / (1 + n_shuffles)``).
+weight score ``topk_z`` with ``output_score`` (both p: ``(1 + #{null ≥ value}) / (1 + n_shuffles)``); and the
+attention counterpart of the decoder phase: the AUROC of ``attention_log_ratio`` (``core.activations.
+attention_received``: attention the next block pays to the positions where the feature fires) for the weight-based
+``participates`` call of phase ``decoder_unembedding`` (``feature_participation``), and Spearman's correlation of
+its ``mean_score`` with ``attention_log_ratio``.
 
 Per release (``release_agreement``, what the report shows), pooled over its SAEs: the overlaps over every
 measured feature (sign flips again), the AUROC and Spearman rows as ``n``-weighted means with the SAEs' p-values
@@ -70,22 +74,40 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def agreement_summary(agree: pd.DataFrame, effects: pd.DataFrame, classes: pd.DataFrame, *, seed: int,
-                      n_shuffles: int = 200) -> pd.DataFrame:
-    """``statistic, value, control, n`` for one SAE (see module docstring). ``classes``: ``feature,
-    output_predicting, topk_z`` (``feature_classes``); ``effects``: ``core.activations.ablation``'s table."""
+                      n_shuffles: int = 200, attention: pd.DataFrame | None = None,
+                      participation: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``statistic, value, control, p_value, n`` for one SAE (see module docstring). ``classes``: ``feature,
+    output_predicting, topk_z`` (``feature_classes``); ``effects``: ``core.activations.ablation``'s table;
+    ``attention``: ``core.activations.attention_received``'s; ``participation``: ``feature, mean_score,
+    participates`` of the decoder phase (both optional: no attention rows without them)."""
     rng = np.random.default_rng(seed)
     rows = [_overlap_row(agree, statistic, seed) for statistic in OVERLAPS]
-    joined = effects.merge(classes[["feature", "output_predicting", "topk_z"]], on="feature").dropna(
-        subset=["output_score"])
-    score, labels = joined["output_score"].to_numpy(), joined["output_predicting"].to_numpy(bool)
-    if 0 < labels.sum() < len(labels):
-        rows.append(_permutation_row("output_score_auroc_for_output_predicting", auroc(score, labels),
-                                     [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)], len(joined)))
-    if len(joined) > 2:
-        z = joined["topk_z"].to_numpy()
-        rows.append(_permutation_row("spearman_topk_z_output_score", _spearman(z, score),
-                                     [_spearman(rng.permutation(z), score) for _ in range(n_shuffles)], len(joined)))
+    output = effects.merge(classes[["feature", "output_predicting", "topk_z"]], on="feature")
+    rows += _score_rows(output, "output_score", "output_predicting", "topk_z", ("output_score_auroc_for_output_predicting",
+                        "spearman_topk_z_output_score"), rng, n_shuffles)
+    if attention is not None and participation is not None:
+        reading = attention.merge(participation[["feature", "participates", "mean_score"]], on="feature")
+        rows += _score_rows(reading, "attention_log_ratio", "participates", "mean_score",
+                            ("attention_auroc_for_decoder_participation", "spearman_decoder_participation_attention"),
+                            rng, n_shuffles)
     return pd.DataFrame(rows, columns=["statistic", "value", "control", "p_value", "n"])
+
+
+def _score_rows(frame: pd.DataFrame, activation: str, weight_class: str, weight_score: str, names: tuple[str, str],
+                rng: np.random.Generator, n_shuffles: int) -> list[dict]:
+    """AUROC of the ``activation`` score for the weight-based ``weight_class`` and Spearman of ``weight_score``
+    with it, each against ``n_shuffles`` permutations (rows only where measurable: both classes present, > 2)."""
+    frame = frame.dropna(subset=[activation, weight_score])
+    score, labels = frame[activation].to_numpy(), frame[weight_class].to_numpy(bool)
+    rows = []
+    if 0 < labels.sum() < len(labels):
+        rows.append(_permutation_row(names[0], auroc(score, labels),
+                                     [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)], len(frame)))
+    if len(frame) > 2:
+        weights = frame[weight_score].to_numpy()
+        rows.append(_permutation_row(names[1], _spearman(weights, score),
+                                     [_spearman(rng.permutation(weights), score) for _ in range(n_shuffles)], len(frame)))
+    return rows
 
 
 def _overlap_row(agree: pd.DataFrame, statistic: str, seed: int) -> dict:
@@ -131,18 +153,21 @@ def release_agreement(release: str, summary: pd.DataFrame, per_feature: pd.DataF
 
 
 def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.DataFrame], classes: pd.DataFrame,
-                    *, k: int, seed: int, n_contexts: int = 8) -> dict[str, pd.DataFrame]:
+                    participation: pd.DataFrame, *, k: int, seed: int, n_contexts: int = 8) -> dict[str, pd.DataFrame]:
     """The activation-agreement stage of one SAE: ``core.activations`` on the corpus ``chunks`` (n, context),
     compared with the stored lens tables (``lens_tokens``: ``output`` / ``input`` -> the ``*_lens_tokens``
     table) and ``feature_classes``. The input side ranges over the tokens the corpus holds at least ``MIN_COUNT``
     times: an input-lens token the text never shows (a rare byte piece with a large embedding) cannot be matched
     by any activation, so the input lens list holds its best *observable* tokens. The output side needs no such
-    filter: removing a feature changes the probability of every token, seen or not. Tables ``activation_features`` (``firing`` + ``ablation`` per feature),
+    filter: removing a feature changes the probability of every token, seen or not. ``participation``: the SAE's
+    ``feature_participation`` table (its feature rows of the decoder phase are compared with
+    ``attention_received``; the model must return attention probabilities). Tables ``activation_features``
+    (``firing`` + ``ablation`` + ``attention_received`` per feature),
     ``activation_tokens`` (``side`` fires_on | promotes, ``feature, rank, token_id, value``),
     ``activation_agreement`` (``feature_agreement``) and ``agreement_summary``."""
     import torch
 
-    from core.activations import MIN_COUNT, ablation, firing
+    from core.activations import MIN_COUNT, ablation, attention_received, firing
 
     seen = torch.bincount(chunks.reshape(-1).cpu(), minlength=model.config.vocab_size) >= MIN_COUNT
     observable = set(torch.nonzero(seen).flatten().tolist())
@@ -158,6 +183,10 @@ def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.Da
                         .assign(side="fires_on"), promotes.rename(columns={"delta": "value"}).assign(side="promotes")],
                        ignore_index=True)[["side", "feature", "rank", "token_id", "value"]]
     agree = feature_agreement(lens_out, lens_in, top_lists(promotes, k), top_lists(fired.fires_on, k), k, seed)
-    features = fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left")
+    attention = attention_received(model, sae, layer, chunks)
+    decoder = participation[(participation["sample"] == "feature") & (participation["phase"] == "decoder_unembedding")]
+    features = (fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left")
+                .merge(attention, on="feature", how="left"))
+    summary = agreement_summary(agree, effects, classes, seed=seed, attention=attention, participation=decoder)
     return {"activation_features": features, "activation_tokens": tokens, "activation_agreement": agree,
-            "agreement_summary": agreement_summary(agree, effects, classes, seed=seed)}
+            "agreement_summary": summary}

@@ -280,6 +280,10 @@ AGREEMENT_LABELS = {
     "input_overlap": "input lens top-k ∩ tokens it fires on most (fraction of k; corpus tokens only)",
     "output_score_auroc_for_output_predicting": "AUROC of the activation output score for the output-predicting class",
     "spearman_topk_z_output_score": "Spearman: weight score top-k z vs activation output score",
+    "attention_auroc_for_decoder_participation":
+        "AUROC of the attention the next block pays where it fires, for the decoder-phase participation call",
+    "spearman_decoder_participation_attention":
+        "Spearman: decoder-phase participation score vs attention paid where it fires",
 }
 
 

@@ -143,8 +143,11 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
     per_sae = store.read("agreement_summary")
     assert set(per_sae["sae_id"]) == {key.partition(":")[2] for key in keys} and per_sae["p_value"].between(0, 1).all()
     pooled = store.read("release_agreement", "trained-llama").set_index("statistic")
-    assert {"output_overlap", "input_overlap", "spearman_topk_z_output_score"} <= set(pooled.index)
-    assert (pooled["saes"] == len(keys)).all() and pooled["control"].notna().all()
+    assert {"output_overlap", "input_overlap", "spearman_topk_z_output_score",
+            "spearman_decoder_participation_attention"} <= set(pooled.index)
+    readers = pooled.index.str.contains("attention")  # the last layer's SAE has no block reading it
+    assert (pooled.loc[~readers, "saes"] == len(keys)).all() and (pooled.loc[readers, "saes"] == len(keys) - 1).all()
+    assert pooled["control"].notna().all()
     report = (data / "reports" / "trained-llama" / "report.md").read_text()
     assert "## Activation agreement" in report and AGREEMENT_LABELS["output_overlap"] in report
     assert "Not measured: the release provides no corpus" not in report
@@ -152,3 +155,40 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
               for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
               if e.dagster_event.event_specific_data.asset_key == dg.AssetKey("activation_agreement")]
     assert len(checks) == 3 * len(keys) and all(c.passed for c in checks), [(c.check_name, c.passed) for c in checks]
+
+
+def test_attention_received_matches_a_loop_over_positions_and_heads(two_runs):
+    """``attention_received`` against the definition, position by position: per head, the attention block 1 pays
+    (transformers' eager probabilities) to the keys where a feature fires, over what uniform causal attention
+    would pay them (key 0 left out); the last layer's SAE has no reader."""
+    from transformers import AutoModelForCausalLM
+
+    from core.activations import attention_received, sae_activations
+    from core.sae_formats import FORMATS
+
+    (cache, release), _ = two_runs
+    model = AutoModelForCausalLM.from_pretrained(snapshot_download(release.model_repo, cache_dir=cache,
+                                                                   local_files_only=True),
+                                                 dtype=torch.float32, attn_implementation="eager").eval()
+    sae_dir = Path(snapshot_download(release.sae_repo, cache_dir=cache, local_files_only=True))
+    q = next(q for q in release.metrics["saes"].values() if q["layer"] == 0)
+    sae = FORMATS["llama_scope_safetensors"].read(sae_dir / q["folder"])
+    chunks = torch.randint(0, FAST_TRAINED["vocab_size"], (5, 12), generator=torch.Generator().manual_seed(1))
+    got = attention_received(model, sae, 0, chunks, batch=2).set_index("feature")
+
+    with torch.no_grad():
+        out = model(input_ids=chunks, output_attentions=True, output_hidden_states=True)
+    on = sae_activations(out.hidden_states[1], sae) > 0  # hidden_states[1]: resid_post of block 0
+    probs = out.attentions[1]  # (chunk, head, query, key)
+    for f in [int(i) for i in torch.nonzero(on[:, 1:].any(0).any(0)).flatten()[:12]]:
+        received = torch.zeros(probs.shape[1], dtype=torch.float64)
+        uniform = 0.0
+        for c in range(chunks.shape[0]):
+            for key in range(1, chunks.shape[1]):
+                if on[c, key, f]:
+                    received += probs[c, :, key:, key].double().sum(-1)
+                    uniform += sum(1 / (query + 1) for query in range(key, chunks.shape[1]))
+        expected = float(torch.log((received / uniform).mean()))
+        assert got.loc[f, "attention_log_ratio"] == pytest.approx(expected, rel=1e-5), f
+        assert got.loc[f, "firing_keys"] == int(on[:, 1:, f].sum())
+    assert attention_received(model, sae, 1, chunks)["attention_log_ratio"].isna().all()  # no block reads layer 1
