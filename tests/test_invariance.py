@@ -30,6 +30,9 @@ CALLS = ["output_predicting", "semantic", "semantic_output", "semantic_input"]
 
 
 N_LAYERS = 5  # the first five SAEs: enough layers for every verdict (C2's permutation test needs 4 per phase)
+# null directions per circuit (the lens null is four times as many): the original and the rewrite draw the same
+# ones, so the size sets only how finely thresholds are estimated, not whether they move under a rewrite
+N_NULL = 64
 
 
 def analysed(cache: Path, release_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -40,7 +43,7 @@ def analysed(cache: Path, release_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         saes.append((ref.layer, ref.sae_id, sae))
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
     family = ARCHITECTURE[get_release(release_id).format]
-    return analyse(release_id, family, checkpoint, vocabulary, saes)
+    return analyse(release_id, family, checkpoint, vocabulary, saes, n_null=N_NULL)
 
 
 @pytest.fixture(scope="module")
