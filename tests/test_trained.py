@@ -191,4 +191,5 @@ def test_attention_received_matches_a_loop_over_positions_and_heads(two_runs):
         expected = float(torch.log((received / uniform).mean()))
         assert got.loc[f, "attention_log_ratio"] == pytest.approx(expected, rel=1e-5), f
         assert got.loc[f, "firing_keys"] == int(on[:, 1:, f].sum())
-    assert attention_received(model, sae, 1, chunks)["attention_log_ratio"].isna().all()  # no block reads layer 1
+    last = model.config.num_hidden_layers - 1  # no block reads the last layer's resid_post
+    assert attention_received(model, sae, last, chunks)["attention_log_ratio"].isna().all()
