@@ -242,7 +242,7 @@ def _train_sae(x: torch.Tensor, p: TrainedParams, gen: torch.Generator) -> dict[
         batch = x[torch.randint(0, len(x), (p.sae_batch,), generator=gen)]
         f = torch.relu(batch @ params["W_enc"] + params["b_enc"])
         recon = f @ params["W_dec"] + params["b_dec"]
-        l1 = min(1.0, (step + 1) / (p.sae_steps // 10)) * p.sae_l1  # L1 warm-up
+        l1 = min(1.0, (step + 1) / max(1, p.sae_steps // 10)) * p.sae_l1  # L1 warm-up
         loss = (recon - batch).pow(2).sum(1).mean() + l1 * (f * params["W_dec"].norm(dim=1)).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,7 +331,9 @@ def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_di
         model.float()
         tokenizer.save_pretrained(tmp)
         model_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
-    model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files)
+    # base=None: each repo holds exactly what this generation wrote (regenerating with other parameters into the
+    # same cache must not keep the last run's SAE folders, whose names carry their L0)
+    model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files, base=None)
 
     t0 = time.perf_counter()
     train_chunks = _windows(train, p.context, gen, p.sae_positions // p.context)
@@ -363,7 +365,7 @@ def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_di
     # seconds vary run to run: kept out of the committed file so the same parameters give the same commit
     stored = {k: v for k, v in metrics.items() if k != "seconds"}
     sae_files[METRICS_FILE] = json.dumps(stored, indent=1, sort_keys=True).encode()
-    sae_commit = write_snapshot(cache_dir, entry["sae_repo"], sae_files)
+    sae_commit = write_snapshot(cache_dir, entry["sae_repo"], sae_files, base=None)
     return TrainedRelease(release_id, entry["model_repo"], model_commit, entry["sae_repo"], sae_commit, metrics)
 
 

@@ -193,3 +193,17 @@ def test_attention_received_matches_a_loop_over_positions_and_heads(two_runs):
         assert got.loc[f, "firing_keys"] == int(on[:, 1:, f].sum())
     last = model.config.num_hidden_layers - 1  # no block reads the last layer's resid_post
     assert attention_received(model, sae, last, chunks)["attention_log_ratio"].isna().all()
+
+
+def test_regenerating_with_other_parameters_leaves_no_folder_of_the_last_run(tmp_path):
+    """Gemma Scope folder names carry the L0: a regeneration into the same cache must list only its own SAEs."""
+    from core.discovery import discover_saes
+    from core.hub import Hub
+
+    tiny = {**FAST_TRAINED, "steps": 2}
+    first = generate("trained-gemma", tmp_path, overrides=tiny)
+    second = generate("trained-gemma", tmp_path, overrides={**tiny, "sae_steps": 20})
+    folders = [{q["folder"] for q in run.metrics["saes"].values()} for run in (first, second)]
+    assert folders[0] != folders[1]  # other L0s, other folder names: the case this test is about
+    found = {ref.folder for ref in discover_saes("trained-gemma", Hub(cache_dir=tmp_path, offline=True)).saes}
+    assert found == folders[1]
