@@ -1,50 +1,71 @@
-// Every per-row statistic of the engine (core/engine.py's module docstring has the definitions) for a
-// float32 or bfloat16 score block, one row at a time while it is in cache: optional softcap, the k
-// largest / smallest values, exact quantiles by sample bracketing, mean, std and the softmax
-// statistics. Built and called by core/rowstats.py (ctypes). Vector loops use AVX-512 where the
-// compiler targets it; the portable loops compute the same definitions (tests check both builds).
+// Every per-row statistic of the engine (core/engine.py's module docstring has the definitions), streamed
+// over column blocks of a score tile while each block is in cache: optional softcap, the k largest /
+// smallest values, exact quantiles by sample bracketing (the row's sample fixes the brackets before its
+// blocks arrive; a bracket that misses is reported and selected over the whole row), mean, std and the
+// softmax statistics (a running peak, rescaled when it rises). Built and called by core/rowstats.py
+// (ctypes). Vector loops use AVX-512 where the compiler targets it; the portable loops compute the same
+// definitions (tests check both builds).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
+// W float lanes (GCC vector extensions): 16 where the compiler targets AVX-512, else 8 (AVX2 on most
+// x86 CPUs; two halves elsewhere). Lane-wise arithmetic, comparisons and selects.
 #if defined(__AVX512F__)
-inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-// e^x, 1-2 ulp: Cephes expf (range reduction by ln 2 in two parts, degree-6 polynomial), clamped to
-// the finite float range.
-inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, splat(-87.33654f)), splat(88.37626f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, splat(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, splat(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, splat(-2.12194440e-4f), r);
-    __m512 p = splat(1.9875691500e-4f);
+inline vf splat(float v) { return vf{} + v; }
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hsum(vf v) {
+    float s = 0;
+    for (int l = 0; l < W; ++l) s += v[l];
+    return s;
+}
+
+// e^x, 1-2 ulp: Cephes expf (range reduction by ln 2 in two parts, degree-6 polynomial), x clamped to
+// [-87.33654, 88] so that 2^n is a normal float.
+inline vf exp_v(vf x) {
+    x = vmin(vmax(x, splat(-87.33654f)), splat(88.0f));
+    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: + - 1.5 * 2^23
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
     for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-        p = _mm512_fmadd_ps(p, r, splat(c));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, splat(1.0f)));
-    return _mm512_scalef_ps(p, n);
+        p = p * r + c;
+    p = p * (r * r) + (r + 1.0f);
+    const vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;  // the bits of 2^n
+    return p * (vf)two_n;  // a vector cast keeps the bits
 }
 
 // tanh(y), 1-2 ulp: Cephes tanhf (odd polynomial below |y| = 0.625, 1 - 2 / (e^2|y| + 1) above).
-inline __m512 tanh_ps(__m512 y) {
-    const __m512 a = _mm512_abs_ps(y), z = _mm512_mul_ps(y, y);
-    __m512 p = splat(-5.70498872745e-3f);
-    for (float c : {2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f, -3.33332819422e-1f})
-        p = _mm512_fmadd_ps(p, z, splat(c));
-    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), y, y);
-    const __m512 e = exp_ps(_mm512_add_ps(a, a));
-    __m512 large = _mm512_sub_ps(splat(1.0f), _mm512_div_ps(splat(2.0f), _mm512_add_ps(e, splat(1.0f))));
-    large = _mm512_or_ps(large, _mm512_and_ps(y, splat(-0.0f)));  // the sign of y
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, splat(0.625f), _CMP_LT_OQ), large, small);
+inline vf tanh_v(vf y) {
+    const vf a = y < 0 ? -y : y, z = y * y;
+    vf p = splat(-5.70498872745e-3f);
+    for (float c : {2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f, -3.33332819422e-1f}) p = p * z + c;
+    const vf small = p * z * y + y;
+    const vf large = 1.0f - 2.0f / (exp_v(a + a) + 1.0f);
+    return a < 0.625f ? small : (y < 0 ? -large : large);
 }
-#endif
 
 // Insert (v, j) into a list kept in the stable order (value by `before`, id ascending); ids arrive in
 // ascending order, so an equal value goes after the ones already there.
@@ -100,11 +121,7 @@ const float* load_row(const void* x, bool bf16, int64_t i, int64_t n, float cap,
         std::memcpy(out, static_cast<const float*>(x) + i * n, n * 4);
     }
     if (cap <= 0) return out;
-    j = 0;
-#if defined(__AVX512F__)
-    for (; j + 16 <= n; j += 16)
-        _mm512_storeu_ps(out + j, _mm512_mul_ps(tanh_ps(_mm512_div_ps(_mm512_loadu_ps(out + j), splat(cap))), splat(cap)));
-#endif
+    for (j = 0; j + W <= n; j += W) store(out + j, tanh_v(load(out + j) / cap) * cap);
     for (; j < n; ++j) out[j] = cap * std::tanh(out[j] / cap);
     return out;
 }
@@ -114,18 +131,15 @@ const float* load_row(const void* x, bool bf16, int64_t i, int64_t n, float cap,
 inline double block_range(const float* row, int64_t from, int64_t to, float& mn, float& mx) {
     int64_t j = from;
     float sum = 0;
-#if defined(__AVX512F__)
-    __m512 lo_v = splat(INFINITY), hi_v = splat(-INFINITY), sum_v = splat(0.0f);
-    for (; j + 16 <= to; j += 16) {
-        const __m512 v = _mm512_loadu_ps(row + j);
-        lo_v = _mm512_min_ps(lo_v, v);
-        hi_v = _mm512_max_ps(hi_v, v);
-        sum_v = _mm512_add_ps(sum_v, v);
+    if (to - from >= W) {
+        vf lo_v = splat(INFINITY), hi_v = splat(-INFINITY), sum_v = splat(0.0f);
+        for (; j + W <= to; j += W) {
+            const vf v = load(row + j);
+            lo_v = vmin(lo_v, v), hi_v = vmax(hi_v, v), sum_v += v;
+        }
+        for (int l = 0; l < W; ++l) mn = std::min(mn, lo_v[l]), mx = std::max(mx, hi_v[l]);
+        sum = hsum(sum_v);
     }
-    mn = _mm512_reduce_min_ps(lo_v);
-    mx = _mm512_reduce_max_ps(hi_v);
-    sum = _mm512_reduce_add_ps(sum_v);
-#endif
     for (; j < to; ++j) {
         mn = std::min(mn, row[j]);
         mx = std::max(mx, row[j]);
@@ -134,26 +148,21 @@ inline double block_range(const float* row, int64_t from, int64_t to, float& mn,
     return sum;
 }
 
-// Over row[from, to): sum (x - mean)^2, sum e and sum e * (x - peak) with e = exp(x - peak), added to
+// Over row[from, to): sum (x - shift)^2, sum e and sum e * (x - peak) with e = exp(x - peak), added to
 // acc[0..2] (float within the block, double across blocks).
-inline void block_moments(const float* row, int64_t from, int64_t to, float mean, float peak, double* acc) {
+inline void block_moments(const float* row, int64_t from, int64_t to, float shift, float peak, double* acc) {
     int64_t j = from;
     float sq = 0, z = 0, zd = 0;
-#if defined(__AVX512F__)
-    __m512 sq_v = splat(0.0f), z_v = splat(0.0f), zd_v = splat(0.0f);
-    for (; j + 16 <= to; j += 16) {
-        const __m512 v = _mm512_loadu_ps(row + j);
-        const __m512 c = _mm512_sub_ps(v, splat(mean)), d = _mm512_sub_ps(v, splat(peak)), e = exp_ps(d);
-        sq_v = _mm512_fmadd_ps(c, c, sq_v);
-        z_v = _mm512_add_ps(z_v, e);
-        zd_v = _mm512_fmadd_ps(e, d, zd_v);
+    if (to - from >= W) {
+        vf sq_v = splat(0.0f), z_v = splat(0.0f), zd_v = splat(0.0f);
+        for (; j + W <= to; j += W) {
+            const vf v = load(row + j), c = v - shift, d = v - peak, e = exp_v(d);
+            sq_v += c * c, z_v += e, zd_v += e * d;
+        }
+        sq = hsum(sq_v), z = hsum(z_v), zd = hsum(zd_v);
     }
-    sq = _mm512_reduce_add_ps(sq_v);
-    z = _mm512_reduce_add_ps(z_v);
-    zd = _mm512_reduce_add_ps(zd_v);
-#endif
     for (; j < to; ++j) {
-        const float c = row[j] - mean, d = row[j] - peak, e = std::exp(d);
+        const float c = row[j] - shift, d = row[j] - peak, e = std::exp(d);
         sq += c * c;
         z += e;
         zd += e * d;
@@ -161,8 +170,22 @@ inline void block_moments(const float* row, int64_t from, int64_t to, float mean
     acc[0] += sq, acc[1] += z, acc[2] += zd;
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Per 8-bit lane mask: the set lanes' indices in order (then zeros), for _mm256_permutevar8x32_ps.
+struct LeftPack {
+    int32_t lanes[256][8];
+    constexpr LeftPack() : lanes() {
+        for (int mask = 0; mask < 256; ++mask)
+            for (int lane = 0, kept = 0; lane < 8; ++lane)
+                if (mask >> lane & 1) lanes[mask][kept++] = lane;
+    }
+};
+constexpr LeftPack LEFT_PACK;
+#endif
+
 // Over row[from, to): returns how many values are below lo, and appends those in [lo, hi] at out
-// (which advances; out needs 16 floats of slack). AVX-512 compresses 16 lanes at a time.
+// (which advances; out needs 16 floats of slack). AVX-512 compresses 16 lanes at a time, AVX2
+// left-packs 8; the portable loop keeps each value branch-free.
 inline int64_t count_and_gather(const float* row, int64_t from, int64_t to, float lo, float hi, float*& out) {
     int64_t below = 0, j = from;
 #if defined(__AVX512F__)
@@ -175,6 +198,18 @@ inline int64_t count_and_gather(const float* row, int64_t from, int64_t to, floa
         _mm512_storeu_ps(out, _mm512_maskz_compress_ps(inside, v));
         out += __builtin_popcount(inside);
     }
+#elif defined(__AVX2__)  // 8 lanes; a vector's inside values left-packed by a permutation
+    const __m256 lo_v = _mm256_set1_ps(lo), hi_v = _mm256_set1_ps(hi);
+    for (; j + 8 <= to; j += 8) {
+        const __m256 v = _mm256_loadu_ps(row + j);
+        const int under = _mm256_movemask_ps(_mm256_cmp_ps(v, lo_v, _CMP_LT_OQ));
+        const int inside = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, lo_v, _CMP_GE_OQ), _mm256_cmp_ps(v, hi_v, _CMP_LE_OQ)));
+        below += __builtin_popcount(under);
+        if (!inside) continue;
+        const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(LEFT_PACK.lanes[inside]));
+        _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(v, order));
+        out += __builtin_popcount(inside);
+    }
 #endif
     for (; j < to; ++j) {
         const float v = row[j];
@@ -185,14 +220,14 @@ inline int64_t count_and_gather(const float* row, int64_t from, int64_t to, floa
     return below;
 }
 
-// Inserts every value of row[from, to) that beats `edge` into the list (see insert); `edge` becomes
-// the list's last value once it holds k.
+// Inserts every value of row[from, to) that beats `edge` into the list (see insert), as column col0 + j;
+// `edge` becomes the list's last value once it holds k.
 template <class Before>
-inline void keep_extremes(const float* row, int64_t from, int64_t to, int32_t k, float* vals, int64_t* ids,
-                          int32_t& filled, float& edge, Before before) {
+inline void keep_extremes(const float* row, int64_t from, int64_t to, int64_t col0, int32_t k, float* vals,
+                          int64_t* ids, int32_t& filled, float& edge, Before before) {
     for (int64_t j = from; j < to; ++j) {
         if (!before(row[j], edge)) continue;
-        insert(vals, ids, filled, k, row[j], j, before);
+        insert(vals, ids, filled, k, row[j], col0 + j, before);
         if (filled == k) edge = vals[k - 1];
     }
 }
@@ -222,55 +257,104 @@ constexpr int64_t BLOCK = 64;
 constexpr int NQ = 2;         // quantiles: the median and P75
 constexpr int N_MOMENTS = 5;  // mean, std, softmax_max, softmax_entropy, topk_mass
 
-// One row: the k largest and smallest values, per quantile q < NQ the value at sorted index
-// targets[q] (found inside the bracket [lo, hi] that the sample's order statistics give), then the
-// moments. The row is read in blocks of 64; a block's range decides whether it can touch the lists.
-void row_stats(const float* row, int64_t n, int32_t k, const int64_t* sample, const int64_t* targets,
-               const int64_t* lo_ranks, const int64_t* hi_ranks, float* tv, int64_t* ti, float* bv, int64_t* bi,
-               float* out_stats, std::vector<float>& xs, std::vector<float>& band, std::vector<float>& whole) {
-    for (size_t j = 0; j < xs.size(); ++j) xs[j] = row[sample[j]];
+// The running statistics of m rows of length n whose values arrive in column blocks (ascending
+// column order, every column once), after the row's sample has fixed each quantile's bracket.
+struct Stream {
+    int64_t m, n;
+    int32_t k;
+    float cap;
+    int64_t lo_ranks[NQ], hi_ranks[NQ];
+    std::vector<float> tv, bv;  // (m, k) top / bottom lists, values
+    std::vector<int64_t> ti, bi;
+    std::vector<int32_t> top_filled, bottom_filled;
+    std::vector<float> top_edge, bottom_edge;  // a value must beat these to enter a list
+    std::vector<float> ends;                   // (m, 2 NQ): each quantile's bracket [lo, hi]
+    std::vector<float> shift, peak;            // the sample's mean (centres the std), the running max
+    std::vector<double> sum, acc;              // sum x; (m, 3): sum (x - shift)^2, z, sum e (x - peak)
+    std::vector<int64_t> below, used;          // (m, NQ): values below lo; bracketed values gathered
+    std::vector<std::vector<float>> band;      // (m, NQ): the bracketed values
+};
+
+// Row i's sample (s values, softcapped already): the quantiles' brackets, the std's centre and a
+// first peak (a lower bound of the row's maximum).
+void take_sample(Stream& st, int64_t i, std::vector<float>& xs) {
+    double total = 0;
+    float top = -INFINITY;
+    for (float v : xs) total += v, top = std::max(top, v);
+    st.shift[i] = static_cast<float>(total / xs.size());
+    st.peak[i] = top;
     int64_t ranks[2 * NQ];
     float ends[2 * NQ];
-    for (int q = 0; q < NQ; ++q) ranks[2 * q] = lo_ranks[q], ranks[2 * q + 1] = hi_ranks[q];
+    for (int q = 0; q < NQ; ++q) ranks[2 * q] = st.lo_ranks[q], ranks[2 * q + 1] = st.hi_ranks[q];
     sample_ends(xs, ranks, ends);
-    float* start[NQ];
-    float* out[NQ];
-    int64_t below[NQ] = {};
-    for (int q = 0; q < NQ; ++q) start[q] = out[q] = band.data() + q * (n + 16);
+    std::copy(ends, ends + 2 * NQ, st.ends.begin() + i * 2 * NQ);
+    const double expected = st.n * (st.hi_ranks[0] - st.lo_ranks[0] + 2.0) / xs.size();
+    for (int q = 0; q < NQ; ++q) st.band[i * NQ + q].resize(std::min<int64_t>(st.n, 1.25 * expected) + 64);
+}
 
-    int32_t top_filled = 0, bottom_filled = 0;
-    float top_edge = -INFINITY, bottom_edge = INFINITY;  // a value must beat these to enter a list
+// Columns [col0, col0 + len) of row i: the lists, the quantiles' counts and bands, the sums, then (the
+// segment's maximum known) the moments against the running peak, rescaled when the peak rises.
+void absorb(Stream& st, int64_t i, const float* seg, int64_t len, int64_t col0) {
+    const int32_t k = st.k;
+    float* tv = st.tv.data() + i * k;
+    float* bv = st.bv.data() + i * k;
+    int64_t* ti = st.ti.data() + i * k;
+    int64_t* bi = st.bi.data() + i * k;
+    const float* ends = st.ends.data() + i * 2 * NQ;
+    float* out[NQ];
+    for (int q = 0; q < NQ; ++q) {
+        std::vector<float>& band = st.band[i * NQ + q];
+        const int64_t used = st.used[i * NQ + q];
+        if (static_cast<int64_t>(band.size()) < used + len + 16) band.resize(std::max(2 * band.size(), size_t(used + len + 16)));
+        out[q] = band.data() + used;
+    }
     const auto larger = [](float a, float b) { return a > b; };
     const auto smaller = [](float a, float b) { return a < b; };
+    float seg_max = -INFINITY;
     double sum = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
-        const int64_t j1 = std::min(n, j0 + BLOCK);
+    for (int64_t j0 = 0; j0 < len; j0 += BLOCK) {
+        const int64_t j1 = std::min(len, j0 + BLOCK);
         float mn = INFINITY, mx = -INFINITY;
-        sum += block_range(row, j0, j1, mn, mx);
-        if (mx > top_edge) keep_extremes(row, j0, j1, k, tv, ti, top_filled, top_edge, larger);
-        if (mn < bottom_edge) keep_extremes(row, j0, j1, k, bv, bi, bottom_filled, bottom_edge, smaller);
-        for (int q = 0; q < NQ; ++q) below[q] += count_and_gather(row, j0, j1, ends[2 * q], ends[2 * q + 1], out[q]);
+        sum += block_range(seg, j0, j1, mn, mx);
+        seg_max = std::max(seg_max, mx);
+        if (mx > st.top_edge[i])
+            keep_extremes(seg, j0, j1, col0, k, tv, ti, st.top_filled[i], st.top_edge[i], larger);
+        if (mn < st.bottom_edge[i])
+            keep_extremes(seg, j0, j1, col0, k, bv, bi, st.bottom_filled[i], st.bottom_edge[i], smaller);
+        for (int q = 0; q < NQ; ++q)
+            st.below[i * NQ + q] += count_and_gather(seg, j0, j1, ends[2 * q], ends[2 * q + 1], out[q]);
     }
-    for (int q = 0; q < NQ; ++q) {
-        const int64_t rank = targets[q] - below[q];  // the target's index among the bracketed values
-        if (rank >= 0 && rank < out[q] - start[q]) {
-            out_stats[q] = select_in_bracket(start[q], out[q] - start[q], rank, ends[2 * q], ends[2 * q + 1]);
-        } else {  // the sample's bracket missed: select over the whole row
-            whole.assign(row, row + n);
-            std::nth_element(whole.begin(), whole.begin() + targets[q], whole.end());
-            out_stats[q] = whole[targets[q]];
-        }
-    }
+    for (int q = 0; q < NQ; ++q) st.used[i * NQ + q] = out[q] - st.band[i * NQ + q].data();
+    st.sum[i] += sum;
 
-    const double mean = sum / n;
-    const float peak = tv[0];
-    double acc[3] = {};  // sum (x - mean)^2, z = sum exp(x - peak), sum exp(x - peak) * (x - peak)
-    for (int64_t j0 = 0; j0 < n; j0 += BLOCK) block_moments(row, j0, std::min(n, j0 + BLOCK), mean, peak, acc);
+    double* acc = st.acc.data() + i * 3;
+    if (seg_max > st.peak[i]) {  // e' = e exp(d), x - peak' = (x - peak) + d, with d = peak - peak' < 0
+        const double d = static_cast<double>(st.peak[i]) - seg_max, scale = std::exp(d);
+        acc[2] = scale * (acc[2] + d * acc[1]);
+        acc[1] *= scale;
+        st.peak[i] = seg_max;
+    }
+    for (int64_t j0 = 0; j0 < len; j0 += BLOCK) block_moments(seg, j0, std::min(len, j0 + BLOCK), st.shift[i], st.peak[i], acc);
+}
+
+// Row i's results: per quantile the value at sorted index targets[q] if its bracket holds it (else
+// missed[q] = 1 and the caller selects over the whole row), then the moments.
+void finish_row(Stream& st, int64_t i, const int64_t* targets, float* out_stats, uint8_t* missed) {
+    for (int q = 0; q < NQ; ++q) {
+        const int64_t rank = targets[q] - st.below[i * NQ + q];  // the target's index among the bracketed values
+        const float* ends = st.ends.data() + i * 2 * NQ;
+        missed[q] = !(rank >= 0 && rank < st.used[i * NQ + q]);
+        out_stats[q] = missed[q] ? NAN : select_in_bracket(st.band[i * NQ + q].data(), st.used[i * NQ + q], rank,
+                                                            ends[2 * q], ends[2 * q + 1]);
+    }
+    const int32_t k = st.k;
+    const double* acc = st.acc.data() + i * 3;
+    const double n = st.n, mean = st.sum[i] / n, centred = mean - st.shift[i], peak = st.peak[i];
     double top_mass = 0;
-    for (int32_t i = 0; i < k; ++i) top_mass += std::exp(static_cast<double>(tv[i]) - peak);
+    for (int32_t j = 0; j < k; ++j) top_mass += std::exp(static_cast<double>(st.tv[i * k + j]) - peak);
     float* m = out_stats + NQ;
     m[0] = mean;
-    m[1] = std::sqrt(acc[0] / n);
+    m[1] = std::sqrt(std::max(0.0, acc[0] / n - centred * centred));  // E (x - shift)^2 - (mean - shift)^2
     m[2] = 1.0 / acc[1];
     m[3] = std::log(acc[1]) - acc[2] / acc[1];  // entropy = log z - sum p (x - peak)
     m[4] = top_mass / acc[1];
@@ -278,24 +362,81 @@ void row_stats(const float* row, int64_t n, int32_t k, const int64_t* sample, co
 
 }  // namespace
 
-// Statistics of the m rows (length n) of x, float32 or bfloat16 (x_bf16), softcapped when cap > 0:
-// top/bottom values and ids (m, k); stats (m, n_q + 5): the n_q = 2 quantiles, then mean, std,
-// softmax_max, softmax_entropy, topk_mass. Returns 1 for another n_q.
-extern "C" int weightlens_row_stats(
-    const void* x, int32_t x_bf16, int64_t m, int64_t n, float cap, int32_t k,
-    const int64_t* sample, int64_t s, int32_t n_q, const int64_t* targets, const int64_t* lo_ranks,
-    const int64_t* hi_ranks, float* top_values, int64_t* top_ids, float* bottom_values, int64_t* bottom_ids,
-    float* stats, int32_t threads) {
-    if (n_q != NQ) return 1;
+// A stream over m rows of length n: k-long lists, softcap when cap > 0, n_q = 2 quantiles whose
+// brackets span the sample ranks [lo_ranks[q], hi_ranks[q]]. Null for another n_q.
+extern "C" void* weightlens_stream_new(int64_t m, int64_t n, int32_t k, float cap, int32_t n_q, const int64_t* lo_ranks,
+                                       const int64_t* hi_ranks) {
+    if (n_q != NQ) return nullptr;
+    Stream* st = new Stream();
+    st->m = m, st->n = n, st->k = k, st->cap = cap;
+    std::copy(lo_ranks, lo_ranks + NQ, st->lo_ranks);
+    std::copy(hi_ranks, hi_ranks + NQ, st->hi_ranks);
+    st->tv.assign(m * k, 0), st->bv.assign(m * k, 0), st->ti.assign(m * k, 0), st->bi.assign(m * k, 0);
+    st->top_filled.assign(m, 0), st->bottom_filled.assign(m, 0);
+    st->top_edge.assign(m, -INFINITY), st->bottom_edge.assign(m, INFINITY);
+    st->ends.assign(m * 2 * NQ, 0), st->shift.assign(m, 0), st->peak.assign(m, -INFINITY);
+    st->sum.assign(m, 0), st->acc.assign(m * 3, 0), st->below.assign(m * NQ, 0), st->used.assign(m * NQ, 0);
+    st->band.resize(m * NQ);
+    return st;
+}
+
+extern "C" void weightlens_stream_free(void* handle) { delete static_cast<Stream*>(handle); }
+
+// The rows' sample scores xs (m, s), float32 or bfloat16, before the softcap.
+extern "C" void weightlens_stream_sample(void* handle, const void* xs, int32_t bf16, int64_t s, int32_t threads) {
+    Stream& st = *static_cast<Stream*>(handle);
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> xs(s), band(NQ * (n + 16)), whole, buffer(n);  // per thread
+        std::vector<float> buffer(s), values(s);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; ++i) {
-            const float* row = load_row(x, x_bf16 != 0, i, n, cap, buffer.data());
-            row_stats(row, n, k, sample, targets, lo_ranks, hi_ranks, top_values + i * k, top_ids + i * k,
-                      bottom_values + i * k, bottom_ids + i * k, stats + i * (NQ + N_MOMENTS), xs, band, whole);
+        for (int64_t i = 0; i < st.m; ++i) {
+            const float* row = load_row(xs, bf16 != 0, i, s, st.cap, buffer.data());
+            values.assign(row, row + s);
+            take_sample(st, i, values);
         }
     }
-    return 0;
+}
+
+// Scores x (m, cols) of columns [col0, col0 + cols), float32 or bfloat16, before the softcap.
+extern "C" void weightlens_stream_block(void* handle, const void* x, int32_t bf16, int64_t cols, int64_t col0,
+                                        int32_t threads) {
+    Stream& st = *static_cast<Stream*>(handle);
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> buffer(cols);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < st.m; ++i) absorb(st, i, load_row(x, bf16 != 0, i, cols, st.cap, buffer.data()), cols, col0);
+    }
+}
+
+// Top / bottom values and ids (m, k); stats (m, n_q + 5): the quantiles (NaN where missed (m, n_q) is
+// set), then mean, std, softmax_max, softmax_entropy, topk_mass.
+extern "C" void weightlens_stream_finish(void* handle, const int64_t* targets, float* top_values, int64_t* top_ids,
+                                         float* bottom_values, int64_t* bottom_ids, float* stats, uint8_t* missed,
+                                         int32_t threads) {
+    Stream& st = *static_cast<Stream*>(handle);
+    const int64_t mk = st.m * st.k;
+    std::copy(st.tv.begin(), st.tv.begin() + mk, top_values), std::copy(st.ti.begin(), st.ti.begin() + mk, top_ids);
+    std::copy(st.bv.begin(), st.bv.begin() + mk, bottom_values), std::copy(st.bi.begin(), st.bi.begin() + mk, bottom_ids);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < st.m; ++i) finish_row(st, i, targets, stats + i * (NQ + N_MOMENTS), missed + i * NQ);
+}
+
+// Whole rows x (m, n), float32 or bfloat16, softcapped when cap > 0: out (m, n_q) the values at sorted
+// indices targets[q] (the quantiles of rows whose brackets missed).
+extern "C" void weightlens_select(const void* x, int32_t bf16, int64_t m, int64_t n, float cap, int32_t n_q,
+                                  const int64_t* targets, float* out, int32_t threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> buffer(n), whole;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i) {
+            const float* row = load_row(x, bf16 != 0, i, n, cap, buffer.data());
+            for (int q = 0; q < n_q; ++q) {
+                whole.assign(row, row + n);
+                std::nth_element(whole.begin(), whole.begin() + targets[q], whole.end());
+                out[i * n_q + q] = whole[targets[q]];
+            }
+        }
+    }
 }

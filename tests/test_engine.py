@@ -1,7 +1,7 @@
 """core.engine.row_stats against a naive reference that materialises the score matrix.
 
-Every test runs on both paths: the compiled one (core/rowstats.cpp, CPU) and torch's (CUDA, or a
-machine without a C++ compiler)."""
+Every test runs on both paths: the compiled one (core/rowstats.cpp, CPU; with its default and with its
+smallest column blocks) and torch's (CUDA, or a machine without a C++ compiler)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,14 @@ def reference(scores: Tensor, k: int) -> dict[str, Tensor]:
 
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
+@pytest.fixture(autouse=True, params=["native", "native-64-column-blocks", "torch"])
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native":
+    """The compiled path with its default column blocks (one block for most shapes here), with blocks of
+    64 columns (the smallest: many blocks, a ragged last one), and the torch path."""
+    if request.param.startswith("native"):
         assert rowstats.native() is not None, "the C++ row statistics could not be built (see the log)"
+        if request.param == "native-64-column-blocks":
+            monkeypatch.setattr(engine, "_BLOCK_BYTES", 1)
     else:
         monkeypatch.setattr(rowstats, "native", lambda: None)
     return request.param
