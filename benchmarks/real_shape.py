@@ -1,0 +1,265 @@
+"""The asset chain on one SAE of a random-weight model with a real model's exact shapes: seconds, the engine's
+matmul floor and peak memory per asset.
+
+Run: .venv/bin/python benchmarks/real_shape.py --dir DIR [--dtype float32|bfloat16] [--keep]
+
+Writes, in the exact hub layout of a Hugging Face cache under ``DIR/hub``, a model with google/gemma-2-2b's
+config (vocabulary 256000, d 2304, 26 layers, 8 query / 4 key-value heads of 256, fp32, tied embedding) as
+the real repo is laid out (safetensors shards + index; here the embedding, norms and attention weights
+first and the MLP weights in shards of their own, which the chain never reads or downloads) and one
+Gemma Scope SAE (layer 12, width 16k, the canonical L0 82) — every tensor drawn at random and streamed to
+disk shard by shard (~11 GB). Then it materialises the chain of that partition offline, each asset in its
+own process (so each peak is its own), with a persistent Dagster instance under ``DIR``, and prints per
+asset:
+
+* seconds: wall time of the asset's run in its process (Dagster's start-up excluded);
+* engine s / floor s: time inside ``core.engine.row_stats`` and the FLOPs it did (2 n_a n_b r per call) at
+  the throughput of this machine's best blocked matmul for the lens shape (``engine_benchmark``'s grid);
+* floor / s: the share of the asset's time the floor would take — 100 % is an asset that is all matmul;
+* peak RSS and its excess over a bare process that imports the same modules, beside the bytes of the
+  tensors the chain reads (embedding + final norm + each needed layer's norms and attention weights,
+  and the SAE).
+
+Not in CI: it needs ~11 GB of disk (twice that while the cache copies the shards) and ~15 minutes per dtype
+on 2 cores. ``--keep`` keeps ``DIR`` (model and results) for another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RELEASE, MODEL_REPO, SAE_REPO = "gemma-scope-2b-pt-res", "google/gemma-2-2b", "google/gemma-scope-2b-pt-res"
+LAYER, D_SAE, L0 = 12, 16384, 82
+SAE_ID = f"layer_{LAYER}/width_16k/average_l0_{L0}"
+GEMMA_2_2B = dict(  # google/gemma-2-2b config.json
+    architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000, hidden_size=2304,
+    intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+    rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, attention_dropout=0.0,
+    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096,
+    tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, torch_dtype="float32",
+)
+SHARD_BYTES = 2 << 30
+READ_BY_CHAIN = ("embed_tokens", "norm", "self_attn", "layernorm")  # MLP weights are never read
+
+
+def _tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """A random tensor: RMSNorm gains near Gemma's 1 + w = 1, matrices with unit-variance rows' outputs."""
+    if len(shape) == 1:
+        return torch.randn(shape, generator=g) * 0.05
+    return torch.randn(shape, generator=g) / shape[-1] ** 0.5
+
+
+def write_model(staging: Path, seed: int = 0) -> dict[str, Path]:
+    """The model repo's files in ``staging``: config, a tokenizer of the vocabulary's size, shards and index."""
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(**{k: v for k, v in GEMMA_2_2B.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in Gemma2ForCausalLM(config).state_dict().items()
+                  if name != "lm_head.weight"}  # tied: the repo stores the embedding once
+    order = sorted(shapes, key=lambda name: not any(part in name for part in READ_BY_CHAIN))
+    files: dict[str, Path] = {}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in order:
+        nbytes = 4 * int(np.prod(shapes[name]))
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    g = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: _tensor(name, shapes[name], g) for name in names}, str(staging / file),
+                  metadata={"format": "pt"})
+        weight_map |= {name: file for name in names}
+        files[file] = staging / file
+        print(f"  wrote {file} ({len(names)} tensors)", flush=True)
+    total = sum(4 * int(np.prod(s)) for s in shapes.values())
+    (staging / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (staging / "config.json").write_text(json.dumps(GEMMA_2_2B, indent=2))
+    files |= {"model.safetensors.index.json": staging / "model.safetensors.index.json",
+              "config.json": staging / "config.json"}
+    tokenizer = staging / "tokenizer.json"
+    _tokenizer(GEMMA_2_2B["vocab_size"]).save(str(tokenizer))
+    files["tokenizer.json"] = tokenizer
+    return files
+
+
+def _tokenizer(vocab_size: int):  # noqa: ANN202 - tokenizers.Tokenizer
+    """A byte-level BPE tokenizer with exactly ``vocab_size`` ids: GPT-2's 50257 tokens, then words made of
+    two of them (real-looking strings; Gemma's own vocabulary is not on this machine)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from core.planted import _gpt2_files
+
+    vocab, merges = _gpt2_files()
+    pieces = sorted(vocab, key=vocab.get)
+    rng = np.random.default_rng(0)
+    while len(vocab) < vocab_size:
+        a, b = rng.integers(256, len(pieces), 2)
+        word = pieces[a] + pieces[b].lstrip("Ġ")
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def write_sae(staging: Path, seed: int = 1) -> dict[str, Path]:
+    """One Gemma Scope ``params.npz``: JumpReLU W_enc (d, d_sae), W_dec (d_sae, d), biases, thresholds."""
+    rng = np.random.default_rng(seed)
+    d = GEMMA_2_2B["hidden_size"]
+    w_dec = rng.standard_normal((D_SAE, d), dtype=np.float32)
+    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
+    arrays = dict(W_enc=np.ascontiguousarray(w_dec.T), W_dec=w_dec, b_enc=np.zeros(D_SAE, np.float32),
+                  b_dec=np.zeros(d, np.float32), threshold=rng.uniform(0.05, 0.5, D_SAE).astype(np.float32))
+    path = staging / "params.npz"
+    np.savez(path, **arrays)
+    return {f"{SAE_ID}/params.npz": path}
+
+
+def read_bytes() -> int:
+    """Bytes of the tensors the chain reads for layer LAYER's SAE (attention of every layer it pairs with
+    is bounded by all layers': counted in full) plus the SAE."""
+    c = GEMMA_2_2B
+    d, heads, kv, hd = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    per_layer = 2 * d * heads * hd + 2 * d * kv * hd + 4 * d
+    return 4 * (c["vocab_size"] * d + d + c["num_hidden_layers"] * per_layer + 2 * D_SAE * d + 2 * D_SAE + d)
+
+
+# -- one asset per process ---------------------------------------------------------------------------------------
+
+
+def step(args: argparse.Namespace) -> None:
+    """Materialise one asset of the partition (``--asset``) with the engine counted; write its figures."""
+    from core import engine
+
+    calls: list[dict[str, float]] = []
+    inner = engine.row_stats
+
+    def counted(left: torch.Tensor, right: torch.Tensor, **kwargs: object) -> engine.RowStats:
+        start = time.perf_counter()
+        result = inner(left, right, **kwargs)  # type: ignore[arg-type]
+        calls.append({"flop": 2.0 * left.shape[0] * right.shape[0] * left.shape[1],
+                      "seconds": time.perf_counter() - start})
+        return result
+
+    engine.row_stats = counted  # before the stages import it by name
+    import dagster as dg
+
+    from orchestration.cli import run_assets
+    from orchestration.resources import ComputeResource, HubResource, StoreResource
+
+    resources = {"hub": HubResource(cache_dir=str(args.dir / "hub"), offline=True),
+                 "store": StoreResource(data_dir=str(args.dir / "data")), "compute": ComputeResource(dtype=args.dtype)}
+    instance = dg.DagsterInstance.get()  # DAGSTER_HOME: one instance for the whole chain
+    partition = f"{RELEASE}:{SAE_ID}"
+    if not instance.has_dynamic_partition("sae", partition):
+        instance.add_dynamic_partitions("sae", [partition])
+    start = time.perf_counter()
+    run_assets(instance, [dg.AssetKey.from_user_string(args.asset)], partition, resources)
+    seconds = time.perf_counter() - start
+    figures = {"seconds": seconds, "engine_seconds": sum(c["seconds"] for c in calls),
+               "flop": sum(c["flop"] for c in calls)}
+    (args.dir / f"step-{args.asset}.json").write_text(json.dumps(figures))
+
+
+def _child(argv: list[str], env: dict[str, str]) -> int:
+    """Run a child process; its own peak RSS in bytes (``wait4``'s rusage)."""
+    proc = subprocess.Popen(argv, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(argv)} failed with status {os.waitstatus_to_exitcode(status)}")
+    return usage.ru_maxrss * 1024
+
+
+def floor_flops(dtype: torch.dtype) -> tuple[float, str]:
+    """FLOP/s of this machine's best blocked matmul for the lens shape (1024 rows x the vocabulary)."""
+    from benchmarks.engine_benchmark import best_block, blocked_matmul, timed
+
+    g = torch.Generator().manual_seed(0)
+    c = GEMMA_2_2B
+    left = torch.randn(1024, c["hidden_size"], generator=g)
+    right = torch.randn(c["vocab_size"], c["hidden_size"], generator=g).to(dtype)
+    rows, cols = best_block(left, right, dtype)
+    seconds = timed(lambda: blocked_matmul(left, right, dtype, rows, cols), right.device, 2)
+    return 2.0 * left.numel() * len(right) / seconds, f"{rows} x {cols or len(right)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--asset", help=argparse.SUPPRESS)  # internal: one asset in this process
+    args = parser.parse_args()
+    args.dir = args.dir.resolve()
+    if args.asset:
+        step(args)
+        return
+
+    from core.hub_cache import write_snapshot
+    from orchestration.cli import chain_of
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DAGSTER_HOME": str(args.dir / "dagster")}
+    (args.dir / "dagster").mkdir(parents=True, exist_ok=True)
+    hub = args.dir / "hub"
+    if not hub.exists():
+        staging = args.dir / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        write_snapshot(hub, MODEL_REPO, write_model(staging), base=None)
+        write_snapshot(hub, SAE_REPO, write_sae(staging), base=None)
+        shutil.rmtree(staging)
+        print(f"model and SAE written in {time.perf_counter() - start:.0f} s", flush=True)
+    for old in (args.dir / "data", args.dir / "dagster"):
+        shutil.rmtree(old, ignore_errors=True)
+    (args.dir / "dagster").mkdir()
+
+    flops, block = floor_flops(getattr(torch, args.dtype))
+    me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--dtype", args.dtype]
+    bare = _child([sys.executable, "-c", "import torch, dagster, orchestration.definitions"],
+                  {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    rows = []
+    for asset in chain_of(RELEASE):
+        name = asset.to_user_string()
+        peak = _child([*me, "--asset", name], env)
+        figures = json.loads((args.dir / f"step-{name}.json").read_text())
+        rows.append((name, figures, peak))
+
+    gib = 1 << 30
+    print(f"\n{RELEASE}:{SAE_ID} on {MODEL_REPO}'s shapes, {args.dtype}, {torch.get_num_threads()} threads; "
+          f"floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors the chain reads "
+          f"{read_bytes() / gib:.2f} GiB; a bare process {bare / gib:.2f} GiB")
+    print(f"{'asset':<22} {'seconds':>8} {'engine s':>9} {'floor s':>8} {'floor/s':>8} {'peak GiB':>9} {'over bare':>9}")
+    for name, f, peak in rows:
+        floor = f["flop"] / flops
+        print(f"{name:<22} {f['seconds']:8.1f} {f['engine_seconds']:9.1f} {floor:8.1f} "
+              f"{floor / f['seconds']:8.1%} {peak / gib:9.2f} {(peak - bare) / gib:9.2f}")
+    total = sum(f["seconds"] for _, f, _ in rows)
+    print(f"{'total':<22} {total:8.1f} {sum(f['engine_seconds'] for _, f, _ in rows):9.1f} "
+          f"{sum(f['flop'] for _, f, _ in rows) / flops:8.1f}")
+    if not args.keep:
+        shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()
