@@ -23,17 +23,28 @@ def agreement_checks(out: dict, d_sae: int, vocab_size: int) -> list[Check]:
     """The asset checks of ``core.agreement.agreement_stage``'s tables (descriptions: ``assets.common``)."""
     summary, agree = out["agreement_summary"], out["activation_agreement"]
     overlaps = agree.drop(columns="feature").to_numpy(dtype=float)
-    in_range = bool(summary["p_value"].between(0, 1).all()
-                    and (np.isnan(overlaps) | ((overlaps >= 0) & (overlaps <= 1))).all())
+    in_range = bool(
+        summary["p_value"].between(0, 1).all() and (np.isnan(overlaps) | ((overlaps >= 0) & (overlaps <= 1))).all()
+    )
     statistics = finite("values_valid", summary, ["value", "control"])
-    return [rows_match("one_row_per_feature", out["activation_features"], d_sae),
-            Check("values_valid", statistics.passed and in_range,
-                  f"{statistics.detail}; p-values and overlaps {'in' if in_range else 'outside'} [0, 1]"),
-            ids_in_range("token_ids_in_vocab", out["activation_tokens"], "token_id", vocab_size)]
+    return [
+        rows_match("one_row_per_feature", out["activation_features"], d_sae),
+        Check(
+            "values_valid",
+            statistics.passed and in_range,
+            f"{statistics.detail}; p-values and overlaps {'in' if in_range else 'outside'} [0, 1]",
+        ),
+        ids_in_range("token_ids_in_vocab", out["activation_tokens"], "token_id", vocab_size),
+    ]
 
 
-@dg.asset(partitions_def=sae_partitions, group_name="activations", deps=["lens_tables", "feature_classes"],
-          kinds={"pytorch", "parquet"}, check_specs=check_specs("activation_agreement", CHECKS))
+@dg.asset(
+    partitions_def=sae_partitions,
+    group_name="activations",
+    deps=["lens_tables", "feature_classes"],
+    kinds={"pytorch", "parquet"},
+    check_specs=check_specs("activation_agreement", CHECKS),
+)
 def activation_agreement(
     context: dg.AssetExecutionContext, hub: HubResource, store: StoreResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -50,26 +61,43 @@ def activation_agreement(
     if corpus is None:
         return dg.MaterializeResult(
             metadata={"skipped": dg.MetadataValue.text("the release provides no corpus")},
-            check_results=check_results([Check(name, True, "the release provides no corpus: nothing measured")
-                                         for name in CHECKS]))
+            check_results=check_results(
+                [Check(name, True, "the release provides no corpus: nothing measured") for name in CHECKS]
+            ),
+        )
     _, _, sae = load_sae(ref, hub.client())
     root = fetch_runnable_model(ref.release, client).root
-    model = AutoModelForCausalLM.from_pretrained(  # eager attention: core.activations.attention_received reads
-        root, dtype=torch.float32, attn_implementation="eager").to(compute.device).eval()  # its probabilities
+    model = (
+        AutoModelForCausalLM.from_pretrained(  # eager attention: core.activations.attention_received reads
+            root, dtype=torch.float32, attn_implementation="eager"
+        )
+        .to(compute.device)
+        .eval()
+    )  # its probabilities
     ids = torch.tensor(AutoTokenizer.from_pretrained(root)(corpus.read_text(), add_special_tokens=False)["input_ids"])
     chunks = ids[: len(ids) // CONTEXT * CONTEXT].view(-1, CONTEXT).to(compute.device)
     tables = store.tables()
     lens = {side: tables.read(f"{side}_lens_tokens", ref.key) for side in ("output", "input")}
-    sae = replace(sae, **{f: getattr(sae, f).to(compute.device) for f in ("W_enc", "W_dec", "b_enc", "b_dec",
-                                                                       "threshold")})
-    out = agreement_stage(model, sae, ref.layer, chunks, lens, tables.read("feature_classes", ref.key),
-                          tables.read("feature_participation", ref.key), k=compute.top_k,
-                          seed=zlib.crc32(ref.key.encode()))
+    sae = replace(
+        sae, **{f: getattr(sae, f).to(compute.device) for f in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+    )
+    out = agreement_stage(
+        model,
+        sae,
+        ref.layer,
+        chunks,
+        lens,
+        tables.read("feature_classes", ref.key),
+        tables.read("feature_participation", ref.key),
+        k=compute.top_k,
+        seed=zlib.crc32(ref.key.encode()),
+    )
     metadata: dict[str, dg.MetadataValue] = {}
     for name, frame in out.items():
         metadata |= store_table(store, name, ref.key, with_sae(frame, ref))
     summary = out["agreement_summary"]
     metadata["agreement"] = dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3f"))
     metadata["corpus_tokens"] = dg.MetadataValue.int(int(chunks.numel()))
-    return dg.MaterializeResult(metadata=metadata, check_results=check_results(
-        agreement_checks(out, sae.d_sae, model.config.vocab_size)))
+    return dg.MaterializeResult(
+        metadata=metadata, check_results=check_results(agreement_checks(out, sae.d_sae, model.config.vocab_size))
+    )

@@ -4,19 +4,18 @@ import dagster as dg
 import numpy as np
 
 from assets.common import check_results, check_specs, sae_of, store_table
-from core.discovery import load_sae
 from core.classify import NULLS, SIDES
 from core.control import control_sae
+from core.discovery import load_sae
 from core.feature_browser import write_browser
 from core.frames import with_sae
 from core.model_weights import ModelCheckpoint
 from core.stages import class_stage
 from core.statistics import DEFAULT_QUANTILE, wilson_interval
-from core.vocab import normal_tokens
 from core.table_checks import combined, finite, rows_match
+from core.vocab import normal_tokens
 from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
-
 
 CLASS_CHECKS = ["one_row_per_feature", "scores_finite", "thresholds_recorded"]
 LENS_TABLES = ("output_lens_tokens", "output_lens_stats", "input_lens_tokens", "input_lens_stats")
@@ -77,13 +76,21 @@ def feature_classes(
     _, checkpoint, sae = load_sae(ref, hub.client())
     lens = {name: tables.read(name, ref.key) for name in LENS_TABLES}
     normal = normal_tokens(tables.read("vocabulary", ref.key))
-    out = class_stage(lens, tables.read("circuit_stats", ref.key), tables.read("head_writes", ref.key), normal,
-                      *vocab_matrices(checkpoint), DEFAULT_QUANTILE, compute.top_k)
+    out = class_stage(
+        lens,
+        tables.read("circuit_stats", ref.key),
+        tables.read("head_writes", ref.key),
+        normal,
+        *vocab_matrices(checkpoint),
+        DEFAULT_QUANTILE,
+        compute.top_k,
+    )
     classes, part, per_feature = out.classes, out.participation, out.feature_participation
     control = control_sae(sae, ref.key)
     features = out.rows("feature")
-    control_rows = out.rows("control").assign(encoder_norm=control.encoder_norm.numpy(),
-                                              decoder_norm=control.decoder_norm.numpy())
+    control_rows = out.rows("control").assign(
+        encoder_norm=control.encoder_norm.numpy(), decoder_norm=control.decoder_norm.numpy()
+    )
     null_rows = classes.rows[classes.rows["sample"].isin(list(NULLS.values()))].reset_index(drop=True)
     metadata = store_table(store, "feature_classes", ref.key, with_sae(features, ref))
     metadata |= store_table(store, "control_classes", ref.key, with_sae(control_rows, ref))
@@ -94,8 +101,9 @@ def feature_classes(
     feats_part = part[part["sample"] != "null"].reset_index(drop=True)
     metadata |= store_table(store, "attention_participation", ref.key, feats_part)
     metadata |= store_table(store, "feature_participation", ref.key, per_feature)
-    browser = write_browser(store.artifacts("browser"), ref, lens["output_lens_tokens"], lens["input_lens_tokens"],
-                            features)
+    browser = write_browser(
+        store.artifacts("browser"), ref, lens["output_lens_tokens"], lens["input_lens_tokens"], features
+    )
     metadata["feature_browser"] = dg.MetadataValue.path(str(browser))  # every feature's tokens, searchable
 
     n, hits = len(features), int(features.output_predicting.sum())
@@ -113,15 +121,28 @@ def feature_classes(
         "thresholds": dg.MetadataValue.md(classes.thresholds.to_markdown(index=False, floatfmt=".4g")),
     }
     checks = [
-        combined("one_row_per_feature", [rows_match("feature_classes", features, sae.d_sae),
-                                         rows_match("control_classes", control_rows, sae.d_sae),
-                                         rows_match("feature_participation", per_feature,
-                                                    2 * sae.d_sae * per_feature["phase"].nunique())]),
-        combined("scores_finite", [finite("feature_classes", features, SCORE_COLUMNS),
-                                   finite("attention_participation", feats_part, ["score"])]),
-        combined("thresholds_recorded", [rows_match("class_thresholds", classes.thresholds,
-                                                    CALIBRATED * len(NULLS) + len(SIDES)),
-                                         finite("class_thresholds", classes.thresholds, ["threshold"]),
-                                         finite("participation thresholds", feats_part, ["threshold"])]),
+        combined(
+            "one_row_per_feature",
+            [
+                rows_match("feature_classes", features, sae.d_sae),
+                rows_match("control_classes", control_rows, sae.d_sae),
+                rows_match("feature_participation", per_feature, 2 * sae.d_sae * per_feature["phase"].nunique()),
+            ],
+        ),
+        combined(
+            "scores_finite",
+            [
+                finite("feature_classes", features, SCORE_COLUMNS),
+                finite("attention_participation", feats_part, ["score"]),
+            ],
+        ),
+        combined(
+            "thresholds_recorded",
+            [
+                rows_match("class_thresholds", classes.thresholds, CALIBRATED * len(NULLS) + len(SIDES)),
+                finite("class_thresholds", classes.thresholds, ["threshold"]),
+                finite("participation thresholds", feats_part, ["threshold"]),
+            ],
+        ),
     ]
     return dg.MaterializeResult(metadata=metadata, check_results=check_results(checks))

@@ -13,31 +13,50 @@ from orchestration.resources import StoreResource
 CHECK_DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("sae_weights", "one_row_per_feature"): "sae_features holds exactly one row per SAE feature (d_sae rows).",
     ("sae_weights", "norms_finite"): "Every encoder norm, decoder norm and threshold is finite (no NaN/Inf).",
-    ("lens_tables", "one_row_per_feature_side_rank"):
-        "Each lens has one row per direction (features, control, both nulls) × side × rank: the candidates "
-        "on top, top_k at the bottom; the Neuronpedia export one row per feature.",
+    (
+        "lens_tables",
+        "one_row_per_feature_side_rank",
+    ): "Each lens has one row per direction (features, control, both nulls) × side × rank: the candidates "
+    "on top, top_k at the bottom; the Neuronpedia export one row per feature.",
     ("lens_tables", "values_finite"): "Every lens logit, lens statistic and Neuronpedia value is finite.",
     ("lens_tables", "token_ids_in_vocab"): "Every token id of both lenses lies inside the model's vocabulary.",
-    ("circuit_tables", "one_row_per_direction_and_circuit"):
-        "circuit_stats has one row per direction (features, control, null) × attention circuit.",
+    (
+        "circuit_tables",
+        "one_row_per_direction_and_circuit",
+    ): "circuit_stats has one row per direction (features, control, null) × attention circuit.",
     ("circuit_tables", "values_finite"): "Every circuit statistic (pre- and post-softmax) is finite.",
-    ("feature_classes", "one_row_per_feature"):
-        "feature_classes and control_classes hold one row per feature, feature_participation one per "
-        "direction (features, control) × phase.",
+    (
+        "feature_classes",
+        "one_row_per_feature",
+    ): "feature_classes and control_classes hold one row per feature, feature_participation one per "
+    "direction (features, control) × phase.",
     ("feature_classes", "scores_finite"): "Every feature's top-k z and every attention participation score is finite.",
-    ("feature_classes", "thresholds_recorded"):
-        "class_thresholds holds every calibrated threshold (per null, side and metric), all finite, and every "
-        "participation threshold is finite.",
-    ("activation_agreement", "one_row_per_feature"):
-        "activation_features holds one row per SAE feature (fired or not); nothing to check without a corpus.",
-    ("activation_agreement", "values_valid"):
-        "Every agreement statistic and its control is finite, every p-value in [0, 1], every overlap in [0, 1].",
+    (
+        "feature_classes",
+        "thresholds_recorded",
+    ): "class_thresholds holds every calibrated threshold (per null, side and metric), all finite, and every "
+    "participation threshold is finite.",
+    (
+        "activation_agreement",
+        "one_row_per_feature",
+    ): "activation_features holds one row per SAE feature (fired or not); nothing to check without a corpus.",
+    (
+        "activation_agreement",
+        "values_valid",
+    ): "Every agreement statistic and its control is finite, every p-value in [0, 1], every overlap in [0, 1].",
     ("activation_agreement", "token_ids_in_vocab"): "Every fires-on and promoted token id lies inside the vocabulary.",
-    ("claim_statistics", "one_row_per_analysed_sae"):
-        "Per release, C1 by layer has two rows (features, control) per SAE with stored feature classes.",
-    ("claim_statistics", "statistics_finite"): "Per release, C1 fractions with their CIs and the depth profiles are finite.",
-    ("claim_statistics", "verdicts_valid"):
-        "Per release, every claim's verdict is one of consistent, not reproduced, inconclusive, not measured.",
+    (
+        "claim_statistics",
+        "one_row_per_analysed_sae",
+    ): "Per release, C1 by layer has two rows (features, control) per SAE with stored feature classes.",
+    (
+        "claim_statistics",
+        "statistics_finite",
+    ): "Per release, C1 fractions with their CIs and the depth profiles are finite.",
+    (
+        "claim_statistics",
+        "verdicts_valid",
+    ): "Per release, every claim's verdict is one of consistent, not reproduced, inconclusive, not measured.",
 }
 
 
@@ -86,8 +105,10 @@ def check_specs(asset: str, names: list[str]) -> list[dg.AssetCheckSpec]:
     missing = [name for name in names if (asset, name) not in CHECK_DESCRIPTIONS]
     if missing:
         raise KeyError(f"asset checks of {asset} without a description in assets.common.CHECK_DESCRIPTIONS: {missing}")
-    return [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=CHECK_DESCRIPTIONS[asset, name])
-            for name in names]
+    return [
+        dg.AssetCheckSpec(name, asset=asset, blocking=True, description=CHECK_DESCRIPTIONS[asset, name])
+        for name in names
+    ]
 
 
 def check_results(checks: list[Check]) -> list[dg.AssetCheckResult]:

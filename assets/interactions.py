@@ -8,12 +8,17 @@ from assets.common import check_results, check_specs, sae_of, store_table, store
 from core.discovery import load_sae
 from core.frames import SUMMARY_COLUMNS, with_sae
 from core.model_weights import TOKENIZER_FILE
-from core.neuronpedia import (NeuronpediaSource, dashboard_frame, dashboard_tokens, dashboard_top_logits,
-                              write_json_export)
+from core.neuronpedia import (
+    NeuronpediaSource,
+    dashboard_frame,
+    dashboard_tokens,
+    dashboard_top_logits,
+    write_json_export,
+)
 from core.registry import get_release
+from core.semantic import CANDIDATES
 from core.stages import LENS_SIDES, circuit_stage, lens_stage
 from core.table_checks import Check, RowTally, combined, finite, ids_in_range, rows_match
-from core.semantic import CANDIDATES
 from core.vocab import vocabulary_table
 from orchestration.partitions import sae_partitions
 from orchestration.resources import ComputeResource, HubResource, StoreResource
@@ -60,7 +65,9 @@ def lens_tables(
     engine = compute.engine()
     start = time.perf_counter()
     tables = lens_stage(sae, checkpoint, tokens, ref.key, compute.null_directions, engine)
-    metadata: dict[str, dg.MetadataValue] = {"lens/seconds": dg.MetadataValue.float(round(time.perf_counter() - start, 3))}
+    metadata: dict[str, dg.MetadataValue] = {
+        "lens/seconds": dg.MetadataValue.float(round(time.perf_counter() - start, 3))
+    }
     metadata |= store_table(store, "vocabulary", ref.key, with_sae(vocabulary, ref))
     metadata["vocabulary/token_classes"] = dg.MetadataValue.json(vocabulary["token_class"].value_counts().to_dict())
     parts: dict[str, list[Check]] = {name: [] for name in LENS_CHECKS}
@@ -68,21 +75,33 @@ def lens_tables(
         token_rows, stats = tables[f"{lens}_lens_tokens"], tables[f"{lens}_lens_stats"]
         metadata |= store_table(store, f"{lens}_lens_tokens", ref.key, with_sae(token_rows, ref))
         metadata |= store_table(store, f"{lens}_lens_stats", ref.key, with_sae(stats, ref))
-        preview = token_rows[(token_rows["sample"] == "feature") & (token_rows.side == "top") & (token_rows.feature < 8)]
+        preview = token_rows[
+            (token_rows["sample"] == "feature") & (token_rows.side == "top") & (token_rows.feature < 8)
+        ]
         metadata[f"{lens}_lens/top_tokens_preview"] = dg.MetadataValue.md(
             preview.groupby("feature")["token"].apply(lambda t: " · ".join(map(repr, t))).to_frame().to_markdown()
         )
         parts["one_row_per_feature_side_rank"].append(
-            rows_match(lens, token_rows, 2 * (sae.d_sae + compute.null_directions)
-                       * (min(CANDIDATES, checkpoint.geometry.vocab_size) + compute.top_k))
+            rows_match(
+                lens,
+                token_rows,
+                2
+                * (sae.d_sae + compute.null_directions)
+                * (min(CANDIDATES, checkpoint.geometry.vocab_size) + compute.top_k),
+            )
         )
-        parts["values_finite"] += [finite(f"{lens} tokens", token_rows, ["value"]), finite(f"{lens} stats", stats, STAT_COLUMNS)]
+        parts["values_finite"] += [
+            finite(f"{lens} tokens", token_rows, ["value"]),
+            finite(f"{lens} stats", stats, STAT_COLUMNS),
+        ]
         parts["token_ids_in_vocab"].append(ids_in_range(lens, token_rows, "token_id", checkpoint.geometry.vocab_size))
     dashboard_vocab = dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
     dashboard = with_sae(dashboard_frame(dashboard_top_logits(sae, checkpoint, engine.device), dashboard_vocab), ref)
     metadata |= store_table(store, "neuronpedia_top_logits", ref.key, dashboard)
     parts["one_row_per_feature_side_rank"].append(rows_match("neuronpedia", dashboard, sae.d_sae))
-    parts["values_finite"].append(finite("neuronpedia", dashboard.explode(["pos_values", "neg_values"]), ["pos_values", "neg_values"]))
+    parts["values_finite"].append(
+        finite("neuronpedia", dashboard.explode(["pos_values", "neg_values"]), ["pos_values", "neg_values"])
+    )
     source = NeuronpediaSource.of(ref, get_release(ref.release))
     metadata["neuronpedia_top_logits/json"] = dg.MetadataValue.path(
         str(write_json_export(dashboard, source, store.artifacts("exports") / "neuronpedia" / ref.release, ref.sae_id))
@@ -119,10 +138,22 @@ def circuit_tables(
 
     tally = RowTally(STAT_COLUMNS)
     with store.tables().appender("circuit_stats", ref.key) as append:  # each circuit's rows to disk as they come
-        out = circuit_stage(sae, checkpoint, ref.key, ref.layer, n_null, compute.engine(), compute.circuit_layers,
-                            compute.circuit_set, progress, sink=lambda rows: append(tally.add(with_sae(rows, ref))))
-    checks = [tally.rows_match(CIRCUIT_CHECKS[0], (2 * sae.d_sae + n_null) * out.n_circuits),
-              tally.finite(CIRCUIT_CHECKS[1])]
+        out = circuit_stage(
+            sae,
+            checkpoint,
+            ref.key,
+            ref.layer,
+            n_null,
+            compute.engine(),
+            compute.circuit_layers,
+            compute.circuit_set,
+            progress,
+            sink=lambda rows: append(tally.add(with_sae(rows, ref))),
+        )
+    checks = [
+        tally.rows_match(CIRCUIT_CHECKS[0], (2 * sae.d_sae + n_null) * out.n_circuits),
+        tally.finite(CIRCUIT_CHECKS[1]),
+    ]
     metadata = stored_table_metadata(store, "circuit_stats", store.tables().file("circuit_stats", ref.key), tally.rows)
     metadata |= store_table(store, "head_writes", ref.key, with_sae(out.head_writes, ref))
     metadata |= {

@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 from PIL import Image
 
-from core.plots import PLOT_FILES, PLOTS, Draw
 from assets.claims import stored_results
+from core.plots import PLOT_FILES, PLOTS, Draw
 from orchestration.resources import HubResource, StoreResource
 
 # Dagster's UI shows markdown metadata of 1000 characters or more (any data-URI plot) behind "[Show Markdown]",
@@ -45,8 +45,9 @@ def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.As
     ``claim_statistics``. The drawing function and the literals are captured one by one, so a plot's code
     version reaches its own drawing code only (``orchestration.versions``)."""
 
-    @dg.asset(name=asset_name(name), group_name="plots", kinds={"seaborn"}, description=description,
-              deps=["claim_statistics"])
+    @dg.asset(
+        name=asset_name(name), group_name="plots", kinds={"seaborn"}, description=description, deps=["claim_statistics"]
+    )
     def _plot(store: StoreResource, hub: HubResource) -> dg.MaterializeResult:
         metadata: dict[str, dg.MetadataValue] = {}
         for release, results in stored_results(store, hub).items():

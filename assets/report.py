@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from assets.plots import asset_name, png_data_uri
 from assets.claims import stored_results
+from assets.plots import asset_name, png_data_uri
 from core import atomic
 from core.claims import render_report
 from core.plots import PLOT_FILES

@@ -11,10 +11,15 @@ from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource
 
 
-@dg.observable_source_asset(partitions_def=sae_partitions, group_name="weights", description=(
-    "One SAE's files in its hub repository (offline: the cache). Observed data version: the content id "
-    "of the files (the hub's sha256 / git blob ids), the same id sae_weights records once it has read "
-    "them — so the UI shows sae_weights as stale exactly when that SAE's bytes changed."))
+@dg.observable_source_asset(
+    partitions_def=sae_partitions,
+    group_name="weights",
+    description=(
+        "One SAE's files in its hub repository (offline: the cache). Observed data version: the content id "
+        "of the files (the hub's sha256 / git blob ids), the same id sae_weights records once it has read "
+        "them — so the UI shows sae_weights as stale exactly when that SAE's bytes changed."
+    ),
+)
 def sae_files(context: dg.AssetExecutionContext, hub: HubResource) -> dg.DataVersionsByPartition:
     """Content id per registered SAE partition, one repository listing per release."""
     by_release: dict[str, list[str]] = defaultdict(list)

@@ -34,8 +34,11 @@ def run_chain(cache: Path, data: Path, device: str, dtype: str, nulls: int) -> f
     """Materialise ``KEY``'s chain and the report on ``device`` (``nulls`` lens null directions, a quarter as many
     circuit ones); wall seconds."""
     compute = ComputeResource(device=device, dtype=dtype, null_directions=nulls, circuit_null_directions=nulls // 4)
-    resources = {"hub": HubResource(cache_dir=str(cache), offline=True), "store": StoreResource(data_dir=str(data)),
-                 "compute": compute}
+    resources = {
+        "hub": HubResource(cache_dir=str(cache), offline=True),
+        "store": StoreResource(data_dir=str(data)),
+        "compute": compute,
+    }
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("sae", [KEY])
     start = time.perf_counter()
@@ -46,8 +49,16 @@ def run_chain(cache: Path, data: Path, device: str, dtype: str, nulls: int) -> f
 def compare(got: pd.DataFrame, ref: pd.DataFrame) -> dict[str, float]:
     """Largest relative float difference and top-id set agreement of two versions of one table."""
     floats = [c for c in ref.columns if ref[c].dtype.kind == "f"]
-    rel = max((float(np.nanmax(np.abs(got[c].to_numpy() - ref[c].to_numpy())) / max(float(np.nanmax(np.abs(ref[c]))), 1e-30))
-               for c in floats if ref[c].notna().any()), default=0.0)
+    rel = max(
+        (
+            float(
+                np.nanmax(np.abs(got[c].to_numpy() - ref[c].to_numpy())) / max(float(np.nanmax(np.abs(ref[c]))), 1e-30)
+            )
+            for c in floats
+            if ref[c].notna().any()
+        ),
+        default=0.0,
+    )
     ids = [c for c in ID_COLUMNS if c in ref]
     agree = float(np.mean([set(a) == set(b) for c in ids for a, b in zip(got[c], ref[c])])) if ids else float("nan")
     return {"rows": len(ref), "max_rel_diff": rel, "top_ids_agree": agree}
@@ -64,8 +75,10 @@ def main() -> None:
     cache = out / "hf-cache"
     generate(RELEASE, cache, layers=[0])
     subject, reference = (args.device, args.dtype), ("cpu", "float32")
-    seconds = {run: run_chain(cache, out / "-".join(run), *run, args.null_directions)
-               for run in dict.fromkeys([subject, reference])}
+    seconds = {
+        run: run_chain(cache, out / "-".join(run), *run, args.null_directions)
+        for run in dict.fromkeys([subject, reference])
+    }
     stores = {run: TableStore(out / "-".join(run)) for run in seconds}
     print(f"{'/'.join(subject)} against {'/'.join(reference)}")
     print(f"{'table':20} {'rows':>7} {'max rel diff':>13} {'top ids agree':>14}")

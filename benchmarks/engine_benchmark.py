@@ -22,6 +22,7 @@ d = 2304, n_b = 256000 vocabulary rows, tanh softcap 30.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -84,7 +85,9 @@ def best_block(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> t
         if cols is not None and cols >= len(right):
             continue
         blocked_matmul(sample[:rows], right, dtype, rows, cols)  # warm-up of this shape
-        speeds[(rows, cols)] = len(sample) / timed(lambda: blocked_matmul(sample, right, dtype, rows, cols), device, 1)
+        speeds[(rows, cols)] = len(sample) / timed(
+            functools.partial(blocked_matmul, sample, right, dtype, rows, cols), device, 1
+        )
     return max(speeds, key=speeds.get)
 
 
@@ -101,8 +104,9 @@ def run_naive(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, cap: 
     -(p * p.clamp_min(1e-30).log()).sum(1)
 
 
-def worker(approach: str, dtype_name: str, n_a: int, n_b: int, budget: int, cap: bool, repeats: int,
-           device: torch.device) -> dict:
+def worker(
+    approach: str, dtype_name: str, n_a: int, n_b: int, budget: int, cap: bool, repeats: int, device: torch.device
+) -> dict:
     torch.manual_seed(0)
     dtype = DTYPES[dtype_name]
     right = (torch.randn(n_b, D) / D**0.5).to(device, dtype)  # weights as stored; no conversion timed
@@ -111,16 +115,25 @@ def worker(approach: str, dtype_name: str, n_a: int, n_b: int, budget: int, cap:
     if approach == "best":
         rows, cols = best_block(left, right, dtype)
         found = {"block": f"{rows} x {cols or n_b}"}
-        run: Callable[[torch.Tensor], object] = lambda x: blocked_matmul(x, right, dtype, rows, cols)  # noqa: E731
+        run: Callable[[torch.Tensor], object] = functools.partial(
+            blocked_matmul, right=right, dtype=dtype, rows=rows, cols=cols
+        )
     elif approach == "matmul":
         tile, _ = engine._plan(n_a, n_b, budget, dtype == torch.bfloat16, device.type == "cpu")
         found = {"block": f"{tile} x {n_b}"}
-        run = lambda x: blocked_matmul(x, right, dtype, tile, None)  # noqa: E731
+        run = functools.partial(blocked_matmul, right=right, dtype=dtype, rows=tile, cols=None)
     elif approach == "engine":
-        run = lambda x: engine.row_stats(x, right, k=K, softcap=SOFTCAP if cap else None,  # noqa: E731
-                                         compute_dtype=dtype, device=device, memory_budget_bytes=budget)
+        run = functools.partial(
+            engine.row_stats,
+            right=right,
+            k=K,
+            softcap=SOFTCAP if cap else None,
+            compute_dtype=dtype,
+            device=device,
+            memory_budget_bytes=budget,
+        )
     else:
-        run = lambda x: run_naive(x, right, dtype, cap)  # noqa: E731
+        run = functools.partial(run_naive, right=right, dtype=dtype, cap=cap)
     run(left[:8])  # warm-up: library initialisation, kernel selection
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -155,26 +168,47 @@ def main() -> None:
         return
 
     flop = 2 * n_a * args.vocab * D
-    print(f"device={device} n_a={n_a} n_b={args.vocab} d={D} k={K} softcap={cap} budget={args.budget_mib} MiB "
-          f"threads={torch.get_num_threads()} best of {args.repeats}")
+    print(
+        f"device={device} n_a={n_a} n_b={args.vocab} d={D} k={K} softcap={cap} budget={args.budget_mib} MiB "
+        f"threads={torch.get_num_threads()} best of {args.repeats}"
+    )
     print(f"{'dtype':5} {'approach':8} {'seconds':>8} {'GFLOP/s':>8} {'vs best':>8} {'peak MiB':>9}  block")
     rows = []
     for dtype_name in args.dtypes:
         results: dict[str, dict] = {}
         for approach in args.approaches:
-            cmd = [sys.executable, __file__, "--worker", approach, dtype_name, "--n-features", str(n_a),
-                   "--vocab", str(args.vocab), "--budget-mib", str(args.budget_mib), "--repeats", str(args.repeats),
-                   "--device", args.device, *["--no-softcap"] * (not cap)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                approach,
+                dtype_name,
+                "--n-features",
+                str(n_a),
+                "--vocab",
+                str(args.vocab),
+                "--budget-mib",
+                str(args.budget_mib),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+                *["--no-softcap"] * (not cap),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{approach} {dtype_name} failed:\n{done.stderr[-3000:]}")
             out = done.stdout
             results[approach] = r = json.loads(out.strip().splitlines()[-1])
             ratio = results["best"]["seconds"] / r["seconds"] if "best" in results else float("nan")
-            rows.append({"dtype": dtype_name, "approach": approach, "gflops": flop / r["seconds"] / 1e9,
-                         "vs_best": ratio, **r})
-            print(f"{dtype_name:5} {approach:8} {r['seconds']:8.2f} {flop / r['seconds'] / 1e9:8.1f} {ratio:8.1%} "
-                  f"{r['peak_mib']:9.0f}  {r.get('block', '')}", flush=True)
+            rows.append(
+                {"dtype": dtype_name, "approach": approach, "gflops": flop / r["seconds"] / 1e9, "vs_best": ratio, **r}
+            )
+            print(
+                f"{dtype_name:5} {approach:8} {r['seconds']:8.2f} {flop / r['seconds'] / 1e9:8.1f} {ratio:8.1%} "
+                f"{r['peak_mib']:9.0f}  {r.get('block', '')}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -44,12 +44,31 @@ RELEASE, MODEL_REPO, SAE_REPO = "gemma-scope-2b-pt-res", "google/gemma-2-2b", "g
 LAYER, D_SAE, L0 = 12, 16384, 82
 SAE_ID = f"layer_{LAYER}/width_16k/average_l0_{L0}"
 GEMMA_2_2B = dict(  # google/gemma-2-2b config.json
-    architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000, hidden_size=2304,
-    intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-    hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-    rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, attention_dropout=0.0,
-    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096,
-    tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, torch_dtype="float32",
+    architectures=["Gemma2ForCausalLM"],
+    model_type="gemma2",
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_act="gelu_pytorch_tanh",
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attention_bias=False,
+    attention_dropout=0.0,
+    final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    tie_word_embeddings=True,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+    torch_dtype="float32",
 )
 SHARD_BYTES = 2 << 30
 READ_BY_CHAIN = ("embed_tokens", "norm", "self_attn", "layernorm")  # MLP weights are never read
@@ -69,8 +88,11 @@ def write_model(staging: Path, seed: int = 0) -> dict[str, Path]:
 
     config = Gemma2Config(**{k: v for k, v in GEMMA_2_2B.items() if k not in ("architectures", "model_type")})
     with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in Gemma2ForCausalLM(config).state_dict().items()
-                  if name != "lm_head.weight"}  # tied: the repo stores the embedding once
+        shapes = {
+            name: tuple(t.shape)
+            for name, t in Gemma2ForCausalLM(config).state_dict().items()
+            if name != "lm_head.weight"
+        }  # tied: the repo stores the embedding once
     order = sorted(shapes, key=lambda name: not any(part in name for part in READ_BY_CHAIN))
     files: dict[str, Path] = {}
     shards: list[list[str]] = [[]]
@@ -86,17 +108,21 @@ def write_model(staging: Path, seed: int = 0) -> dict[str, Path]:
     weight_map = {}
     for i, names in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({name: _tensor(name, shapes[name], g) for name in names}, str(staging / file),
-                  metadata={"format": "pt"})
+        save_file(
+            {name: _tensor(name, shapes[name], g) for name in names}, str(staging / file), metadata={"format": "pt"}
+        )
         weight_map |= {name: file for name in names}
         files[file] = staging / file
         print(f"  wrote {file} ({len(names)} tensors)", flush=True)
     total = sum(4 * int(np.prod(s)) for s in shapes.values())
     (staging / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     (staging / "config.json").write_text(json.dumps(GEMMA_2_2B, indent=2))
-    files |= {"model.safetensors.index.json": staging / "model.safetensors.index.json",
-              "config.json": staging / "config.json"}
+    files |= {
+        "model.safetensors.index.json": staging / "model.safetensors.index.json",
+        "config.json": staging / "config.json",
+    }
     tokenizer = staging / "tokenizer.json"
     _tokenizer(GEMMA_2_2B["vocab_size"]).save(str(tokenizer))
     files["tokenizer.json"] = tokenizer
@@ -129,8 +155,13 @@ def write_sae(staging: Path, seed: int = 1) -> dict[str, Path]:
     d = GEMMA_2_2B["hidden_size"]
     w_dec = rng.standard_normal((D_SAE, d), dtype=np.float32)
     w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
-    arrays = dict(W_enc=np.ascontiguousarray(w_dec.T), W_dec=w_dec, b_enc=np.zeros(D_SAE, np.float32),
-                  b_dec=np.zeros(d, np.float32), threshold=rng.uniform(0.05, 0.5, D_SAE).astype(np.float32))
+    arrays = dict(
+        W_enc=np.ascontiguousarray(w_dec.T),
+        W_dec=w_dec,
+        b_enc=np.zeros(D_SAE, np.float32),
+        b_dec=np.zeros(d, np.float32),
+        threshold=rng.uniform(0.05, 0.5, D_SAE).astype(np.float32),
+    )
     path = staging / "params.npz"
     np.savez(path, **arrays)
     return {f"{SAE_ID}/params.npz": path}
@@ -158,8 +189,9 @@ def step(args: argparse.Namespace) -> None:
     def counted(left: torch.Tensor, right: torch.Tensor, **kwargs: object) -> engine.RowStats:
         start = time.perf_counter()
         result = inner(left, right, **kwargs)  # type: ignore[arg-type]
-        calls.append({"flop": 2.0 * left.shape[0] * right.shape[0] * left.shape[1],
-                      "seconds": time.perf_counter() - start})
+        calls.append(
+            {"flop": 2.0 * left.shape[0] * right.shape[0] * left.shape[1], "seconds": time.perf_counter() - start}
+        )
         return result
 
     engine.row_stats = counted  # before the stages import it by name
@@ -168,8 +200,11 @@ def step(args: argparse.Namespace) -> None:
     from orchestration.cli import run_assets
     from orchestration.resources import ComputeResource, HubResource, StoreResource
 
-    resources = {"hub": HubResource(cache_dir=str(args.dir / "hub"), offline=True),
-                 "store": StoreResource(data_dir=str(args.dir / "data")), "compute": ComputeResource(dtype=args.dtype)}
+    resources = {
+        "hub": HubResource(cache_dir=str(args.dir / "hub"), offline=True),
+        "store": StoreResource(data_dir=str(args.dir / "data")),
+        "compute": ComputeResource(dtype=args.dtype),
+    }
     instance = dg.DagsterInstance.get()  # DAGSTER_HOME: one instance for the whole chain
     partition = f"{RELEASE}:{SAE_ID}"
     if not instance.has_dynamic_partition("sae", partition):
@@ -177,8 +212,11 @@ def step(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     run_assets(instance, [dg.AssetKey.from_user_string(args.asset)], partition, resources)
     seconds = time.perf_counter() - start
-    figures = {"seconds": seconds, "engine_seconds": sum(c["seconds"] for c in calls),
-               "flop": sum(c["flop"] for c in calls)}
+    figures = {
+        "seconds": seconds,
+        "engine_seconds": sum(c["seconds"] for c in calls),
+        "flop": sum(c["flop"] for c in calls),
+    }
     (args.dir / f"step-{args.asset}.json").write_text(json.dumps(figures))
 
 
@@ -236,8 +274,10 @@ def main() -> None:
 
     flops, block = floor_flops(getattr(torch, args.dtype))
     me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--dtype", args.dtype]
-    bare = _child([sys.executable, "-c", "import torch, dagster, orchestration.definitions"],
-                  {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    bare = _child(
+        [sys.executable, "-c", "import torch, dagster, orchestration.definitions"],
+        {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     rows = []
     for asset in chain_of(RELEASE):
         name = asset.to_user_string()
@@ -246,17 +286,25 @@ def main() -> None:
         rows.append((name, figures, peak))
 
     gib = 1 << 30
-    print(f"\n{RELEASE}:{SAE_ID} on {MODEL_REPO}'s shapes, {args.dtype}, {torch.get_num_threads()} threads; "
-          f"floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors the chain reads "
-          f"{read_bytes() / gib:.2f} GiB; a bare process {bare / gib:.2f} GiB")
-    print(f"{'asset':<22} {'seconds':>8} {'engine s':>9} {'floor s':>8} {'floor/s':>8} {'peak GiB':>9} {'over bare':>9}")
+    print(
+        f"\n{RELEASE}:{SAE_ID} on {MODEL_REPO}'s shapes, {args.dtype}, {torch.get_num_threads()} threads; "
+        f"floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors the chain reads "
+        f"{read_bytes() / gib:.2f} GiB; a bare process {bare / gib:.2f} GiB"
+    )
+    print(
+        f"{'asset':<22} {'seconds':>8} {'engine s':>9} {'floor s':>8} {'floor/s':>8} {'peak GiB':>9} {'over bare':>9}"
+    )
     for name, f, peak in rows:
         floor = f["flop"] / flops
-        print(f"{name:<22} {f['seconds']:8.1f} {f['engine_seconds']:9.1f} {floor:8.1f} "
-              f"{floor / f['seconds']:8.1%} {peak / gib:9.2f} {(peak - bare) / gib:9.2f}")
+        print(
+            f"{name:<22} {f['seconds']:8.1f} {f['engine_seconds']:9.1f} {floor:8.1f} "
+            f"{floor / f['seconds']:8.1%} {peak / gib:9.2f} {(peak - bare) / gib:9.2f}"
+        )
     total = sum(f["seconds"] for _, f, _ in rows)
-    print(f"{'total':<22} {total:8.1f} {sum(f['engine_seconds'] for _, f, _ in rows):9.1f} "
-          f"{sum(f['flop'] for _, f, _ in rows) / flops:8.1f}")
+    print(
+        f"{'total':<22} {total:8.1f} {sum(f['engine_seconds'] for _, f, _ in rows):9.1f} "
+        f"{sum(f['flop'] for _, f, _ in rows) / flops:8.1f}"
+    )
     if not args.keep:
         shutil.rmtree(args.dir)
 

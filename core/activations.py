@@ -72,8 +72,17 @@ def _capture(model, layer: int) -> tuple[torch.utils.hooks.RemovableHandle, list
 
 
 @torch.no_grad()
-def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contexts: int = 8, k: int = 10,
-           min_count: int = MIN_COUNT, batch: int = 32) -> Firing:
+def firing(
+    model,
+    sae: SaeWeights,
+    layer: int,
+    chunks: torch.Tensor,
+    *,
+    n_contexts: int = 8,
+    k: int = 10,
+    min_count: int = MIN_COUNT,
+    batch: int = 32,
+) -> Firing:
     """Stream ``chunks`` (n, context) through the model: per-feature firing statistics, top contexts and tokens."""
     n_sae, vocab, device = sae.d_sae, model.config.vocab_size, chunks.device
     fired = torch.zeros(n_sae, dtype=torch.long, device=device)
@@ -83,7 +92,7 @@ def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contex
     pair_keys, pair_sums = [], []
     context = chunks.shape[1]
     for start in range(0, len(chunks), batch):
-        ids = chunks[start:start + batch]
+        ids = chunks[start : start + batch]
         handle, captured = _capture(model, layer)
         try:
             model(input_ids=ids)
@@ -102,8 +111,11 @@ def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contex
         keys = feat * vocab + ids.reshape(-1)[pos]
         uniq, inverse = keys.unique(return_inverse=True)
         pair_keys.append(uniq.cpu())
-        pair_sums.append(torch.zeros(len(uniq), dtype=torch.float64, device=device)
-                         .index_add_(0, inverse, f[pos, feat].double()).cpu())
+        pair_sums.append(
+            torch.zeros(len(uniq), dtype=torch.float64, device=device)
+            .index_add_(0, inverse, f[pos, feat].double())
+            .cpu()
+        )
     positions = chunks.numel()
     keys = torch.cat(pair_keys)
     uniq, inverse = keys.unique(return_inverse=True)
@@ -111,24 +123,37 @@ def firing(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, *, n_contex
     occurrences = torch.bincount(chunks.reshape(-1).cpu(), minlength=vocab)
     fired, act_sum, top_val, top_idx = fired.cpu(), act_sum.cpu(), top_val.cpu(), top_idx.cpu()
     feat, token = uniq // vocab, uniq % vocab
-    per_token = pd.DataFrame({"feature": feat.numpy(), "token_id": token.numpy(),
-                              "occurrences": occurrences[token].numpy()})
+    per_token = pd.DataFrame(
+        {"feature": feat.numpy(), "token_id": token.numpy(), "occurrences": occurrences[token].numpy()}
+    )
     per_token["mean_activation"] = sums.numpy() / per_token["occurrences"]
     per_token = per_token[per_token["occurrences"] >= min_count]
     per_token = per_token.sort_values(["feature", "mean_activation", "token_id"], ascending=[True, False, True])
     fires_on = per_token.groupby("feature", sort=False).head(k).copy()
     fires_on["rank"] = fires_on.groupby("feature").cumcount()
     valid = top_val > 0
-    ctx = pd.DataFrame({"feature": np.repeat(np.arange(n_sae), n_contexts), "flat": top_idx.reshape(-1).numpy(),
-                        "activation": top_val.reshape(-1).numpy()})[valid.reshape(-1).numpy()]
+    ctx = pd.DataFrame(
+        {
+            "feature": np.repeat(np.arange(n_sae), n_contexts),
+            "flat": top_idx.reshape(-1).numpy(),
+            "activation": top_val.reshape(-1).numpy(),
+        }
+    )[valid.reshape(-1).numpy()]
     flat = ctx.pop("flat")
     ctx["chunk"], ctx["position"] = flat // context, flat % context
-    features = pd.DataFrame({
-        "feature": np.arange(n_sae), "firing_rate": (fired.double() / positions).numpy(),
-        "mean_activation": (act_sum / fired.clamp_min(1)).numpy(), "n_contexts": valid.sum(1).numpy(),
-    })
-    return Firing(features, fires_on[["feature", "rank", "token_id", "mean_activation", "occurrences"]]
-                  .reset_index(drop=True), ctx[["feature", "chunk", "position", "activation"]].reset_index(drop=True))
+    features = pd.DataFrame(
+        {
+            "feature": np.arange(n_sae),
+            "firing_rate": (fired.double() / positions).numpy(),
+            "mean_activation": (act_sum / fired.clamp_min(1)).numpy(),
+            "n_contexts": valid.sum(1).numpy(),
+        }
+    )
+    return Firing(
+        features,
+        fires_on[["feature", "rank", "token_id", "mean_activation", "occurrences"]].reset_index(drop=True),
+        ctx[["feature", "chunk", "position", "activation"]].reset_index(drop=True),
+    )
 
 
 def _next_token_logprobs(model, ids: torch.Tensor, positions: torch.Tensor, layer: int, edit=None) -> torch.Tensor:
@@ -142,9 +167,18 @@ def _next_token_logprobs(model, ids: torch.Tensor, positions: torch.Tensor, laye
 
 
 @torch.no_grad()
-def ablation(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, contexts: pd.DataFrame,
-             lens_tokens: dict[int, list[int]], *, k: int = 10, batch: int = 64, feature_block: int = 256
-             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def ablation(
+    model,
+    sae: SaeWeights,
+    layer: int,
+    chunks: torch.Tensor,
+    contexts: pd.DataFrame,
+    lens_tokens: dict[int, list[int]],
+    *,
+    k: int = 10,
+    batch: int = 64,
+    feature_block: int = 256,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-feature ``feature, effect_size, output_score, n_contexts``; ``promotes``: ``feature, rank, token_id,
     delta``) from removing each feature at its ``contexts`` (``firing``'s table). ``lens_tokens``: feature -> its
     output-lens top-k token ids (the weight-based reading the output score asks about)."""
@@ -152,19 +186,20 @@ def ablation(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, contexts:
     contexts = contexts.sort_values(["feature", "chunk", "position"])
     features = contexts["feature"].unique()
     for block_start in range(0, len(features), feature_block):
-        block = features[block_start:block_start + feature_block]
+        block = features[block_start : block_start + feature_block]
         part = contexts[contexts["feature"].isin(block)]
         slot = {f: i for i, f in enumerate(block)}
         delta = torch.zeros(len(block), model.config.vocab_size, dtype=torch.float64)
         prob_drop = torch.zeros_like(delta)
         count = torch.zeros(len(block), dtype=torch.long)
         for start in range(0, len(part), batch):
-            rows_b = part.iloc[start:start + batch]
+            rows_b = part.iloc[start : start + batch]
             ids = chunks[torch.as_tensor(rows_b["chunk"].to_numpy())]
             pos = torch.as_tensor(rows_b["position"].to_numpy(), device=chunks.device)
-            removed = (torch.as_tensor(rows_b["activation"].to_numpy(), dtype=torch.float32)
-                       .to(chunks.device)[:, None] * sae.W_dec[torch.as_tensor(rows_b["feature"].to_numpy(),
-                                                                                  device=chunks.device)])
+            removed = (
+                torch.as_tensor(rows_b["activation"].to_numpy(), dtype=torch.float32).to(chunks.device)[:, None]
+                * sae.W_dec[torch.as_tensor(rows_b["feature"].to_numpy(), device=chunks.device)]
+            )
 
             def edit(_module, _inputs, output, pos=pos, removed=removed):
                 hidden = output[0] if isinstance(output, tuple) else output
@@ -183,11 +218,18 @@ def ablation(model, sae: SaeWeights, layer: int, chunks: torch.Tensor, contexts:
         top = delta.topk(k, dim=1)
         for i, f in enumerate(block):
             lens = lens_tokens.get(int(f), [])
-            rows.append({"feature": int(f), "effect_size": float(top.values[i, 0]),
-                         "output_score": float(prob_drop[i, lens].sum()) if lens else float("nan"),
-                         "n_contexts": int(count[i])})
-            promotes += [{"feature": int(f), "rank": r, "token_id": int(top.indices[i, r]),
-                          "delta": float(top.values[i, r])} for r in range(k)]
+            rows.append(
+                {
+                    "feature": int(f),
+                    "effect_size": float(top.values[i, 0]),
+                    "output_score": float(prob_drop[i, lens].sum()) if lens else float("nan"),
+                    "n_contexts": int(count[i]),
+                }
+            )
+            promotes += [
+                {"feature": int(f), "rank": r, "token_id": int(top.indices[i, r]), "delta": float(top.values[i, r])}
+                for r in range(k)
+            ]
     return pd.DataFrame(rows), pd.DataFrame(promotes)
 
 
@@ -207,7 +249,7 @@ def attention_received(model, sae: SaeWeights, layer: int, chunks: torch.Tensor,
     expected = torch.zeros(n_sae, dtype=torch.float64, device=device)
     keys = torch.zeros(n_sae, dtype=torch.long, device=device)
     for start in range(0, len(chunks), batch):
-        ids = chunks[start:start + batch]
+        ids = chunks[start : start + batch]
         handle, captured = _capture(model, layer)
         try:
             attentions = model(input_ids=ids, output_attentions=True).attentions
@@ -223,5 +265,6 @@ def attention_received(model, sae: SaeWeights, layer: int, chunks: torch.Tensor,
         keys += on.sum((0, 1)).long()
     ratio = (received / expected.clamp_min(1e-12)).mean(0).clamp_min(1e-12).log()
     ratio[keys == 0] = float("nan")
-    return pd.DataFrame({"feature": np.arange(n_sae), "attention_log_ratio": ratio.cpu().numpy(),
-                         "firing_keys": keys.cpu().numpy()})
+    return pd.DataFrame(
+        {"feature": np.arange(n_sae), "attention_log_ratio": ratio.cpu().numpy(), "firing_keys": keys.cpu().numpy()}
+    )

@@ -48,9 +48,14 @@ def _overlap(a: list[int], b: list[int], k: int) -> float:
     return len(set(a[:k]) & set(b[:k])) / k
 
 
-def feature_agreement(lens_out: dict[int, list[int]], lens_in: dict[int, list[int]],
-                      promotes: dict[int, list[int]], fires_on: dict[int, list[int]], k: int, seed: int
-                      ) -> pd.DataFrame:
+def feature_agreement(
+    lens_out: dict[int, list[int]],
+    lens_in: dict[int, list[int]],
+    promotes: dict[int, list[int]],
+    fires_on: dict[int, list[int]],
+    k: int,
+    seed: int,
+) -> pd.DataFrame:
     """``feature, output_overlap, output_overlap_shuffled, input_overlap, input_overlap_shuffled`` for every
     feature with both sides measured (NaN where one side is missing)."""
     rng = np.random.default_rng(seed)
@@ -59,7 +64,7 @@ def feature_agreement(lens_out: dict[int, list[int]], lens_in: dict[int, list[in
     in_perm = dict(zip(features, rng.permutation(features)))
     rows = []
     for f in features:
-        row = {"feature": f}
+        row: dict[str, float] = {"feature": f}
         for side, lens, act, perm in (("output", lens_out, promotes, out_perm), ("input", lens_in, fires_on, in_perm)):
             have = f in act and f in lens and perm[f] in lens
             row[f"{side}_overlap"] = _overlap(lens[f], act[f], k) if have else np.nan
@@ -73,9 +78,16 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def agreement_summary(agree: pd.DataFrame, effects: pd.DataFrame, classes: pd.DataFrame, *, seed: int,
-                      n_shuffles: int = 200, attention: pd.DataFrame | None = None,
-                      participation: pd.DataFrame | None = None) -> pd.DataFrame:
+def agreement_summary(
+    agree: pd.DataFrame,
+    effects: pd.DataFrame,
+    classes: pd.DataFrame,
+    *,
+    seed: int,
+    n_shuffles: int = 200,
+    attention: pd.DataFrame | None = None,
+    participation: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """``statistic, value, control, p_value, n`` for one SAE (see module docstring). ``classes``: ``feature,
     output_predicting, topk_z`` (``feature_classes``); ``effects``: ``core.activations.ablation``'s table;
     ``attention``: ``core.activations.attention_received``'s; ``participation``: ``feature, mean_score,
@@ -83,30 +95,62 @@ def agreement_summary(agree: pd.DataFrame, effects: pd.DataFrame, classes: pd.Da
     rng = np.random.default_rng(seed)
     rows = [_overlap_row(agree, statistic, seed) for statistic in OVERLAPS]
     output = effects.merge(classes[["feature", "output_predicting", "topk_z"]], on="feature")
-    rows += _score_rows(output, "output_score", "output_predicting", "topk_z", ("output_score_auroc_for_output_predicting",
-                        "spearman_topk_z_output_score"), rng, n_shuffles)
+    rows += _score_rows(
+        output,
+        "output_score",
+        "output_predicting",
+        "topk_z",
+        ("output_score_auroc_for_output_predicting", "spearman_topk_z_output_score"),
+        rng,
+        n_shuffles,
+    )
     if attention is not None and participation is not None:
         reading = attention.merge(participation[["feature", "participates", "mean_score"]], on="feature")
-        rows += _score_rows(reading, "attention_log_ratio", "participates", "mean_score",
-                            ("attention_auroc_for_decoder_participation", "spearman_decoder_participation_attention"),
-                            rng, n_shuffles)
+        rows += _score_rows(
+            reading,
+            "attention_log_ratio",
+            "participates",
+            "mean_score",
+            ("attention_auroc_for_decoder_participation", "spearman_decoder_participation_attention"),
+            rng,
+            n_shuffles,
+        )
     return pd.DataFrame(rows, columns=["statistic", "value", "control", "p_value", "n"])
 
 
-def _score_rows(frame: pd.DataFrame, activation: str, weight_class: str, weight_score: str, names: tuple[str, str],
-                rng: np.random.Generator, n_shuffles: int) -> list[dict]:
+def _score_rows(
+    frame: pd.DataFrame,
+    activation: str,
+    weight_class: str,
+    weight_score: str,
+    names: tuple[str, str],
+    rng: np.random.Generator,
+    n_shuffles: int,
+) -> list[dict]:
     """AUROC of the ``activation`` score for the weight-based ``weight_class`` and Spearman of ``weight_score``
     with it, each against ``n_shuffles`` permutations (rows only where measurable: both classes present, > 2)."""
     frame = frame.dropna(subset=[activation, weight_score])
     score, labels = frame[activation].to_numpy(), frame[weight_class].to_numpy(bool)
     rows = []
     if 0 < labels.sum() < len(labels):
-        rows.append(_permutation_row(names[0], auroc(score, labels),
-                                     [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)], len(frame)))
+        rows.append(
+            _permutation_row(
+                names[0],
+                auroc(score, labels),
+                [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)],
+                len(frame),
+            )
+        )
     if len(frame) > 2:
         weights = frame[weight_score].to_numpy()
-        rows.append(_permutation_row(names[1], _spearman(weights, score),
-                                     [_spearman(rng.permutation(weights), score) for _ in range(n_shuffles)], len(frame)))
+        rows.append(
+            _permutation_row(
+                names[1],
+                _spearman(weights, score),
+                [_spearman(rng.permutation(weights), score) for _ in range(n_shuffles)],
+                len(frame),
+            )
+        )
     return rows
 
 
@@ -121,8 +165,13 @@ def _overlap_row(agree: pd.DataFrame, statistic: str, seed: int) -> dict:
 
 def _permutation_row(statistic: str, value: float, null: list[float], n: int) -> dict:
     null_values = np.asarray(null)
-    return {"statistic": statistic, "value": value, "control": float(null_values.mean()),
-            "p_value": float((1 + np.sum(null_values >= value)) / (1 + len(null_values))), "n": n}
+    return {
+        "statistic": statistic,
+        "value": value,
+        "control": float(null_values.mean()),
+        "p_value": float((1 + np.sum(null_values >= value)) / (1 + len(null_values))),
+        "n": n,
+    }
 
 
 def fisher_combined(p_values: np.ndarray) -> float:
@@ -139,21 +188,40 @@ def release_agreement(release: str, summary: pd.DataFrame, per_feature: pd.DataF
     from its SAEs' ``agreement_summary`` and ``activation_agreement`` rows (empty in, empty out)."""
     if summary.empty:
         return pd.DataFrame()
-    rows = [_overlap_row(per_feature, statistic, seed) | {"saes": int(per_feature["sae_id"].nunique())}
-            for statistic in OVERLAPS]
+    rows = [
+        _overlap_row(per_feature, statistic, seed) | {"saes": int(per_feature["sae_id"].nunique())}
+        for statistic in OVERLAPS
+    ]
     for statistic, group in summary[~summary["statistic"].isin(OVERLAPS)].groupby("statistic", sort=True):
         weights = group["n"].to_numpy(np.float64)
-        rows.append({"statistic": statistic, "value": float(np.average(group["value"], weights=weights)),
-                     "control": float(np.average(group["control"], weights=weights)),
-                     "p_value": fisher_combined(group["p_value"].to_numpy()), "n": int(weights.sum()),
-                     "saes": len(group)})
+        rows.append(
+            {
+                "statistic": statistic,
+                "value": float(np.average(group["value"], weights=weights)),
+                "control": float(np.average(group["control"], weights=weights)),
+                "p_value": fisher_combined(group["p_value"].to_numpy()),
+                "n": int(weights.sum()),
+                "saes": len(group),
+            }
+        )
     out = pd.DataFrame(rows)
     out.insert(0, "release", release)
     return out.assign(beyond_chance=(out["p_value"] < ALPHA) & (out["value"] > out["control"]))
 
 
-def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.DataFrame], classes: pd.DataFrame,
-                    participation: pd.DataFrame, *, k: int, seed: int, n_contexts: int = 8) -> dict[str, pd.DataFrame]:
+def agreement_stage(
+    model,
+    sae,
+    layer: int,
+    chunks,
+    lens_tokens: dict[str, pd.DataFrame],
+    classes: pd.DataFrame,
+    participation: pd.DataFrame,
+    *,
+    k: int,
+    seed: int,
+    n_contexts: int = 8,
+) -> dict[str, pd.DataFrame]:
     """The activation-agreement stage of one SAE: ``core.activations`` on the corpus ``chunks`` (n, context),
     compared with the stored lens tables (``lens_tokens``: ``output`` / ``input`` -> the ``*_lens_tokens``
     table) and ``feature_classes``. The input side ranges over the tokens the corpus holds at least ``MIN_COUNT``
@@ -179,14 +247,25 @@ def agreement_stage(model, sae, layer: int, chunks, lens_tokens: dict[str, pd.Da
     lens_out, lens_in = lens(lens_tokens["output"]), lens(lens_tokens["input"], observable)
     fired = firing(model, sae, layer, chunks, n_contexts=n_contexts, k=k, min_count=MIN_COUNT)
     effects, promotes = ablation(model, sae, layer, chunks, fired.contexts, lens_out, k=k)
-    tokens = pd.concat([fired.fires_on.rename(columns={"mean_activation": "value"}).drop(columns="occurrences")
-                        .assign(side="fires_on"), promotes.rename(columns={"delta": "value"}).assign(side="promotes")],
-                       ignore_index=True)[["side", "feature", "rank", "token_id", "value"]]
+    tokens = pd.concat(
+        [
+            fired.fires_on.rename(columns={"mean_activation": "value"})
+            .drop(columns="occurrences")
+            .assign(side="fires_on"),
+            promotes.rename(columns={"delta": "value"}).assign(side="promotes"),
+        ],
+        ignore_index=True,
+    )[["side", "feature", "rank", "token_id", "value"]]
     agree = feature_agreement(lens_out, lens_in, top_lists(promotes, k), top_lists(fired.fires_on, k), k, seed)
     attention = attention_received(model, sae, layer, chunks)
     decoder = participation[(participation["sample"] == "feature") & (participation["phase"] == "decoder_unembedding")]
-    features = (fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left")
-                .merge(attention, on="feature", how="left"))
+    features = fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left").merge(
+        attention, on="feature", how="left"
+    )
     summary = agreement_summary(agree, effects, classes, seed=seed, attention=attention, participation=decoder)
-    return {"activation_features": features, "activation_tokens": tokens, "activation_agreement": agree,
-            "agreement_summary": summary}
+    return {
+        "activation_features": features,
+        "activation_tokens": tokens,
+        "activation_agreement": agree,
+        "agreement_summary": summary,
+    }

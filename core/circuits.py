@@ -1,8 +1,8 @@
 """Input-side and attention circuits of SAE features, each one configuration of ``core.engine.row_stats``.
 
-Notation (transformers ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / ``modeling_llama.py``): n_l(x) = RMSNorm with layer l's
-``input_layernorm`` gain, ``x / sqrt(mean(x²) + eps) ⊙ g_l``; W_Q^h, W_K^c, W_V^c are the (head_dim, d_model)
-row blocks of q/k/v_proj for query head h and kv head c = kv(h) = h // (n_heads / n_kv_heads) (GQA,
+Notation (transformers ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / ``modeling_llama.py``): n_l(x) = RMSNorm
+with layer l's ``input_layernorm`` gain, ``x / sqrt(mean(x²) + eps) ⊙ g_l``; W_Q^h, W_K^c, W_V^c are the (head_dim,
+d_model) row blocks of q/k/v_proj for query head h and kv head c = kv(h) = h // (n_heads / n_kv_heads) (GQA,
 ``repeat_kv``); W_O^h is the (d_model, head_dim) column block h of o_proj; s = attn_scale
 (``query_pre_attn_scalar^-1/2`` on Gemma-2/3, ``head_dim^-1/2`` on Llama); cap_attn = 50 and cap_final = 30
 on Gemma-2 (``eager_attention_forward``'s and ``Gemma2ForCausalLM``'s ``c·tanh(x/c)``), none on Llama.
@@ -52,7 +52,8 @@ as key against the unembedding rows) and ``ov`` (the decoder direction moved to 
 norm ``ov_write_norms``. Which of them a run computes is a circuit set (``CIRCUIT_SETS``): ``"used"``, the
 default, is what the classes and claims read (``core.profiles.SCORE_KINDS``: ``ov_writer``, the two QK kinds,
 and the write norms); ``"all"`` adds the decoder-side ``ov`` circuit (its logit distributions go to
-``circuit_stats`` for users' own queries; on Gemma-2-2B it is a quarter of the circuit time). The encoder-side QK circuits and the decoder-side ``ov_writer`` stay computable
+``circuit_stats`` for users' own queries; on Gemma-2-2B it is a quarter of the circuit time). The encoder-side QK
+circuits and the decoder-side ``ov_writer`` stay computable
 (``Circuit`` accepts every phase × kind) but are not analysed: the encoder direction never sits in the stream
 that layer L's queries and keys read.
 
@@ -74,7 +75,7 @@ vocab × d_model matrix is formed beyond W_E / W_U themselves.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,16 +122,26 @@ def paired_layers(sae_layer: int, n_layers: int, scope: str = "adjacent") -> dic
     if not 0 <= sae_layer < n_layers:
         raise ValueError(f"SAE layer {sae_layer} outside the model's 0..{n_layers - 1}")
     if scope == "adjacent":
-        return {"encoder_embedding": [sae_layer], "decoder_unembedding": [sae_layer + 1] if sae_layer + 1 < n_layers else []}
+        return {
+            "encoder_embedding": [sae_layer],
+            "decoder_unembedding": [sae_layer + 1] if sae_layer + 1 < n_layers else [],
+        }
     if scope == "all":
-        return {"encoder_embedding": list(range(sae_layer + 1)), "decoder_unembedding": list(range(sae_layer + 1, n_layers))}
+        return {
+            "encoder_embedding": list(range(sae_layer + 1)),
+            "decoder_unembedding": list(range(sae_layer + 1, n_layers)),
+        }
     raise ValueError(f"layer scope {scope!r} is not one of {LAYER_SCOPES}")
 
 
-def all_circuits(geometry: ModelGeometry, layers: dict[str, Sequence[int]] | None = None,
-                 kinds: dict[str, tuple[str, ...]] = PHASE_KINDS) -> list[Circuit]:
+def all_circuits(
+    geometry: ModelGeometry,
+    layers: Mapping[str, Sequence[int]] | None = None,
+    kinds: Mapping[str, tuple[str, ...]] = PHASE_KINDS,
+) -> list[Circuit]:
     """The circuits of ``kinds`` (default: every analysed kind, ``PHASE_KINDS``; or a ``CIRCUIT_SETS`` entry) at
-    each phase's ``layers`` (default: every layer for both phases), ordered layer → query head (kv groups contiguous) → phase → kind, the order in which
+    each phase's ``layers`` (default: every layer for both phases), ordered layer → query head (kv groups
+    contiguous) → phase → kind, the order in which
     ``VocabOperands``' cache computes each vocabulary operand once."""
     every = range(geometry.n_layers)
     chosen = {phase: set(every if layers is None else layers.get(phase, ())) for phase in PHASES}
@@ -184,6 +195,7 @@ class VocabOperands:
     def right(self, circuit: Circuit) -> Tensor:
         """The (vocab, head_dim) operand of ``circuit``: token keys, token queries or U_h (see module doc)."""
         g, c = self.geometry, circuit
+        key: tuple[str | int, ...]
         if c.kind == "qk_feature_query":
             key = ("k", c.phase, c.layer, g.kv_head(c.head))
         elif c.kind == "qk_feature_key":
@@ -206,7 +218,7 @@ class VocabOperands:
                 mean_sq = ((operand @ (o.T @ o)) * operand).sum(1) / g.d_model
                 operand = operand * torch.rsqrt(mean_sq + g.rms_norm_eps)[:, None]
         else:
-            proj = _head_rows(w.k, key[3], g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
+            proj = _head_rows(w.k, g.kv_head(c.head), g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
             operand = self._token_projection(c.phase, proj, w)
             operand = _head_norm(operand, w.k_norm_gain if c.kind == "qk_feature_query" else w.q_norm_gain, g)
         self._cache[key] = operand
@@ -219,7 +231,9 @@ class VocabOperands:
         return (self.raw[phase] @ (proj * w.input_gain).T) * self.inv_rms(phase)[:, None]
 
 
-def circuit_operands(features: Tensor, circuit: Circuit, operands: VocabOperands) -> tuple[Tensor, Tensor, float | None]:
+def circuit_operands(
+    features: Tensor, circuit: Circuit, operands: VocabOperands
+) -> tuple[Tensor, Tensor, float | None]:
     """``(left, right, cap)`` with scores = softcap(left @ rightᵀ, cap), exactly what the engine receives.
 
     ``features`` are the phase's feature directions f_i as rows (n_feat, d_model): unit encoder directions

@@ -76,7 +76,14 @@ def planted_strength(truth: dict, n_layers: int) -> pd.DataFrame:
     for phase in ("encoder_embedding", "decoder_unembedding"):
         planted = truth["attention"][phase]
         for layer, heads in zip(planted.get("layers", range(n_layers)), planted["strength"]):
-            rows.append({"phase": phase, "layer": layer, "depth": layer / max(n_layers - 1, 1), "strength": float(np.mean(heads))})
+            rows.append(
+                {
+                    "phase": phase,
+                    "layer": layer,
+                    "depth": layer / max(n_layers - 1, 1),
+                    "strength": float(np.mean(heads)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -119,8 +126,9 @@ class ReleaseResults:
 KEYS = ["release", "sae_id", "layer", "feature"]
 
 
-def per_feature_table(classes: pd.DataFrame, control: pd.DataFrame, norms: pd.DataFrame,
-                      feature_part: pd.DataFrame) -> pd.DataFrame:
+def per_feature_table(
+    classes: pd.DataFrame, control: pd.DataFrame, norms: pd.DataFrame, feature_part: pd.DataFrame
+) -> pd.DataFrame:
     """One row per (sample, sae_id, direction): the class columns, raw ``encoder_norm`` / ``decoder_norm``
     (the control's: the SAE's norms permuted) and the per-phase mean participation scores
     ``score_encoder_embedding`` / ``score_decoder_unembedding`` (NaN where the phase has no circuit)."""
@@ -132,7 +140,8 @@ def per_feature_table(classes: pd.DataFrame, control: pd.DataFrame, norms: pd.Da
         scores = feature_part.pivot_table(index=KEYS + ["sample"], columns="phase", values="mean_score")
         scores = scores.add_prefix("score_").reset_index()
         out = out.drop(columns=[c for c in scores.columns if c.startswith("score_")]).merge(
-            scores, on=KEYS + ["sample"], how="left")
+            scores, on=KEYS + ["sample"], how="left"
+        )
     return out
 
 
@@ -169,19 +178,25 @@ def release_results(
     release's registered SAE ids (partitions), for ``sae_coverage``."""
     per_feature = per_feature_table(classes, control, norms, feature_part)
     if stored is None:
-        stored = {"sae_coverage": coverage_table(release, registered, classes["sae_id"].unique()),
-                  "output_fraction_by_layer": output_fraction_by_layer(per_feature),
-                  "claim_verdicts": claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
-                  "depth_profiles": depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame(),
-                  "release_agreement": release_agreement(release, *agreement)}
+        stored = {
+            "sae_coverage": coverage_table(release, registered, classes["sae_id"].unique()),
+            "output_fraction_by_layer": output_fraction_by_layer(per_feature),
+            "claim_verdicts": claim_verdicts(release, architecture, n_layers, per_feature, sensitivity),
+            "depth_profiles": depth_profile(feature_part, n_layers) if len(feature_part) else pd.DataFrame(),
+            "release_agreement": release_agreement(release, *agreement),
+        }
     results = ReleaseResults(
         release=release,
         architecture=architecture,
         by_layer=stored["output_fraction_by_layer"],
         verdicts=stored["claim_verdicts"],
         thresholds=thresholds.groupby(["null", "side", "metric"], as_index=False).agg(
-            threshold=("threshold", "median"), null_median=("null_median", "median"), quantile=("quantile", "first"),
-            null_size=("null_size", "first"), saes=("threshold", "size")),
+            threshold=("threshold", "median"),
+            null_median=("null_median", "median"),
+            quantile=("quantile", "first"),
+            null_size=("null_size", "first"),
+            saes=("threshold", "size"),
+        ),
         null_rate=null_rate(null_rows, classes),
         semantic_fraction=float(classes["semantic"].mean()),
         missing_layers=sorted(set(range(n_layers)) - set(classes["layer"].astype(int))),
@@ -203,7 +218,9 @@ def release_results(
             output=recovery(classes, semantic),
             semantic_auroc=auroc(feats["semantic_score"].to_numpy(), np.array(labels)) if any(labels) else float("nan"),
             shapes={p: truth["attention"][p]["shape"] for p in ("encoder_embedding", "decoder_unembedding")},
-            power=power_table(classes, analysed).query("n > 0").reset_index(drop=True) if any(labels) else pd.DataFrame(),
+            power=power_table(classes, analysed).query("n > 0").reset_index(drop=True)
+            if any(labels)
+            else pd.DataFrame(),
             hard_cases=hard_case_table(classes, analysed) if "hard" in truth else pd.DataFrame(),
             class_recovery=class_recovery_table(classes, analysed),
         )
@@ -211,12 +228,29 @@ def release_results(
     return results
 
 
-CLASS_TABLES = ("feature_classes", "control_classes", "semantic_null", "class_thresholds", "sae_features",
-                "attention_participation", "feature_participation", "c1_sensitivity")
+CLASS_TABLES = (
+    "feature_classes",
+    "control_classes",
+    "semantic_null",
+    "class_thresholds",
+    "sae_features",
+    "attention_participation",
+    "feature_participation",
+    "c1_sensitivity",
+)
 AGREEMENT_TABLES = ("agreement_summary", "activation_agreement")  # activation_agreement's, where a corpus exists
-RESULT_TABLES = ("sae_coverage", "claim_verdicts", "output_fraction_by_layer", "depth_profiles",
-                 "release_agreement")  # what claim_statistics stores
-ARCHITECTURE = {"gemma_scope_npz": "gemma2", "llama_scope_safetensors": "llama", "gemma_scope_2_safetensors": "gemma3"}  # SAE format -> model family
+RESULT_TABLES = (
+    "sae_coverage",
+    "claim_verdicts",
+    "output_fraction_by_layer",
+    "depth_profiles",
+    "release_agreement",
+)  # what claim_statistics stores
+ARCHITECTURE = {
+    "gemma_scope_npz": "gemma2",
+    "llama_scope_safetensors": "llama",
+    "gemma_scope_2_safetensors": "gemma3",
+}  # SAE format -> model family
 
 
 def coverage_table(release: str, registered: Iterable[str], analysed: Iterable[str]) -> pd.DataFrame:
@@ -225,8 +259,9 @@ def coverage_table(release: str, registered: Iterable[str], analysed: Iterable[s
     materialised, or failed before its first success). Release-level statistics use the analysed ones."""
     done = set(analysed)
     ids = sorted(done | set(registered))
-    return pd.DataFrame({"release": release, "sae_id": ids,
-                         "status": ["analysed" if sae_id in done else "missing" for sae_id in ids]})
+    return pd.DataFrame(
+        {"release": release, "sae_id": ids, "status": ["analysed" if sae_id in done else "missing" for sae_id in ids]}
+    )
 
 
 def missing_saes(coverage: pd.DataFrame) -> list[str]:
@@ -234,20 +269,37 @@ def missing_saes(coverage: pd.DataFrame) -> list[str]:
     return sorted(coverage.loc[coverage["status"] == "missing", "sae_id"]) if len(coverage) else []
 
 
-def results_from_tables(release: Release, tables: dict[str, pd.DataFrame], truth: dict | None = None,
-                        computed: bool = False, registered: Sequence[str] = ()) -> ReleaseResults:
+def results_from_tables(
+    release: Release,
+    tables: dict[str, pd.DataFrame],
+    truth: dict | None = None,
+    computed: bool = False,
+    registered: Sequence[str] = (),
+) -> ReleaseResults:
     """``release_results`` of one release from the stored ``CLASS_TABLES`` and ``AGREEMENT_TABLES`` (all releases,
     a missing table empty; filtered here); with
     ``computed``, the release's ``RESULT_TABLES`` are read from ``tables`` too instead of being computed;
     ``registered``: the release's registered SAE ids."""
-    pick = {name: frame[frame["release"] == release.id].reset_index(drop=True) if len(frame) else frame
-            for name, frame in tables.items()}
+    pick = {
+        name: frame[frame["release"] == release.id].reset_index(drop=True) if len(frame) else frame
+        for name, frame in tables.items()
+    }
     return release_results(
-        release.id, ARCHITECTURE.get(release.format, release.format), release.n_layers, pick["feature_classes"],
-        pick["control_classes"], pick["semantic_null"], pick["class_thresholds"], pick["sae_features"],
-        pick["attention_participation"], pick["feature_participation"], pick["c1_sensitivity"],
-        (pick.get("agreement_summary", pd.DataFrame()), pick.get("activation_agreement", pd.DataFrame())), truth,
-        {name: pick[name] for name in RESULT_TABLES} if computed else None, registered,
+        release.id,
+        ARCHITECTURE.get(release.format, release.format),
+        release.n_layers,
+        pick["feature_classes"],
+        pick["control_classes"],
+        pick["semantic_null"],
+        pick["class_thresholds"],
+        pick["sae_features"],
+        pick["attention_participation"],
+        pick["feature_participation"],
+        pick["c1_sensitivity"],
+        (pick.get("agreement_summary", pd.DataFrame()), pick.get("activation_agreement", pd.DataFrame())),
+        truth,
+        {name: pick[name] for name in RESULT_TABLES} if computed else None,
+        registered,
     )
 
 
@@ -255,8 +307,13 @@ def c1_sensitivity_summary(sensitivity: pd.DataFrame) -> str:
     """Markdown: pooled C1 fraction of features and control per rule, null, quantile and k."""
     if sensitivity.empty:
         return ""
-    pooled = (sensitivity.groupby(["rule", "null", "quantile", "k", "sample"])[["hits", "n"]].sum()
-              .assign(fraction=lambda f: f["hits"] / f["n"])["fraction"].unstack("sample").reset_index())
+    pooled = (
+        sensitivity.groupby(["rule", "null", "quantile", "k", "sample"])[["hits", "n"]]
+        .sum()
+        .assign(fraction=lambda f: f["hits"] / f["n"])["fraction"]
+        .unstack("sample")
+        .reset_index()
+    )
     return pooled.to_markdown(index=False, floatfmt=".3f")
 
 
@@ -266,12 +323,16 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 
 def verdict_table(verdicts: pd.DataFrame) -> str:
     """The verdict rows as a markdown table: features and control side by side, verdict, rule."""
-    lines = ["| claim | statistic | features | 95 % CI | control | p | n | verdict | rule |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| claim | statistic | features | 95 % CI | control | p | n | verdict | rule |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in verdicts.itertuples():
         ci = f"{_fmt(r.ci_low)}–{_fmt(r.ci_high)}" if np.isfinite(r.ci_low) else "–"
-        lines.append(f"| {r.claim} | {r.statistic} | {_fmt(r.value)} | {ci} | {_fmt(r.control_value)} | "
-                     f"{_fmt(r.p_value, '.3g')} | {r.n} | **{r.verdict}** | {r.rule} |")
+        lines.append(
+            f"| {r.claim} | {r.statistic} | {_fmt(r.value)} | {ci} | {_fmt(r.control_value)} | "
+            f"{_fmt(r.p_value, '.3g')} | {r.n} | **{r.verdict}** | {r.rule} |"
+        )
     return "\n".join(lines)
 
 
@@ -280,10 +341,12 @@ AGREEMENT_LABELS = {
     "input_overlap": "input lens top-k ∩ tokens it fires on most (fraction of k; corpus tokens only)",
     "output_score_auroc_for_output_predicting": "AUROC of the activation output score for the output-predicting class",
     "spearman_topk_z_output_score": "Spearman: weight score top-k z vs activation output score",
-    "attention_auroc_for_decoder_participation":
-        "AUROC of the attention the next block pays where it fires, for the decoder-phase participation call",
-    "spearman_decoder_participation_attention":
-        "Spearman: decoder-phase participation score vs attention paid where it fires",
+    "attention_auroc_for_decoder_participation": (
+        "AUROC of the attention the next block pays where it fires, for the decoder-phase participation call"
+    ),
+    "spearman_decoder_participation_attention": (
+        "Spearman: decoder-phase participation score vs attention paid where it fires"
+    ),
 }
 
 
@@ -292,21 +355,31 @@ def agreement_section(results: ReleaseResults) -> list[str]:
     (``core.agreement``), pooled and per SAE, each beside its shuffled control; one line when not measured."""
     lines = ["## Activation agreement (weights vs the model run on held-out text)", ""]
     if results.agreement.empty:
-        return lines + ["Not measured: the release provides no corpus, or `activation_agreement` has not been "
-                        "materialised for its SAEs.", ""]
-    pooled = results.agreement.assign(statistic=results.agreement["statistic"].map(AGREEMENT_LABELS)
-                                      .fillna(results.agreement["statistic"]))
+        return lines + [
+            "Not measured: the release provides no corpus, or `activation_agreement` has not been "
+            "materialised for its SAEs.",
+            "",
+        ]
+    pooled = results.agreement.assign(
+        statistic=results.agreement["statistic"].map(AGREEMENT_LABELS).fillna(results.agreement["statistic"])
+    )
     by_sae = results.agreement_by_sae.sort_values(["layer", "sae_id", "statistic"])
     return lines + [
         "Control: the same statistic with another feature's lens list (overlaps) or permuted labels / scores "
         f"(AUROC, Spearman) — chance for this SAE and vocabulary. `beyond_chance`: one-sided p < {ALPHA} "
         "(overlaps: sign flips of per-feature differences; AUROC and Spearman: permutations, SAEs combined by "
-        "Fisher's method).", "",
-        pooled[["statistic", "value", "control", "p_value", "n", "saes", "beyond_chance"]]
-        .to_markdown(index=False, floatfmt=".3g"), "",
-        "Per SAE:", "",
-        by_sae[["layer", "sae_id", "statistic", "value", "control", "p_value", "n"]]
-        .to_markdown(index=False, floatfmt=".3g"), "",
+        "Fisher's method).",
+        "",
+        pooled[["statistic", "value", "control", "p_value", "n", "saes", "beyond_chance"]].to_markdown(
+            index=False, floatfmt=".3g"
+        ),
+        "",
+        "Per SAE:",
+        "",
+        by_sae[["layer", "sae_id", "statistic", "value", "control", "p_value", "n"]].to_markdown(
+            index=False, floatfmt=".3g"
+        ),
+        "",
     ]
 
 
@@ -327,73 +400,129 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
         f"semantic (either side): {results.semantic_fraction:.3f}. Every claim is measured for the features and "
         "for a control SAE of the same width (random directions with the SAE's own second moments); C2–C4 "
         "verdicts are about the difference."
-        + (f" **Layers without an analysed SAE: {', '.join(map(str, missing))}** — layer-level statistics use the "
-           "analysed layers only." if missing else "")
-        + (f" **Registered SAEs not analysed (never materialised or failed): {', '.join(not_analysed)}** — every "
-           "statistic below is over the analysed SAEs only." if not_analysed else ""),
+        + (
+            f" **Layers without an analysed SAE: {', '.join(map(str, missing))}** — layer-level statistics use the "
+            "analysed layers only."
+            if missing
+            else ""
+        )
+        + (
+            f" **Registered SAEs not analysed (never materialised or failed): {', '.join(not_analysed)}** — every "
+            "statistic below is over the analysed SAEs only."
+            if not_analysed
+            else ""
+        ),
         "",
-        "## Verdicts", "",
+        "## Verdicts",
+        "",
         "Verdicts: " + ", ".join(f"{v} {c}" for v, c in counts.items()) + ".",
         "",
         verdict_table(results.verdicts),
         "",
-        "| claim | paper (arXiv 2601.22447, abstract) |", "|---|---|",
+        "| claim | paper (arXiv 2601.22447, abstract) |",
+        "|---|---|",
         *[f"| {c} | {text} |" for c, text in PAPER.items()],
         "",
         f"Pre-registered C2 shapes ({results.architecture}): "
-        + ", ".join(f"{p} {s}" for p, s in C2_HYPOTHESIS.get(results.architecture, {}).items()) + ".",
+        + ", ".join(f"{p} {s}" for p, s in C2_HYPOTHESIS.get(results.architecture, {}).items())
+        + ".",
         "",
     ]
     t = results.truth
     if t is not None:
         lines += [
-            "## Planted ground truth beside the measured values", "",
-            "| quantity | planted | measured |", "|---|---|---|",
+            "## Planted ground truth beside the measured values",
+            "",
+            "| quantity | planted | measured |",
+            "|---|---|---|",
             f"| output-predicting fraction | {t.output.truth_fraction:.3f} | {n and feats['hits'].sum() / n:.3f} "
             f"(precision {_fmt(t.output.precision)}, recall {_fmt(t.output.recall)}) |",
-            f"| semantic vs non-semantic separation | planted labels | AUROC of semantic score {_fmt(t.semantic_auroc, '.4f')} |",
-            *[f"| {phase} depth shape | {shape} | verdict: "
-              f"{results.verdicts.set_index('claim')['verdict'].get(f'C2 {phase}', 'not measured')} |"
-              for phase, shape in t.shapes.items()],
+            "| semantic vs non-semantic separation | planted labels | "
+            f"AUROC of semantic score {_fmt(t.semantic_auroc, '.4f')} |",
+            *[
+                f"| {phase} depth shape | {shape} | verdict: "
+                f"{results.verdicts.set_index('claim')['verdict'].get(f'C2 {phase}', 'not measured')} |"
+                for phase, shape in t.shapes.items()
+            ],
             "",
         ]
-        lines += ["Precision and recall per class against the planted truth (semantic features expected in every "
-                  "class but token identity, hard features as their class expects, all others in none):", "",
-                  t.class_recovery.to_markdown(index=False, floatfmt=".3f"), ""]
+        lines += [
+            "Precision and recall per class against the planted truth (semantic features expected in every "
+            "class but token identity, hard features as their class expects, all others in none):",
+            "",
+            t.class_recovery.to_markdown(index=False, floatfmt=".3f"),
+            "",
+        ]
         if not t.power.empty:
-            lines += ["Power: fraction of the planted output-predicting features called so, per planted direction-noise "
-                      "bin (95 % Wilson interval):", "", t.power.to_markdown(index=False, floatfmt=".3f"), ""]
+            lines += [
+                "Power: fraction of the planted output-predicting features called so, per planted direction-noise "
+                "bin (95 % Wilson interval):",
+                "",
+                t.power.to_markdown(index=False, floatfmt=".3f"),
+                "",
+            ]
         if not t.hard_cases.empty:
-            lines += ["Hard cases (planted to be misread; `holds` = the pipeline's calls match the expected outcome):", "",
-                      t.hard_cases.to_markdown(index=False, floatfmt=".3f"), ""]
+            lines += [
+                "Hard cases (planted to be misread; `holds` = the pipeline's calls match the expected outcome):",
+                "",
+                t.hard_cases.to_markdown(index=False, floatfmt=".3f"),
+                "",
+            ]
     plot = plots.get
-    image = (lambda name, alt: f"![{alt}]({plot(name)})" if plot(name) else "")
+
+    def image(name: str, alt: str) -> str:
+        return f"![{alt}]({plot(name)})" if plot(name) else ""
+
     lines += [
-        "## C1 by layer", "", image("output_fraction", "output-predicting fraction by layer"), "",
-        by_layer[["sample", "layer", "sae_id", "n", "hits", "fraction", "ci_low", "ci_high"]].to_markdown(index=False, floatfmt=".3f"),
+        "## C1 by layer",
+        "",
+        image("output_fraction", "output-predicting fraction by layer"),
+        "",
+        by_layer[["sample", "layer", "sae_id", "n", "hits", "fraction", "ci_low", "ci_high"]].to_markdown(
+            index=False, floatfmt=".3f"
+        ),
         "",
         f"C1 band: {C1_BAND}. False-positive rate of the whole rule on the null that calibrated it (its "
         f"directions called output-predicting): {results.null_rate:.4f}.",
         "",
-        "## C1 under other rules and nulls", "",
+        "## C1 under other rules and nulls",
+        "",
         "The verdict rows `C1 …` above: without token-identity features (a decoder that is one token's "
         "unembedding row and an encoder that reads the same token: the tied-embedding confound), with the "
         "isotropic null instead of the SAE-matched one, and the paper's P75 rule — true by construction (a "
-        "quarter of any directions, the control's too), so never a verdict.", "",
-        image("c1_sensitivity", "C1 sensitivity"), "",
-        c1_sensitivity_summary(results.sensitivity), "",
-        "## C2 depth profiles (null-z units; features and control; the verdict reads the P99)", "",
-        image("depth_profiles", "depth profiles"), "", image("participation_heatmap", "layer × head participation"), "",
-        results.profile[["sample", "phase", "layer", "depth", "n", "mean", "p99", "p99_low", "p99_high", "participating"]]
-        .to_markdown(index=False, floatfmt=".3f") if not results.profile.empty else "no attention statistics",
+        "quarter of any directions, the control's too), so never a verdict.",
         "",
-        "## C3 semantic vs non-semantic", "", image("semantic_violins", "semantic vs non-semantic"), "",
+        image("c1_sensitivity", "C1 sensitivity"),
+        "",
+        c1_sensitivity_summary(results.sensitivity),
+        "",
+        "## C2 depth profiles (null-z units; features and control; the verdict reads the P99)",
+        "",
+        image("depth_profiles", "depth profiles"),
+        "",
+        image("participation_heatmap", "layer × head participation"),
+        "",
+        results.profile[
+            ["sample", "phase", "layer", "depth", "n", "mean", "p99", "p99_low", "p99_high", "participating"]
+        ].to_markdown(index=False, floatfmt=".3f")
+        if not results.profile.empty
+        else "no attention statistics",
+        "",
+        "## C3 semantic vs non-semantic",
+        "",
+        image("semantic_violins", "semantic vs non-semantic"),
+        "",
         *agreement_section(results),
-        "## Calibration", "", image("calibration", "null vs observed"), "",
-        "Thresholds used (median over the release's SAEs; each SAE is calibrated on its own null):", "",
+        "## Calibration",
+        "",
+        image("calibration", "null vs observed"),
+        "",
+        "Thresholds used (median over the release's SAEs; each SAE is calibrated on its own null):",
+        "",
         results.thresholds.to_markdown(index=False, floatfmt=".4g") if not results.thresholds.empty else "",
         "",
-        "## Method (reconstructed: the paper's code is not public)", "",
+        "## Method (reconstructed: the paper's code is not public)",
+        "",
         "- Output-predicting: top-k z-score of the output-lens logits above the null P99 AND semantic output "
         "tokens (core/classify.py); every threshold at the P99 of an SAE-matched null (Gaussian directions with "
         "the SAE's own second moments), the isotropic null beside it.",

@@ -70,8 +70,9 @@ def _aligned(stats: pd.DataFrame, keys: pd.DataFrame, column: str) -> np.ndarray
     return stats.set_index(["sample", "feature"])[column].reindex(pd.MultiIndex.from_frame(keys)).to_numpy()
 
 
-def topk_zscores(tokens: pd.DataFrame, stats: pd.DataFrame, keys: pd.DataFrame, ks: tuple[int, ...]
-                 ) -> dict[int, np.ndarray]:
+def topk_zscores(
+    tokens: pd.DataFrame, stats: pd.DataFrame, keys: pd.DataFrame, ks: tuple[int, ...]
+) -> dict[int, np.ndarray]:
     """Per k: ``(mean of the k largest values − mean) / std`` per row of ``keys`` (values from the ``side ==
     'top'`` rows of a lens tokens table, mean / std from its stats table)."""
     top = tokens[tokens["side"] == "top"]
@@ -98,8 +99,14 @@ class LensMeasures:
     whitening_components: dict[str, int]
 
 
-def lens_measures(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembedding: np.ndarray, embedding: np.ndarray,
-                  ks: tuple[int, ...] = K_GRID, k: int = 10) -> LensMeasures:
+def lens_measures(
+    lens: dict[str, pd.DataFrame],
+    normal: np.ndarray,
+    unembedding: np.ndarray,
+    embedding: np.ndarray,
+    ks: tuple[int, ...] = K_GRID,
+    k: int = 10,
+) -> LensMeasures:
     """The statistics of one SAE's lens tables (``core.stages.lens_stage``); ``normal``: per token id, whether it
     is a normal token (``core.vocab``); the string-permutation null at set size ``k``."""
     sides, sets, components, string_null = {}, {}, {}, {}
@@ -113,8 +120,9 @@ def lens_measures(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembedding
             topk_z = topk_zscores(tokens, stats, keys, ks)
         white = whitening(vectors, normal)
         components[side] = white.n_components
-        sides[side] = coherence_metrics(sets[side], _aligned(stats, keys, "mean"), _aligned(stats, keys, "std"),
-                                        vectors, white, ks)
+        sides[side] = coherence_metrics(
+            sets[side], _aligned(stats, keys, "mean"), _aligned(stats, keys, "std"), vectors, white, ks
+        )
         forms = _normal_forms(tokens, normal)
         string_null[side] = string_permutation_null(sets[side], forms, k, STRING_NULL_SIZE)
     assert keys is not None and keys.equals(sets["output"].keys), "output and input lens rows differ"
@@ -137,10 +145,12 @@ def _jaccard(a: list[str], b: list[str]) -> float:
 
 def token_identity(m: LensMeasures, k: int) -> pd.DataFrame:
     """``token_jaccard`` (output vs input forms, first k each), ``top1_share`` and ``token_identity``."""
-    jac = np.array([_jaccard(o[:k], i[:k]) for o, i in zip(m.sets["output"].forms, m.sets["input"].forms,
-                                                           strict=True)])
-    return m.keys.assign(token_jaccard=jac, top1_share=m.top1_share,
-                         token_identity=(jac >= TOKEN_IDENTITY_JACCARD) & (m.top1_share >= TOKEN_IDENTITY_SHARE))
+    jac = np.array([_jaccard(o[:k], i[:k]) for o, i in zip(m.sets["output"].forms, m.sets["input"].forms, strict=True)])
+    return m.keys.assign(
+        token_jaccard=jac,
+        top1_share=m.top1_share,
+        token_identity=(jac >= TOKEN_IDENTITY_JACCARD) & (m.top1_share >= TOKEN_IDENTITY_SHARE),
+    )
 
 
 @dataclass(frozen=True)
@@ -183,8 +193,11 @@ def call_classes(m: LensMeasures, null: str, quantile: float, k: int) -> Call:
     rows["semantic_score"] = np.maximum(rows["out_semantic_score"], rows["in_semantic_score"])
     rows["output_predicting"] = rows["heavy_tailed"] & rows["semantic_output"]
     columns = ["side", "metric", "threshold", "null_median", "quantile", "null_size"]
-    return Call(rows, pd.concat(thresholds, ignore_index=True)[columns],
-                pd.concat(null_q, ignore_index=True)[["side", "metric", "q", "value"]])
+    return Call(
+        rows,
+        pd.concat(thresholds, ignore_index=True)[columns],
+        pd.concat(null_q, ignore_index=True)[["side", "metric", "q", "value"]],
+    )
 
 
 def paper_rule(m: LensMeasures, k: int) -> pd.Series:
@@ -198,10 +211,17 @@ def _fractions(called: pd.Series, keys: pd.DataFrame, identity: pd.Series, **lab
     for sample in CALLED_SAMPLES:
         mask = (keys["sample"] == sample).to_numpy()
         hits, ident = called.to_numpy()[mask], identity.to_numpy()[mask]
-        out.append(labels | {"sample": sample, "n": int(mask.sum()), "hits": int(hits.sum()),
-                             "fraction": float(hits.mean()) if mask.any() else float("nan"),
-                             "n_without_token_identity": int((~ident).sum()),
-                             "hits_without_token_identity": int((hits & ~ident).sum())})
+        out.append(
+            labels
+            | {
+                "sample": sample,
+                "n": int(mask.sum()),
+                "hits": int(hits.sum()),
+                "fraction": float(hits.mean()) if mask.any() else float("nan"),
+                "n_without_token_identity": int((~ident).sum()),
+                "hits_without_token_identity": int((hits & ~ident).sum()),
+            }
+        )
     return out
 
 
@@ -228,8 +248,9 @@ def c1_sensitivity(m: LensMeasures, quantiles: tuple[float, ...] = SENSITIVITY_Q
             for q in quantiles:
                 called = pd.Series(output_predicting(m, null, q, k))
                 rows += _fractions(called, m.keys, identity, rule="null_calibrated", null=null, quantile=q, k=k)
-        rows += _fractions(paper_rule(m, k), m.keys, identity, rule="paper_p75", null="none", quantile=PAPER_QUANTILE,
-                           k=k)
+        rows += _fractions(
+            paper_rule(m, k), m.keys, identity, rule="paper_p75", null="none", quantile=PAPER_QUANTILE, k=k
+        )
     frame = pd.DataFrame(rows)
     frame["fraction_without_token_identity"] = frame["hits_without_token_identity"] / frame["n_without_token_identity"]
     return frame
@@ -256,9 +277,15 @@ class FeatureClasses:
         return float(rows["output_predicting"].mean()) if len(rows) else float("nan")
 
 
-def classify_features(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembedding: np.ndarray,
-                      embedding: np.ndarray, quantile: float = DEFAULT_QUANTILE, k: int = 10,
-                      null: str = DEFAULT_NULL) -> FeatureClasses:
+def classify_features(
+    lens: dict[str, pd.DataFrame],
+    normal: np.ndarray,
+    unembedding: np.ndarray,
+    embedding: np.ndarray,
+    quantile: float = DEFAULT_QUANTILE,
+    k: int = 10,
+    null: str = DEFAULT_NULL,
+) -> FeatureClasses:
     """All classes of one SAE from its lens tables (``core.stages.lens_stage``: rows of samples feature, control,
     null, matched_null) and the model's (vocab, d) unembedding / embedding.
 
@@ -272,24 +299,41 @@ def classify_features(lens: dict[str, pd.DataFrame], normal: np.ndarray, unembed
         raise ValueError(f"unknown null {null!r}; known: {', '.join(NULLS)}")
     m = lens_measures(lens, normal, unembedding, embedding, k=k)
     calls = {name: call_classes(m, name, quantile, k) for name in NULLS}
-    string_rows = pd.concat([calibrate(pd.DataFrame({"levenshtein": m.string_null[side]}), quantile, ("levenshtein",))
-                             .as_frame().assign(side=side) for side in SIDES], ignore_index=True)
+    string_rows = pd.concat(
+        [
+            calibrate(pd.DataFrame({"levenshtein": m.string_null[side]}), quantile, ("levenshtein",))
+            .as_frame()
+            .assign(side=side)
+            for side in SIDES
+        ],
+        ignore_index=True,
+    )
     chosen = calls[null]
     rows = pd.concat([chosen.rows, token_identity(m, k).drop(columns=["sample", "feature"])], axis=1)
     rows["out_top_forms"] = [f[:k] for f in m.sets["output"].forms]
     rows["in_top_forms"] = [f[:k] for f in m.sets["input"].forms]
     z_threshold = chosen.thresholds.loc[chosen.thresholds["metric"] == "topk_z", "threshold"].iloc[0]
-    rows = rows.assign(out_whitening_components=m.whitening_components["output"],
-                       in_whitening_components=m.whitening_components["input"])
-    rows = rows.assign(threshold=z_threshold, null_quantile=quantile,
-                       null_size=int((m.keys["sample"] == NULLS[null]).sum()), null=null, rule="null_calibrated", k=k)
+    rows = rows.assign(
+        out_whitening_components=m.whitening_components["output"],
+        in_whitening_components=m.whitening_components["input"],
+    )
+    rows = rows.assign(
+        threshold=z_threshold,
+        null_quantile=quantile,
+        null_size=int((m.keys["sample"] == NULLS[null]).sum()),
+        null=null,
+        rule="null_calibrated",
+        k=k,
+    )
     label = {"rule": "null_calibrated", "k": k}
     return FeatureClasses(
         rows=rows.sort_values(["sample", "feature"], ignore_index=True),
-        thresholds=pd.concat([c.thresholds.assign(null=n, **label) for n, c in calls.items()]
-                             + [string_rows.assign(null="string_permutation", **label)], ignore_index=True),
+        thresholds=pd.concat(
+            [c.thresholds.assign(null=n, **label) for n, c in calls.items()]
+            + [string_rows.assign(null="string_permutation", **label)],
+            ignore_index=True,
+        ),
         null_quantiles=pd.concat([c.null_quantiles.assign(null=n) for n, c in calls.items()], ignore_index=True),
         sensitivity=c1_sensitivity(m),
         whitening_components=m.whitening_components,
     )
-

@@ -53,8 +53,10 @@ def control_sae(sae: SaeWeights, key: str, n: int | None = None) -> ControlSae:
     encoder_norm, decoder_norm = sae.encoder_norms, sae.decoder_norms
     width, d = encoder_dirs.shape
     if width == 0 or decoder_dirs.shape != (width, d):
-        raise ValueError(f"cannot draw a control from encoder {tuple(encoder_dirs.shape)} / decoder "
-                         f"{tuple(decoder_dirs.shape)} directions")
+        raise ValueError(
+            f"cannot draw a control from encoder {tuple(encoder_dirs.shape)} / decoder "
+            f"{tuple(decoder_dirs.shape)} directions"
+        )
     rows = torch.cat([encoder_dirs, decoder_dirs], dim=1).to(torch.float32)
     if not torch.isfinite(rows).all():
         raise ValueError("cannot draw a control: the SAE's directions are not all finite")
@@ -67,8 +69,10 @@ def control_sae(sae: SaeWeights, key: str, n: int | None = None) -> ControlSae:
 
 def _second_moment_draw(rows: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` Gaussian rows ``g [rows] / sqrt(width)``, ``g ~ N(0, I_width)``: second moment exactly that of ``rows``."""
-    parts = [torch.randn(min(CONTROL_CHUNK, n - start), rows.shape[0], generator=gen) @ rows
-             for start in range(0, n, CONTROL_CHUNK)]
+    parts = [
+        torch.randn(min(CONTROL_CHUNK, n - start), rows.shape[0], generator=gen) @ rows
+        for start in range(0, n, CONTROL_CHUNK)
+    ]
     return torch.cat(parts) / rows.shape[0] ** 0.5
 
 
@@ -78,6 +82,10 @@ def matched_null(sae: SaeWeights, key: str, n: int) -> dict[str, torch.Tensor]:
     directions' second moments, ``decoder_unembedding`` with the decoder's. It calibrates the class thresholds, so
     the control stays an out-of-sample reference."""
     gen = torch.Generator().manual_seed(seed_of(key, "matched_null"))
-    return {phase: _unit(_second_moment_draw(dirs.to(torch.float32), n, gen))
-            for phase, dirs in (("encoder_embedding", sae.encoder_directions()),
-                                ("decoder_unembedding", sae.decoder_directions()))}
+    return {
+        phase: _unit(_second_moment_draw(dirs.to(torch.float32), n, gen))
+        for phase, dirs in (
+            ("encoder_embedding", sae.encoder_directions()),
+            ("decoder_unembedding", sae.decoder_directions()),
+        )
+    }

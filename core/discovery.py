@@ -53,8 +53,11 @@ def fetch_sae(ref: SaeRef, hub: Hub) -> Snapshot:
     """Download one SAE's files (only its folder; its format's optional files where the repository has them)."""
     release = get_release(ref.release)
     fmt = FORMATS[release.format]
-    return hub_for(release, hub).fetch(release.sae_repo, [f"{ref.folder}/{name}" for name in fmt.files],
-                                       optional=[f"{ref.folder}/{name}" for name in fmt.optional_files])
+    return hub_for(release, hub).fetch(
+        release.sae_repo,
+        [f"{ref.folder}/{name}" for name in fmt.files],
+        optional=[f"{ref.folder}/{name}" for name in fmt.optional_files],
+    )
 
 
 def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
@@ -68,10 +71,12 @@ def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
     snapshot = hub.fetch(release.model_repo, ["*.json", *shards], revision=snapshot.revision)
     checkpoint = ModelCheckpoint(snapshot.root)
     if checkpoint.geometry.n_layers != release.n_layers:
-        raise WeightFileError(snapshot.path("config.json"), f"the model has {checkpoint.geometry.n_layers} layers but "
-                              f"release {release.id!r} in {REGISTRY_PATH} says n_layers: {release.n_layers}")
+        raise WeightFileError(
+            snapshot.path("config.json"),
+            f"the model has {checkpoint.geometry.n_layers} layers but "
+            f"release {release.id!r} in {REGISTRY_PATH} says n_layers: {release.n_layers}",
+        )
     return snapshot, checkpoint
-
 
 
 def fetch_runnable_model(release_id: str, hub: Hub) -> Snapshot:
@@ -131,5 +136,7 @@ def check_sae_files(ref: SaeRef, sae: SaeWeights, folder: Path) -> None:
     expected = {"architecture": "jump_relu", "hf_hook_point_in": f"model.layers.{ref.layer}.output"}
     wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
     if wrong:
-        raise WeightFileError(config_path, f"says {wrong} but SAE {ref.key!r} is a JumpReLU SAE on resid_post of "
-                              f"layer {ref.layer} ({expected})")
+        raise WeightFileError(
+            config_path,
+            f"says {wrong} but SAE {ref.key!r} is a JumpReLU SAE on resid_post of layer {ref.layer} ({expected})",
+        )

@@ -149,9 +149,18 @@ def row_stats(
         block = left[start : start + rows].to(dev, compute_dtype)
         if lib is not None:
             blocks = _column_blocks(block, right_dev, raw, cols)
-            parts.append(rowstats.compute(
-                lib, block @ right_sample.T, blocks, n_b, k, softcap, brackets, functools.partial(_whole_rows, block, right_dev)
-            ))
+            parts.append(
+                rowstats.compute(
+                    lib,
+                    block @ right_sample.T,
+                    blocks,
+                    n_b,
+                    k,
+                    softcap,
+                    brackets,
+                    functools.partial(_whole_rows, block, right_dev),
+                )
+            )
         else:
             torch.matmul(block, right_dev.T, out=raw[:rows])
             if bf16:
@@ -307,8 +316,14 @@ def _quantiles(x: Tensor, sample: Tensor, brackets: list[tuple[int, int, int]], 
         rank = target - n_below  # the target's sorted index among the row's values in [lo, hi]
         hits = ((rank >= 0) & (rank < counts)).tolist()
         segments = values[mine]
-        results.append(torch.stack([
-            segments[starts[i] : starts[i + 1]].kthvalue(r + 1).values if hit else x[i].kthvalue(target + 1).values
-            for i, (r, hit) in enumerate(zip(rank.tolist(), hits))
-        ]))
+        results.append(
+            torch.stack(
+                [
+                    segments[starts[i] : starts[i + 1]].kthvalue(r + 1).values
+                    if hit
+                    else x[i].kthvalue(target + 1).values
+                    for i, (r, hit) in enumerate(zip(rank.tolist(), hits))
+                ]
+            )
+        )
     return results

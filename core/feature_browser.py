@@ -51,8 +51,13 @@ def feature_records(output_tokens: pd.DataFrame, input_tokens: pd.DataFrame, cla
     out, inp = top_tokens(output_tokens), top_tokens(input_tokens)
     rows = classes.sort_values("feature")
     return [
-        {"f": int(row["feature"]), "z": rounded(row["topk_z"], 2), "flags": [f for f in FLAGS if row[f]],
-         "out": out.get(int(row["feature"]), []), "in": inp.get(int(row["feature"]), [])}
+        {
+            "f": int(row["feature"]),
+            "z": rounded(row["topk_z"], 2),
+            "flags": [f for f in FLAGS if row[f]],
+            "out": out.get(int(row["feature"]), []),
+            "in": inp.get(int(row["feature"]), []),
+        }
         for row in rows[["feature", "topk_z", *FLAGS]].to_dict("records")
     ]
 
@@ -61,16 +66,21 @@ def render(ref: SaeRef, records: list[dict]) -> str:
     """The browser page of ``ref`` holding ``records`` (``feature_records``)."""
     n_output = sum("output_predicting" in r["flags"] for r in records)
     title = f"{ref.release} · {ref.sae_id}"
-    summary = (f"layer {ref.layer}, width {ref.width or '?'}, L0 {ref.l0 if ref.l0 is not None else '?'}: "
-               f"{len(records)} features, {n_output} output-predicting")
+    summary = (
+        f"layer {ref.layer}, width {ref.width or '?'}, L0 {ref.l0 if ref.l0 is not None else '?'}: "
+        f"{len(records)} features, {n_output} output-predicting"
+    )
     data = json.dumps({"features": records, "shown": SHOWN}).replace("<", "\\u003c")
     return PAGE.substitute(title=html.escape(title), summary=html.escape(summary), top=TOP_TOKENS, data=data)
 
 
-def write_browser(folder: Path, ref: SaeRef, output_tokens: pd.DataFrame, input_tokens: pd.DataFrame,
-                  classes: pd.DataFrame) -> Path:
+def write_browser(
+    folder: Path, ref: SaeRef, output_tokens: pd.DataFrame, input_tokens: pd.DataFrame, classes: pd.DataFrame
+) -> Path:
     """Write the browser of ``ref`` (atomically) under ``folder``; returns its path."""
-    return atomic.write_text(browser_path(folder, ref), render(ref, feature_records(output_tokens, input_tokens, classes)))
+    return atomic.write_text(
+        browser_path(folder, ref), render(ref, feature_records(output_tokens, input_tokens, classes))
+    )
 
 
 PAGE = Template("""<!DOCTYPE html>
@@ -132,10 +142,12 @@ function row(record) {
 
 function render() {
   const query = lookup.value.trim();
-  const hits = data.features.filter((r) => (!only.checked || r.flags.includes("output_predicting")) && matches(r, query));
+  const hits = data.features.filter(
+    (r) => (!only.checked || r.flags.includes("output_predicting")) && matches(r, query));
   document.getElementById("rows").replaceChildren(...hits.slice(0, data.shown).map(row));
   document.getElementById("count").textContent =
-    hits.length > data.shown ? `$${hits.length} features match; the first $${data.shown} are shown` : `$${hits.length} features match`;
+    hits.length > data.shown ? `$${hits.length} features match; the first $${data.shown} are shown`
+                             : `$${hits.length} features match`;
   history.replaceState(null, "", query ? "#" + encodeURIComponent(query) : location.pathname);
 }
 

@@ -26,8 +26,10 @@ def topk_frame(stats: RowStats, tokens: list[str], bottom_k: int | None = None) 
     """Top and bottom columns per row: ``row, side ('top'|'bottom'), rank (1 = most extreme), token_id, token,
     value`` — every top column the engine kept, the first ``bottom_k`` bottom ones (all when None)."""
     parts = []
-    for side, ids, values in (("top", stats.top_ids, stats.top_values),
-                              ("bottom", stats.bottom_ids[:, :bottom_k], stats.bottom_values[:, :bottom_k])):
+    for side, ids, values in (
+        ("top", stats.top_ids, stats.top_values),
+        ("bottom", stats.bottom_ids[:, :bottom_k], stats.bottom_values[:, :bottom_k]),
+    ):
         n, k = ids.shape
         flat_ids = ids.reshape(-1).tolist()
         parts.append(

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
@@ -88,12 +88,15 @@ class Hub:
         planted = self._from_planted_cache(repo_id)
         also = f" nor in the planted releases' cache {self.planted_cache_dir}" if planted else ""
         into = f" --cache-dir {self.planted_cache_dir}" if planted else ""
-        return (f"is not in {self.cache_dir or 'the default hub cache'}{also} and the hub is not reachable or "
-                "offline mode is on (HF_HUB_OFFLINE=1). Download it once online, or for the planted releases run "
-                f"`python -m core.planted{into}`")
+        return (
+            f"is not in {self.cache_dir or 'the default hub cache'}{also} and the hub is not reachable or "
+            "offline mode is on (HF_HUB_OFFLINE=1). Download it once online, or for the planted releases run "
+            f"`python -m core.planted{into}`"
+        )
 
-    def fetch(self, repo_id: str, patterns: list[str], revision: str | None = None,
-              optional: Sequence[str] = ()) -> Snapshot:
+    def fetch(
+        self, repo_id: str, patterns: list[str], revision: str | None = None, optional: Sequence[str] = ()
+    ) -> Snapshot:
         """Download (or, offline, find in the cache) the files of ``repo_id`` matching ``patterns``, and those of
         ``optional`` that the repository holds (a missing one is no error).
 
@@ -146,6 +149,7 @@ class Hub:
         except Exception as exc:  # noqa: BLE001 — transport errors (the hub client's own types, not OSError)
             raise HubError(f"{repo_id}: the hub is not reachable ({type(exc).__name__}: {exc})") from exc
         return sha, blobs
+
 
 def file_fingerprint(path: Path) -> str:
     """Content hash of a cached file: the blob name when ``path`` is a hub-cache symlink (the hub names

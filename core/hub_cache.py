@@ -36,8 +36,28 @@ __all__ = ["blob_hash", "repo_cache_dir", "read_tree", "write_snapshot"]
 
 # Extensions tracked by LFS in the hub's default .gitattributes (the weight/archive subset).
 LFS_SUFFIXES: frozenset[str] = frozenset(
-    {".safetensors", ".npz", ".npy", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack",
-     ".pkl", ".pickle", ".gguf", ".model", ".arrow", ".parquet", ".zip", ".gz", ".tar", ".zst"}
+    {
+        ".safetensors",
+        ".npz",
+        ".npy",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".onnx",
+        ".msgpack",
+        ".pkl",
+        ".pickle",
+        ".gguf",
+        ".model",
+        ".arrow",
+        ".parquet",
+        ".zip",
+        ".gz",
+        ".tar",
+        ".zst",
+    }
 )
 # Files larger than this must be LFS on the hub.
 MAX_GIT_FILE_BYTES: int = 10 * 1024 * 1024
@@ -82,9 +102,7 @@ def read_tree(cache_dir: Path, repo_id: str, revision: str = "main") -> dict[str
         return {}
     snap = repo_dir / "snapshots" / commit
     return {
-        p.relative_to(snap).as_posix(): Path(os.readlink(p)).name
-        for p in sorted(snap.rglob("*"))
-        if p.is_symlink()
+        p.relative_to(snap).as_posix(): Path(os.readlink(p)).name for p in sorted(snap.rglob("*")) if p.is_symlink()
     }
 
 

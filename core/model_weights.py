@@ -38,6 +38,7 @@ import weakref
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -53,9 +54,17 @@ ARCHITECTURES = {"gemma2", "gemma3_text", "gemma3", "llama"}  # supported config
 GEMMA_FAMILY = {"gemma2", "gemma3"}  # architectures with (1 + w) norms, sqrt(d_model) embedding scale, post-attn norm
 # transformers 5.24 Gemma3TextConfig defaults (configuration_gemma3.py) for fields a Gemma 3 config may omit.
 GEMMA3_TEXT_DEFAULTS = {
-    "vocab_size": 262_208, "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
-    "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
     "final_logit_softcapping": None,
 }
 
@@ -103,11 +112,12 @@ class ModelGeometry:
         return head // (self.n_heads // self.n_kv_heads)
 
     @classmethod
-    def from_config(cls, config: dict, source: Path | str = CONFIG_FILE) -> "ModelGeometry":
+    def from_config(cls, config: dict, source: Path | str = CONFIG_FILE) -> ModelGeometry:
         model_type = config.get("model_type")
         if model_type not in ARCHITECTURES:
             raise WeightFileError(source, f"model_type {model_type!r} is not supported ({sorted(ARCHITECTURES)})")
-        arch, prefix, extra = ("gemma3" if model_type.startswith("gemma3") else model_type), "model.", {}
+        arch, prefix = ("gemma3" if model_type.startswith("gemma3") else model_type), "model."
+        extra: dict[str, Any] = {}
         try:
             if arch == "gemma3":
                 config, prefix, extra = _gemma3_text_config(config)
@@ -153,10 +163,12 @@ class AttentionWeights:
     q_norm_gain: torch.Tensor | None = None  # (head_dim,) Gemma 3's per-head query RMSNorm gain (1 + w)
     k_norm_gain: torch.Tensor | None = None  # (head_dim,) Gemma 3's per-head key RMSNorm gain (1 + w)
 
-    def to(self, device: torch.device | str) -> "AttentionWeights":
+    def to(self, device: torch.device | str) -> AttentionWeights:
         """The same weights on ``device`` (absent gains stay None)."""
-        return AttentionWeights(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device)
-                                   for f in fields(self)})
+        moved: dict[str, Any] = {
+            f.name: None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)
+        }
+        return AttentionWeights(**moved)
 
 
 class ModelCheckpoint:

@@ -94,8 +94,13 @@ def dashboard_top_logits(sae: SaeWeights, checkpoint: ModelCheckpoint, device: s
     """Top/bottom ``DASHBOARD_K`` of ``logit[i, t] = (W_dec[i] / ||W_dec[i]||) · U[t]`` (``dashboard_unembedding``),
     streamed by the engine in float32, SAEDashboard's default model dtype (values are rounded to 3 decimals, which a
     bfloat16 product would not reproduce)."""
-    return row_stats(sae.decoder_directions(), dashboard_unembedding(checkpoint), k=DASHBOARD_K,
-                     compute_dtype=torch.float32, device=device)
+    return row_stats(
+        sae.decoder_directions(),
+        dashboard_unembedding(checkpoint),
+        k=DASHBOARD_K,
+        compute_dtype=torch.float32,
+        device=device,
+    )
 
 
 def dashboard_token(piece: str) -> str:
@@ -125,15 +130,17 @@ def dashboard_frame(stats: RowStats, tokens: list[str]) -> pd.DataFrame:
     """One row per feature: ``feature, pos_str, pos_values, neg_str, neg_values`` (lists, most extreme first,
     values rounded) and ``pos_ids, neg_ids`` (their token ids), with ``tokens`` from ``dashboard_tokens``."""
     top, bottom = stats.top_ids.tolist(), stats.bottom_ids.tolist()
-    return pd.DataFrame({
-        "feature": range(len(top)),
-        "pos_str": [[tokens[i] for i in row] for row in top],
-        "pos_values": rounded(stats.top_values),
-        "neg_str": [[tokens[i] for i in row] for row in bottom],
-        "neg_values": rounded(stats.bottom_values),
-        "pos_ids": top,
-        "neg_ids": bottom,
-    })[FRAME_COLUMNS]
+    return pd.DataFrame(
+        {
+            "feature": range(len(top)),
+            "pos_str": [[tokens[i] for i in row] for row in top],
+            "pos_values": rounded(stats.top_values),
+            "neg_str": [[tokens[i] for i in row] for row in bottom],
+            "neg_values": rounded(stats.bottom_values),
+            "pos_ids": top,
+            "neg_ids": bottom,
+        }
+    )[FRAME_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -171,8 +178,13 @@ def neuronpedia_batch(frame: pd.DataFrame, source: NeuronpediaSource) -> dict[st
     sae_id_suffix, features``, each feature with ``FEATURE_FIELDS`` only — the activation-based fields (examples,
     histograms, correlations, ...) need text and are not written."""
     features = frame.rename(columns={"feature": "feature_index"})[FEATURE_FIELDS].to_dict(orient="records")
-    return {"model_id": source.model_id, "layer": source.layer, "sae_set": source.sae_set,
-            "sae_id_suffix": source.sae_id_suffix, "features": features}
+    return {
+        "model_id": source.model_id,
+        "layer": source.layer,
+        "sae_set": source.sae_set,
+        "sae_id_suffix": source.sae_id_suffix,
+        "features": features,
+    }
 
 
 def write_json_export(frame: pd.DataFrame, source: NeuronpediaSource, folder: Path, sae_id: str) -> Path:

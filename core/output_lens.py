@@ -18,7 +18,7 @@ from the SAE's key so it is reproducible; it calibrates every threshold applied 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

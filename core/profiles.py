@@ -62,9 +62,19 @@ def head_write_frame(norms: dict[str, np.ndarray], attn_layer: int) -> pd.DataFr
     frames = []
     for sample, values in norms.items():
         n, heads = values.shape
-        frames.append(pd.DataFrame({"sample": sample, "feature": np.repeat(np.arange(n), heads),
-                                    "phase": "decoder_unembedding", "kind": OV_WRITE_KIND, "attn_layer": attn_layer,
-                                    "head": np.tile(np.arange(heads), n), "value": values.reshape(-1)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "sample": sample,
+                    "feature": np.repeat(np.arange(n), heads),
+                    "phase": "decoder_unembedding",
+                    "kind": OV_WRITE_KIND,
+                    "attn_layer": attn_layer,
+                    "head": np.tile(np.arange(heads), n),
+                    "value": values.reshape(-1),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -86,15 +96,27 @@ def participation(values: pd.DataFrame, quantile: float = DEFAULT_QUANTILE) -> p
     """Per (SAE, sample, feature, phase, attn_layer, head) from ``circuit_values``: ``score`` (mean over the
     phase's ``SCORE_KINDS`` of the null z), ``topk_mass`` (mean over the same kinds, for the record),
     ``threshold`` (null ``quantile`` of the score for that circuit) and ``participates``."""
-    columns = SAE_COLUMNS + ["sample", "feature", "phase", "attn_layer", "head", "score", "topk_mass", "threshold",
-                             "participates"]
+    columns = SAE_COLUMNS + [
+        "sample",
+        "feature",
+        "phase",
+        "attn_layer",
+        "head",
+        "score",
+        "topk_mass",
+        "threshold",
+        "participates",
+    ]
     scored = values.assign(z=null_z(values))
     frames = []
     for phase, kinds in SCORE_KINDS.items():
         part = scored[(scored["phase"] == phase) & scored["kind"].isin(kinds)]
         if len(part):
-            frames.append(part.groupby(SAE_COLUMNS + ["sample", "feature", "phase", "attn_layer", "head"], as_index=False)
-                          .agg(score=("z", "mean"), topk_mass=("topk_mass", "mean")))
+            frames.append(
+                part.groupby(SAE_COLUMNS + ["sample", "feature", "phase", "attn_layer", "head"], as_index=False).agg(
+                    score=("z", "mean"), topk_mass=("topk_mass", "mean")
+                )
+            )
     if not frames:
         return pd.DataFrame(columns=columns)
     scores = pd.concat(frames, ignore_index=True)
@@ -137,9 +159,15 @@ def depth_profile(
     for (release, sample, phase, layer), group in feature_part.groupby(["release", "sample", "phase", "layer"]):
         values = group[value].to_numpy(dtype=np.float64)
         boot = values[rng.integers(0, len(values), (n_boot, len(values)))]
-        row = {"release": release, "sample": sample, "phase": phase, "layer": int(layer),
-               "depth": float(normalised_depth([layer], n_layers)[0]), "n": len(values),
-               "participating": float(group["participates"].mean())}
+        row = {
+            "release": release,
+            "sample": sample,
+            "phase": phase,
+            "layer": int(layer),
+            "depth": float(normalised_depth([layer], n_layers)[0]),
+            "n": len(values),
+            "participating": float(group["participates"].mean()),
+        }
         for name in PROFILE_STATS:
             b = summary_statistic(boot, name)
             row[name] = float(summary_statistic(values, name))

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -34,8 +35,13 @@ REGISTRY_PATH = Path(__file__).with_name("releases.yaml")
 HOOKS = ("resid_post",)  # hook points the lenses and the layer pairing implement (core.circuits.paired_layers)
 # Fields of folder / SAE id patterns: ``l0`` is Gemma Scope's numeric average_l0_N, ``sparsity`` Gemma Scope 2's
 # named L0 bucket (``l0_small`` / ``l0_medium`` / ``l0_big``), ``seed`` its retrainings (``_seed_1``).
-_FIELDS = {"layer": r"(?P<layer>\d+)", "width": r"(?P<width>[A-Za-z0-9.]+)", "l0": r"(?P<l0>\d+)",
-           "sparsity": r"(?P<sparsity>[a-z]+)", "seed": r"(?P<seed>\d+)"}
+_FIELDS = {
+    "layer": r"(?P<layer>\d+)",
+    "width": r"(?P<width>[A-Za-z0-9.]+)",
+    "l0": r"(?P<l0>\d+)",
+    "sparsity": r"(?P<sparsity>[a-z]+)",
+    "seed": r"(?P<seed>\d+)",
+}
 _OPTIONAL = re.compile(r"\[([^\[\]]*)\]")  # one optional segment of a pattern
 
 
@@ -81,6 +87,7 @@ def _known(field_name: str, value: str, known: Iterable[str], where: str = "") -
 
 def _regex(pattern: str) -> str:
     """A pattern as a regex: each ``{field}`` its ``_FIELDS`` group, each ``[segment]`` an optional group."""
+
     def literal(text: str) -> str:
         return re.sub(r"\\\{(\w+)\\\}", lambda m: _FIELDS[m.group(1)], re.escape(text))
 
@@ -88,8 +95,9 @@ def _regex(pattern: str) -> str:
     return "".join(literal(part) if i % 2 == 0 else f"(?:{literal(part)})?" for i, part in enumerate(parts))
 
 
-def _format(pattern: str, fields: dict[str, str | None]) -> str:
+def _format(pattern: str, fields: Mapping[str, str | None]) -> str:
     """A pattern filled with ``fields``; an optional segment is kept only when all its fields are given."""
+
     def segment(m: re.Match[str]) -> str:
         return m.group(1) if all(fields.get(name) is not None for name in _placeholders(m.group(1))) else ""
 
@@ -157,8 +165,12 @@ class Canonical:
         l0 = self.l0.get(fields["width"], {}).get(int(fields["layer"]))
         if l0 is None:
             known = "; ".join(f"width {w} at layer{'s' * (len(t) > 1)} {_span(t)}" for w, t in self.l0.items())
-            raise _unknown(f"canonical SAE id {sae_id!r} of release {self.release!r}", sae_id, self.ids(),
-                           f"Canonical SAEs: {known}.")
+            raise _unknown(
+                f"canonical SAE id {sae_id!r} of release {self.release!r}",
+                sae_id,
+                self.ids(),
+                f"Canonical SAEs: {known}.",
+            )
         return {**fields, "l0": str(l0)}
 
     def neuronpedia_id(self, fields: dict[str, str]) -> str | None:
@@ -203,24 +215,32 @@ class Release:
         SAEs: each message names the field; ``load_registry`` adds the file and the release."""
         _known("format", self.format, FORMATS)
         _known("hook", self.hook, HOOKS)
-        patterns = {"folder": self.folder, "sae_id": self.sae_id,
-                    **({"neuronpedia": self.neuronpedia} if self.neuronpedia else {})}
+        patterns = {
+            "folder": self.folder,
+            "sae_id": self.sae_id,
+            **({"neuronpedia": self.neuronpedia} if self.neuronpedia else {}),
+        }
         if self.canonical:
-            patterns |= {"canonical.sae_id": self.canonical.sae_id,
-                         **({"canonical.neuronpedia": self.canonical.neuronpedia} if self.canonical.neuronpedia
-                            else {})}
+            patterns |= {
+                "canonical.sae_id": self.canonical.sae_id,
+                **({"canonical.neuronpedia": self.canonical.neuronpedia} if self.canonical.neuronpedia else {}),
+            }
         for name, pattern in patterns.items():
             for placeholder in _placeholders(pattern):
                 _known(f"{name} placeholder", placeholder, _FIELDS, f"in {pattern!r}")
         folder, sae_id = set(_placeholders(self.folder)), set(_placeholders(self.sae_id))
         if folder != sae_id:  # an SAE id must name exactly one folder, and every folder must have an id
-            raise ValueError(f"field 'sae_id' {self.sae_id!r} uses the fields {sorted(sae_id)} but 'folder' "
-                             f"{self.folder!r} uses {sorted(folder)}: SAEs differing only in "
-                             f"{sorted(folder ^ sae_id)} would get one id")
+            raise ValueError(
+                f"field 'sae_id' {self.sae_id!r} uses the fields {sorted(sae_id)} but 'folder' "
+                f"{self.folder!r} uses {sorted(folder)}: SAEs differing only in "
+                f"{sorted(folder ^ sae_id)} would get one id"
+            )
         if "layer" not in folder:
             raise ValueError(f"field 'folder' {self.folder!r} has no {{layer}}: every SAE reads one layer")
-        for name, table in (("canonical", self.canonical.l0 if self.canonical else {}),
-                            ("sparsity_l0", self.sparsity_l0 or {})):  # L0 tables may only name the model's layers
+        for name, table in (
+            ("canonical", self.canonical.l0 if self.canonical else {}),
+            ("sparsity_l0", self.sparsity_l0 or {}),
+        ):  # L0 tables may only name the model's layers
             bad = sorted({n for t in table.values() for n in t if not 0 <= n < self.n_layers})
             if bad:
                 raise ValueError(f"{name} table names layers {bad} outside the model's {self.n_layers}")
@@ -313,8 +333,15 @@ def load_registry(path: Path = REGISTRY_PATH) -> dict[str, Release]:
                 _known("name", name, RELEASE_FIELDS, "(a release field)")
             canonical = Canonical.from_yaml(entry["canonical"]) if "canonical" in entry else None
             sparsity_l0 = l0_table(entry["sparsity_l0"]) if "sparsity_l0" in entry else None
-            releases[rid] = Release(id=rid, **{**entry, "aliases": tuple(entry.get("aliases", ())),
-                                               "canonical": canonical, "sparsity_l0": sparsity_l0})
+            releases[rid] = Release(
+                id=rid,
+                **{
+                    **entry,
+                    "aliases": tuple(entry.get("aliases", ())),
+                    "canonical": canonical,
+                    "sparsity_l0": sparsity_l0,
+                },
+            )
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path}: release {rid!r} is malformed: {exc}") from exc
     return releases

@@ -8,8 +8,8 @@ so the sensor, the schedule and a manual check agree, and SAEs materialised by a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from core.discovery import discover_saes, hub_for
 from core.errors import HubError, WeightFileError

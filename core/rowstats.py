@@ -48,7 +48,9 @@ _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.
 
 def _cpu_signature() -> str:
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))
+        )
     except (OSError, StopIteration):
         flags = ""
     return f"{platform.machine()} {platform.processor()} {flags}"
@@ -61,11 +63,15 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     compiler = os.environ.get("CXX", "c++")
     flags = [*FLAGS, *extra_flags]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    directory = directory or Path(os.environ.get("WEIGHTLENS_NATIVE_DIR") or Path(tempfile.gettempdir()) / "weightlens-native")
+    directory = directory or Path(
+        os.environ.get("WEIGHTLENS_NATIVE_DIR") or Path(tempfile.gettempdir()) / "weightlens-native"
+    )
     library = directory / f"rowstats-{key}.so"
     if not library.exists():
         with atomic_path(library) as partial:
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True)
+            subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True
+            )
     return library
 
 
@@ -130,8 +136,15 @@ def compute(
             x = _scores(block)
             lib.weightlens_stream_block(handle, x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], col0, threads)
         lib.weightlens_stream_finish(
-            handle, targets.data_ptr(), top_values.data_ptr(), top_ids.data_ptr(), bottom_values.data_ptr(),
-            bottom_ids.data_ptr(), stats.data_ptr(), missed.data_ptr(), threads,
+            handle,
+            targets.data_ptr(),
+            top_values.data_ptr(),
+            top_ids.data_ptr(),
+            bottom_values.data_ptr(),
+            bottom_ids.data_ptr(),
+            stats.data_ptr(),
+            missed.data_ptr(),
+            threads,
         )
     finally:
         lib.weightlens_stream_free(handle)
@@ -140,14 +153,26 @@ def compute(
         x = _scores(whole_rows(rows))
         chosen = torch.empty(len(rows), len(brackets))
         lib.weightlens_select(
-            x.data_ptr(), x.dtype == torch.bfloat16, len(rows), n, softcap or 0.0, len(brackets), targets.data_ptr(),
-            chosen.data_ptr(), threads,
+            x.data_ptr(),
+            x.dtype == torch.bfloat16,
+            len(rows),
+            n,
+            softcap or 0.0,
+            len(brackets),
+            targets.data_ptr(),
+            chosen.data_ptr(),
+            threads,
         )
         stats[rows, : len(brackets)] = torch.where(missed[rows], chosen, stats[rows, : len(brackets)])
     median, p75, *moments = stats.T.contiguous()
     return {
-        "top_ids": top_ids, "top_values": top_values, "bottom_ids": bottom_ids, "bottom_values": bottom_values,
-        "median": median, "p75": p75, **dict(zip(MOMENTS, moments)),
+        "top_ids": top_ids,
+        "top_values": top_values,
+        "bottom_ids": bottom_ids,
+        "bottom_values": bottom_values,
+        "median": median,
+        "p75": p75,
+        **dict(zip(MOMENTS, moments)),
     }
 
 

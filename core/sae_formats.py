@@ -161,8 +161,8 @@ def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | Non
 class GemmaScopeNpz:
     """Gemma Scope ``params.npz`` (see module docstring)."""
 
-    files = ("params.npz",)
-    optional_files = ()
+    files: tuple[str, ...] = ("params.npz",)
+    optional_files: tuple[str, ...] = ()
     names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
@@ -185,8 +185,8 @@ class GemmaScopeNpz:
 class GemmaScope2Safetensors:
     """Gemma Scope 2 ``params.safetensors`` (see module docstring): Gemma Scope's arrays under lower-case names."""
 
-    files = ("params.safetensors",)
-    optional_files = (GEMMA_SCOPE_2_CONFIG,)
+    files: tuple[str, ...] = ("params.safetensors",)
+    optional_files: tuple[str, ...] = (GEMMA_SCOPE_2_CONFIG,)
     names = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
@@ -198,8 +198,8 @@ class GemmaScope2Safetensors:
 class LlamaScopeSafetensors:
     """Llama Scope ``checkpoints/final.safetensors`` + ``hyperparams.json``, SAELens' convention (module docstring)."""
 
-    files = ("checkpoints/final.safetensors", "hyperparams.json")
-    optional_files = ()
+    files: tuple[str, ...] = ("checkpoints/final.safetensors", "hyperparams.json")
+    optional_files: tuple[str, ...] = ()
 
     def read(self, folder: Path, d_model: int | None = None) -> SaeWeights:
         weights_path, hp_path = (folder / f for f in self.files)

@@ -118,7 +118,7 @@ def token_sets(tokens: pd.DataFrame, normal: np.ndarray, k_max: int) -> TokenSet
             seen.append(form)
             if len(seen) == k_max:
                 break
-        excluded[r, len(seen):], collapsed[r, len(seen):] = skipped, merged
+        excluded[r, len(seen) :], collapsed[r, len(seen) :] = skipped, merged
         forms.append(seen)
         start += size
     return TokenSets(keys, ids, values, forms, excluded, collapsed)
@@ -146,7 +146,7 @@ def levenshtein_coherence(forms: list[str], ks: tuple[int, ...]) -> dict[int, fl
 
 @dataclass(frozen=True)
 class Whitening:
-    """"All-but-the-top" (Mu & Viswanath 2018): ``x -> P (x - mean)``, P projecting out the ``components``
+    """ "All-but-the-top" (Mu & Viswanath 2018): ``x -> P (x - mean)``, P projecting out the ``components``
     (D, d) — the principal components whose variance exceeds ``DOMINANCE`` times the mean component variance
     of the centred normal-token rows (D chosen from the matrix, stored as ``n_components``)."""
 
@@ -170,7 +170,7 @@ def whitening(vectors: np.ndarray, normal: np.ndarray, chunk: int = 65536) -> Wh
     d = vectors.shape[1]
     total, gram = np.zeros(d), np.zeros((d, d))
     for start in range(0, len(rows), chunk):
-        block = np.asarray(vectors[rows[start:start + chunk]], dtype=np.float64)
+        block = np.asarray(vectors[rows[start : start + chunk]], dtype=np.float64)
         total += block.sum(axis=0)
         gram += block.T @ block
     mean = total / len(rows)
@@ -180,21 +180,22 @@ def whitening(vectors: np.ndarray, normal: np.ndarray, chunk: int = 65536) -> Wh
     return Whitening(mean.astype(np.float32), eigvecs[:, dominant].T[::-1].astype(np.float32).copy())
 
 
-def cosine_coherence(ids: np.ndarray, vectors: np.ndarray, white: Whitening, ks: tuple[int, ...],
-                     chunk: int = 2048) -> dict[int, np.ndarray]:
+def cosine_coherence(
+    ids: np.ndarray, vectors: np.ndarray, white: Whitening, ks: tuple[int, ...], chunk: int = 2048
+) -> dict[int, np.ndarray]:
     """Per k: mean pairwise cosine of the whitened vectors of forms 2..k of each row of the (n, K) id matrix
     (-1 = no form: NaN for every k the row cannot fill)."""
     n, k_max = ids.shape
     out = {k: np.full(n, np.nan) for k in ks}
     for start in range(0, n, chunk):
-        block = ids[start:start + chunk]
+        block = ids[start : start + chunk]
         v = white.apply(np.asarray(vectors[np.where(block < 0, 0, block)], dtype=np.float32))
         v /= np.maximum(np.linalg.norm(v, axis=2, keepdims=True), np.finfo(np.float32).tiny)
         gram = np.einsum("ckd,cjd->ckj", v, v).astype(np.float64)
         filled = (block >= 0).sum(axis=1)
         for k, values in _prefix_means(gram, ks, first=1).items():
             values[filled < k] = np.nan
-            out[k][start:start + chunk] = values
+            out[k][start : start + chunk] = values
     return out
 
 
@@ -204,8 +205,14 @@ def concentration(sets: TokenSets, mean: np.ndarray, std: np.ndarray, ks: tuple[
     return {k: (sets.values[:, :k].mean(axis=1) - mean) / std for k in ks}
 
 
-def coherence_metrics(sets: TokenSets, mean: np.ndarray, std: np.ndarray, vectors: np.ndarray,
-                      white: Whitening, ks: tuple[int, ...] = K_GRID) -> dict[int, pd.DataFrame]:
+def coherence_metrics(
+    sets: TokenSets,
+    mean: np.ndarray,
+    std: np.ndarray,
+    vectors: np.ndarray,
+    white: Whitening,
+    ks: tuple[int, ...] = K_GRID,
+) -> dict[int, pd.DataFrame]:
     """Per k: ``sample, feature, levenshtein, cosine, concentration, n_excluded, n_collapsed`` of one side;
     ``mean`` / ``std``: each row's lens moments over the vocabulary, aligned with ``sets.keys``."""
     lev = [levenshtein_coherence(f, ks) for f in sets.forms]
@@ -214,8 +221,13 @@ def coherence_metrics(sets: TokenSets, mean: np.ndarray, std: np.ndarray, vector
     out = {}
     for k in ks:
         excluded, collapsed = sets.counts(k)
-        out[k] = sets.keys.assign(levenshtein=[v[k] for v in lev], cosine=cos[k], concentration=conc[k],
-                                  n_excluded=excluded, n_collapsed=collapsed)
+        out[k] = sets.keys.assign(
+            levenshtein=[v[k] for v in lev],
+            cosine=cos[k],
+            concentration=conc[k],
+            n_excluded=excluded,
+            n_collapsed=collapsed,
+        )
     return out
 
 
@@ -266,7 +278,9 @@ class Calibration:
         )
 
 
-def calibrate(null: pd.DataFrame, quantile: float = DEFAULT_QUANTILE, metrics: tuple[str, ...] = METRICS) -> Calibration:
+def calibrate(
+    null: pd.DataFrame, quantile: float = DEFAULT_QUANTILE, metrics: tuple[str, ...] = METRICS
+) -> Calibration:
     """Thresholds = the ``quantile`` of each metric over the null rows (linear interpolation; NaN rows — sets of
     fewer than two forms — are left out)."""
     values = {m: null[m].dropna().to_numpy(dtype=np.float64) for m in metrics}

@@ -14,7 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.circuits import CIRCUIT_SETS, VocabOperands, all_circuits, circuit_stats, input_lens, ov_write_norms, paired_layers
+from core.circuits import (
+    CIRCUIT_SETS,
+    VocabOperands,
+    all_circuits,
+    circuit_stats,
+    input_lens,
+    ov_write_norms,
+    paired_layers,
+)
 from core.classify import FeatureClasses, classify_features
 from core.control import control_sae, matched_null
 from core.engine import RowStats
@@ -40,8 +48,9 @@ class EngineSettings:
     device: str = "cpu"
 
 
-def sample_directions(sae: SaeWeights, key: str, n_null: int, matched: bool = False
-                      ) -> dict[str, dict[str, torch.Tensor]]:
+def sample_directions(
+    sae: SaeWeights, key: str, n_null: int, matched: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
     """Per sample, per phase, the unit directions (rows): the SAE's encoder / decoder directions, the
     control's, ``n_null`` isotropic null directions (the same for both phases) and, when ``matched``, ``n_null``
     SAE-matched null directions (``core.control.matched_null``), all seeded by ``key``."""
@@ -56,11 +65,14 @@ def sample_directions(sae: SaeWeights, key: str, n_null: int, matched: bool = Fa
 
 
 def _stacked(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat([f.assign(sample=s) for s, f in frames.items()], ignore_index=True).rename(columns={"row": "feature"})
+    return pd.concat([f.assign(sample=s) for s, f in frames.items()], ignore_index=True).rename(
+        columns={"row": "feature"}
+    )
 
 
-def lens_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], key: str, n_null: int,
-               settings: EngineSettings) -> dict[str, pd.DataFrame]:
+def lens_stage(
+    sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], key: str, n_null: int, settings: EngineSettings
+) -> dict[str, pd.DataFrame]:
     """Tables ``output_lens_tokens``, ``output_lens_stats``, ``input_lens_tokens``, ``input_lens_stats``
     (``core.output_lens``, ``core.circuits.input_lens``) for every sample of ``LENS_SAMPLES``: the
     ``CANDIDATES`` best tokens (the semantic tests pick their normal forms, ``core.semantic``) and ``settings.k``
@@ -69,18 +81,31 @@ def lens_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], 
     directions = sample_directions(sae, key, n_null, matched=True)
     operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}
     matrix = {"output": checkpoint.unembedding(), "input": checkpoint.embedding()}
-    compute = {"output": output_lens, "input": input_lens}
+    compute: dict[str, Callable[..., RowStats]] = {"output": output_lens, "input": input_lens}
     candidates = min(CANDIDATES, checkpoint.geometry.vocab_size)
     tables = {}
     for lens, phase in LENS_SIDES.items():
         stats: dict[str, RowStats] = {
-            s: compute[lens](directions[s][phase], checkpoint, k=candidates, compute_dtype=settings.compute_dtype,
-                             device=settings.device) for s in LENS_SAMPLES}
+            s: compute[lens](
+                directions[s][phase],
+                checkpoint,
+                k=candidates,
+                compute_dtype=settings.compute_dtype,
+                device=settings.device,
+            )
+            for s in LENS_SAMPLES
+        }
         tables[f"{lens}_lens_tokens"] = _stacked({s: topk_frame(v, tokens, settings.k) for s, v in stats.items()})
-        tables[f"{lens}_lens_stats"] = _stacked({
-            s: summary_frame(v, settings.k).assign(top1_cosine=top_token_cosine(
-                operand[lens](directions[s][phase]), matrix[lens], v.top_ids[:, 0]).numpy())
-            for s, v in stats.items()})
+        tables[f"{lens}_lens_stats"] = _stacked(
+            {
+                s: summary_frame(v, settings.k).assign(
+                    top1_cosine=top_token_cosine(
+                        operand[lens](directions[s][phase]), matrix[lens], v.top_ids[:, 0]
+                    ).numpy()
+                )
+                for s, v in stats.items()
+            }
+        )
     return tables
 
 
@@ -94,10 +119,18 @@ class CircuitTables:
     n_circuits: int
 
 
-def circuit_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, key: str, sae_layer: int, n_null: int,
-                  settings: EngineSettings, scope: str = "adjacent", circuit_set: str = "used",
-                  progress: Callable[[int, int], None] | None = None,
-                  sink: Callable[[pd.DataFrame], None] | None = None) -> CircuitTables:
+def circuit_stage(
+    sae: SaeWeights,
+    checkpoint: ModelCheckpoint,
+    key: str,
+    sae_layer: int,
+    n_null: int,
+    settings: EngineSettings,
+    scope: str = "adjacent",
+    circuit_set: str = "used",
+    progress: Callable[[int, int], None] | None = None,
+    sink: Callable[[pd.DataFrame], None] | None = None,
+) -> CircuitTables:
     """The circuits of ``core.circuits.CIRCUIT_SETS[circuit_set]`` at the layers ``paired_layers(sae_layer, …,
     scope)`` for every sample, and the decoder directions' write norms at the reader layers. With ``sink``,
     each circuit's ``circuit_stats`` rows (all samples) are handed to it as soon as they exist and not kept
@@ -111,21 +144,41 @@ def circuit_stage(sae: SaeWeights, checkpoint: ModelCheckpoint, key: str, sae_la
     circuits = all_circuits(geometry, layers, CIRCUIT_SETS[circuit_set])
     frames: list[pd.DataFrame] = []
     for i, circuit in enumerate(circuits, 1):
-        rows = pd.concat([circuit_frame(circuit_stats(directions[sample][circuit.phase], circuit, operands,
-                                                      k=settings.k, compute_dtype=settings.compute_dtype),
-                                        circuit, geometry).assign(sample=sample) for sample in SAMPLES],
-                         ignore_index=True)
+        rows = pd.concat(
+            [
+                circuit_frame(
+                    circuit_stats(
+                        directions[sample][circuit.phase],
+                        circuit,
+                        operands,
+                        k=settings.k,
+                        compute_dtype=settings.compute_dtype,
+                    ),
+                    circuit,
+                    geometry,
+                ).assign(sample=sample)
+                for sample in SAMPLES
+            ],
+            ignore_index=True,
+        )
         if sink is None:
             frames.append(rows)
         else:
             sink(rows)
         if progress is not None:
             progress(i, len(circuits))
-    writes = [head_write_frame({s: ov_write_norms(directions[s]["decoder_unembedding"], layer, operands).numpy()
-                                for s in SAMPLES}, layer) for layer in layers["decoder_unembedding"]]
+    writes = [
+        head_write_frame(
+            {s: ov_write_norms(directions[s]["decoder_unembedding"], layer, operands).numpy() for s in SAMPLES}, layer
+        )
+        for layer in layers["decoder_unembedding"]
+    ]
     empty = pd.DataFrame(columns=["sample", "feature", "phase", "kind", "attn_layer", "head", "value"])
-    return CircuitTables(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
-                         pd.concat(writes, ignore_index=True) if writes else empty, len(circuits))
+    return CircuitTables(
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+        pd.concat(writes, ignore_index=True) if writes else empty,
+        len(circuits),
+    )
 
 
 @dataclass(frozen=True)
@@ -142,9 +195,16 @@ class ClassTables:
         return rows[rows["sample"] == sample].drop(columns="sample").reset_index(drop=True)
 
 
-def class_stage(lens: dict[str, pd.DataFrame], circuit_stats: pd.DataFrame, head_writes: pd.DataFrame,
-                normal: np.ndarray, embedding: np.ndarray, unembedding: np.ndarray, quantile: float = DEFAULT_QUANTILE,
-                k: int = 10) -> ClassTables:
+def class_stage(
+    lens: dict[str, pd.DataFrame],
+    circuit_stats: pd.DataFrame,
+    head_writes: pd.DataFrame,
+    normal: np.ndarray,
+    embedding: np.ndarray,
+    unembedding: np.ndarray,
+    quantile: float = DEFAULT_QUANTILE,
+    k: int = 10,
+) -> ClassTables:
     """Classes (``core.classify``; ``normal``: per token id, a normal token, ``core.vocab``) and participation
     (``core.profiles``) from the stored tables of one SAE (circuit tables carrying ``release, sae_id, layer``);
     never reads attention weights."""
@@ -152,6 +212,22 @@ def class_stage(lens: dict[str, pd.DataFrame], circuit_stats: pd.DataFrame, head
     if len(circuit_stats) or len(head_writes):
         part = participation(circuit_values(circuit_stats, head_writes), quantile)
     else:
-        part = participation(pd.DataFrame(columns=["release", "sae_id", "layer", "sample", "feature", "phase", "kind",
-                                                   "attn_layer", "head", "value", "topk_mass"]), quantile)
+        part = participation(
+            pd.DataFrame(
+                columns=[
+                    "release",
+                    "sae_id",
+                    "layer",
+                    "sample",
+                    "feature",
+                    "phase",
+                    "kind",
+                    "attn_layer",
+                    "head",
+                    "value",
+                    "topk_mass",
+                ]
+            ),
+            quantile,
+        )
     return ClassTables(classes, part, feature_participation(part))

@@ -1,7 +1,7 @@
 """Statistics behind the claims: binomial intervals, null-calibrated thresholds, rank tests, and the
 layer-as-unit tests of the verdicts (permutation test of a depth shape over layer order, the van Elteren
-stratified rank test, a sign-flip test and a bootstrap over layers). scipy is not a dependency; each test is checked against an
-exact enumeration in tests/test_statistics.py."""
+stratified rank test, a sign-flip test and a bootstrap over layers). scipy is not a dependency; each test is
+checked against an exact enumeration in tests/test_statistics.py."""
 
 from __future__ import annotations
 
@@ -144,8 +144,9 @@ def min_layers_for(alpha: float) -> int:
     return n
 
 
-def shape_permutation_test(values: np.ndarray, depth: np.ndarray, shape: str, n_perm: int = 20000,
-                           max_exact: int = 40320, seed: int = 0) -> ShapeTest:
+def shape_permutation_test(
+    values: np.ndarray, depth: np.ndarray, shape: str, n_perm: int = 20000, max_exact: int = 40320, seed: int = 0
+) -> ShapeTest:
     """``ShapeTest`` of per-layer ``values`` at normalised ``depth`` against hypothesis ``shape``."""
     values, depth = np.asarray(values, dtype=np.float64), np.asarray(depth, dtype=np.float64)
     n = len(values)
@@ -206,8 +207,9 @@ def _u_statistic(x: np.ndarray, y: np.ndarray) -> float:
     return float(below.sum() + 0.5 * (upto - below).sum())
 
 
-def stratified_rank_test(strata: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 500,
-                         seed: int = 0) -> StratifiedRankTest:
+def stratified_rank_test(
+    strata: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 500, seed: int = 0
+) -> StratifiedRankTest:
     """``StratifiedRankTest`` over ``strata`` = [(x_l, y_l), ...] (strata already filtered for size)."""
     if not strata:
         nan = float("nan")
@@ -225,9 +227,16 @@ def stratified_rank_test(strata: list[tuple[np.ndarray, np.ndarray]], n_boot: in
         for b in range(n_boot):
             boots[b] += _u_statistic(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
     low, high = np.quantile(boots / pairs, [0.025, 0.975]) if n_boot > 0 else (float("nan"), float("nan"))
-    return StratifiedRankTest(float(z), 0.5 * math.erfc(z / math.sqrt(2.0)), weighted_auc / pairs, float(low),
-                              float(high), len(strata), sum(len(x) for x, _ in strata),
-                              sum(len(y) for _, y in strata))
+    return StratifiedRankTest(
+        float(z),
+        0.5 * math.erfc(z / math.sqrt(2.0)),
+        weighted_auc / pairs,
+        float(low),
+        float(high),
+        len(strata),
+        sum(len(x) for x, _ in strata),
+        sum(len(y) for _, y in strata),
+    )
 
 
 def sign_flip_test(values: np.ndarray, n_flips: int = 20000, seed: int = 0) -> tuple[float, float]:
@@ -247,8 +256,9 @@ def sign_flip_test(values: np.ndarray, n_flips: int = 20000, seed: int = 0) -> t
     return float(np.mean(means >= observed - tol)), float(np.mean(means <= observed + tol))
 
 
-def layer_bootstrap(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                    weights: np.ndarray | None = None) -> tuple[float, float]:
+def layer_bootstrap(
+    values: np.ndarray, n_boot: int = 2000, seed: int = 0, weights: np.ndarray | None = None
+) -> tuple[float, float]:
     """95 % percentile interval of the (``weights``-weighted) mean of per-layer ``values``, layers resampled
     with replacement: the interval a claim gets when layers, not directions, are the unit."""
     values = np.asarray(values, dtype=np.float64)

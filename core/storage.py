@@ -57,13 +57,10 @@ from core.atomic import atomic_path, sweep_orphans, temporary_name
 
 DB_FILE = "results.duckdb"
 STORAGE_VERSION = "v1.0.0"  # storage version 64: read by every DuckDB since 0.10, the 1.5 CLI included
-WRITE_CONFIG = {"storage_compatibility_version": STORAGE_VERSION}
+WRITE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": STORAGE_VERSION}
 # The directory of the database file, with its trailing separator ('' when it cannot be told: paths stay
 # relative). The default temp_directory of a connection on <dir>/results.duckdb is <dir>/results.duckdb.tmp.
-DATA_DIR_SQL = (
-    "regexp_extract(current_setting('temp_directory'), "
-    f"'^(.*[/\\\\])?{re.escape(DB_FILE + '.tmp')}$', 1)"
-)
+DATA_DIR_SQL = f"regexp_extract(current_setting('temp_directory'), '^(.*[/\\\\])?{re.escape(DB_FILE + '.tmp')}$', 1)"
 
 
 class StorageError(OSError):
@@ -117,10 +114,13 @@ class TableStore:
         except (OSError, duckdb.Error) as error:
             raise _storage_error(path, table, key, error) from error
         try:
+
             def append(frame: pd.DataFrame) -> None:
                 nonlocal created
                 con.register("part", frame)
-                con.execute("INSERT INTO rows SELECT * FROM part" if created else "CREATE TABLE rows AS SELECT * FROM part")
+                con.execute(
+                    "INSERT INTO rows SELECT * FROM part" if created else "CREATE TABLE rows AS SELECT * FROM part"
+                )
                 con.unregister("part")
                 created = True
 
@@ -197,8 +197,10 @@ class TableStore:
             con = duckdb.connect(str(tmp), config={**WRITE_CONFIG, "file_search_path": str(self.root)})
             try:
                 for table in self.tables():
-                    con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM '
-                                f"read_parquet({DATA_DIR_SQL} || '{_relative_glob(table)}', union_by_name=true)")
+                    con.execute(
+                        f'CREATE VIEW "{table}" AS SELECT * FROM '
+                        f"read_parquet({DATA_DIR_SQL} || '{_relative_glob(table)}', union_by_name=true)"
+                    )
             finally:
                 con.close()
 
@@ -212,9 +214,10 @@ class TableStore:
         except duckdb.Error:
             return False
         try:
-            (version,) = con.execute(
+            row = con.execute(
                 "SELECT tags['storage_version'] FROM duckdb_databases() WHERE database_name = current_database()"
             ).fetchone()
+            version = None if row is None else row[0]
             views = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall())
         finally:
             con.close()

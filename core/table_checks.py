@@ -52,7 +52,9 @@ class RowTally:
 
     def finite(self, name: str) -> Check:
         bad = {c: n for c, n in self.bad.items() if n}
-        return Check(name, not bad, f"non-finite values: {bad}" if bad else f"all finite in {len(self.columns)} columns")
+        return Check(
+            name, not bad, f"non-finite values: {bad}" if bad else f"all finite in {len(self.columns)} columns"
+        )
 
 
 def ids_in_range(name: str, frame: pd.DataFrame, column: str, upper: int) -> Check:

@@ -1,4 +1,5 @@
-"""Generator of the trained releases: tiny Llama / Gemma-2 models and SAEs that *learned* their structure from real text.
+"""Generator of the trained releases: tiny Llama / Gemma-2 models and SAEs that *learned* their structure from real
+text.
 
 ``generate(release_id, cache_dir)`` reads the registry entry (``core/releases.yaml``, block ``trained:``) and writes
 a model repo and an SAE repo into a Hugging Face hub cache (``core.hub_cache``), in the same layouts as the planted
@@ -119,9 +120,14 @@ def corpus_split(heldout_every: int) -> tuple[list[str], list[str], dict[str, An
     heldout = [d for i, d in enumerate(docs) if i % heldout_every == heldout_every - 1]
     train = [d for i, d in enumerate(docs) if i % heldout_every != heldout_every - 1]
     text = "\n\n".join(docs).encode()
-    source = {"source": "CPython pydoc_data.topics (Python Language Reference topics)",
-              "python": platform.python_version(), "sha256": hashlib.sha256(text).hexdigest(),
-              "documents": len(docs), "characters": len(text), "heldout_every": heldout_every}
+    source = {
+        "source": "CPython pydoc_data.topics (Python Language Reference topics)",
+        "python": platform.python_version(),
+        "sha256": hashlib.sha256(text).hexdigest(),
+        "documents": len(docs),
+        "characters": len(text),
+        "heldout_every": heldout_every,
+    }
     return train, heldout, source
 
 
@@ -132,8 +138,12 @@ def _tokenizer(train: list[str], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(train, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT)
 
@@ -151,15 +161,30 @@ def _model(p: TrainedParams, vocab_size: int, eot: int) -> Any:
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     common: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=p.d_model, intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads,
-        head_dim=p.head_dim, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        vocab_size=vocab_size,
+        hidden_size=p.d_model,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.n_layers,
+        num_attention_heads=p.n_heads,
+        num_key_value_heads=p.n_kv_heads,
+        head_dim=p.head_dim,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
         max_position_embeddings=max(2048, p.context),
     )
     if p.architecture == "gemma2":
-        return Gemma2ForCausalLM(Gemma2Config(**common, query_pre_attn_scalar=p.head_dim, attn_logit_softcapping=50.0,
-                                              final_logit_softcapping=30.0, tie_word_embeddings=True,
-                                              sliding_window=p.context, attn_implementation="eager"))
+        return Gemma2ForCausalLM(
+            Gemma2Config(
+                **common,
+                query_pre_attn_scalar=p.head_dim,
+                attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0,
+                tie_word_embeddings=True,
+                sliding_window=p.context,
+                attn_implementation="eager",  # type: ignore[call-arg]  # a PretrainedConfig keyword
+            )
+        )
     if p.architecture == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False, rms_norm_eps=1e-5))
     raise ValueError(f"unknown trained architecture {p.architecture!r} (llama, gemma2)")
@@ -167,7 +192,7 @@ def _model(p: TrainedParams, vocab_size: int, eot: int) -> Any:
 
 def _windows(stream: torch.Tensor, context: int, gen: torch.Generator, n: int) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - context, (n,), generator=gen)
-    return torch.stack([stream[s:s + context] for s in starts.tolist()])
+    return torch.stack([stream[s : s + context] for s in starts.tolist()])
 
 
 def _chunks(stream: torch.Tensor, context: int) -> torch.Tensor:
@@ -179,7 +204,8 @@ def _train_model(model: Any, p: TrainedParams, train: torch.Tensor, gen: torch.G
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, p.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / p.steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / p.steps))
+    )
     model.train()
     losses = []
     for _ in range(p.steps):
@@ -202,8 +228,11 @@ def heldout_loss(model: Any, heldout: torch.Tensor, context: int) -> float:
     total, count = 0.0, 0
     for batch in chunks.split(64):
         logits = model(input_ids=batch).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         batch[:, 1:].reshape(-1), reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+        )
         count += batch[:, 1:].numel()
     return total / count
 
@@ -235,8 +264,12 @@ def _train_sae(x: torch.Tensor, p: TrainedParams, gen: torch.Generator) -> dict[
     d = x.shape[1]
     w_dec = torch.randn(p.d_sae, d, generator=gen)
     w_dec = 0.1 * w_dec / w_dec.norm(dim=1, keepdim=True)
-    params = {"W_enc": w_dec.T.clone().requires_grad_(), "b_enc": torch.zeros(p.d_sae, requires_grad=True),
-              "W_dec": w_dec.requires_grad_(), "b_dec": x.mean(0).clone().requires_grad_()}
+    params = {
+        "W_enc": w_dec.T.clone().requires_grad_(),
+        "b_enc": torch.zeros(p.d_sae, requires_grad=True),
+        "W_dec": w_dec.requires_grad_(),
+        "b_dec": x.mean(0).clone().requires_grad_(),
+    }
     opt = torch.optim.Adam(params.values(), lr=p.sae_lr)
     for step in range(p.sae_steps):
         batch = x[torch.randint(0, len(x), (p.sae_batch,), generator=gen)]
@@ -250,8 +283,9 @@ def _train_sae(x: torch.Tensor, p: TrainedParams, gen: torch.Generator) -> dict[
     return {k: v.detach() for k, v in params.items()}
 
 
-def _sae_files(p: TrainedParams, fmt: str, layer: int, sae: dict[str, torch.Tensor], scale: float,
-               avg_norm: float) -> dict[str, bytes]:
+def _sae_files(
+    p: TrainedParams, fmt: str, layer: int, sae: dict[str, torch.Tensor], scale: float, avg_norm: float
+) -> dict[str, bytes]:
     """One SAE trained on ``scale · x`` as the files of its folder (paths relative to it) in format ``fmt``, so
     that ``core.sae_formats`` (and SAELens) read it back in model units with threshold ``sae_threshold`` on the
     trained pre-activation."""
@@ -259,26 +293,43 @@ def _sae_files(p: TrainedParams, fmt: str, layer: int, sae: dict[str, torch.Tens
     if fmt == "gemma_scope_npz":  # model units: pre = x (s W_enc) + b_enc; x_hat = f (W_dec / s) + b_dec / s
         w_dec = sae["W_dec"] / scale
         norm = w_dec.norm(dim=1).clamp_min(1e-12)  # unit decoder rows, f_i -> f_i ||d_i||: same reconstruction
-        arrays = {"W_enc": sae["W_enc"] * scale * norm, "W_dec": w_dec / norm[:, None], "b_enc": sae["b_enc"] * norm,
-                  "b_dec": sae["b_dec"] / scale, "threshold": theta * norm}
+        arrays = {
+            "W_enc": sae["W_enc"] * scale * norm,
+            "W_dec": w_dec / norm[:, None],
+            "b_enc": sae["b_enc"] * norm,
+            "b_dec": sae["b_dec"] / scale,
+            "threshold": theta * norm,
+        }
         return {"params.npz": npz_bytes({k: v.numpy().astype(np.float32) for k, v in arrays.items()})}
     if fmt != "llama_scope_safetensors":
         raise ValueError(f"no trained writer for format {fmt!r}")
     from safetensors.torch import save
 
-    tensors = {"encoder.weight": sae["W_enc"].T, "encoder.bias": sae["b_enc"], "decoder.weight": sae["W_dec"].T,
-               "decoder.bias": sae["b_dec"]}
+    tensors = {
+        "encoder.weight": sae["W_enc"].T,
+        "encoder.bias": sae["b_enc"],
+        "decoder.weight": sae["W_dec"].T,
+        "decoder.bias": sae["b_dec"],
+    }
     hook = f"blocks.{layer}.hook_resid_post"
     hyper = {
-        "d_model": p.d_model, "d_sae": p.d_sae, "expansion_factor": p.d_sae // p.d_model,
-        "hook_point_in": hook, "hook_point_out": hook, "act_fn": "jumprelu",
-        "jump_relu_threshold": theta / scale, "norm_activation": "dataset-wise",
+        "d_model": p.d_model,
+        "d_sae": p.d_sae,
+        "expansion_factor": p.d_sae // p.d_model,
+        "hook_point_in": hook,
+        "hook_point_out": hook,
+        "act_fn": "jumprelu",
+        "jump_relu_threshold": theta / scale,
+        "norm_activation": "dataset-wise",
         "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
-        "sparsity_include_decoder_norm": False, "use_decoder_bias": True,
+        "sparsity_include_decoder_norm": False,
+        "use_decoder_bias": True,
         "apply_decoder_bias_to_pre_encoder": False,
     }
-    return {"checkpoints/final.safetensors": save({k: v.contiguous().to(torch.bfloat16) for k, v in tensors.items()}),
-            "hyperparams.json": json.dumps(hyper, indent=2).encode()}
+    return {
+        "checkpoints/final.safetensors": save({k: v.contiguous().to(torch.bfloat16) for k, v in tensors.items()}),
+        "hyperparams.json": json.dumps(hyper, indent=2).encode(),
+    }
 
 
 def sae_quality(x: torch.Tensor, folder: Path, fmt: str) -> dict[str, float]:
@@ -289,9 +340,12 @@ def sae_quality(x: torch.Tensor, folder: Path, fmt: str) -> dict[str, float]:
     f = pre * (pre > sae.threshold)
     recon = f @ sae.W_dec + sae.b_dec
     fve = 1.0 - float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    fired = (f > 0)
-    return {"variance_explained": round(fve, 4), "l0": round(float(fired.sum(1).float().mean()), 2),
-            "dead_fraction": round(float((~fired.any(0)).float().mean()), 4)}
+    fired = f > 0
+    return {
+        "variance_explained": round(fve, 4),
+        "l0": round(float(fired.sum(1).float().mean()), 2),
+        "dead_fraction": round(float((~fired.any(0)).float().mean()), 4),
+    }
 
 
 def generate(release_id: str, cache_dir: Path, *, overrides: dict[str, Any] | None = None) -> TrainedRelease:
@@ -322,9 +376,12 @@ def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_di
     curve = _train_model(model, p, train, gen)
     dtype = torch.float32 if p.architecture == "gemma2" else torch.bfloat16
     model = model.to(dtype).float()  # what the saved file computes
-    losses = {"heldout": round(heldout_loss(model, heldout, p.context), 4),
-              "unigram_baseline": round(unigram_loss(train, heldout, len(tokenizer)), 4),
-              "train_first": round(curve[0], 4), "train_last": round(sum(curve[-10:]) / 10, 4)}
+    losses = {
+        "heldout": round(heldout_loss(model, heldout, p.context), 4),
+        "unigram_baseline": round(unigram_loss(train, heldout, len(tokenizer)), 4),
+        "train_first": round(curve[0], 4),
+        "train_last": round(sum(curve[-10:]) / 10, 4),
+    }
     seconds["model"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         model.to(dtype).save_pretrained(tmp, max_shard_size=max(1, p.d_model * len(tokenizer) * dtype.itemsize))
@@ -358,9 +415,17 @@ def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_di
         saes[sae_id] = {"layer": layer, "folder": folder, **quality}
     seconds["saes"] = time.perf_counter() - t0
 
-    metrics = {"release_id": release_id, "params": asdict(p), "corpus": corpus, "loss_nats_per_token": losses,
-               "saes": saes, "model_repo": entry["model_repo"], "model_commit": model_commit,
-               "threads": torch.get_num_threads(), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    metrics = {
+        "release_id": release_id,
+        "params": asdict(p),
+        "corpus": corpus,
+        "loss_nats_per_token": losses,
+        "saes": saes,
+        "model_repo": entry["model_repo"],
+        "model_commit": model_commit,
+        "threads": torch.get_num_threads(),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
     sae_files["corpus/heldout.txt"] = "\n\n".join(heldout_docs).encode()
     # seconds vary run to run: kept out of the committed file so the same parameters give the same commit
     stored = {k: v for k, v in metrics.items() if k != "seconds"}
@@ -376,10 +441,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ids = trained_ids()
     parser = argparse.ArgumentParser(prog="python -m core.trained", description=__doc__.split("\n")[0])
     default = os.environ.get("WEIGHTLENS_PLANTED_CACHE") or constants.HF_HUB_CACHE
-    parser.add_argument("--cache-dir", type=Path, default=Path(default),
-                        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the generated releases' "
-                             "own cache, else huggingface_hub's HF_HUB_CACHE)")
-    parser.add_argument("releases", nargs="*", metavar="release", help=f"trained release ids (default: {' '.join(ids)})")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(default),
+        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the generated releases' "
+        "own cache, else huggingface_hub's HF_HUB_CACHE)",
+    )
+    parser.add_argument(
+        "releases", nargs="*", metavar="release", help=f"trained release ids (default: {' '.join(ids)})"
+    )
     args = parser.parse_args(argv)
     if unknown := sorted(set(args.releases) - set(ids)):
         parser.error(f"not trained releases: {unknown}; choose from {ids}")
@@ -387,11 +458,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         t = generate(release_id, args.cache_dir)
         loss = t.metrics["loss_nats_per_token"]
         print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} -> {args.cache_dir}")
-        print(f"  held-out loss {loss['heldout']:.3f} nats/token vs unigram baseline {loss['unigram_baseline']:.3f}; "
-              f"{t.metrics['seconds']}")
+        print(
+            f"  held-out loss {loss['heldout']:.3f} nats/token vs unigram baseline {loss['unigram_baseline']:.3f}; "
+            f"{t.metrics['seconds']}"
+        )
         for sae_id, q in t.metrics["saes"].items():
-            print(f"  {sae_id}: variance explained {q['variance_explained']:.3f}, L0 {q['l0']:.1f}, "
-                  f"dead {q['dead_fraction']:.1%}")
+            print(
+                f"  {sae_id}: variance explained {q['variance_explained']:.3f}, L0 {q['l0']:.1f}, "
+                f"dead {q['dead_fraction']:.1%}"
+            )
 
 
 if __name__ == "__main__":

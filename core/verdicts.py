@@ -9,9 +9,9 @@ any direction would show — is not credited to the features. ``ALPHA`` is the o
 * **C1** (about a quarter of features directly predict output tokens): the fraction of features called
   ``output_predicting`` (``core.classify``, SAE-matched null). Sub-claims with the same rule: ``C1 without token
   identity`` (current-token features left out), ``C1 isotropic null``; ``C1 paper_p75`` shows the paper's
-  P75 rule, true by construction, always ``not measured``. Interval: the union of the 95 % Wilson interval (features as the
-  unit) and the 95 % bootstrap interval over layers (layers resampled, weighted by their feature counts).
-  ``consistent`` only when that interval lies INSIDE ``C1_BAND`` (equivalence, not mere overlap) and the
+  P75 rule, true by construction, always ``not measured``. Interval: the union of the 95 % Wilson interval
+  (features as the unit) and the 95 % bootstrap interval over layers (layers resampled, weighted by their feature
+  counts). ``consistent`` only when that interval lies INSIDE ``C1_BAND`` (equivalence, not mere overlap) and the
   features' Wilson interval lies above the control's; ``not reproduced`` when it lies outside the band;
   else ``inconclusive``.
 * **C2 <phase>** (depth-dependent attention structure): per SAE layer, Δ_l = the ``LAYER_STATISTIC`` (P99) of
@@ -52,12 +52,12 @@ import pandas as pd
 from core.profiles import normalised_depth
 from core.statistics import (
     layer_bootstrap,
-    quadratic_fit,
-    summary_statistic,
     min_layers_for,
+    quadratic_fit,
     shape_permutation_test,
     sign_flip_test,
     stratified_rank_test,
+    summary_statistic,
     wilson_interval,
 )
 
@@ -75,27 +75,61 @@ C2_HYPOTHESIS: dict[str, dict[str, str]] = {
     "llama": {"encoder_embedding": "inverted-U", "decoder_unembedding": "U"},
 }
 PHASE_SCORES = {"encoder_embedding": "score_encoder_embedding", "decoder_unembedding": "score_decoder_unembedding"}
-C3_VARIABLES = {"C3 attention encoder_embedding": "score_encoder_embedding",
-                "C3 attention decoder_unembedding": "score_decoder_unembedding",
-                "C3 magnitude encoder_norm": "encoder_norm", "C3 magnitude decoder_norm": "decoder_norm"}
+C3_VARIABLES = {
+    "C3 attention encoder_embedding": "score_encoder_embedding",
+    "C3 attention decoder_unembedding": "score_decoder_unembedding",
+    "C3 magnitude encoder_norm": "encoder_norm",
+    "C3 magnitude decoder_norm": "decoder_norm",
+}
 VERDICTS = ("consistent", "not reproduced", "inconclusive", "not measured")
-COLUMNS = ["release", "claim", "verdict", "statistic", "value", "ci_low", "ci_high", "control_value", "p_value", "n",
-           "rule"]
+COLUMNS = [
+    "release",
+    "claim",
+    "verdict",
+    "statistic",
+    "value",
+    "ci_low",
+    "ci_high",
+    "control_value",
+    "p_value",
+    "n",
+    "rule",
+]
 NAN = float("nan")
 
 
-def _row(claim: str, verdict: str, statistic: str, rule: str, value: float = NAN, ci: tuple[float, float] = (NAN, NAN),
-         control: float = NAN, p: float = NAN, n: int = 0) -> dict:
-    return {"claim": claim, "verdict": verdict, "statistic": statistic, "value": value, "ci_low": ci[0],
-            "ci_high": ci[1], "control_value": control, "p_value": p, "n": n, "rule": rule}
+def _row(
+    claim: str,
+    verdict: str,
+    statistic: str,
+    rule: str,
+    value: float = NAN,
+    ci: tuple[float, float] = (NAN, NAN),
+    control: float = NAN,
+    p: float = NAN,
+    n: int = 0,
+) -> dict:
+    return {
+        "claim": claim,
+        "verdict": verdict,
+        "statistic": statistic,
+        "value": value,
+        "ci_low": ci[0],
+        "ci_high": ci[1],
+        "control_value": control,
+        "p_value": p,
+        "n": n,
+        "rule": rule,
+    }
 
 
 def c1_counts(per_feature: pd.DataFrame, exclude: str | None = None) -> pd.DataFrame:
     """``sample, layer, hits, n`` of ``output_predicting`` per sample and layer (rows where the boolean column
     ``exclude`` is true left out)."""
     rows = per_feature if exclude is None else per_feature[~per_feature[exclude].astype(bool)]
-    return (rows.groupby(["sample", "layer"], as_index=False)
-            .agg(hits=("output_predicting", "sum"), n=("output_predicting", "size")))
+    return rows.groupby(["sample", "layer"], as_index=False).agg(
+        hits=("output_predicting", "sum"), n=("output_predicting", "size")
+    )
 
 
 def c1_verdict(counts: pd.DataFrame, claim: str = "C1", setting: str = "") -> dict:
@@ -111,8 +145,10 @@ def c1_verdict(counts: pd.DataFrame, claim: str = "C1", setting: str = "") -> di
         low, high = min(low, b_low), max(high, b_high)
     c_hits, c_n = int(ctrl["hits"].sum()), int(ctrl["n"].sum())
     c_high = wilson_interval(c_hits, c_n)[1] if c_n else NAN
-    rule = (f"{setting}consistent: Wilson ∪ layer-bootstrap 95 % interval inside [{C1_BAND[0]}, {C1_BAND[1]}] and "
-            "the features' Wilson interval above the control's; not reproduced: interval outside the band")
+    rule = (
+        f"{setting}consistent: Wilson ∪ layer-bootstrap 95 % interval inside [{C1_BAND[0]}, {C1_BAND[1]}] and "
+        "the features' Wilson interval above the control's; not reproduced: interval outside the band"
+    )
     inside = C1_BAND[0] <= low and high <= C1_BAND[1]
     above_control = not c_n or wilson_interval(hits, n)[0] > c_high
     if inside and above_control:
@@ -138,8 +174,11 @@ def c1_verdicts(per_feature: pd.DataFrame, sensitivity: pd.DataFrame) -> list[di
     construction)."""
     setting = _setting(per_feature) if len(per_feature) else None
     if setting is None:
-        return [c1_verdict(c1_counts(per_feature) if len(per_feature) else
-                           pd.DataFrame(columns=["sample", "layer", "hits", "n"]))]
+        return [
+            c1_verdict(
+                c1_counts(per_feature) if len(per_feature) else pd.DataFrame(columns=["sample", "layer", "hits", "n"])
+            )
+        ]
     null, quantile, k = setting
     label = f"null_calibrated ({null} null, P{100 * quantile:g}, k={k}); "
     rows = [c1_verdict(c1_counts(per_feature), "C1", label)]
@@ -147,18 +186,39 @@ def c1_verdicts(per_feature: pd.DataFrame, sensitivity: pd.DataFrame) -> list[di
         rows.append(c1_verdict(c1_counts(per_feature, "token_identity"), "C1 without token identity", label))
     if sensitivity.empty:
         return rows
-    same = sensitivity[(sensitivity["k"] == k) & (sensitivity["rule"] == "null_calibrated")
-                       & np.isclose(sensitivity["quantile"], quantile)]
-    per_layer = (lambda f: f.groupby(["sample", "layer"], as_index=False)[["hits", "n"]].sum())
+    same = sensitivity[
+        (sensitivity["k"] == k)
+        & (sensitivity["rule"] == "null_calibrated")
+        & np.isclose(sensitivity["quantile"], quantile)
+    ]
+
+    def per_layer(f: pd.DataFrame) -> pd.DataFrame:
+        return f.groupby(["sample", "layer"], as_index=False)[["hits", "n"]].sum()
+
     for other in sorted(set(same["null"]) - {null}):
-        rows.append(c1_verdict(per_layer(same[same["null"] == other]), f"C1 {other} null",
-                               f"null_calibrated ({other} null, P{100 * quantile:g}, k={k}); "))
+        rows.append(
+            c1_verdict(
+                per_layer(same[same["null"] == other]),
+                f"C1 {other} null",
+                f"null_calibrated ({other} null, P{100 * quantile:g}, k={k}); ",
+            )
+        )
     paper = sensitivity[(sensitivity["rule"] == "paper_p75") & (sensitivity["k"] == k)]
     if len(paper):
         measured = c1_verdict(per_layer(paper), "C1 paper_p75")
-        rows.append(measured | {"verdict": "not measured", "ci_low": NAN, "ci_high": NAN, "rule": (
-            "paper_p75 (top-k z above the P75 of the features' own values): a quarter of ANY set of directions passes "
-            "it — true by construction, so no verdict; compare the control's value")})
+        rows.append(
+            measured
+            | {
+                "verdict": "not measured",
+                "ci_low": NAN,
+                "ci_high": NAN,
+                "rule": (
+                    "paper_p75 (top-k z above the P75 of the features' own values): "
+                    "a quarter of ANY set of directions passes "
+                    "it — true by construction, so no verdict; compare the control's value"
+                ),
+            }
+        )
     return rows
 
 
@@ -182,17 +242,23 @@ def c2_verdict(per_feature: pd.DataFrame, phase: str, family: str, n_layers: int
     means = _layer_stats(per_feature, column)
     need = min_layers_for(ALPHA)
     if len(means) < need:
-        return _row(claim, "not measured", statistic,
-                    f"{len(means)} layer(s) with this phase measured: a permutation test over layer order needs {need}",
-                    n=len(means))
+        return _row(
+            claim,
+            "not measured",
+            statistic,
+            f"{len(means)} layer(s) with this phase measured: a permutation test over layer order needs {need}",
+            n=len(means),
+        )
     depth = normalised_depth(means.index.to_numpy(), n_layers)
     test = shape_permutation_test((means["feature"] - means["control"]).to_numpy(), depth, shape)
     control = shape_permutation_test(means["control"].to_numpy(), depth, shape).statistic
     low, high = depth_curvature_interval(per_feature, column, means.index.to_numpy(), depth, shape)
-    rule = (f"pre-registered {shape}; consistent: one-sided permutation p < {ALPHA} over {test.n_permutations} layer "
-            f"orders, the within-layer bootstrap interval of the signed curvature above 0 ({low:.2f}–{high:.2f}) and "
-            f"vertex in {list(VERTEX_RANGE)} (vertex {test.vertex:.2f}); not reproduced: the opposite shape significant "
-            f"(p {test.p_opposite:.3f})")
+    rule = (
+        f"pre-registered {shape}; consistent: one-sided permutation p < {ALPHA} over {test.n_permutations} layer "
+        f"orders, the within-layer bootstrap interval of the signed curvature above 0 ({low:.2f}–{high:.2f}) and "
+        f"vertex in {list(VERTEX_RANGE)} (vertex {test.vertex:.2f}); not reproduced: the opposite shape significant "
+        f"(p {test.p_opposite:.3f})"
+    )
     if test.p_value < ALPHA and low > 0 and VERTEX_RANGE[0] <= test.vertex <= VERTEX_RANGE[1]:
         verdict = "consistent"
     elif test.p_opposite < ALPHA:
@@ -202,8 +268,15 @@ def c2_verdict(per_feature: pd.DataFrame, phase: str, family: str, n_layers: int
     return _row(claim, verdict, statistic, rule, test.statistic, (low, high), control, test.p_value, len(means))
 
 
-def depth_curvature_interval(per_feature: pd.DataFrame, column: str, layers: np.ndarray, depth: np.ndarray,
-                             shape: str, n_boot: int = 400, seed: int = 0) -> tuple[float, float]:
+def depth_curvature_interval(
+    per_feature: pd.DataFrame,
+    column: str,
+    layers: np.ndarray,
+    depth: np.ndarray,
+    shape: str,
+    n_boot: int = 400,
+    seed: int = 0,
+) -> tuple[float, float]:
     """95 % percentile interval of the signed curvature (+ for a U) of the quadratic through the per-layer
     Δ_l = ``LAYER_STATISTIC`` (features) − ``LAYER_STATISTIC`` (control), features and control resampled with
     replacement within each layer."""
@@ -241,24 +314,45 @@ def c3_verdict(per_feature: pd.DataFrame, claim: str) -> dict:
     feats, ctrl = (per_feature[per_feature["sample"] == s] for s in ("feature", "control"))
     values = feats[column].dropna().to_numpy(dtype=np.float64)
     if len(values) and np.ptp(values) <= 1e-6 * max(1.0, float(np.abs(values).max())):
-        return _row(claim, "not measured", statistic, f"{column} has no spread (e.g. Gemma Scope's unit-norm decoder "
-                    "rows): nothing to compare", n=len(feats))
+        return _row(
+            claim,
+            "not measured",
+            statistic,
+            f"{column} has no spread (e.g. Gemma Scope's unit-norm decoder rows): nothing to compare",
+            n=len(feats),
+        )
     strata = _strata(feats, column)
     if not strata:
-        return _row(claim, "not measured", statistic,
-                    f"no layer has {C3_MIN_GROUP} semantic and {C3_MIN_GROUP} non-semantic features", n=len(feats))
+        return _row(
+            claim,
+            "not measured",
+            statistic,
+            f"no layer has {C3_MIN_GROUP} semantic and {C3_MIN_GROUP} non-semantic features",
+            n=len(feats),
+        )
     test = stratified_rank_test(strata)
     control = stratified_rank_test(_strata(ctrl, column), n_boot=0).auroc
-    rule = (f"van Elteren over {test.strata} layer(s); consistent: one-sided p < {ALPHA} and AUROC CI above "
-            f"{C3_MIN_AUROC}; not reproduced: CI below {C3_MIN_AUROC}")
+    rule = (
+        f"van Elteren over {test.strata} layer(s); consistent: one-sided p < {ALPHA} and AUROC CI above "
+        f"{C3_MIN_AUROC}; not reproduced: CI below {C3_MIN_AUROC}"
+    )
     if test.p_greater < ALPHA and test.ci_low > C3_MIN_AUROC:
         verdict = "consistent"
     elif test.ci_high < C3_MIN_AUROC:
         verdict = "not reproduced"
     else:
         verdict = "inconclusive"
-    return _row(claim, verdict, statistic, rule, test.auroc, (test.ci_low, test.ci_high), control, test.p_greater,
-                test.n_x + test.n_y)
+    return _row(
+        claim,
+        verdict,
+        statistic,
+        rule,
+        test.auroc,
+        (test.ci_low, test.ci_high),
+        control,
+        test.p_greater,
+        test.n_x + test.n_y,
+    )
 
 
 def c4_verdict(per_feature: pd.DataFrame, family: str) -> dict:
@@ -277,16 +371,28 @@ def c4_verdict(per_feature: pd.DataFrame, family: str) -> dict:
     p_higher, p_lower = sign_flip_test(excess)
     value, control = float(excess.mean()), float(means["control"].mean())
     if family != "llama":
-        return _row("C4", "not measured", statistic, f"the claim is about Llama ({family}: value reported)", value,
-                    ci, control, p_higher, len(means))
+        return _row(
+            "C4",
+            "not measured",
+            statistic,
+            f"the claim is about Llama ({family}: value reported)",
+            value,
+            ci,
+            control,
+            p_higher,
+            len(means),
+        )
     verdict = "consistent" if p_higher < ALPHA else "not reproduced" if p_lower < ALPHA else "inconclusive"
-    rule = (f"exact sign-flip test over {len(means)} layers; consistent: p(decoder higher) < {ALPHA}; not reproduced: "
-            f"p(encoder higher) {p_lower:.3f} < {ALPHA}")
+    rule = (
+        f"exact sign-flip test over {len(means)} layers; consistent: p(decoder higher) < {ALPHA}; not reproduced: "
+        f"p(encoder higher) {p_lower:.3f} < {ALPHA}"
+    )
     return _row("C4", verdict, statistic, rule, value, ci, control, p_higher, len(means))
 
 
-def claim_verdicts(release: str, family: str, n_layers: int, per_feature: pd.DataFrame,
-                   sensitivity: pd.DataFrame | None = None) -> pd.DataFrame:
+def claim_verdicts(
+    release: str, family: str, n_layers: int, per_feature: pd.DataFrame, sensitivity: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Every claim's row (``COLUMNS``) for one release from its per-direction table: ``sample`` ('feature' |
     'control'), ``layer``, ``output_predicting``, ``token_identity``, ``semantic``, ``encoder_norm``,
     ``decoder_norm``, the class setting ``null, null_quantile, k`` and the phase scores

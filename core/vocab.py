@@ -61,12 +61,18 @@ def vocabulary_table(tokenizer_json: Path, vocab_size: int) -> pd.DataFrame:
     piece_ids = tok.get_vocab(with_added_tokens=True)  # raw piece -> id, added tokens included
     known = max(piece_ids.values(), default=-1) + 1
     if known > vocab_size:
-        raise WeightFileError(path, f"the tokenizer has {known} token ids but the model only {vocab_size} "
-                                    "vocabulary rows: a tokenizer of another model")
+        raise WeightFileError(
+            path,
+            f"the tokenizer has {known} token ids but the model only {vocab_size} "
+            "vocabulary rows: a tokenizer of another model",
+        )
     if vocab_size - known > PADDING_TOLERANCE * vocab_size:
-        raise WeightFileError(path, f"the model has {vocab_size} vocabulary rows but the tokenizer only {known} "
-                                    f"token ids: {vocab_size - known} padding rows exceed {PADDING_TOLERANCE:.0%} "
-                                    "of the vocabulary (PADDING_TOLERANCE), a tokenizer of another model")
+        raise WeightFileError(
+            path,
+            f"the model has {vocab_size} vocabulary rows but the tokenizer only {known} "
+            f"token ids: {vocab_size - known} padding rows exceed {PADDING_TOLERANCE:.0%} "
+            "of the vocabulary (PADDING_TOLERANCE), a tokenizer of another model",
+        )
     pieces: list[str | None] = [None] * vocab_size  # None: no token maps to the row
     for piece, i in piece_ids.items():
         pieces[i] = piece

@@ -78,18 +78,25 @@ from orchestration.resources import ComputeResource, HubResource, StoreResource,
 
 SETTINGS_TAG = "weightlens/settings"
 RESOURCE_TYPES: dict[str, type[dg.ConfigurableResource]] = {
-    "hub": HubResource, "store": StoreResource, "compute": ComputeResource,
+    "hub": HubResource,
+    "store": StoreResource,
+    "compute": ComputeResource,
 }
 CHAIN = [key for asset in SAE_ASSETS for key in asset.keys]
 ACTIVATION = [key for asset in ACTIVATION_ASSETS for key in asset.keys]
 REPORT = [key for asset in REPORT_ASSETS for key in asset.keys]
-RESOURCES_OF = {key: asset.required_resource_keys for asset in (*SAE_ASSETS, *ACTIVATION_ASSETS, *REPORT_ASSETS)
-                for key in asset.keys}
+RESOURCES_OF = {
+    key: asset.required_resource_keys
+    for asset in (*SAE_ASSETS, *ACTIVATION_ASSETS, *REPORT_ASSETS)
+    for key in asset.keys
+}
 
 
 def chain_of(release_id: str) -> list[dg.AssetKey]:
     """The assets of one SAE partition of the release: ``CHAIN``, then ``ACTIVATION`` when it has a corpus."""
     return CHAIN + ACTIVATION if get_release(release_id).corpus else CHAIN
+
+
 # Recorded but not compared: CPU and GPU results agree to float rounding (orchestration.versions calls the device
 # neutral too); --force recomputes on another device.
 NEUTRAL_SETTINGS = {("compute", "device")}
@@ -149,7 +156,9 @@ def load_settings(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
 def build_resources(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dg.ConfigurableResource]:
     """The resources of a run: ``config`` over defaults read from the environment now (hub cache, data dir)."""
     defaults: dict[str, dict[str, Any]] = {
-        "hub": {"cache_dir": str(hub_cache_dir())}, "store": {"data_dir": default_data_dir()}, "compute": {},
+        "hub": {"cache_dir": str(hub_cache_dir())},
+        "store": {"data_dir": default_data_dir()},
+        "compute": {},
     }
     try:
         resources = {name: kind(**{**defaults[name], **config.get(name, {})}) for name, kind in RESOURCE_TYPES.items()}
@@ -230,9 +239,12 @@ class Targets:
 
     def picks(self, ref: SaeRef, release: Release) -> bool:
         canonical = release.canonical.l0.get(ref.width or "", {}).get(ref.layer) if release.canonical else None
-        return ((not self.saes or ref.key in self.saes) and (not self.layers or ref.layer in self.layers)
-                and (not self.widths or ref.width in self.widths)
-                and (release.id not in self.canonical or ref.l0 == canonical))
+        return (
+            (not self.saes or ref.key in self.saes)
+            and (not self.layers or ref.layer in self.layers)
+            and (not self.widths or ref.width in self.widths)
+            and (release.id not in self.canonical or ref.l0 == canonical)
+        )
 
 
 def sae_named(sae_id: str, releases: Iterable[Release]) -> SaeRef:
@@ -249,12 +261,15 @@ def sae_named(sae_id: str, releases: Iterable[Release]) -> SaeRef:
         raise CliError(f"SAE id {sae_id!r} is an id of {', '.join(m.release for m in matches)}: write RELEASE:SAE_ID")
     if len(errors) == 1:
         raise errors[0]
-    raise CliError(f"SAE id {sae_id!r} matches no SAE id pattern of {', '.join(r.id for r in releases)}: "
-                   "name its release, or write RELEASE:SAE_ID")
+    raise CliError(
+        f"SAE id {sae_id!r} matches no SAE id pattern of {', '.join(r.id for r in releases)}: "
+        "name its release, or write RELEASE:SAE_ID"
+    )
 
 
-def resolve_targets(names: Sequence[str], sae_ids: Sequence[str], layers: frozenset[int], widths: Sequence[str],
-                    canonical: bool) -> Targets:
+def resolve_targets(
+    names: Sequence[str], sae_ids: Sequence[str], layers: frozenset[int], widths: Sequence[str], canonical: bool
+) -> Targets:
     """Releases named (or those of ``RELEASE:SAE_ID`` keys, or the default ones) and the selection flags."""
     releases: dict[str, Release] = {}
     aliased = set()
@@ -271,8 +286,9 @@ def resolve_targets(names: Sequence[str], sae_ids: Sequence[str], layers: frozen
     if canonical:
         lacking = [r for r in releases.values() if r.canonical is None]
         if lacking:
-            raise CliError(f"--canonical: release {', '.join(r.id for r in lacking)} has no canonical table "
-                           "(core/releases.yaml)")
+            raise CliError(
+                f"--canonical: release {', '.join(r.id for r in lacking)} has no canonical table (core/releases.yaml)"
+            )
         aliased = set(releases)
     return Targets(tuple(releases.values()), frozenset(saes), layers, frozenset(widths), frozenset(aliased))
 
@@ -283,12 +299,17 @@ def select(listings: Sequence[ReleaseListing], targets: Targets) -> list[SaeRef]
     if unlisted:
         listing = next(entry for entry in listings if entry.release.id == parse_key(unlisted[0]).release)
         near = difflib.get_close_matches(unlisted[0], [ref.key for ref in listing.saes], n=3)
-        raise CliError(f"SAE {unlisted[0]} is not in {listing.release.sae_repo}@{listing.revision[:12]}"
-                       + (f"; nearest: {', '.join(near)}" if near else ""))
+        raise CliError(
+            f"SAE {unlisted[0]} is not in {listing.release.sae_repo}@{listing.revision[:12]}"
+            + (f"; nearest: {', '.join(near)}" if near else "")
+        )
     picked = [ref for listing in listings for ref in listing.saes if targets.picks(ref, listing.release)]
     if not picked:
-        there = "; ".join(f"{entry.release.id}: layers {sorted({r.layer for r in entry.saes})}, widths "
-                          f"{sorted({str(r.width) for r in entry.saes})}" for entry in listings)
+        there = "; ".join(
+            f"{entry.release.id}: layers {sorted({r.layer for r in entry.saes})}, widths "
+            f"{sorted({str(r.width) for r in entry.saes})}"
+            for entry in listings
+        )
         raise CliError(f"no listed SAE matches the selection ({there})")
     return picked
 
@@ -323,8 +344,12 @@ class Planner:
     stale-status resolver and the asset graph view it loads through are internal API (``dagster._core``), stable
     within the pinned dagster 1.13.27."""
 
-    def __init__(self, instance: dg.DagsterInstance, resources: Mapping[str, dg.ConfigurableResource],
-                 listings: Sequence[ReleaseListing]) -> None:
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        resources: Mapping[str, dg.ConfigurableResource],
+        listings: Sequence[ReleaseListing],
+    ) -> None:
         self.instance = instance
         keys = [ref.key for listing in listings for ref in listing.saes]  # all listed: estimates use the others
         self.records = {asset: self.latest_by_partition(asset, keys) for asset in CHAIN + ACTIVATION}
@@ -332,8 +357,11 @@ class Planner:
         self.settings = settings_of(resources)
         self.listings = {listing.release.id: listing for listing in listings}
         self.graph = defs.resolve_asset_graph()
-        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                              instance=instance, asset_graph=self.graph)
+        view = AssetGraphView(
+            temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+            instance=instance,
+            asset_graph=self.graph,
+        )
         self.resolver = CachingStaleStatusResolver(instance, self.graph, view)
         self._run_settings: dict[str, dict[str, dict[str, Any]]] = {}
         self._model_blobs: dict[str, dict[str, str]] = {}
@@ -397,8 +425,10 @@ class Planner:
             others = dependencies.setdefault(reason, [])
             if dep and dep.partition_key not in (None, partition):
                 others.append(dep.partition_key)
-        reasons = [reason + (f" ({len(keys)} partition(s): {', '.join(keys[:2])}{', ...' * (len(keys) > 2)})"
-                             if keys else "") for reason, keys in dependencies.items()]
+        reasons = [
+            reason + (f" ({len(keys)} partition(s): {', '.join(keys[:2])}{', ...' * (len(keys) > 2)})" if keys else "")
+            for reason, keys in dependencies.items()
+        ]
         version = (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG)
         if ref and asset == dg.AssetKey("sae_weights") and version != self.listings[ref.release].sae_fingerprint(ref):
             listing = self.listings[ref.release]
@@ -406,10 +436,12 @@ class Planner:
         if ref and asset == dg.AssetKey("model_weights") and version != self.model_fingerprint(ref, record):
             reasons.append(f"model files changed ({get_release(ref.release).model_repo})")
         then = self.run_settings(record.run_id)
-        changes = [f"{field} {then.get(resource, {}).get(field)!r} -> {value!r}"
-                   for resource in sorted(RESOURCES_OF[asset] & set(self.settings))
-                   for field, value in self.settings[resource].items()
-                   if (resource, field) not in NEUTRAL_SETTINGS and then.get(resource, {}).get(field) != value]
+        changes = [
+            f"{field} {then.get(resource, {}).get(field)!r} -> {value!r}"
+            for resource in sorted(RESOURCES_OF[asset] & set(self.settings))
+            for field, value in self.settings[resource].items()
+            if (resource, field) not in NEUTRAL_SETTINGS and then.get(resource, {}).get(field) != value
+        ]
         if changes:
             reasons.append(f"settings changed ({', '.join(changes)})")
         return reasons
@@ -438,11 +470,15 @@ class Planner:
             for asset in plan.assets:
                 took = self.step_seconds(asset, plan.key) or self.typical_seconds(asset, plan.key.partition(":")[0])
                 seconds, untimed = (seconds + took, untimed) if took is not None else (seconds, untimed + 1)
-        counts = ", ".join(f"{asset.to_user_string()} on {n}" for asset in CHAIN + ACTIVATION
-                           if (n := sum(asset in plan.assets for plan in todo)))
+        counts = ", ".join(
+            f"{asset.to_user_string()} on {n}"
+            for asset in CHAIN + ACTIVATION
+            if (n := sum(asset in plan.assets for plan in todo))
+        )
         timed = f"roughly {_duration(seconds)} from earlier runs" if seconds else "no earlier run to time them by"
-        return (f"plan: {len(todo)} partition(s) to recompute ({counts}), {timed}"
-                + (f" ({untimed} asset step(s) never timed)" if untimed and seconds else ""))
+        return f"plan: {len(todo)} partition(s) to recompute ({counts}), {timed}" + (
+            f" ({untimed} asset step(s) never timed)" if untimed and seconds else ""
+        )
 
     def step_seconds(self, asset: dg.AssetKey, partition: str) -> float | None:
         """Wall seconds of the step that produced the latest materialisation of ``asset`` for ``partition``."""
@@ -452,13 +488,19 @@ class Planner:
         if record.run_id not in self._step_seconds:
             self._step_seconds[record.run_id] = {
                 stats.step_key: stats.end_time - stats.start_time
-                for stats in self.instance.get_run_step_stats(record.run_id) if stats.start_time and stats.end_time}
+                for stats in self.instance.get_run_step_stats(record.run_id)
+                if stats.start_time and stats.end_time
+            }
         return self._step_seconds[record.run_id].get(asset.to_python_identifier())
 
     def typical_seconds(self, asset: dg.AssetKey, release: str) -> float | None:
         """The median ``step_seconds`` of ``asset`` over the recorded partitions of ``release``."""
-        found = [s for key in self.records[asset] if key.startswith(f"{release}:")
-                 if (s := self.step_seconds(asset, key)) is not None]
+        found = [
+            s
+            for key in self.records[asset]
+            if key.startswith(f"{release}:")
+            if (s := self.step_seconds(asset, key)) is not None
+        ]
         return float(sorted(found)[len(found) // 2]) if found else None
 
     def run_settings(self, run_id: str) -> dict[str, dict[str, Any]]:
@@ -479,14 +521,24 @@ def expected_cause(error: SerializableErrorInfo | None) -> SerializableErrorInfo
     return error
 
 
-def run_assets(instance: dg.DagsterInstance, selection: Sequence[dg.AssetKey], partition: str | None,
-               resources: Mapping[str, dg.ConfigurableResource], verbose: bool = False) -> None:
+def run_assets(
+    instance: dg.DagsterInstance,
+    selection: Sequence[dg.AssetKey],
+    partition: str | None,
+    resources: Mapping[str, dg.ConfigurableResource],
+    verbose: bool = False,
+) -> None:
     """Materialise ``selection`` (of the partition, or the report) in one run tagged with the settings. A failure
     with an expected cause raises ``CliError`` naming it; any other failure exits with status 1."""
     assets = [*SAE_ASSETS, *ACTIVATION_ASSETS] if partition else REPORT_ASSETS
     result = dg.materialize(
-        assets, selection=list(selection), partition_key=partition, instance=instance, resources=dict(resources),
-        tags={SETTINGS_TAG: json.dumps(settings_of(resources), sort_keys=True)}, raise_on_error=False,
+        assets,
+        selection=list(selection),
+        partition_key=partition,
+        instance=instance,
+        resources=dict(resources),
+        tags={SETTINGS_TAG: json.dumps(settings_of(resources), sort_keys=True)},
+        raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}}},
     )
     if result.success:
@@ -516,8 +568,12 @@ def materialize_all(
 def resources_for(args: argparse.Namespace) -> dict[str, dg.ConfigurableResource]:
     """The resources of this invocation: ``-c`` files, then the compute flags, over the defaults."""
     config = load_settings(args.config)
-    flags = {"device": args.device, "dtype": args.dtype, "circuit_layers": args.circuit_layers,
-             "circuit_set": args.circuit_set}
+    flags = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "circuit_layers": args.circuit_layers,
+        "circuit_set": args.circuit_set,
+    }
     config["compute"] = {**config.get("compute", {}), **{k: v for k, v in flags.items() if v is not None}}
     resources = build_resources(config)
     device = resources["compute"].resolved_device()
@@ -547,12 +603,21 @@ def materialize(args: argparse.Namespace, resources: Mapping[str, dg.Configurabl
             if plan.assets and not args.dry_run:
                 run_assets(instance, plan.assets, plan.key, resources, args.verbose)
     done = "would be recomputed" if args.dry_run else "recomputed"
-    print(f"done: {len(todo)} of {len(refs)} selected SAE partition(s) {done}, the report "
-          f"{done if plans[-1].assets else 'current'}", file=sys.stderr)
+    print(
+        f"done: {len(todo)} of {len(refs)} selected SAE partition(s) {done}, the report "
+        f"{done if plans[-1].assets else 'current'}",
+        file=sys.stderr,
+    )
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -566,13 +631,22 @@ def parser() -> argparse.ArgumentParser:
     pick.add_argument("--width", action="append", default=[], metavar="16k", help="SAE width (repeatable)")
     pick.add_argument("--canonical", action="store_true", help="only the release's canonical L0 per layer and width")
     settings = cmd.add_argument_group("compute settings (override -c)")
-    settings.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
-                          help="run config YAML with resources (hub, store, compute); repeatable")
+    settings.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="run config YAML with resources (hub, store, compute); repeatable",
+    )
     settings.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     settings.add_argument("--dtype", help="matmul precision: float32 (default) or bfloat16")
     settings.add_argument("--circuit-layers", choices=LAYER_SCOPES, help="attention layers paired with an SAE")
-    settings.add_argument("--circuit-set", choices=sorted(CIRCUIT_SETS),
-                          help="circuit kinds computed: used (what the classes read, default) or all (adds ov)")
+    settings.add_argument(
+        "--circuit-set",
+        choices=sorted(CIRCUIT_SETS),
+        help="circuit kinds computed: used (what the classes read, default) or all (adds ov)",
+    )
     cmd.add_argument("--force", action="store_true", help="recompute the selected partitions and the report")
     cmd.add_argument("--dry-run", action="store_true", help="print what would run and why; run nothing")
     cmd.add_argument("-v", "--verbose", action="store_true", help="print Dagster's event log too")

@@ -32,8 +32,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import dagster as dg
 from dagster_celery import celery_executor
@@ -128,7 +128,9 @@ def run_all(
                 log.close()
                 codes[name] = proc.returncode
                 del running[name]
-                print(f"{'done' if proc.returncode == 0 else 'FAILED'}: {name} (exit {proc.returncode})", file=sys.stderr)
+                print(
+                    f"{'done' if proc.returncode == 0 else 'FAILED'}: {name} (exit {proc.returncode})", file=sys.stderr
+                )
         time.sleep(0.5)
     return codes
 
@@ -147,18 +149,29 @@ def run_partitions(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("materialize", "every SAE of the releases, then the report"), ("run-partitions", "these SAE keys")):
+    for name, what in (
+        ("materialize", "every SAE of the releases, then the report"),
+        ("run-partitions", "these SAE keys"),
+    ):
         cmd = sub.add_parser(name, help=f"register and materialise {what} on the Celery workers")
-        cmd.add_argument("targets", nargs="*", help="release ids (default: the tracked planted ones)" if name == "materialize" else "partition keys")
+        cmd.add_argument(
+            "targets",
+            nargs="*",
+            help="release ids (default: the tracked planted ones)" if name == "materialize" else "partition keys",
+        )
         cmd.add_argument("-c", "--config", action="append", default=[], help="run config YAML (resources)")
         cmd.add_argument("--parallel", type=int, default=4, help="runs in flight at once (default 4)")
-        cmd.add_argument("--log-dir", default=None, help="orchestrator logs (default $DAGSTER_HOME/cluster-logs/<time>)")
+        cmd.add_argument(
+            "--log-dir", default=None, help="orchestrator logs (default $DAGSTER_HOME/cluster-logs/<time>)"
+        )
         if name == "run-partitions":
             cmd.add_argument("--report", action="store_true", help="then the release statistics, plots and report")
     args = parser.parse_args(argv)
     missing = [name for name in (BROKER_ENV, BACKEND_ENV) if not os.environ.get(name)]
     if missing:
-        raise SystemExit(f"set {' and '.join(missing)} (the Celery broker and result backend, e.g. redis://host:6379/0)")
+        raise SystemExit(
+            f"set {' and '.join(missing)} (the Celery broker and result backend, e.g. redis://host:6379/0)"
+        )
     with dg.DagsterInstance.get() as instance:
         require_shared_storage(instance)
         init_pools(instance)
@@ -171,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             keys = list(args.targets)
             instance.add_dynamic_partitions(sae_partitions.name, keys)
         log_dir = Path(args.log_dir or Path(instance.root_directory) / "cluster-logs" / time.strftime("%Y%m%d-%H%M%S"))
-    codes = run_partitions(keys, args.config, args.parallel, log_dir, report=args.command == "materialize" or args.report)
+    codes = run_partitions(
+        keys, args.config, args.parallel, log_dir, report=args.command == "materialize" or args.report
+    )
     failed = sorted(name for name, code in codes.items() if code)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; logs in {log_dir}")

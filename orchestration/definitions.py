@@ -6,9 +6,9 @@ import dagster as dg
 from orchestration.jobs import (
     ACTIVATION_ASSETS,
     ALL_ASSETS,
-    activation_job,
     REPORT_ASSETS,
     SAE_ASSETS,
+    activation_job,
     automation_sensor,
     observe_job,
     report_job,

@@ -18,9 +18,9 @@ materialise them with ``python -m orchestration.cli materialize`` or a backfill 
 import dagster as dg
 
 from assets.activations import activation_agreement
+from assets.claims import claim_statistics
 from assets.classes import feature_classes
 from assets.interactions import circuit_tables, lens_tables
-from assets.claims import claim_statistics
 from assets.plots import PLOT_ASSETS
 from assets.report import claims_report
 from assets.sources import sae_files
@@ -32,13 +32,14 @@ ON_UPDATE = dg.AutomationCondition.eager()
 ON_UPDATE_OR_CODE_CHANGE = ON_UPDATE | ON_CODE_CHANGE
 # the release-level statistics read whatever SAE partitions are stored: one missing or failed SAE must not hold
 # the report back forever (``eager()`` waits while any dependency partition is missing)
-ON_ANY_UPDATE_OR_CODE_CHANGE = (ON_UPDATE.without(~dg.AutomationCondition.any_deps_missing())
-                                .with_label("eager_allow_missing") | ON_CODE_CHANGE)
+ON_ANY_UPDATE_OR_CODE_CHANGE = (
+    ON_UPDATE.without(~dg.AutomationCondition.any_deps_missing()).with_label("eager_allow_missing") | ON_CODE_CHANGE
+)
 
 
 def orchestrated(asset: dg.AssetsDefinition, condition: dg.AutomationCondition | None) -> dg.AssetsDefinition:
-    """The asset with an automation condition (None: none, materialised on request) and a code version derived from the code its compute function
-    reaches and the default settings it reads (``orchestration.versions``)."""
+    """The asset with an automation condition (None: none, materialised on request) and a code version derived
+    from the code its compute function reaches and the default settings it reads (``orchestration.versions``)."""
     version = code_version(asset.op.compute_fn.decorated_fn)
     return asset.map_asset_specs(
         lambda spec: spec.replace_attributes(code_version=version, automation_condition=condition)
@@ -67,12 +68,15 @@ sae_chain_job = dg.define_asset_job(
     description="Weights → lenses and attention circuits → feature classes for one SAE partition.",
 )
 activation_job = dg.define_asset_job(
-    "activation_agreement_job", selection=dg.AssetSelection.assets(*ACTIVATION_ASSETS),
+    "activation_agreement_job",
+    selection=dg.AssetSelection.assets(*ACTIVATION_ASSETS),
     description="Run the model on the release's corpus and compare each feature's activations with its lenses.",
 )
 report_job = dg.define_asset_job("claims_report_job", selection=dg.AssetSelection.assets(*REPORT_ASSETS))
 automation_sensor = dg.AutomationConditionSensorDefinition(
-    "automation_sensor", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+    "automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
     description="Evaluates every asset's automation condition (orchestration/jobs.py docstring).",
 )
 observe_job = dg.define_asset_job(

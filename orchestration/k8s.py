@@ -70,7 +70,9 @@ def step_k8s_config(key: str) -> dict:
     for loading the weights, GPU-node tolerations. Planted releases: a small CPU pod."""
     need = weights_gib(key)
     if need is None and get_release(parse_key(key).release).generated:
-        return {"container_config": {"resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}}}
+        return {
+            "container_config": {"resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}}
+        }
     gpu_mib = LARGEST_GPU_MIB - 1024 if need is None else min(math.ceil(1.25 * need * 1024), LARGEST_GPU_MIB - 1024)
     host_gib = 64 if need is None else max(16, math.ceil(1.5 * need))
     return {
@@ -85,7 +87,11 @@ def step_k8s_config(key: str) -> dict:
                 "node_affinity": {
                     "required_during_scheduling_ignored_during_execution": {
                         "node_selector_terms": [
-                            {"match_expressions": [{"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(gpu_mib)]}]}
+                            {
+                                "match_expressions": [
+                                    {"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(gpu_mib)]}
+                                ]
+                            }
                         ]
                     }
                 }
@@ -112,7 +118,10 @@ def tags_for_partition(key: str) -> dict[str, str]:
 sae_chain_k8s = dg.define_asset_job(
     sae_chain_job.name,
     selection=dg.AssetSelection.assets(*SAE_ASSETS),
-    description="Weights → lenses and attention circuits → feature classes for one SAE; interaction steps on a GPU pod sized for the SAE.",
+    description=(
+        "Weights → lenses and attention circuits → feature classes for one SAE; "
+        "interaction steps on a GPU pod sized for the SAE."
+    ),
     config=dg.PartitionedConfig(
         partitions_def=sae_partitions,
         run_config_for_partition_key_fn=run_config_for_partition,

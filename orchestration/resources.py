@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import torch
@@ -31,14 +30,18 @@ class HubResource(dg.ConfigurableResource):
     read from when the hub cache lacks them (``core.hub``); unset too, the hub cache only. The token is never
     part of this config: it is read by huggingface_hub from HF_TOKEN or ``hf auth login``."""
 
-    cache_dir: Optional[str] = None
-    offline: Optional[bool] = None
-    planted_cache_dir: Optional[str] = None
+    cache_dir: str | None = None
+    offline: bool | None = None
+    planted_cache_dir: str | None = None
 
     def client(self) -> Hub:
         planted = self.planted_cache_dir or os.environ.get(PLANTED_CACHE_ENV)
-        return Hub(cache_dir=Path(self.cache_dir) if self.cache_dir else None, offline=self.offline,
-                   planted_cache_dir=Path(planted) if planted else None, planted_repos=planted_repos())
+        return Hub(
+            cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+            offline=self.offline,
+            planted_cache_dir=Path(planted) if planted else None,
+            planted_repos=planted_repos(),
+        )
 
 
 def planted_repos() -> frozenset[str]:
@@ -71,7 +74,7 @@ class ComputeResource(dg.ConfigurableResource):
     job at real scale). ``circuit_set`` (``core.circuits.CIRCUIT_SETS``): "used" = the circuit kinds the classes
     and claims read; "all" adds the decoder-side ``ov`` logit circuits to ``circuit_stats``."""
 
-    device: Optional[str] = None
+    device: str | None = None
     dtype: str = "float32"
     top_k: int = 10
     null_directions: int = 1024

@@ -55,8 +55,13 @@ import dagster as dg
 OWN_PACKAGES = ("core", "assets", "orchestration")
 NATIVE_SUFFIXES = (".c", ".cc", ".cpp", ".cu", ".h")
 NEUTRAL_SETTINGS = frozenset(
-    {"ComputeResource.device", "HubResource.cache_dir", "HubResource.offline", "HubResource.planted_cache_dir",
-     "StoreResource.data_dir"}
+    {
+        "ComputeResource.device",
+        "HubResource.cache_dir",
+        "HubResource.offline",
+        "HubResource.planted_cache_dir",
+        "StoreResource.data_dir",
+    }
 )
 LITERALS = (str, bytes, int, float, bool, type(None))
 ROOT = Path(__file__).resolve().parents[1]

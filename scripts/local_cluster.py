@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_MODULES = ("dagster_postgres", "dagster_celery", "redis", "psycopg2")
@@ -65,15 +65,22 @@ def _run(command: list[str], what: str, timeout: float = 600, env: dict[str, str
 def missing_prerequisites() -> list[str]:
     """What ``install`` would install: Debian packages without their binaries, and the cluster extra's modules
     that cannot be imported."""
-    packages = [pkg for pkg, present in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server")))
-                if not present]
+    packages = [
+        pkg
+        for pkg, present in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server")))
+        if not present
+    ]
     return packages + [name for name in CLUSTER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def ensure_debian_packages() -> list[str]:
     """Install ``postgresql`` / ``redis-server`` with apt-get when their binaries are missing; returns the
     packages installed. Raises ``ClusterSetupError`` when that is impossible (no apt, no root, no network)."""
-    missing = [pkg for pkg, present in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server"))) if not present]
+    missing = [
+        pkg
+        for pkg, present in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server")))
+        if not present
+    ]
     if not missing:
         return []
     if not shutil.which("apt-get"):
@@ -88,7 +95,9 @@ def ensure_debian_packages() -> list[str]:
     except ClusterSetupError:  # stale or absent package lists: refresh once
         _run([*sudo, *env_prefix, "apt-get", "update", "-q"], "apt-get update")
         _run(install, "apt-get install")
-    still = [p for p, ok in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server"))) if not ok]
+    still = [
+        p for p, ok in (("postgresql", postgres_bindir()), ("redis-server", shutil.which("redis-server"))) if not ok
+    ]
     if still:
         raise ClusterSetupError(f"apt-get reported success but {', '.join(still)} is still missing")
     return missing
@@ -97,6 +106,7 @@ def ensure_debian_packages() -> list[str]:
 def ensure_cluster_extra() -> bool:
     """Import the ``cluster`` extra's modules, pip-installing ``.[cluster]`` into this interpreter's
     environment when one is missing; returns whether it installed. Raises ``ClusterSetupError``."""
+
     def missing() -> list[str]:
         importlib.invalidate_caches()
         gone = []
@@ -109,7 +119,10 @@ def ensure_cluster_extra() -> bool:
 
     if not missing():
         return False
-    _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[cluster]"], "pip install")
+    _run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[cluster]"],
+        "pip install",
+    )
     if still := missing():
         raise ClusterSetupError(f"pip installed .[cluster] but {', '.join(still)} still cannot be imported")
     return True
@@ -202,9 +215,23 @@ def postgres(parent: Path, db_name: str = "dagster") -> Iterator[Postgres]:
         os.chown(pwfile, pwd.getpwnam(owner).pw_uid, -1)
     env = {**os.environ, "HOME": str(base), "LC_ALL": "C.UTF-8"}
     done = subprocess.run(
-        [str(bindir / "initdb"), "-D", str(data), "-U", "weightlens", "--auth=scram-sha-256", f"--pwfile={pwfile}",
-         "-E", "UTF8", "--no-sync"],
-        capture_output=True, text=True, env=env, cwd=base, **user_kw,
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "weightlens",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=base,
+        **user_kw,
     )
     pwfile.unlink()
     if done.returncode != 0:
@@ -214,9 +241,26 @@ def postgres(parent: Path, db_name: str = "dagster") -> Iterator[Postgres]:
         if owner:
             os.chown(log, pwd.getpwnam(owner).pw_uid, -1)
         proc = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
-             "-c", f"unix_socket_directories={base}", "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=base, **user_kw,
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={base}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=base,
+            **user_kw,
         )
     try:
         wait_for_port(port, proc, log)
@@ -225,7 +269,9 @@ def postgres(parent: Path, db_name: str = "dagster") -> Iterator[Postgres]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                con = psycopg2.connect(host="127.0.0.1", port=port, user="weightlens", password=password, dbname="postgres")
+                con = psycopg2.connect(
+                    host="127.0.0.1", port=port, user="weightlens", password=password, dbname="postgres"
+                )
                 break
             except psycopg2.OperationalError:  # still starting up
                 if time.monotonic() > deadline:
@@ -259,9 +305,28 @@ def redis(parent: Path) -> Iterator[Redis]:
     base = _service_dir(parent, "redis", None)
     port, log = free_port(), base / "redis.log"
     proc = subprocess.Popen(
-        [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(base), "--save", "", "--appendonly", "no",
-         "--protected-mode", "yes", "--daemonize", "no", "--logfile", str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=base,
+        [
+            server,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(base),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(log),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        cwd=base,
     )
     try:
         log.touch()
@@ -309,9 +374,30 @@ def celery_workers(
             log = log_dir / f"{name}.log"
             with open(log, "w") as out:
                 proc = subprocess.Popen(
-                    [str(cli), "worker", "start", "-A", "dagster_celery.app", "-y", str(config_yaml), "-n", name,
-                     "-q", "dagster", "--loglevel", "INFO", "--", "--pool=solo", "--without-gossip", "--without-mingle"],
-                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                    [
+                        str(cli),
+                        "worker",
+                        "start",
+                        "-A",
+                        "dagster_celery.app",
+                        "-y",
+                        str(config_yaml),
+                        "-n",
+                        name,
+                        "-q",
+                        "dagster",
+                        "--loglevel",
+                        "INFO",
+                        "--",
+                        "--pool=solo",
+                        "--without-gossip",
+                        "--without-mingle",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
                 )
             workers.append(Worker(name, proc, log, node=f"{name}@{host}"))
         deadline = time.monotonic() + timeout
@@ -343,8 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "install":
         installed = ensure_debian_packages()
         extra = ensure_cluster_extra()
-        print(f"cluster prerequisites present (installed: {', '.join(installed) or 'no packages'}"
-              f"{', the cluster extra' if extra else ''})")
+        print(
+            f"cluster prerequisites present (installed: {', '.join(installed) or 'no packages'}"
+            f"{', the cluster extra' if extra else ''})"
+        )
         return
 
     def interrupt(*_):
@@ -361,14 +449,22 @@ def main(argv: list[str] | None = None) -> None:
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
     with postgres(Path(tempfile.gettempdir())) as pg, redis(Path(tempfile.gettempdir())) as rd:
-        env = {**os.environ, **pg.env(), "DAGSTER_HOME": str(home),
-               "WEIGHTLENS_CELERY_BROKER": rd.url(0), "WEIGHTLENS_CELERY_BACKEND": rd.url(1)}
+        env = {
+            **os.environ,
+            **pg.env(),
+            "DAGSTER_HOME": str(home),
+            "WEIGHTLENS_CELERY_BROKER": rd.url(0),
+            "WEIGHTLENS_CELERY_BACKEND": rd.url(1),
+        }
         init_instance(env)
         with celery_workers(args.workers, ROOT / "deploy" / "celery" / "worker.yaml", env, base / "worker-logs"):
             print("# cluster up; in another shell:")
             for key in ("DAGSTER_HOME", *pg.env(), "WEIGHTLENS_CELERY_BROKER", "WEIGHTLENS_CELERY_BACKEND"):
                 print(f"export {key}={env[key]}")
-            print("python -m orchestration.cluster materialize   # the planted releases; -c deploy/celery/resources.yaml for yours")
+            print(
+                "python -m orchestration.cluster materialize   "
+                "# the planted releases; -c deploy/celery/resources.yaml for yours"
+            )
             print(f"# worker logs: {base / 'worker-logs'}; Ctrl-C stops everything", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while True:

@@ -8,5 +8,7 @@ python scripts/local_cluster.py install  # PostgreSQL, Redis, the cluster extra 
 command -v chromedriver >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
   >/dev/null || echo "chromium not installed: tests/test_ui_browser.py will skip" >&2; }  # the UI test's browser
 python -m pip install --quiet --disable-pip-version-check -c <(echo torch==2.13.0) -e ".[peer]"  # SAELens, TransformerLens
+ruff check . && ruff format --check .  # lint and format ([tool.ruff] in pyproject.toml)
+python -m mypy  # types on core/ ([tool.mypy])
 export HF_HUB_OFFLINE=1
 exec python -m pytest -q "$@"

@@ -15,7 +15,6 @@ os.environ.pop("WEIGHTLENS_PLANTED_CACHE", None)
 from core.planted import generate  # noqa: E402
 from tests.planted_chain import PLANTED, PLANTED_NULL, materialise_planted  # noqa: E402
 
-
 TIERS = ("unit", "chain", "system")  # pyproject.toml [tool.pytest.ini_options] markers
 
 

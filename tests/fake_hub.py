@@ -98,8 +98,15 @@ def _git_tree_oids(files: dict[str, str]) -> dict[str, str]:
 class FakeHub:
     """``with FakeHub(source_cache, gated={...}, token=...) as hub:`` then ``HF_ENDPOINT=hub.url``."""
 
-    def __init__(self, source: Path, *, gated: Iterable[str] = (), token: str | None = None,
-                 page_size: int = 1000, lifetime_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        source: Path,
+        *,
+        gated: Iterable[str] = (),
+        token: str | None = None,
+        page_size: int = 1000,
+        lifetime_s: float = 120.0,
+    ) -> None:
         self.source = Path(source)
         self.gated = frozenset(gated)
         self.token = token
@@ -167,10 +174,16 @@ class FakeHub:
 
     def _info(self, repo: str, revision: str) -> dict[str, Any]:
         commit = self._commit(repo, revision)
-        return {"_id": hashlib.sha1(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
-                "sha": commit, "private": False, "disabled": False,
-                "gated": "manual" if repo in self.gated else False,
-                "siblings": [{"rfilename": p} for p in sorted(self._files(repo, commit))]}
+        return {
+            "_id": hashlib.sha1(repo.encode()).hexdigest()[:24],
+            "id": repo,
+            "modelId": repo,
+            "sha": commit,
+            "private": False,
+            "disabled": False,
+            "gated": "manual" if repo in self.gated else False,
+            "siblings": [{"rfilename": p} for p in sorted(self._files(repo, commit))],
+        }
 
     def _tree(self, repo: str, revision: str, path: str, recursive: bool) -> list[dict[str, Any]]:
         files = self._files(repo, self._commit(repo, revision))
@@ -187,7 +200,7 @@ class FakeHub:
                 entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": f.pointer_size}
             entries.append(entry)
         return sorted(
-            (e for e in entries if e["path"].startswith(prefix) and (recursive or "/" not in e["path"][len(prefix):])),
+            (e for e in entries if e["path"].startswith(prefix) and (recursive or "/" not in e["path"][len(prefix) :])),
             key=lambda e: e["path"],
         )
 
@@ -255,8 +268,9 @@ class FakeHub:
     def _json(self, data: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         return 200, {"Content-Type": "application/json", **(headers or {})}, json.dumps(data).encode()
 
-    def _tree_page(self, url_path: str, query: dict[str, str], repo: str, revision: str,
-                   path: str) -> tuple[int, dict[str, str], bytes]:
+    def _tree_page(
+        self, url_path: str, query: dict[str, str], repo: str, revision: str, path: str
+    ) -> tuple[int, dict[str, str], bytes]:
         entries = self._tree(repo, revision, path, query.get("recursive", "").lower() in {"1", "true"})
         start = int(query.get("cursor", "0"))
         end = start + self.page_size
@@ -266,20 +280,31 @@ class FakeHub:
             headers["Link"] = f'<{next_url}>; rel="next"'
         return self._json(entries[start:end], headers)
 
-    def _resolve(self, repo: str, revision: str, path: str,
-                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def _resolve(
+        self, repo: str, revision: str, path: str, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
         commit = self._commit(repo, revision)
         self._authorized(repo, headers)
         file = self._files(repo, commit).get(path)
         if file is None:
             raise _Reply(404, "EntryNotFound", {"X-Repo-Commit": commit})
         if file.sha256 is None:
-            return 200, {"X-Repo-Commit": commit, "ETag": f'"{file.oid}"',
-                         "Content-Type": "application/octet-stream"}, file.blob.read_bytes()
-        return 302, {
-            "X-Repo-Commit": commit, "ETag": f'"{file.oid}"', "X-Linked-Etag": f'"{file.sha256}"',
-            "X-Linked-Size": str(file.size), "Location": f"{self.cdn_url}/{quote(repo)}/{file.sha256}",
-        }, b""
+            return (
+                200,
+                {"X-Repo-Commit": commit, "ETag": f'"{file.oid}"', "Content-Type": "application/octet-stream"},
+                file.blob.read_bytes(),
+            )
+        return (
+            302,
+            {
+                "X-Repo-Commit": commit,
+                "ETag": f'"{file.oid}"',
+                "X-Linked-Etag": f'"{file.sha256}"',
+                "X-Linked-Size": str(file.size),
+                "Location": f"{self.cdn_url}/{quote(repo)}/{file.sha256}",
+            },
+            b"",
+        )
 
     def _cdn_blob(self, target: str) -> tuple[int, dict[str, str], bytes]:
         *repo, sha256 = unquote(urlsplit(target).path).strip("/").split("/")
@@ -287,4 +312,3 @@ class FakeHub:
         if len(repo) != 2 or len(sha256) != 64 or not blob.is_file():
             raise _Reply(404)
         return 200, {"ETag": f'"{sha256}"', "Content-Type": "application/octet-stream"}, blob.read_bytes()
-

@@ -24,7 +24,9 @@ def chain_resources(cache: Path, data: Path, **compute: str | int) -> dict[str, 
     return {
         "hub": HubResource(cache_dir=str(cache), offline=True),
         "store": StoreResource(data_dir=str(data)),
-        "compute": ComputeResource(**{"device": "cpu", "null_directions": 512, "circuit_null_directions": 128, **compute}),
+        "compute": ComputeResource(
+            **{"device": "cpu", "null_directions": 512, "circuit_null_directions": 128, **compute}
+        ),
     }
 
 
@@ -36,7 +38,7 @@ def analysed(keys: list[str], releases: Sequence[str] = PLANTED) -> list[str]:
     for release in releases:
         ordered = sorted((k for k in keys if k.startswith(f"{release}:")), key=lambda k: parse_key(k).layer)
         middle = len(ordered) // 2
-        picked += ordered if len(ordered) <= FULL_UP_TO else ordered[:middle] + ordered[middle + 1:]
+        picked += ordered if len(ordered) <= FULL_UP_TO else ordered[:middle] + ordered[middle + 1 :]
     return picked
 
 

@@ -106,7 +106,9 @@ def main(argv: list[str]) -> int:
         instance.add_dynamic_partitions("sae", args.keys)
         for key in args.keys:
             print(f"start {key}", flush=True)
-            result = dg.materialize(SAE_ASSETS, partition_key=key, instance=instance, resources=res, raise_on_error=False)
+            result = dg.materialize(
+                SAE_ASSETS, partition_key=key, instance=instance, resources=res, raise_on_error=False
+            )
             if not result.success:
                 print(f"FAILED {key}\n{failure_text(result)}", file=sys.stderr, flush=True)
                 return 3

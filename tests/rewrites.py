@@ -60,8 +60,18 @@ import torch
 from core.hub_cache import read_tree, repo_cache_dir, write_snapshot
 from core.registry import get_release
 
-__all__ = ["EXACT", "REWRITES", "gemma_o_proj_scale", "llama_residual_scale", "load_release_model",
-           "norm_gain_move", "qk_head_scale", "snapshot_dir", "vo_head_scale", "write_rewritten_release"]
+__all__ = [
+    "EXACT",
+    "REWRITES",
+    "gemma_o_proj_scale",
+    "llama_residual_scale",
+    "load_release_model",
+    "norm_gain_move",
+    "qk_head_scale",
+    "snapshot_dir",
+    "vo_head_scale",
+    "write_rewritten_release",
+]
 
 Rewrite = Callable[[Any], Any]
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,8 +125,10 @@ def gemma_o_proj_scale(model: Any, scales: dict[int, float]) -> Any:
     """Layer l's ``self_attn.o_proj.weight`` times ``scales[l]`` (Gemma-2/3: post_attention_layernorm divides it
     out; agrees to a tolerance through that norm's eps)."""
     if not _is_gemma(model):
-        raise ValueError(f"o_proj scale is function-preserving only with Gemma's post-attention norm, "
-                         f"not {model.config.model_type!r}")
+        raise ValueError(
+            f"o_proj scale is function-preserving only with Gemma's post-attention norm, "
+            f"not {model.config.model_type!r}"
+        )
     return _edit(model, {_layer(model, layer) + "self_attn.o_proj.weight": _mul(c) for layer, c in scales.items()})
 
 
@@ -124,8 +136,10 @@ def llama_residual_scale(model: Any, c: float) -> Any:
     """``embed_tokens``, every ``o_proj`` and ``down_proj`` times c (Llama: every RMSNorm divides it out; agrees
     to a tolerance through the norms' eps). ``lm_head`` untouched."""
     if _is_gemma(model):
-        raise ValueError("Gemma's post-attention / post-feedforward norms re-scale the block outputs: "
-                         "a global residual scale is not function-preserving there")
+        raise ValueError(
+            "Gemma's post-attention / post-feedforward norms re-scale the block outputs: "
+            "a global residual scale is not function-preserving there"
+        )
     if model.config.tie_word_embeddings:
         raise ValueError("tied embeddings: scaling embed_tokens would scale lm_head and the logits")
     edits = {"model.embed_tokens.weight": _mul(c)}
@@ -143,6 +157,7 @@ def norm_gain_move(model: Any, layer: int, c: float) -> Any:
     (exact in bfloat16 for a power-of-two c)."""
     pre = _layer(model, layer)
     if _is_gemma(model):
+
         def gain(t: torch.Tensor) -> None:
             t.copy_((1.0 + t) * c - 1.0)
     else:
@@ -160,10 +175,10 @@ def qk_head_scale(model: Any, layer: int, kv_head: int, c: float) -> Any:
     heads, hd = _group(model, kv_head)
 
     def q(t: torch.Tensor) -> None:
-        t[heads.start * hd:heads.stop * hd].mul_(c)
+        t[heads.start * hd : heads.stop * hd].mul_(c)
 
     def k(t: torch.Tensor) -> None:
-        t[kv_head * hd:(kv_head + 1) * hd].mul_(1.0 / c)
+        t[kv_head * hd : (kv_head + 1) * hd].mul_(1.0 / c)
 
     return _edit(model, {pre + "q_proj.weight": q, pre + "k_proj.weight": k})
 
@@ -175,10 +190,10 @@ def vo_head_scale(model: Any, layer: int, kv_head: int, c: float) -> Any:
     heads, hd = _group(model, kv_head)
 
     def v(t: torch.Tensor) -> None:
-        t[kv_head * hd:(kv_head + 1) * hd].mul_(c)
+        t[kv_head * hd : (kv_head + 1) * hd].mul_(c)
 
     def o(t: torch.Tensor) -> None:
-        t[:, heads.start * hd:heads.stop * hd].mul_(1.0 / c)
+        t[:, heads.start * hd : heads.stop * hd].mul_(1.0 / c)
 
     return _edit(model, {pre + "v_proj.weight": v, pre + "o_proj.weight": o})
 
@@ -211,11 +226,17 @@ REWRITES: dict[str, dict[str, Rewrite]] = {
 }
 
 # (release, rewrite) pairs whose logits are bit-identical in the stored dtype (see the module docstring).
-EXACT: frozenset[tuple[str, str]] = frozenset({
-    ("planted-gemma", "norm_gain_move"), ("planted-gemma", "qk_head_scale"), ("planted-gemma", "vo_head_scale"),
-    ("planted-llama", "norm_gain_move"), ("planted-llama", "qk_head_scale"), ("planted-llama", "vo_head_scale"),
-    ("planted-gemma3", "vo_head_scale"),
-})
+EXACT: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("planted-gemma", "norm_gain_move"),
+        ("planted-gemma", "qk_head_scale"),
+        ("planted-gemma", "vo_head_scale"),
+        ("planted-llama", "norm_gain_move"),
+        ("planted-llama", "qk_head_scale"),
+        ("planted-llama", "vo_head_scale"),
+        ("planted-gemma3", "vo_head_scale"),
+    }
+)
 
 
 def snapshot_dir(cache: Path, repo_id: str, revision: str = "main") -> Path:
@@ -234,8 +255,7 @@ def load_release_model(cache: Path, release_id: str, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     repo = get_release(release_id).model_repo
-    return AutoModelForCausalLM.from_pretrained(repo, cache_dir=cache, local_files_only=True, dtype="auto",
-                                                **kwargs)
+    return AutoModelForCausalLM.from_pretrained(repo, cache_dir=cache, local_files_only=True, dtype="auto", **kwargs)
 
 
 def _shard_contents(index: dict[str, Any], model: Any) -> list[int]:
@@ -255,8 +275,7 @@ def _save_like(model: Any, old_index: dict[str, Any], out: Path) -> None:
     loaded model's state-dict order is not the generator's); the new index says where each one is."""
     c = model.config
     want = set(old_index["weight_map"].values())
-    candidates = [max(1, c.hidden_size * c.vocab_size * model.dtype.itemsize // 3),
-                  *_shard_contents(old_index, model)]
+    candidates = [max(1, c.hidden_size * c.vocab_size * model.dtype.itemsize // 3), *_shard_contents(old_index, model)]
     for size in candidates:
         if out.exists():
             shutil.rmtree(out)
@@ -290,8 +309,7 @@ def write_rewritten_release(src_cache: Path, dst_cache: Path, release_id: str, r
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
         _save_like(new, old_index, out)
-        files: dict[str, bytes | Path] = {f.name: f.read_bytes()
-                                          for f in sorted(out.iterdir()) if f.is_file()}
+        files: dict[str, bytes | Path] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
     for path in old_tree:
         if path not in files and path.startswith("tokenizer"):
             files[path] = (old_snap / path).read_bytes()

@@ -25,7 +25,9 @@ def test_identical_readings_agree_fully_and_the_shuffle_is_at_chance():
 def test_unrelated_readings_are_not_called_agreement():
     rng = np.random.default_rng(2)
     agree = feature_agreement(_lists(rng), _lists(rng), _lists(rng), _lists(rng), K, seed=3)
-    classes = pd.DataFrame({"feature": range(N), "output_predicting": rng.random(N) < 0.3, "topk_z": rng.normal(size=N)})
+    classes = pd.DataFrame(
+        {"feature": range(N), "output_predicting": rng.random(N) < 0.3, "topk_z": rng.normal(size=N)}
+    )
     effects = pd.DataFrame({"feature": range(N), "output_score": rng.random(N), "effect_size": 0.0, "n_contexts": 8})
     summary = agreement_summary(agree, effects, classes, seed=4).set_index("statistic")
     for stat in ("output_overlap", "input_overlap"):
@@ -71,8 +73,12 @@ def test_release_agreement_is_beyond_chance_only_when_the_activations_follow_the
     parts = [_sae(rng, related, f"layer_{i}") for i in range(3)]
     pooled = release_agreement("r", pd.concat([s for s, _ in parts]), pd.concat([a for _, a in parts]), seed=9)
     pooled = pooled.set_index("statistic")
-    assert set(pooled.index) == {"output_overlap", "input_overlap", "output_score_auroc_for_output_predicting",
-                                 "spearman_topk_z_output_score"}
+    assert set(pooled.index) == {
+        "output_overlap",
+        "input_overlap",
+        "output_score_auroc_for_output_predicting",
+        "spearman_topk_z_output_score",
+    }
     assert (pooled["saes"] == 3).all() and pooled.loc["output_overlap", "n"] == 3 * N
     if related:
         assert pooled["beyond_chance"].all()

@@ -15,8 +15,8 @@ import duckdb
 import pytest
 
 from assets.plots import asset_name
-from core.plots import PLOT_FILES
 from core.hub_cache import write_snapshot
+from core.plots import PLOT_FILES
 from core.registry import get_release, parse_key
 from core.semantic import CANDIDATES
 from orchestration.definitions import SAE_ASSETS, defs
@@ -33,8 +33,14 @@ def truth(cache: Path, release_id: str) -> dict:
 
 def test_definitions_load():
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
-        "sae_weights", "model_weights", "lens_tables", "circuit_tables", "feature_classes", "claim_statistics",
-        "claims_report", *map(asset_name, PLOT_FILES),
+        "sae_weights",
+        "model_weights",
+        "lens_tables",
+        "circuit_tables",
+        "feature_classes",
+        "claim_statistics",
+        "claims_report",
+        *map(asset_name, PLOT_FILES),
     }
 
 
@@ -52,7 +58,10 @@ def test_every_sae_partition_is_registered_and_materialised(chain):
 def analysed_saes(t: dict, data: Path, release_id: str) -> dict:
     """The planted truth of the SAEs the chain analysed."""
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
-        done = {r[0] for r in con.execute("SELECT DISTINCT sae_id FROM sae_features WHERE release = ?", [release_id]).fetchall()}
+        done = {
+            r[0]
+            for r in con.execute("SELECT DISTINCT sae_id FROM sae_features WHERE release = ?", [release_id]).fetchall()
+        }
     assert len(done) == get_release(release_id).n_layers - (release_id == "planted-llama")  # llama: one left out
     return {sae_id: sae for sae_id, sae in t["saes"].items() if sae_id in done}
 
@@ -69,10 +78,15 @@ def test_every_table_check_ran_and_passed(chain):
     for ev in evaluations:
         by_check.setdefault((ev.asset_key.to_user_string(), ev.check_name), []).append(ev.passed)
     per_sae = ("sae_weights", "lens_tables", "circuit_tables", "feature_classes")
-    expected = {(spec.asset_key.to_user_string(), spec.name) for asset in (*per_sae, "claim_statistics")
-                for spec in defs.resolve_assets_def(asset).check_specs}
-    assert expected <= set(by_check) and {("feature_classes", "thresholds_recorded"),
-                                          ("claim_statistics", "one_row_per_analysed_sae")} <= expected
+    expected = {
+        (spec.asset_key.to_user_string(), spec.name)
+        for asset in (*per_sae, "claim_statistics")
+        for spec in defs.resolve_assets_def(asset).check_specs
+    }
+    assert (
+        expected <= set(by_check)
+        and {("feature_classes", "thresholds_recorded"), ("claim_statistics", "one_row_per_analysed_sae")} <= expected
+    )
     for check in expected:
         runs = len(keys) if check[0] in per_sae else 1  # one evaluation per partition, or per release-level run
         assert len(by_check[check]) >= runs and all(by_check[check]), check
@@ -82,24 +96,41 @@ def test_tables_are_queryable_from_duckdb(chain):
     _, data, keys = chain
     with duckdb.connect(str(data / "results.duckdb"), read_only=True) as con:
         tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        assert {"sae_features", "output_lens_tokens", "output_lens_stats", "feature_classes", "control_classes",
-                "output_fraction_by_layer", "claim_verdicts", "head_writes"} <= tables
+        assert {
+            "sae_features",
+            "output_lens_tokens",
+            "output_lens_stats",
+            "feature_classes",
+            "control_classes",
+            "output_fraction_by_layer",
+            "claim_verdicts",
+            "head_writes",
+        } <= tables
         verdicts = con.execute("SELECT release, claim, verdict, rule FROM claim_verdicts").df()
         assert set(verdicts["release"]) == set(PLANTED) and verdicts["rule"].str.len().gt(0).all()
         assert set(verdicts["verdict"]) <= {"consistent", "not reproduced", "inconclusive", "not measured"}
         assert {"C1", "C2 encoder_embedding", "C2 decoder_unembedding", "C4"} <= set(verdicts["claim"])
-        per_sae = dict(con.execute("SELECT release || ':' || sae_id, count(*) FROM sae_features GROUP BY ALL").fetchall())
+        per_sae = dict(
+            con.execute("SELECT release || ':' || sae_id, count(*) FROM sae_features GROUP BY ALL").fetchall()
+        )
         assert set(per_sae) == set(keys)
         assert per_sae["planted-gemma:layer_0/width_512/average_l0_32"] == 512
         assert per_sae["planted-llama:l0r_8x"] == 1024
         tokens = con.execute(
-            "SELECT count(*) FROM output_lens_tokens WHERE release = 'planted-llama' AND layer = 5 AND sample = 'feature'"
+            "SELECT count(*) FROM output_lens_tokens "
+            "WHERE release = 'planted-llama' AND layer = 5 AND sample = 'feature'"
         ).fetchone()[0]
         assert tokens == 1024 * (CANDIDATES + 10)  # the top candidates and the bottom 10 per feature
-        classes = dict(con.execute("SELECT token_class, count(*) FROM vocabulary WHERE release = 'planted-llama' "
-                                   "AND layer = 5 GROUP BY ALL").fetchall())
+        classes = dict(
+            con.execute(
+                "SELECT token_class, count(*) FROM vocabulary WHERE release = 'planted-llama' "
+                "AND layer = 5 GROUP BY ALL"
+            ).fetchall()
+        )
         assert classes["special"] == 1 and classes["byte"] > 0 and classes["normal"] > 10_000
-        nulls = con.execute("SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'").fetchone()[0]
+        nulls = con.execute(
+            "SELECT count(*) FROM output_lens_stats WHERE sample = 'null' AND layer = 0 AND release = 'planted-gemma'"
+        ).fetchone()[0]
         assert nulls == 512  # ComputeResource.null_directions
         dashboard = con.execute(
             "SELECT count(*), min(len(pos_str)), max(len(neg_values)) FROM neuronpedia_top_logits "
@@ -139,7 +170,9 @@ def test_output_predicting_fraction_matches_planted_truth(chain, planted_cache, 
         calls = con.execute(
             "SELECT sae_id, feature, output_predicting FROM feature_classes WHERE release = ?", [release_id]
         ).df()
-    planted = {(s, f["index"]) for s, sae in analysed_saes(t, data, release_id).items() for f in sae["semantic_features"]}
+    planted = {
+        (s, f["index"]) for s, sae in analysed_saes(t, data, release_id).items() for f in sae["semantic_features"]
+    }
     called = {(s, f) for s, f, hit in calls.itertuples(index=False) if hit}
     assert planted <= called  # every planted feature found
     false_positive_rate = len(called - planted) / (len(calls) - len(planted))
@@ -153,7 +186,10 @@ def test_report_and_plot_written(chain):
         report = (data / "reports" / release_id / "report.md").read_text()
         assert "## Verdicts" in report and "| C1 |" in report and "Planted ground truth" in report
         assert "control" in report  # features and control side by side
-        missing = sorted(set(range(get_release(release_id).n_layers)) - {parse_key(k).layer for k in keys if k.startswith(release_id)})
+        missing = sorted(
+            set(range(get_release(release_id).n_layers))
+            - {parse_key(k).layer for k in keys if k.startswith(release_id)}
+        )
         assert not missing or f"Layers without an analysed SAE: {', '.join(map(str, missing))}" in report  # gap named
         for file_name in PLOT_FILES.values():  # one asset per plot, each file linked from the report
             png = (data / "reports" / release_id / file_name).read_bytes()
@@ -199,8 +235,11 @@ def test_corrupt_sae_revision_fails_clearly_and_keeps_stored_rows(chain, planted
 def test_offline_empty_cache_and_missing_layer_are_clear_errors(chain, tmp_path):
     instance, data, _ = chain
     result = dg.materialize(
-        SAE_ASSETS[:1], partition_key="planted-llama:l3r_8x", instance=instance,
-        resources=chain_resources(tmp_path / "empty-cache", data), raise_on_error=False,
+        SAE_ASSETS[:1],
+        partition_key="planted-llama:l3r_8x",
+        instance=instance,
+        resources=chain_resources(tmp_path / "empty-cache", data),
+        raise_on_error=False,
     )
     text = failure_text(result)
     assert "planted/Llama-Scope-tiny-LXR-8x" in text and "is not in" in text and "HF_HUB_OFFLINE" in text
@@ -229,6 +268,10 @@ def test_no_value_goes_through_an_io_manager(chain):
     """The plots and the report read what claim_statistics stored: no step loads an input from an IO manager
     (before, every plot loaded claim_statistics' pickle from $DAGSTER_HOME/storage)."""
     instance, _, _ = chain
-    loaded = [e.dagster_event.message for run in instance.get_runs() for e in instance.all_logs(run.run_id)
-              if e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.LOADED_INPUT]
+    loaded = [
+        e.dagster_event.message
+        for run in instance.get_runs()
+        for e in instance.all_logs(run.run_id)
+        if e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.LOADED_INPUT
+    ]
     assert loaded == []

@@ -43,8 +43,13 @@ from tests.device import DEVICE
 pytestmark = pytest.mark.unit
 
 TINY = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
 )
 N_FEAT, K = 6, 5
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -218,7 +223,7 @@ def test_ov_write_norms_equal_the_real_head_write(tiny):
             with torch.no_grad():  # the pre-post-norm write: o_proj of head h's columns
                 v = block.self_attn.v_proj(block.input_layernorm(features))
                 c = ckpt.geometry.kv_head(head)
-                o = v[:, c * hd:(c + 1) * hd] @ block.self_attn.o_proj.weight[:, head * hd:(head + 1) * hd].T
+                o = v[:, c * hd : (c + 1) * hd] @ block.self_attn.o_proj.weight[:, head * hd : (head + 1) * hd].T
             torch.testing.assert_close(got[:, head], o.norm(dim=1), **TOL)
 
 
@@ -232,13 +237,21 @@ def test_resid_post_L_is_read_by_layer_L_plus_1_only(tiny):
     ids = torch.tensor([[1, 2, 3, 4]])
     for layer in range(n_layers - 1):
         seen: dict[int, torch.Tensor] = {}
-        hooks = [model.model.layers[i].self_attn.q_proj.register_forward_pre_hook(
-            lambda _, args, i=i: seen.__setitem__(i, args[0].clone())) for i in (layer, layer + 1)]
+        hooks = [
+            model.model.layers[i].self_attn.q_proj.register_forward_pre_hook(
+                lambda _, args, i=i, seen=seen: seen.__setitem__(i, args[0].clone())
+            )
+            for i in (layer, layer + 1)
+        ]
         model(ids)
         before = dict(seen)
         place = model.model.layers[layer].register_forward_hook(
-            lambda _, args, out: (torch.cat([out[0][:, :-1], features[None, :1] * 7.0], 1), *out[1:])
-            if isinstance(out, tuple) else torch.cat([out[:, :-1], features[None, :1] * 7.0], 1))
+            lambda _, args, out: (
+                (torch.cat([out[0][:, :-1], features[None, :1] * 7.0], 1), *out[1:])
+                if isinstance(out, tuple)
+                else torch.cat([out[:, :-1], features[None, :1] * 7.0], 1)
+            )
+        )
         model(ids)
         place.remove()
         for h in hooks:
@@ -249,7 +262,10 @@ def test_resid_post_L_is_read_by_layer_L_plus_1_only(tiny):
         assert paired_layers(layer, n_layers)["decoder_unembedding"] == [layer + 1]
         assert paired_layers(layer, n_layers)["encoder_embedding"] == [layer]
     assert paired_layers(n_layers - 1, n_layers)["decoder_unembedding"] == []
-    assert paired_layers(1, n_layers, "all") == {"encoder_embedding": [0, 1], "decoder_unembedding": list(range(2, n_layers))}
+    assert paired_layers(1, n_layers, "all") == {
+        "encoder_embedding": [0, 1],
+        "decoder_unembedding": list(range(2, n_layers)),
+    }
 
 
 def test_input_lens_equals_embedding_module(tiny):
@@ -299,9 +315,12 @@ def test_all_circuits_and_operand_reuse(tiny):
     assert {(c.phase, c.layer) for c in paired} == {("encoder_embedding", 0), ("decoder_unembedding", 1)}
     operands, seen = VocabOperands(ckpt, DEVICE), {}
     for c in circuits:
-        key = {"qk_feature_query": ("k", c.phase, c.layer, g.kv_head(c.head)),
-               "qk_feature_key": ("q", c.phase, c.layer, c.head), "ov": ("u", c.layer, c.head),
-               "ov_writer": ("w", c.phase, c.layer, c.head)}[c.kind]
+        key = {
+            "qk_feature_query": ("k", c.phase, c.layer, g.kv_head(c.head)),
+            "qk_feature_key": ("q", c.phase, c.layer, c.head),
+            "ov": ("u", c.layer, c.head),
+            "ov_writer": ("w", c.phase, c.layer, c.head),
+        }[c.kind]
         assert seen.setdefault(key, operands.right(c)) is operands.right(c)
     with pytest.raises(ValueError, match="unknown phase/kind"):
         Circuit("encoder_embedding", "qk", 0, 0)

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from core.plots import PLOT_FILES, PLOTS
 from core.claims import CLASS_TABLES, render_report, results_from_tables
 from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
+from core.plots import PLOT_FILES, PLOTS
 from core.registry import get_release
 from core.sae_formats import SaeWeights
 from core.storage import TableStore
@@ -24,8 +24,8 @@ from core.truth import load_truth
 from core.verdicts import C2_HYPOTHESIS
 from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
-from tests.planted_chain import PLANTED, PLANTED_NULL
 from tests.core_chain import lens_classes
+from tests.planted_chain import PLANTED, PLANTED_NULL
 
 pytestmark = pytest.mark.chain
 
@@ -40,8 +40,14 @@ def fresh_sae_rates(release_id: str, hub: HubResource) -> list[tuple[float, floa
     for ref in (saes[0], saes[-1]):
         snapshot, checkpoint, sae = load_sae(ref, hub.client())
         gen = torch.Generator().manual_seed(ref.layer)
-        fresh = SaeWeights(torch.randn(sae.d_model, N_NULL, generator=gen), torch.randn(N_NULL, sae.d_model, generator=gen),
-                           torch.zeros(N_NULL), torch.zeros(sae.d_model), torch.zeros(N_NULL), "fresh")
+        fresh = SaeWeights(
+            torch.randn(sae.d_model, N_NULL, generator=gen),
+            torch.randn(N_NULL, sae.d_model, generator=gen),
+            torch.zeros(N_NULL),
+            torch.zeros(sae.d_model),
+            torch.zeros(N_NULL),
+            "fresh",
+        )
         vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
         out = lens_classes(fresh, checkpoint, vocabulary, ref.key, N_NULL)
         rates.append((float(out.rows("feature")["output_predicting"].mean()), out.classes.null_rate()))
@@ -52,8 +58,14 @@ def results_of(data, planted_cache, releases):
     store = TableStore(data)
     frames = {name: store.read(name) for name in CLASS_TABLES}
     hub = HubResource(cache_dir=str(planted_cache), offline=True)
-    return {r: {"results": results_from_tables(get_release(r), frames, load_truth(r, hub.client()).data),
-                "frames": frames, "hub": hub} for r in releases}
+    return {
+        r: {
+            "results": results_from_tables(get_release(r), frames, load_truth(r, hub.client()).data),
+            "frames": frames,
+            "hub": hub,
+        }
+        for r in releases
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +123,9 @@ def test_planted_claims_are_recovered(planted, release_id):
 @pytest.mark.parametrize("release_id", PLANTED_NULL)
 def test_null_twins_have_no_consistent_verdict(null, release_id):
     r = null[release_id]["results"]
-    assert not (r.verdicts["verdict"] == "consistent").any(), r.verdicts[["claim", "verdict", "value", "p_value"]].to_dict("records")
+    assert not (r.verdicts["verdict"] == "consistent").any(), r.verdicts[
+        ["claim", "verdict", "value", "p_value"]
+    ].to_dict("records")
     assert verdicts(r)["C1"] == "not reproduced"
 
 
@@ -143,7 +157,10 @@ def test_report_plots_and_missing_layers(planted, tmp_path):
         for claim in r.verdicts["claim"]:
             assert f"| {claim} |" in text
         assert "Planted ground truth" in text and "c2_depth_profiles.png" in text
-        assert "Power: fraction of the planted output-predicting features" in text and (r.truth.power["power"] == 1.0).all()
+        assert (
+            "Power: fraction of the planted output-predicting features" in text
+            and (r.truth.power["power"] == 1.0).all()
+        )
         assert "## C1 under other rules and nulls" in text and "c1_sensitivity.png" in text
         assert "Precision and recall per class" in text
         assert r.agreement.empty and "## Activation agreement" in text  # planted releases ship no corpus

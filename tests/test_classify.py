@@ -47,9 +47,17 @@ def test_levenshtein_coherence_per_k():
 
 
 def test_token_sets_skip_non_normal_ids_and_merge_case_space_variants():
-    tokens = pd.DataFrame({"sample": "feature", "feature": 0, "side": "top", "rank": range(1, 8),
-                           "token_id": [0, 1, 2, 3, 4, 5, 6],
-                           "token": ["<unused0>", " the", "The", " THE", "<0xE2>", " cat", " dog"], "value": 1.0})
+    tokens = pd.DataFrame(
+        {
+            "sample": "feature",
+            "feature": 0,
+            "side": "top",
+            "rank": range(1, 8),
+            "token_id": [0, 1, 2, 3, 4, 5, 6],
+            "token": ["<unused0>", " the", "The", " THE", "<0xE2>", " cat", " dog"],
+            "value": 1.0,
+        }
+    )
     normal = np.array([False, True, True, True, False, True, True])
     sets = token_sets(tokens, normal, 3)
     assert sets.forms == [["the", "cat", "dog"]]
@@ -74,9 +82,17 @@ def test_whitening_removes_the_mean_and_the_dominant_directions():
 
 
 def test_string_permutation_null_matches_lengths_and_is_low():
-    tokens = pd.DataFrame({"sample": "feature", "feature": np.repeat([0, 1], 3), "side": "top", "rank": [1, 2, 3] * 2,
-                           "token_id": range(6), "token": [" cart", " carts", " carter", " a", " bb", " ccc"],
-                           "value": 1.0})
+    tokens = pd.DataFrame(
+        {
+            "sample": "feature",
+            "feature": np.repeat([0, 1], 3),
+            "side": "top",
+            "rank": [1, 2, 3] * 2,
+            "token_id": range(6),
+            "token": [" cart", " carts", " carter", " a", " bb", " ccc"],
+            "value": 1.0,
+        }
+    )
     sets = token_sets(tokens, np.ones(6, dtype=bool), 3)
     rng = np.random.default_rng(0)
     pool = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), n)) for n in (1, 2, 3, 4, 5) for _ in range(50)]
@@ -108,8 +124,15 @@ def synthetic_side(n_null=400, n_coherent=30, n_random=70, seed=0):
     for sample, n, shift in (("null", n_null, 0.0), ("feature", n_coherent, 5.0), ("feature", n_random, 0.0)):
         base = len([r for r in rows if r["sample"] == sample])
         for i in range(n):
-            rows.append({"sample": sample, "feature": base + i, "levenshtein": rng.normal(shift), "cosine": rng.normal(shift),
-                         "concentration": rng.normal(shift)})
+            rows.append(
+                {
+                    "sample": sample,
+                    "feature": base + i,
+                    "levenshtein": rng.normal(shift),
+                    "cosine": rng.normal(shift),
+                    "concentration": rng.normal(shift),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -132,11 +155,25 @@ def test_calibration_is_the_null_quantile_and_rule_is_majority():
 
 
 def test_one_metric_alone_is_not_enough():
-    null = pd.DataFrame({"sample": "null", "feature": range(100), "levenshtein": np.linspace(0, 1, 100),
-                         "cosine": np.linspace(0, 1, 100), "concentration": np.linspace(0, 1, 100)})
+    null = pd.DataFrame(
+        {
+            "sample": "null",
+            "feature": range(100),
+            "levenshtein": np.linspace(0, 1, 100),
+            "cosine": np.linspace(0, 1, 100),
+            "concentration": np.linspace(0, 1, 100),
+        }
+    )
     cal = calibrate(null, 0.99)
-    rows = pd.DataFrame({"sample": "feature", "feature": [0, 1, 2], "levenshtein": [5.0, 5.0, 5.0],
-                         "cosine": [0.5, 5.0, 5.0], "concentration": [0.5, 0.5, 5.0]})
+    rows = pd.DataFrame(
+        {
+            "sample": "feature",
+            "feature": [0, 1, 2],
+            "levenshtein": [5.0, 5.0, 5.0],
+            "cosine": [0.5, 5.0, 5.0],
+            "concentration": [0.5, 0.5, 5.0],
+        }
+    )
     out = combine(rows, cal)
     assert out["n_passes"].tolist() == [1, 2, 3]
     assert out["semantic"].tolist() == [False, True, True]
@@ -157,10 +194,27 @@ def lens_tables(vocab: list[str], groups: dict[int, list[int]], seed: int, n_can
             rest = [t for t in rng.permutation(len(vocab)).tolist() if t not in head][: n_candidates - len(head)]
             for rank, t in enumerate(head + rest, 1):
                 value = (6.0 if rank <= len(head) else 3.0) + rng.normal(0, 0.1)
-                tok.append({"sample": sample, "feature": f, "side": "top", "rank": rank, "token_id": t, "token": vocab[t],
-                            "value": value})
-            stats.append({"sample": sample, "feature": f, "mean": 0.0, "std": 1.0, "top1_cosine": 0.1,
-                          "softmax_entropy": (2.0 if coherent else 8.0) + rng.normal(0, 0.1)})
+                tok.append(
+                    {
+                        "sample": sample,
+                        "feature": f,
+                        "side": "top",
+                        "rank": rank,
+                        "token_id": t,
+                        "token": vocab[t],
+                        "value": value,
+                    }
+                )
+            stats.append(
+                {
+                    "sample": sample,
+                    "feature": f,
+                    "mean": 0.0,
+                    "std": 1.0,
+                    "top1_cosine": 0.1,
+                    "softmax_entropy": (2.0 if coherent else 8.0) + rng.normal(0, 0.1),
+                }
+            )
     return pd.DataFrame(tok), pd.DataFrame(stats)
 
 
@@ -176,15 +230,19 @@ def synthetic_release():
             vocab.append(" " + stem + suffix)
             vec_rows.append(centres[g] + 0.3 * rng.normal(size=16))
         groups_tokens[g] = ids
-    for i in range(400):
+    for _ in range(400):
         vocab.append("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 5)))
         vec_rows.append(rng.normal(size=16))
     vectors = np.asarray(vec_rows, dtype=np.float32)
     groups = {f: groups_tokens[f % len(stems)] for f in range(0, 60, 3)}  # 20 of 60 features coherent
     out_tok, out_stats = lens_tables(vocab, groups, seed=2)
     in_tok, in_stats = lens_tables(vocab, groups, seed=3)
-    lens = {"output_lens_tokens": out_tok, "output_lens_stats": out_stats, "input_lens_tokens": in_tok,
-            "input_lens_stats": in_stats}
+    lens = {
+        "output_lens_tokens": out_tok,
+        "output_lens_stats": out_stats,
+        "input_lens_tokens": in_tok,
+        "input_lens_stats": in_stats,
+    }
     return lens, vectors, groups
 
 

@@ -41,12 +41,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.storage import TableStore
-from orchestration.jobs import REPORT_ASSETS, SAE_ASSETS
-from scripts.local_cluster import celery_workers, init_instance, missing_prerequisites, postgres, redis
 from core.discovery import discover_saes
+from core.storage import TableStore
 from orchestration.cli import materialize_all
+from orchestration.jobs import REPORT_ASSETS, SAE_ASSETS
 from orchestration.partitions import sae_partitions
+from scripts.local_cluster import celery_workers, init_instance, missing_prerequisites, postgres, redis
 from tests.planted_chain import chain_resources
 
 pytestmark = pytest.mark.system
@@ -71,8 +71,15 @@ def event_rows(instance, run_id: str) -> list[dict]:
         if event.event_type_value == "ENGINE_EVENT" and event.engine_event_data is not None:
             metadata = {k: getattr(v, "value", v) for k, v in (event.engine_event_data.metadata or {}).items()}
         rows.append(
-            dict(run_id=run_id, type=event.event_type_value, step=event.step_key, t=entry.timestamp, pid=event.pid,
-                 message=event.message or "", metadata=metadata)
+            dict(
+                run_id=run_id,
+                type=event.event_type_value,
+                step=event.step_key,
+                t=entry.timestamp,
+                pid=event.pid,
+                message=event.message or "",
+                metadata=metadata,
+            )
         )
     return rows
 
@@ -90,6 +97,7 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     assert not missing, f"missing {', '.join(missing)}: run `python scripts/local_cluster.py install` first"
 
     import dagster as dg
+
     from orchestration.cluster import resource_config
 
     home, data, reference_dir = tmp_path / "dagster_home", tmp_path / "data", tmp_path / "reference"
@@ -107,14 +115,20 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     shutil.copy(ROOT / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
     worker_config = ROOT / "deploy" / "celery" / "worker.yaml"
     resources_yaml = tmp_path / "resources.yaml"
-    resources_yaml.write_text(yaml.safe_dump(resource_config(chain_resources(planted_cache, data, circuit_layers="all"))))
+    resources_yaml.write_text(
+        yaml.safe_dump(resource_config(chain_resources(planted_cache, data, circuit_layers="all")))
+    )
 
     service_parent = Path("/tmp")  # pytest's tmp dirs are private to root; the postgres user must reach its dir
     t = time.monotonic()
     with postgres(service_parent) as pg, redis(service_parent) as broker:
         env = {
-            **os.environ, **pg.env(), "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1",
-            "WEIGHTLENS_CELERY_BROKER": broker.url(0), "WEIGHTLENS_CELERY_BACKEND": broker.url(1),
+            **os.environ,
+            **pg.env(),
+            "DAGSTER_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "WEIGHTLENS_CELERY_BROKER": broker.url(0),
+            "WEIGHTLENS_CELERY_BACKEND": broker.url(1),
             "PYTHONPATH": str(ROOT),
         }
         timings["services"] = time.monotonic() - t
@@ -124,17 +138,33 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
             timings["workers_ready"] = time.monotonic() - t
             t = time.monotonic()
             done = subprocess.run(
-                [sys.executable, "-m", "orchestration.cluster", "run-partitions",
-                 "-c", str(resources_yaml), "--parallel", str(len(keys)), "--log-dir", str(tmp_path / "runs"), "--report",
-                 *keys],
-                env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestration.cluster",
+                    "run-partitions",
+                    "-c",
+                    str(resources_yaml),
+                    "--parallel",
+                    str(len(keys)),
+                    "--log-dir",
+                    str(tmp_path / "runs"),
+                    "--report",
+                    *keys,
+                ],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1200,
             )
             timings["runs"] = time.monotonic() - t
             worker_logs = {w.node: w.log.read_text(errors="replace") for w in workers}
         full_run_logs = {p: p.read_text(errors="replace") for p in sorted((tmp_path / "runs").rglob("*.log"))}
         run_logs = "\n".join(text[-4000:] for text in full_run_logs.values())
-        assert done.returncode == 0, f"{done.stderr[-3000:]}\n--- run logs ---\n{run_logs}\n--- workers ---\n" + "\n".join(
-            log[-3000:] for log in worker_logs.values()
+        assert done.returncode == 0, (
+            f"{done.stderr[-3000:]}\n--- run logs ---\n{run_logs}\n--- workers ---\n"
+            + "\n".join(log[-3000:] for log in worker_logs.values())
         )
 
         # What the PostgreSQL instance recorded.
@@ -156,7 +186,9 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     report_steps = [r for r in starts if r["run_id"] == report_run.run_id]
     assert len(starts) - len(report_steps) == len(SAE_ASSETS) * len(keys) and len(report_steps) == len(REPORT_ASSETS)
     assert all(r["pid"] != orchestrator_pid[r["run_id"]] for r in starts)
-    handed = [r for r in events if r["type"] == "ENGINE_EVENT" and "Celery worker" in r["metadata"]]  # the worker's "Executing steps"
+    handed = [
+        r for r in events if r["type"] == "ENGINE_EVENT" and "Celery worker" in r["metadata"]
+    ]  # the worker's "Executing steps"
     steps_by_worker = defaultdict(list)
     for r in handed:
         steps_by_worker[r["metadata"]["Celery worker"]].append(f"{r['run_id'][:8]}:{r['step']}")
@@ -167,29 +199,56 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
 
     # The compute pool (limit 1) held across the three runs and two workers.
     ends = {(r["run_id"], r["step"]): r["t"] for r in events if r["type"] == "STEP_SUCCESS"}
-    intervals = [(r["t"], ends[(r["run_id"], r["step"])], f"{r['run_id'][:8]}:{r['step']}") for r in starts if r["step"] in COMPUTE_STEPS]
+    intervals = [
+        (r["t"], ends[(r["run_id"], r["step"])], f"{r['run_id'][:8]}:{r['step']}")
+        for r in starts
+        if r["step"] in COMPUTE_STEPS
+    ]
     assert len(intervals) == len(COMPUTE_STEPS) * len(keys)
     assert overlaps(intervals) == []
     # And it gated them: the Celery executor submits every ready step at once (submission does not wait for a
     # free worker), so a compute step that was ready (both weights steps of its run done) before another
     # compute step ended, and was submitted only after that one ended, waited for the pool's slot.
-    ready = {run.run_id: max(r["t"] for r in events if r["run_id"] == run.run_id and r["type"] == "STEP_SUCCESS"
-                             and r["step"] in WEIGHT_STEPS) for run in runs}
-    submitted = {(r["run_id"], r["step"]): r["t"] for r in events if r["type"] == "ENGINE_EVENT" and r["message"].startswith("Submitting celery task")}
+    ready = {
+        run.run_id: max(
+            r["t"]
+            for r in events
+            if r["run_id"] == run.run_id and r["type"] == "STEP_SUCCESS" and r["step"] in WEIGHT_STEPS
+        )
+        for run in runs
+    }
+    submitted = {
+        (r["run_id"], r["step"]): r["t"]
+        for r in events
+        if r["type"] == "ENGINE_EVENT" and r["message"].startswith("Submitting celery task")
+    }
     waited = sorted(
-        {f"{r['run_id'][:8]}:{r['step']}" for r in starts if r["step"] in COMPUTE_STEPS
-         for _, end, other in intervals
-         if other != f"{r['run_id'][:8]}:{r['step']}" and ready[r["run_id"]] < end <= submitted[(r["run_id"], r["step"])]}
+        {
+            f"{r['run_id'][:8]}:{r['step']}"
+            for r in starts
+            if r["step"] in COMPUTE_STEPS
+            for _, end, other in intervals
+            if other != f"{r['run_id'][:8]}:{r['step']}"
+            and ready[r["run_id"]] < end <= submitted[(r["run_id"], r["step"])]
+        }
     )
     timeline = sorted(
         [(t, f"{run_id[:8]} weights done") for run_id, t in ready.items()]
-        + [(a, f"{name} start") for a, _, name in intervals] + [(b, f"{name} end") for _, b, name in intervals]
+        + [(a, f"{name} start") for a, _, name in intervals]
+        + [(b, f"{name} end") for _, b, name in intervals]
         + [(t, f"{run_id[:8]}:{step} submitted") for (run_id, step), t in submitted.items() if step in COMPUTE_STEPS]
     )
-    assert waited, "no compute step ever waited for the pool: the runs did not contend, the test proves nothing\n" + "\n".join(
-        f"{t - timeline[0][0]:7.2f} {what}" for t, what in timeline
+    assert waited, (
+        "no compute step ever waited for the pool: the runs did not contend, the test proves nothing\n"
+        + "\n".join(f"{t - timeline[0][0]:7.2f} {what}" for t, what in timeline)
     )
-    run_windows = sorted((min(r["t"] for r in events if r["run_id"] == run.run_id), max(r["t"] for r in events if r["run_id"] == run.run_id)) for run in runs)
+    run_windows = sorted(
+        (
+            min(r["t"] for r in events if r["run_id"] == run.run_id),
+            max(r["t"] for r in events if r["run_id"] == run.run_id),
+        )
+        for run in runs
+    )
     assert any(b[0] < a[1] for a, b in zip(run_windows, run_windows[1:])), "the runs never ran at the same time"
 
     # Results identical to the single-process run.
@@ -223,8 +282,11 @@ def test_celery_workers_on_postgres_spread_partitions_keep_the_pool_and_match_si
     summary = {
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "steps_by_worker": {k: len(v) for k, v in steps_by_worker.items()},
-        "compute_steps": len(intervals), "compute_steps_that_waited_for_the_pool": len(waited),
-        "tables_compared": compared, "rows_compared": rows, "byte_identical_files": identical_bytes,
+        "compute_steps": len(intervals),
+        "compute_steps_that_waited_for_the_pool": len(waited),
+        "tables_compared": compared,
+        "rows_compared": rows,
+        "byte_identical_files": identical_bytes,
     }
     print("cluster test:", json.dumps(summary))
     (tmp_path / "summary.json").write_text(json.dumps(summary, indent=1))

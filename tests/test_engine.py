@@ -6,6 +6,7 @@ smallest column blocks) and torch's (CUDA, or a machine without a C++ compiler).
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +45,6 @@ def reference(scores: Tensor, k: int) -> dict[str, Tensor]:
         "softmax_entropy": torch.special.entr(p).sum(1),  # -p log p, 0 at p = 0
         "topk_mass": p.gather(1, top_ids).sum(1),
     }
-
 
 
 @pytest.fixture(autouse=True, params=["native", "native-64-column-blocks", "torch"])
@@ -88,7 +88,9 @@ def budget_for(tile: int, n_b: int) -> int:
 def test_ties_match_reference_for_any_tile(tile: int, n_a: int) -> None:
     left, right = integer_inputs(n_a, 50)
     calls: list[tuple[int, int]] = []
-    got = row_stats(left, right, k=6, memory_budget_bytes=budget_for(tile, 50), progress=lambda d, n: calls.append((d, n)))
+    got = row_stats(
+        left, right, k=6, memory_budget_bytes=budget_for(tile, 50), progress=lambda d, n: calls.append((d, n))
+    )
     assert_matches(got, left @ right.T, 6)
     step = min(tile, n_a)
     assert calls == [(min(n_a, s + step), n_a) for s in range(0, n_a, step)]
@@ -125,13 +127,15 @@ def test_long_rows_exact() -> None:
     heavy ties, heavy tails, a constant row (an empty bracket range) and a sorted row."""
     g = torch.Generator().manual_seed(8)
     n = 120_000
-    scores = torch.stack([
-        torch.randn(n, generator=g),
-        torch.randint(-3, 4, (n,), generator=g).float(),
-        torch.randn(n, generator=g) ** 5,
-        torch.full((n,), 2.5),
-        torch.linspace(-1, 1, n),
-    ])
+    scores = torch.stack(
+        [
+            torch.randn(n, generator=g),
+            torch.randint(-3, 4, (n,), generator=g).float(),
+            torch.randn(n, generator=g) ** 5,
+            torch.full((n,), 2.5),
+            torch.linspace(-1, 1, n),
+        ]
+    )
     assert_matches(row_stats(torch.eye(len(scores)), scores.T.contiguous(), k=7), scores, 7)  # I @ scores = scores
 
 
@@ -205,4 +209,3 @@ def test_property_random_shapes(n_a: int, n_b: int, k_frac: float, tile: int, ti
         assert_matches(got, scores, k)
     else:
         assert got.top_ids.shape == (0, k)
-

@@ -18,8 +18,13 @@ from core.output_lens import output_lens
 pytestmark = pytest.mark.unit
 
 TINY = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
 )
 
 
@@ -59,7 +64,11 @@ def test_checkpoint_is_sharded_and_geometry_matches_config(arch, tmp_path):
     assert g.tied_embeddings == (arch == "gemma2")
     if arch == "gemma2":
         assert g.attn_scale == pytest.approx(24**-0.5)
-        assert (g.attn_softcap, g.final_softcap) == (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
+        assert (
+            (g.attn_softcap, g.final_softcap)
+            == (cfg.attn_logit_softcapping, cfg.final_logit_softcapping)
+            == (50.0, 30.0)
+        )
     else:
         assert g.attn_scale == pytest.approx(16**-0.5)
         assert (g.attn_softcap, g.final_softcap) == (None, None)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import io
 
 import dagster as dg
-from dagster._core.definitions.partitions.context import partition_loading_context
 import numpy as np
 import pytest
+from dagster._core.definitions.partitions.context import partition_loading_context
 
 from core.hub_cache import write_snapshot
 from core.planted import generate
@@ -29,8 +29,13 @@ KEYS = [f"planted-gemma:layer_{layer}/width_512/average_l0_32" for layer in (0, 
 def requested(result: dg.EvaluateAutomationConditionsResult, instance: dg.DagsterInstance) -> dict[str, set[str]]:
     """Asset name -> the partition keys the evaluation requests (``(unpartitioned)`` for unpartitioned assets)."""
     with partition_loading_context(dynamic_partitions_store=instance):
-        return {r.key.to_user_string(): set(r.true_subset.expensively_compute_partition_keys())
-                if r.true_subset.is_partitioned else {"(unpartitioned)"} for r in result.results if r.true_subset.size}
+        return {
+            r.key.to_user_string(): set(r.true_subset.expensively_compute_partition_keys())
+            if r.true_subset.is_partitioned
+            else {"(unpartitioned)"}
+            for r in result.results
+            if r.true_subset.size
+        }
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,11 @@ def sensor_runs(world) -> dict[str, str] | str:
     result = sae_release_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     if isinstance(result, dg.SkipReason):
         return result.skip_message
-    return {r.partition_key: r.tags["weightlens/reason"] for r in result.run_requests if r.partition_key.startswith("planted-gemma")}
+    return {
+        r.partition_key: r.tags["weightlens/reason"]
+        for r in result.run_requests
+        if r.partition_key.startswith("planted-gemma")
+    }
 
 
 def observed_vs_materialised(world) -> dict[str, bool]:
@@ -66,9 +75,13 @@ def observed_vs_materialised(world) -> dict[str, bool]:
     assert defs.resolve_job_def("observe_sae_files").execute_in_process(instance=instance, resources=resources).success
     same = {}
     for key in KEYS:
-        def latest(fetch, asset):
-            (record,) = fetch(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1).records
+
+        def latest(fetch, asset, key=key):
+            (record,) = fetch(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
+            ).records
             return record.event_log_entry.dagster_event.event_specific_data
+
         observed = latest(instance.fetch_observations, "sae_files").asset_observation.data_version
         stored = latest(instance.fetch_materializations, "sae_weights").materialization.tags["dagster/data_version"]
         same[key] = observed == stored
@@ -79,15 +92,21 @@ def test_nothing_reruns_when_nothing_changed(world):
     instance = world[0]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert requested(first, instance) == {}
-    assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor), instance) == {}
+    assert (
+        requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor), instance) == {}
+    )
     runs = sensor_runs(world)
     assert isinstance(runs, str) or runs == {}  # planted-llama is not in this cache: only a problem, no run
 
 
 def bumped(*names: str) -> dg.Definitions:
     """The definitions with the code version of the assets ``names`` changed."""
-    assets = [a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped"))
-              if a.key.to_user_string() in names else a for a in ALL_ASSETS]
+    assets = [
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version="bumped"))
+        if a.key.to_user_string() in names
+        else a
+        for a in ALL_ASSETS
+    ]
     return dg.Definitions(assets=assets, resources=defs.resources)
 
 
@@ -95,8 +114,15 @@ def test_code_version_bump_reruns_cheap_assets_only(world):
     instance = world[0]
     cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
     # a pool-"compute" asset's code change is never re-queued silently (GPU-hours on a real release)
-    assert requested(dg.evaluate_automation_conditions(defs=bumped("lens_tables", "circuit_tables"),
-                                                       instance=instance, cursor=cursor), instance) == {}
+    assert (
+        requested(
+            dg.evaluate_automation_conditions(
+                defs=bumped("lens_tables", "circuit_tables"), instance=instance, cursor=cursor
+            ),
+            instance,
+        )
+        == {}
+    )
     result = dg.evaluate_automation_conditions(defs=bumped("feature_classes"), instance=instance, cursor=cursor)
     assert requested(result, instance) == {"feature_classes": set(KEYS)}  # the report follows once they are rebuilt
 
@@ -120,7 +146,9 @@ def test_a_rematerialised_partition_makes_the_automation_sensor_rebuild_the_repo
     coverage = resources["store"].tables().read("sae_coverage", "planted-gemma")
     sae_id = missing.partition(":")[2]
     assert dict(zip(coverage["sae_id"], coverage["status"])) == {
-        sae_id: "missing", **{key.partition(":")[2]: "analysed" for key in KEYS}}
+        sae_id: "missing",
+        **{key.partition(":")[2]: "analysed" for key in KEYS},
+    }
     (statistics,) = [m for m in run.asset_materializations_for_node("claim_statistics")]
     assert statistics.metadata["planted-gemma/missing_saes"].value == [sae_id]
     report = (resources["store"].artifacts("reports") / "planted-gemma" / "report.md").read_text()
@@ -143,12 +171,26 @@ def test_rewritten_sae_reruns_only_its_partition(world):
     # the observable source sees exactly that SAE's bytes change; the sensor agrees
     assert observed_vs_materialised(world) == {KEYS[0]: True, KEYS[1]: False}
     assert sensor_runs(world) == {KEYS[1]: "changed: sae_fingerprint"}
-    before = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
+    before = {
+        k: len(
+            instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10
+            ).records
+        )
+        for k in KEYS
+    }
     result = sae_chain_job.resolve(asset_graph=defs.resolve_asset_graph()).execute_in_process(
         instance=instance, partition_key=KEYS[1], resources=resources
     )
     assert result.success
-    after = {k: len(instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10).records) for k in KEYS}
+    after = {
+        k: len(
+            instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("lens_tables"), asset_partitions=[k]), limit=10
+            ).records
+        )
+        for k in KEYS
+    }
     assert after == {KEYS[0]: before[KEYS[0]], KEYS[1]: before[KEYS[1]] + 1}
     runs = sensor_runs(world)
     assert isinstance(runs, str) or runs == {}  # up to date again

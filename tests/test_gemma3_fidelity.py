@@ -33,8 +33,15 @@ from tests.test_circuits_fidelity import assert_ov_circuits_match, assert_qk_cir
 pytestmark = pytest.mark.unit
 
 TINY = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=4,
     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
 )
 CAPS = {"plain": {}, "capped": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
@@ -74,7 +81,14 @@ def test_geometry_reads_the_gemma3_config(tiny):
     model, ckpt, _, _ = tiny
     g, cfg = ckpt.geometry, model.config
     assert (g.architecture, g.d_model, g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.vocab_size) == (
-        "gemma3", 64, 3, 4, 2, 16, 300)
+        "gemma3",
+        64,
+        3,
+        4,
+        2,
+        16,
+        300,
+    )
     assert g.tied_embeddings and g.qk_norm and g.post_attention_norm and g.tensor_prefix == "model."
     assert g.attn_scale == pytest.approx(24**-0.5) and g.embedding_scale == 8.0 and g.norm_offset == 1.0
     assert g.attn_softcap is None  # Gemma3Attention ignores attn_logit_softcapping
@@ -115,8 +129,10 @@ def test_qk_norm_is_not_optional(tiny):
     circuit = Circuit("encoder_embedding", "qk_feature_query", 0, 0)
     with_norm = circuit_scores(features, circuit, operands)
     bare = VocabOperands(ckpt, DEVICE)
-    bare._layer = (0, ckpt.attention(0).__class__(**{**vars(ckpt.attention(0)), "q_norm_gain": None,
-                                                      "k_norm_gain": None}))
+    bare._layer = (
+        0,
+        ckpt.attention(0).__class__(**{**vars(ckpt.attention(0)), "q_norm_gain": None, "k_norm_gain": None}),
+    )
     assert not torch.allclose(circuit_scores(features, circuit, bare), with_norm, rtol=1e-2)
 
 
@@ -151,9 +167,16 @@ def test_multimodal_wrapper_layout_reads_the_same_geometry(tiny, tmp_path):
     ``text_config``, tensors under ``language_model.model.``; same lens and circuits as the flat checkpoint."""
     model, ckpt, operands, features = tiny
     flat = json.loads((ckpt.root / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "tie_word_embeddings": True,
-         "text_config": {k: v for k, v in flat.items() if k not in ("architectures", "tie_word_embeddings")}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gemma3",
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "tie_word_embeddings": True,
+                "text_config": {k: v for k, v in flat.items() if k not in ("architectures", "tie_word_embeddings")},
+            }
+        )
+    )
     index = json.loads((ckpt.root / INDEX_FILE).read_text())
     index["weight_map"] = {"language_model." + k: v for k, v in index["weight_map"].items()}
     (tmp_path / INDEX_FILE).write_text(json.dumps(index))
@@ -163,10 +186,13 @@ def test_multimodal_wrapper_layout_reads_the_same_geometry(tiny, tmp_path):
     assert wrapped.geometry.tensor_prefix == "language_model.model."
     assert {**vars(wrapped.geometry), "tensor_prefix": "model."} == vars(ckpt.geometry)
     assert set(ModelCheckpoint.needed_tensors(wrapped.geometry)) <= set(wrapped.weight_map)
-    torch.testing.assert_close(output_lens(features, wrapped, k=K).top_values, output_lens(features, ckpt, k=K).top_values)
+    torch.testing.assert_close(
+        output_lens(features, wrapped, k=K).top_values, output_lens(features, ckpt, k=K).top_values
+    )
     circuit = Circuit("encoder_embedding", "qk_feature_key", 2, 3)
-    torch.testing.assert_close(circuit_scores(features, circuit, VocabOperands(wrapped, DEVICE)),
-                               circuit_scores(features, circuit, operands))
+    torch.testing.assert_close(
+        circuit_scores(features, circuit, VocabOperands(wrapped, DEVICE)), circuit_scores(features, circuit, operands)
+    )
 
 
 def test_sparse_config_takes_transformers_defaults():
@@ -175,7 +201,12 @@ def test_sparse_config_takes_transformers_defaults():
     g = ModelGeometry.from_config({"model_type": "gemma3", "text_config": sparse})
     ref = Gemma3TextConfig(**sparse)
     assert (g.n_heads, g.n_kv_heads, g.head_dim, g.vocab_size, g.rms_norm_eps) == (
-        ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim, ref.vocab_size, ref.rms_norm_eps)
+        ref.num_attention_heads,
+        ref.num_key_value_heads,
+        ref.head_dim,
+        ref.vocab_size,
+        ref.rms_norm_eps,
+    )
     assert g.attn_scale == pytest.approx(ref.query_pre_attn_scalar**-0.5)
     assert g.layer_types == tuple(ref.layer_types) and g.tied_embeddings == ref.tie_word_embeddings
     assert g.final_softcap is None and g.attn_softcap is None

@@ -66,8 +66,7 @@ def test_hf_hub_download_and_snapshot_download_read_it(tmp_path: Path, weights_f
         assert Path(got).read_bytes() == expected
     snap = snapshot_download(REPO, cache_dir=cache, local_files_only=True)
     assert Path(snap) == repo_cache_dir(cache, REPO) / "snapshots" / sha
-    assert sorted(p.relative_to(snap).as_posix() for p in Path(snap).rglob("*") if p.is_file()) == \
-        sorted(files)
+    assert sorted(p.relative_to(snap).as_posix() for p in Path(snap).rglob("*") if p.is_file()) == sorted(files)
 
 
 def test_hf_hub_offline_env_reads_it(tmp_path: Path, weights_file: Path) -> None:
@@ -79,8 +78,9 @@ def test_hf_hub_offline_env_reads_it(tmp_path: Path, weights_file: Path) -> None
         f"print(snapshot_download({REPO!r}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[0] == '{"a": 1}'
     assert Path(out[1]).parent == repo_cache_dir(cache, REPO) / "snapshots"
 
@@ -94,8 +94,7 @@ def test_second_revision_overlays_base_and_keeps_first(tmp_path: Path, weights_f
     assert (repo / "refs" / "main").read_text() == second
     assert sorted(p.name for p in (repo / "snapshots").iterdir()) == sorted([first, second])
     assert read_tree(cache, REPO, first).keys() < read_tree(cache, REPO).keys()
-    old = hf_hub_download(REPO, "config.json", revision=first, cache_dir=cache,
-                          local_files_only=True)
+    old = hf_hub_download(REPO, "config.json", revision=first, cache_dir=cache, local_files_only=True)
     new = hf_hub_download(REPO, "config.json", cache_dir=cache, local_files_only=True)
     assert Path(old).read_bytes() == b'{"a": 1}' and Path(new).read_bytes() == b'{"a": 2}'
     kept = hf_hub_download(REPO, "a/b/c/deep.npz", cache_dir=cache, local_files_only=True)

@@ -28,24 +28,41 @@ REAL_REPO = "google/gemma-scope-2b-pt-res"
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """This process's environment without hub or project locations: a user's fresh shell, homed in tmp_path."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGING", "WEIGHTLENS_", "DAGSTER_", "MPLCONFIGDIR"))}
-    return {**env, "HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf-home"),
-            "WEIGHTLENS_DATA_DIR": str(tmp_path / "data"), **extra}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGING", "WEIGHTLENS_", "DAGSTER_", "MPLCONFIGDIR"))
+    }
+    return {
+        **env,
+        "HOME": str(tmp_path / "home"),
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "WEIGHTLENS_DATA_DIR": str(tmp_path / "data"),
+        **extra,
+    }
 
 
 def sourced(env: dict[str, str], command: str) -> str:
     """stdout of ``command`` run after ``source scripts/env.sh``."""
-    proc = subprocess.run(["bash", "-c", f"source scripts/env.sh && {command}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-c", f"source scripts/env.sh && {command}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
 def test_env_sh_keeps_huggingface_hubs_cache_and_gives_the_planted_releases_their_own(tmp_path):
-    show = 'echo "${HF_HUB_CACHE-unset}|$WEIGHTLENS_PLANTED_CACHE|$(python -c "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)")"'
-    assert sourced(clean_env(tmp_path), show).strip() == \
-        f"unset|{tmp_path / 'data' / 'planted-hub'}|{tmp_path / 'hf-home' / 'hub'}"
+    hub_cache = 'python -c "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)"'
+    show = f'echo "${{HF_HUB_CACHE-unset}}|$WEIGHTLENS_PLANTED_CACHE|$({hub_cache})"'
+    assert (
+        sourced(clean_env(tmp_path), show).strip()
+        == f"unset|{tmp_path / 'data' / 'planted-hub'}|{tmp_path / 'hf-home' / 'hub'}"
+    )
     mine = clean_env(tmp_path, HF_HUB_CACHE=str(tmp_path / "mine"), WEIGHTLENS_PLANTED_CACHE=str(tmp_path / "p"))
     assert sourced(mine, show).strip() == f"{tmp_path / 'mine'}|{tmp_path / 'p'}|{tmp_path / 'mine'}"
 
@@ -71,8 +88,7 @@ def test_each_repository_comes_from_its_cache_and_neither_cache_gets_the_others(
     assert not repo_cache_dir(hub_cache, PLANTED.sae_repo).exists()
     assert not repo_cache_dir(planted, REAL_REPO).exists()
     with pytest.raises(HubError, match="is not in"):  # a real repository is never looked for in the planted cache
-        marker(HubResource(cache_dir=str(planted), planted_cache_dir=str(hub_cache), offline=True).client(),
-               REAL_REPO)
+        marker(HubResource(cache_dir=str(planted), planted_cache_dir=str(hub_cache), offline=True).client(), REAL_REPO)
 
 
 def test_huggingface_hubs_default_cache_is_the_hub_cache_when_none_is_configured(caches, monkeypatch):
@@ -92,8 +108,9 @@ def test_a_hub_cache_that_holds_a_planted_repository_is_read_first(caches, monke
 
 
 def test_a_missing_planted_release_names_both_caches_and_how_to_generate_it(tmp_path):
-    hub = HubResource(cache_dir=str(tmp_path / "hub-cache"), planted_cache_dir=str(tmp_path / "planted"),
-                      offline=True).client()
+    hub = HubResource(
+        cache_dir=str(tmp_path / "hub-cache"), planted_cache_dir=str(tmp_path / "planted"), offline=True
+    ).client()
     with pytest.raises(HubError) as error:
         hub.fetch(PLANTED.sae_repo, ["marker.txt"])
     message = str(error.value)

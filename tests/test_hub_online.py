@@ -51,17 +51,22 @@ def run_client(endpoint: str, cache: Path, code: str, token: str | None = None) 
     """Run ``code`` (which sets ``result``) in a fresh interpreter pointed at ``endpoint``; returns
     (result as JSON, everything the process printed or logged)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf-home"),
-               HF_DEBUG="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HUB_CACHE=str(cache),
+        HF_HOME=str(cache.parent / "hf-home"),
+        HF_DEBUG="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     if token is not None:
         env["HF_TOKEN"] = token
     script = PRELUDE + code + '\nprint("RESULT " + json.dumps(result))\n'
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=90)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), output
+    return json.loads(line[len("RESULT ") :]), output
 
 
 def cached_bytes(cache: Path, repo: str, revision: str = "main") -> dict[str, bytes]:
@@ -89,12 +94,16 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fetch_downloads_only_allowed_files_then_reads_them_offline(source: Path, tmp_path: Path) -> None:
     client = tmp_path / "cache"
     with FakeHub(source) as hub:
-        result, _ = run_client(hub.url, client, f"""
+        result, _ = run_client(
+            hub.url,
+            client,
+            f"""
 result = {{repo: [s.revision, s.files()] for repo, s in (
     ({SAE_REPO!r}, HUB.fetch({SAE_REPO!r}, {SAE_FILES!r})),
     ({MODEL_REPO!r}, HUB.fetch({MODEL_REPO!r}, ["*.json"])),
 )}}
-""")
+""",
+        )
     json_files = sorted(p for p in read_tree(source, MODEL_REPO) if p.endswith(".json"))
     expected = {SAE_REPO: SAE_FILES, MODEL_REPO: json_files}
     for repo, files in expected.items():
@@ -122,9 +131,13 @@ result = {{repo: [s.revision, s.files()] for repo, s in (
 
 def test_list_blobs_online_equals_offline_listing(source: Path, tmp_path: Path) -> None:
     with FakeHub(source, page_size=2) as hub:  # small pages: the tree listing follows Link headers
-        online, _ = run_client(hub.url, tmp_path / "cache", f"""
+        online, _ = run_client(
+            hub.url,
+            tmp_path / "cache",
+            f"""
 result = {{repo: HUB.list_blobs(repo) for repo in ({SAE_REPO!r}, {MODEL_REPO!r})}}
-""")
+""",
+        )
     assert any("cursor=" in r.path for r in hub.requests if "/tree/" in r.path)
     assert resolve_requests(hub) == []  # a listing downloads nothing
     for repo in (SAE_REPO, MODEL_REPO):
@@ -161,14 +174,18 @@ def test_gated_repo_needs_the_token_which_is_never_revealed(source: Path, tmp_pa
 
 def test_unknown_revision_and_repository(source: Path, tmp_path: Path) -> None:
     with FakeHub(source) as hub:
-        result, _ = run_client(hub.url, tmp_path / "cache", f"""
+        result, _ = run_client(
+            hub.url,
+            tmp_path / "cache",
+            f"""
 result = [attempt(lambda: HUB.fetch({SAE_REPO!r}, ["planted_truth.json"], revision=rev).revision)
           for rev in ("no-such-branch", "0" * 40)]
 result += [attempt(lambda: HUB.fetch("planted/no-such-repo", ["config.json"]).revision),
            attempt(lambda: HUB.list_blobs({SAE_REPO!r}, "no-such-branch")),
            attempt(lambda: HUB.list_blobs("planted/no-such-repo")),
            attempt(lambda: HUB.fetch({SAE_REPO!r}, ["no-such-file.json"]).revision)]
-""")
+""",
+        )
     errors = [r.get("error", r) for r in result]
     assert "revision 'no-such-branch' not found" in errors[0]
     assert f"revision '{'0' * 40}' not found" in errors[1]
@@ -181,13 +198,17 @@ result += [attempt(lambda: HUB.fetch("planted/no-such-repo", ["config.json"]).re
 def test_unreachable_hub_is_a_hub_error(source: Path, tmp_path: Path) -> None:
     with FakeHub(source) as hub:
         endpoint = hub.url
-    result, _ = run_client(endpoint, tmp_path / "cache", f"""
+    result, _ = run_client(
+        endpoint,
+        tmp_path / "cache",
+        f"""
 try:
     result = [attempt(lambda: HUB.fetch({SAE_REPO!r}, ["planted_truth.json"]).revision),
               attempt(lambda: HUB.list_blobs({SAE_REPO!r}))]
 except Exception as exc:
     result = [type(exc).__module__ + "." + type(exc).__name__]
-""")
+""",
+    )
     assert len(result) == 2, result
     assert "is not in" in result[0]["error"] and "not reachable" in result[1]["error"]
 
@@ -197,14 +218,18 @@ def test_planted_releases_never_ask_the_hub(source: Path, tmp_path: Path) -> Non
     client = tmp_path / "cache"
     shutil.copytree(source, client, symlinks=True)
     with FakeHub(source) as hub:
-        result, _ = run_client(hub.url, client, """
+        result, _ = run_client(
+            hub.url,
+            client,
+            """
 import dagster as dg
 from orchestration.resources import HubResource
 from orchestration.sensors import sae_release_sensor
 context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
                                   resources={"hub": HubResource(cache_dir=str(HUB.cache_dir), offline=False)})
 result = sorted(r.partition_key for r in sae_release_sensor(context).run_requests)
-""")
+""",
+        )
     assert result == [f"planted-gemma:layer_{layer}/width_512/average_l0_32" for layer in (0, 1)]
     assert hub.requests == []
 

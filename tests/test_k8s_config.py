@@ -46,10 +46,31 @@ KEYS = {
 }
 # Top-level keys of the dagster/dagster chart's values schema (helm/dagster/schema: DagsterHelmValues).
 CHART_KEYS = {
-    "nameOverride", "fullnameOverride", "dagsterWebserver", "dagster-user-deployments", "postgresql",
-    "generatePostgresqlPasswordSecret", "generateCeleryConfigSecret", "rabbitmq", "redis", "flower", "ingress",
-    "imagePullSecrets", "computeLogManager", "scheduler", "runLauncher", "pythonLogs", "dagsterDaemon", "busybox",
-    "migrate", "telemetry", "serviceAccount", "global", "retention", "concurrency", "additionalInstanceConfig",
+    "nameOverride",
+    "fullnameOverride",
+    "dagsterWebserver",
+    "dagster-user-deployments",
+    "postgresql",
+    "generatePostgresqlPasswordSecret",
+    "generateCeleryConfigSecret",
+    "rabbitmq",
+    "redis",
+    "flower",
+    "ingress",
+    "imagePullSecrets",
+    "computeLogManager",
+    "scheduler",
+    "runLauncher",
+    "pythonLogs",
+    "dagsterDaemon",
+    "busybox",
+    "migrate",
+    "telemetry",
+    "serviceAccount",
+    "global",
+    "retention",
+    "concurrency",
+    "additionalInstanceConfig",
 }
 KUBECONFIG = """apiVersion: v1
 kind: Config
@@ -111,7 +132,8 @@ def test_gpu_requests_follow_the_sae_size(k8s_module):
 
     def gpu_mib(key):
         terms = k8s_module.step_k8s_config(key)["pod_spec_config"]["affinity"]["node_affinity"][
-            "required_during_scheduling_ignored_during_execution"]["node_selector_terms"]
+            "required_during_scheduling_ignored_during_execution"
+        ]["node_selector_terms"]
         (expression,) = terms[0]["match_expressions"]
         assert expression["key"] == "nvidia.com/gpu.memory" and expression["operator"] == "Gt"
         return int(expression["values"][0])
@@ -144,7 +166,9 @@ def test_instance_yaml_validates_and_its_parts_build(tmp_path, monkeypatch, laun
         if section == "compute_logs":
             config = {**config, "base_dir": str(tmp_path / "compute_logs")}  # /data exists only in the pods
         cls = klass(part["module"], part["class"])
-        result = process_config(cls.config_type(), config) if hasattr(cls, "config_type") and cls.config_type() else None
+        result = (
+            process_config(cls.config_type(), config) if hasattr(cls, "config_type") and cls.config_type() else None
+        )
         assert result is None or result.success, (section, result.errors)
         cls.from_config_value(None, result.value if result else config)
     assert launcher.job_namespace == "weightlens" and launcher.instance_config_map == "weightlens-dagster-instance"
@@ -161,12 +185,19 @@ def step_pod(k8s_module, launcher, key: str, op: str) -> dict:
     op_tags = next(a.op.tags for a in k8s_module.defs.assets if isinstance(a, dg.AssetsDefinition) and a.op.name == op)
     context = context.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(op_tags)))
     context = context.merge(
-        K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(executor["per_step_k8s_config"].get(op, {})))
+        K8sContainerContext(
+            run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(executor["per_step_k8s_config"].get(op, {}))
+        )
     )
     job_config = context.get_k8s_job_config("registry.example.com/weightlens:0.1.0", launcher)
     manifest = construct_dagster_k8s_job(
-        job_config=job_config, args=["dagster", "api", "execute_step"], job_name="dagster-step-x", pod_name="dagster-step-x",
-        component="step_worker", user_defined_k8s_config=context.run_k8s_config, labels={"dagster/op": op},
+        job_config=job_config,
+        args=["dagster", "api", "execute_step"],
+        job_name="dagster-step-x",
+        pod_name="dagster-step-x",
+        component="step_worker",
+        user_defined_k8s_config=context.run_k8s_config,
+        labels={"dagster/op": op},
     )
     return kubernetes.client.ApiClient().sanitize_for_serialization(manifest)
 
@@ -178,11 +209,16 @@ def test_interaction_step_pods_get_a_sized_gpu_and_the_shared_volumes(k8s_module
         (container,) = pod["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
-        expression = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+        expression = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][0]["matchExpressions"][0]
         sizes[name] = int(expression["values"][0])
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         assert {v["name"] for v in pod["volumes"]} >= {"hf-cache", "results"}
-        assert pod["volumes"][[v["name"] for v in pod["volumes"]].index("hf-cache")]["hostPath"]["path"] == "/var/lib/weightlens/hf-cache"
+        assert (
+            pod["volumes"][[v["name"] for v in pod["volumes"]].index("hf-cache")]["hostPath"]["path"]
+            == "/var/lib/weightlens/hf-cache"
+        )
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts["hf-cache"] == "/hf-cache" and mounts["results"] == "/data"
         env = {e["name"]: e.get("value") for e in container["env"]}
@@ -205,9 +241,15 @@ def camel_to_snake_keys(values_launcher: dict) -> dict:
         "image_pull_policy": values_launcher["imagePullPolicy"],
         "env_secrets": [s["name"] for s in values_launcher["envSecrets"]],
         "env_vars": values_launcher["envVars"],
-        "volume_mounts": [k8s_snake_case_dict(kubernetes.client.V1VolumeMount, m) for m in values_launcher["volumeMounts"]],
+        "volume_mounts": [
+            k8s_snake_case_dict(kubernetes.client.V1VolumeMount, m) for m in values_launcher["volumeMounts"]
+        ],
         "volumes": [k8s_snake_case_dict(kubernetes.client.V1Volume, v) for v in values_launcher["volumes"]],
-        "run_k8s_config": {"container_config": k8s_snake_case_dict(kubernetes.client.V1Container, values_launcher["runK8sConfig"]["containerConfig"])},
+        "run_k8s_config": {
+            "container_config": k8s_snake_case_dict(
+                kubernetes.client.V1Container, values_launcher["runK8sConfig"]["containerConfig"]
+            )
+        },
     }
 
 
@@ -227,17 +269,30 @@ def test_helm_values_match_the_instance_and_load_the_code_location():
     assert values["global"]["serviceAccountName"] == launcher["service_account_name"]
     assert values["global"]["dagsterHome"] == launcher["dagster_home"]
     pg = instance["storage"]["postgres"]["postgres_db"]
-    assert (values["postgresql"]["postgresqlHost"], values["postgresql"]["postgresqlUsername"], values["postgresql"]["postgresqlDatabase"],
-            values["postgresql"]["postgresqlScheme"], values["postgresql"]["service"]["port"]) == (
-        pg["hostname"], pg["username"], pg["db_name"], pg["scheme"], pg["port"])
-    assert values["concurrency"]["enabled"] and values["concurrency"]["pools"]["defaultLimit"] == instance["concurrency"]["pools"]["default_limit"]
+    assert (
+        values["postgresql"]["postgresqlHost"],
+        values["postgresql"]["postgresqlUsername"],
+        values["postgresql"]["postgresqlDatabase"],
+        values["postgresql"]["postgresqlScheme"],
+        values["postgresql"]["service"]["port"],
+    ) == (pg["hostname"], pg["username"], pg["db_name"], pg["scheme"], pg["port"])
+    assert (
+        values["concurrency"]["enabled"]
+        and values["concurrency"]["pools"]["defaultLimit"] == instance["concurrency"]["pools"]["default_limit"]
+    )
     daemon = values["dagsterDaemon"]
     assert daemon["runCoordinator"]["type"] == instance["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert values["concurrency"]["runs"]["maxConcurrentRuns"] == instance["concurrency"]["runs"]["max_concurrent_runs"]
     monitoring = instance["run_monitoring"]
-    assert (daemon["runMonitoring"]["startTimeoutSeconds"], daemon["runMonitoring"]["pollIntervalSeconds"],
-            daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"]) == (
-        monitoring["start_timeout_seconds"], monitoring["poll_interval_seconds"], monitoring["free_slots_after_run_end_seconds"])
+    assert (
+        daemon["runMonitoring"]["startTimeoutSeconds"],
+        daemon["runMonitoring"]["pollIntervalSeconds"],
+        daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"],
+    ) == (
+        monitoring["start_timeout_seconds"],
+        monitoring["poll_interval_seconds"],
+        monitoring["free_slots_after_run_end_seconds"],
+    )
     custom = values["computeLogManager"]["config"]["customComputeLogManager"]
     assert {k: custom[k] for k in ("module", "class", "config")} == instance["compute_logs"]
     # Webserver volumes and the user-code server's resources parse as Kubernetes objects.

@@ -47,12 +47,17 @@ def rates(tmp_path_factory):
     d = checkpoint.geometry.d_model
     lean = torch.randn(D_SAE, N_HEAVY, generator=gen) @ box["u"]
     decoder = torch.randn(D_SAE, d, generator=gen) / d**0.5 + 0.5 * lean
-    sae = SaeWeights(torch.randn(d, D_SAE, generator=gen), decoder, torch.zeros(D_SAE), torch.zeros(d),
-                     torch.zeros(D_SAE), "leaning random SAE")
+    sae = SaeWeights(
+        torch.randn(d, D_SAE, generator=gen),
+        decoder,
+        torch.zeros(D_SAE),
+        torch.zeros(d),
+        torch.zeros(D_SAE),
+        "leaning random SAE",
+    )
     vocabulary = vocabulary_table(folder / "tokenizer.json", checkpoint.geometry.vocab_size)
     lens = lens_stage(sae, checkpoint, vocabulary["token"].tolist(), "anisotropic:sae", N_NULL, EngineSettings())
-    m = lens_measures(lens, normal_tokens(vocabulary), checkpoint.unembedding().numpy(),
-                      checkpoint.embedding().numpy())
+    m = lens_measures(lens, normal_tokens(vocabulary), checkpoint.unembedding().numpy(), checkpoint.embedding().numpy())
     out = {}
     for null in ("isotropic", "matched"):
         rows = call_classes(m, null, 0.99, 10).rows

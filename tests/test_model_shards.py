@@ -19,8 +19,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.data_version import DATA_VERSION_TAG
 import torch
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from safetensors.torch import save, save_file
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -52,15 +52,28 @@ def shard_of(name: str) -> str:
 def three_shard_files() -> dict[str, bytes]:
     """config.json, the index and the three shards of a tiny tied Gemma-2 with Gemma-2-2B's 26 layers."""
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=26,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=26,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+    )
     state = {n: t.detach().clone() for n, t in Gemma2ForCausalLM(config).state_dict().items() if n != "lm_head.weight"}
     weight_map = {name: shard_of(name) for name in sorted(state)}
     files = {shard: save({n: t for n, t in state.items() if weight_map[n] == shard}) for shard in SHARDS}
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
-    return {"config.json": config.to_json_string().encode(),
-            "model.safetensors.index.json": json.dumps(index).encode(), **files}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        "weight_map": weight_map,
+    }
+    return {
+        "config.json": config.to_json_string().encode(),
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        **files,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +85,12 @@ def materialize_model_weights(cache: Path, offline: bool) -> tuple[dict[str, int
     """Run ``model_weights`` for ``KEY`` on an ephemeral instance: (its ``shards`` metadata, its data version)."""
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("sae", [KEY])
-    result = dg.materialize([model_weights], partition_key=KEY, instance=instance,
-                            resources={"hub": HubResource(cache_dir=str(cache), offline=offline)})
+    result = dg.materialize(
+        [model_weights],
+        partition_key=KEY,
+        instance=instance,
+        resources={"hub": HubResource(cache_dir=str(cache), offline=offline)},
+    )
     event = result.asset_materializations_for_node("model_weights")[0]
     return event.metadata["shards"].value, event.tags[DATA_VERSION_TAG]
 
@@ -99,11 +116,16 @@ def test_model_weights_online_downloads_and_lists_only_needed_shards(files, tmp_
     source, client = tmp_path / "source", tmp_path / "client"
     commit = write_snapshot(source, MODEL_REPO, files)
     with FakeHub(source, gated={MODEL_REPO}, token="hf_test_token") as hub:
-        result, _ = run_client(hub.url, client, """
+        result, _ = run_client(
+            hub.url,
+            client,
+            """
 from tests.test_model_shards import materialize_model_weights
 shards, version = materialize_model_weights(HUB.cache_dir, offline=False)
 result = {"shards": shards, "version": version}
-""", token="hf_test_token")
+""",
+            token="hf_test_token",
+        )
     assert result["shards"] == {name: len(files[name]) for name in NEEDED}
     assert not any(SHARDS[2] in path for path in resolve_requests(hub))  # the MLP-only shard is never asked for
     assert sorted(read_tree(client, MODEL_REPO)) == sorted(NEEDED)
@@ -116,8 +138,15 @@ def test_reading_a_tied_embedding_costs_one_float32_copy(tmp_path):
     in a fresh process: one copy plus the chunked NaN/Inf check's few MiB. Before: a second read of the same
     tensor and ``torch.isfinite`` over each whole tensor (1.75× it) gave 3.75× the tensor."""
     rows, d = 43_400, 2304  # 100M float32 entries
-    config = Gemma2Config(vocab_size=rows, hidden_size=d, num_hidden_layers=1, num_attention_heads=8,
-                          num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256)
+    config = Gemma2Config(
+        vocab_size=rows,
+        hidden_size=d,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    )
     atomic.write_text(tmp_path / "config.json", config.to_json_string())
     with atomic.atomic_path(tmp_path / "model.safetensors") as path:
         save_file({"model.embed_tokens.weight": torch.ones(rows, d)}, path)

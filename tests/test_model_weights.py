@@ -25,8 +25,15 @@ pytestmark = pytest.mark.unit
 @pytest.fixture()
 def llama_dir(tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path, max_shard_size="20KB")
     return tmp_path
 
@@ -46,14 +53,18 @@ def test_missing_tensor_in_index_is_named(llama_dir):
     data = json.loads(index.read_text())
     del data["weight_map"]["model.norm.weight"]
     index.write_text(json.dumps(data))
-    with pytest.raises(WeightFileError, match=r"model.safetensors.index.json: tensor 'model.norm.weight' is not in the weight map"):
+    with pytest.raises(
+        WeightFileError, match=r"model.safetensors.index.json: tensor 'model.norm.weight' is not in the weight map"
+    ):
         ModelCheckpoint(llama_dir).final_norm_gain()
 
 
 def test_config_that_disagrees_with_weights(llama_dir):
     config = llama_dir / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 65}))
-    with pytest.raises(WeightFileError, match=r"model.embed_tokens.weight has shape \(64, 32\), config.json implies \(65, 32\)"):
+    with pytest.raises(
+        WeightFileError, match=r"model.embed_tokens.weight has shape \(64, 32\), config.json implies \(65, 32\)"
+    ):
         ModelCheckpoint(llama_dir).embedding()
 
 
@@ -66,8 +77,14 @@ def test_truncated_shard_and_nan_weights(llama_dir):
 
 
 def test_nan_weights_are_refused(tmp_path):
-    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.model.norm.weight[3] = float("nan")
@@ -95,8 +112,15 @@ def test_finiteness_is_checked_in_chunks_and_finds_a_nan_in_the_middle(tmp_path,
     """A bf16 embedding of 3.2M entries (4 chunks): every torch.isfinite pass sees at most one chunk, together
     they see every entry, and a NaN in an inner chunk plus an Inf in the last are counted, naming file and tensor."""
     vocab, d = 100_000, 32
-    config = Gemma2Config(vocab_size=vocab, hidden_size=d, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16).to_dict()
+    config = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+    ).to_dict()
     embedding = torch.randn(vocab, d).to(torch.bfloat16)
     embedding[50_000, 7], embedding[99_999, 0] = float("nan"), float("-inf")
     folder = write_checkpoint(tmp_path, config, {"model.embed_tokens.weight": embedding})
@@ -113,8 +137,16 @@ def test_tied_embedding_is_one_tensor_read_once_and_not_kept(tmp_path):
     """Gemma (tied): unembedding() is the embedding tensor itself, so the classes step's arrays share one buffer;
     the checkpoint keeps no reference of its own, so the tensor is freed once its callers drop it."""
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+    )
     Gemma2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
     ckpt = ModelCheckpoint(tmp_path)
     embedding, unembedding = ckpt.embedding(), ckpt.unembedding()

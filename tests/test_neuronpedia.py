@@ -16,8 +16,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core.discovery import fetch_model, fetch_sae
 from core.hub import Hub
 from core.model_weights import TOKENIZER_FILE
-from core.neuronpedia import (FEATURE_FIELDS, OUT_OF_RANGE_TOKEN, NeuronpediaSource, dashboard_frame,
-                              dashboard_tokens, dashboard_top_logits, neuronpedia_batch, write_json_export)
+from core.neuronpedia import (
+    FEATURE_FIELDS,
+    OUT_OF_RANGE_TOKEN,
+    NeuronpediaSource,
+    dashboard_frame,
+    dashboard_tokens,
+    dashboard_top_logits,
+    neuronpedia_batch,
+    write_json_export,
+)
 from core.planted import generate
 from core.registry import get_release, parse_key
 from core.sae_formats import FORMATS, SaeWeights
@@ -25,11 +33,24 @@ from core.vocab import token_strings
 
 pytestmark = pytest.mark.unit
 
-GEMMA, LLAMA, GEMMA3 = ("planted-gemma:layer_0/width_512/average_l0_32", "planted-llama:l2r_8x",
-                        "planted-gemma3:layer_1_width_256_l0_medium")
+GEMMA, LLAMA, GEMMA3 = (
+    "planted-gemma:layer_0/width_512/average_l0_32",
+    "planted-llama:l2r_8x",
+    "planted-gemma3:layer_1_width_256_l0_medium",
+)
 # sae_dashboard/neuronpedia/neuronpedia_runner.py (v0.8.0) HTML_ANOMALIES, transcribed for the independent check.
-SAEDASHBOARD_REPLACEMENTS = [("âĢĶ", "\u2014"), ("âĢĵ", "\u2013"), ("âĢľ", "\u201c"), ("âĢĿ", "\u201d"),
-                             ("âĢĺ", "\u2018"), ("âĢĻ", "\u2019"), ("âĢĭ", " "), ("Ġ", " "), ("Ċ", "\n"), ("ĉ", "\t")]
+SAEDASHBOARD_REPLACEMENTS = [
+    ("âĢĶ", "\u2014"),
+    ("âĢĵ", "\u2013"),
+    ("âĢľ", "\u201c"),
+    ("âĢĿ", "\u201d"),
+    ("âĢĺ", "\u2018"),
+    ("âĢĻ", "\u2019"),
+    ("âĢĭ", " "),
+    ("Ġ", " "),
+    ("Ċ", "\n"),
+    ("ĉ", "\t"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +100,10 @@ def test_top_logits_match_transformers(cache, key, softcapped):
     """Every feature: the ids are a top/bottom 10 of the independent logits, the values are those logits rounded
     to 3 decimals, the strings are the vocabulary keys with SAEDashboard's replacements."""
     snapshot, checkpoint, sae = load(cache, key)
-    frame = dashboard_frame(dashboard_top_logits(sae, checkpoint),
-                            dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size))
+    frame = dashboard_frame(
+        dashboard_top_logits(sae, checkpoint),
+        dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size),
+    )
     logits, centred = transformers_logits(checkpoint, sae)
     assert centred is not softcapped and len(frame) == sae.d_sae
     keys = vocab_keys(snapshot, checkpoint.geometry.vocab_size)
@@ -107,11 +130,16 @@ def test_each_convention_step_changes_the_result(cache):
     _, checkpoint, sae = load(cache, LLAMA)
     assert (sae.decoder_norms - 1).abs().max() > 0.3  # Llama Scope-like norms: unit rows change the values
     rescaled = dataclasses.replace(sae, W_dec=sae.W_dec * torch.linspace(0.5, 3.0, sae.d_sae)[:, None])
-    torch.testing.assert_close(dashboard_top_logits(rescaled, checkpoint).top_values,
-                               dashboard_top_logits(sae, checkpoint).top_values)  # only the direction counts
+    torch.testing.assert_close(
+        dashboard_top_logits(rescaled, checkpoint).top_values, dashboard_top_logits(sae, checkpoint).top_values
+    )  # only the direction counts
     logits, _ = transformers_logits(checkpoint, sae)
-    uncentred = logits + (sae.decoder_directions() @ (checkpoint.unembedding() * checkpoint.final_norm_gain()).mean(0))[:, None]
-    values = np.array(dashboard_frame(dashboard_top_logits(sae, checkpoint), [""] * logits.shape[1])["pos_values"].tolist())
+    uncentred = (
+        logits + (sae.decoder_directions() @ (checkpoint.unembedding() * checkpoint.final_norm_gain()).mean(0))[:, None]
+    )
+    values = np.array(
+        dashboard_frame(dashboard_top_logits(sae, checkpoint), [""] * logits.shape[1])["pos_values"].tolist()
+    )
     assert np.mean(values != np.round(uncentred.topk(10, dim=1).values.double().numpy(), 3)) > 0.3  # centring shows
 
 
@@ -122,8 +150,20 @@ def test_token_strings_are_vocabulary_keys_with_replacements(tmp_path, cache):
     path = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<|endoftext|>")).save(str(path))
     assert dashboard_tokens(path, len(pieces) + 2) == [
-        " the", "\n", "\tif", "\u2014", "\u2013", "\u201chi\u201d", "\u2018\u2019", "a b", "▁word", "<|endoftext|>",
-        "  ", OUT_OF_RANGE_TOKEN, OUT_OF_RANGE_TOKEN]
+        " the",
+        "\n",
+        "\tif",
+        "\u2014",
+        "\u2013",
+        "\u201chi\u201d",
+        "\u2018\u2019",
+        "a b",
+        "▁word",
+        "<|endoftext|>",
+        "  ",
+        OUT_OF_RANGE_TOKEN,
+        OUT_OF_RANGE_TOKEN,
+    ]
 
     snapshot, checkpoint, _ = load(cache, GEMMA)
     tokens = dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
@@ -139,29 +179,41 @@ def test_token_strings_are_vocabulary_keys_with_replacements(tmp_path, cache):
 def test_batch_json_is_neuronpedias_schema(cache, tmp_path):
     ref = parse_key(GEMMA)
     snapshot, checkpoint, sae = load(cache, GEMMA)
-    frame = dashboard_frame(dashboard_top_logits(sae, checkpoint),
-                            dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size))
+    frame = dashboard_frame(
+        dashboard_top_logits(sae, checkpoint),
+        dashboard_tokens(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size),
+    )
     source = NeuronpediaSource.of(ref, get_release(ref.release))
     path = write_json_export(frame, source, tmp_path, ref.sae_id)
     assert path.name == "layer_0%2Fwidth_512%2Faverage_l0_32.json" and not list(tmp_path.glob(".*.tmp"))
     batch = json.loads(path.read_text())
     assert list(batch) == ["model_id", "layer", "sae_set", "sae_id_suffix", "features"]
     assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == (
-        "gemma-2-tiny", 0, "plantedscope-res-512", None)  # registry id gemma-2-tiny/0-plantedscope-res-512
+        "gemma-2-tiny",
+        0,
+        "plantedscope-res-512",
+        None,
+    )  # registry id gemma-2-tiny/0-plantedscope-res-512
     assert [f["feature_index"] for f in batch["features"]] == list(range(sae.d_sae))
     assert all(list(f) == FEATURE_FIELDS for f in batch["features"])
     record = batch["features"][3]
     assert record["pos_str"] == frame.iloc[3].pos_str and record["neg_values"] == frame.iloc[3].neg_values
-    assert all(isinstance(v, float) and len(s) == 10 for f in batch["features"] for v, s in
-               zip(f["pos_values"] + f["neg_values"], [f["pos_str"]] * 20))
+    assert all(
+        isinstance(v, float) and len(s) == 10
+        for f in batch["features"]
+        for v, s in zip(f["pos_values"] + f["neg_values"], [f["pos_str"]] * 20)
+    )
     assert neuronpedia_batch(frame.head(2), source)["features"][1]["feature_index"] == 1
 
 
-@pytest.mark.parametrize("neuronpedia_id, parsed", [
-    ("gemma-2-2b/12-gemmascope-res-16k", ("gemma-2-2b", 12, "gemmascope-res-16k", None)),
-    ("gemma-2-2b/5-gemmascope-res-1m__l0-114", ("gemma-2-2b", 5, "gemmascope-res-1m", "l0-114")),
-    ("llama3.1-8b/31-llamascope-res-32k", ("llama3.1-8b", 31, "llamascope-res-32k", None)),
-])
+@pytest.mark.parametrize(
+    "neuronpedia_id, parsed",
+    [
+        ("gemma-2-2b/12-gemmascope-res-16k", ("gemma-2-2b", 12, "gemmascope-res-16k", None)),
+        ("gemma-2-2b/5-gemmascope-res-1m__l0-114", ("gemma-2-2b", 5, "gemmascope-res-1m", "l0-114")),
+        ("llama3.1-8b/31-llamascope-res-32k", ("llama3.1-8b", 31, "llamascope-res-32k", None)),
+    ],
+)
 def test_neuronpedia_ids_parse(neuronpedia_id, parsed):
     assert NeuronpediaSource.parse(neuronpedia_id) == NeuronpediaSource(*parsed)
 
@@ -205,6 +257,9 @@ def test_canonical_sae_takes_the_canonical_id_whichever_way_it_is_named():
 
 def test_release_without_an_id_uses_saedashboards_defaults():
     ref = parse_key("planted-gemma-null:layer_2/width_512/average_l0_32")
-    assert ref.neuronpedia is None and parse_key("gemma-scope-2-1b-pt-res:layer_7_width_16k_l0_small").neuronpedia is None
+    assert (
+        ref.neuronpedia is None and parse_key("gemma-scope-2-1b-pt-res:layer_7_width_16k_l0_small").neuronpedia is None
+    )
     assert NeuronpediaSource.of(ref, get_release(ref.release)) == NeuronpediaSource(
-        "planted/gemma-2-tiny", 2, "planted-gemma-null", None)
+        "planted/gemma-2-tiny", 2, "planted-gemma-null", None
+    )

@@ -48,9 +48,9 @@ import huggingface_hub.constants  # noqa: E402
 import transformer_lens.loading_from_pretrained as tl_loading  # noqa: E402
 import yaml  # noqa: E402
 from huggingface_hub import hf_hub_download  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 from sae_lens.loading import pretrained_sae_loaders as loaders  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from transformer_lens import HookedTransformer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -74,7 +74,8 @@ NOT_IN_REGISTRY = re.compile(r"^embedding/")
 # SAELens 6.54's base gemma-scope-9b-it-res entry names the model gemma-2-9b, its -canonical entry gemma-2-9b-it (the
 # SAEs read the instruction-tuned model): a slip in its data; the registry's model is the IT one.
 SAELENS_MODEL_SLIPS = {"gemma-scope-9b-it-res": "gemma-2-9b"}
-# ... and lists layer_20/width_524k/canonical with l0 78 but path average_l0_48 (the path is what it loads; releases.yaml)
+# ... and lists layer_20/width_524k/canonical with l0 78 but path average_l0_48
+# (the path is what it loads; releases.yaml)
 SAELENS_L0_SLIPS = {("gemma-scope-9b-pt-res-canonical", "layer_20/width_524k/canonical"): 78}
 # Neuronpedia ids in SAELens' base Gemma Scope releases that name another SAE than the entry's path (sae-lens 6.54.12):
 # reported, not copied into the registry.
@@ -129,8 +130,9 @@ def _ours(rid: str, cache: Path) -> dict[SaeRef, SaeWeights]:
 
 def _assert_same(ours: SaeWeights, theirs: dict[str, torch.Tensor], where: str) -> None:
     for name in TENSORS:
-        torch.testing.assert_close(getattr(ours, name), theirs[name].detach(), rtol=0, atol=0,
-                                   msg=lambda m, n=name: f"{where} {n}: {m}")
+        torch.testing.assert_close(
+            getattr(ours, name), theirs[name].detach(), rtol=0, atol=0, msg=lambda m, n=name: f"{where} {n}: {m}"
+        )
 
 
 def _parameters(sae: Any) -> dict[str, torch.Tensor]:
@@ -180,7 +182,9 @@ def test_trained_llama_scope_threshold_reads_back_in_saelens(trained_llama, monk
         hp = json.loads(hyperparams.read_text())
         s = math.sqrt(hp["d_model"]) / hp["dataset_average_activation_norm"]["in"]
         with pytest.warns(UserWarning, match="norm_scaling_factor not found"):
-            sae = SAE.from_pretrained(release.sae_repo, q["folder"], converter=loaders.llama_scope_sae_huggingface_loader)
+            sae = SAE.from_pretrained(
+                release.sae_repo, q["folder"], converter=loaders.llama_scope_sae_huggingface_loader
+            )
         torch.testing.assert_close(sae.threshold.detach(), torch.full_like(sae.threshold, theta))
         torch.testing.assert_close(ours.threshold, sae.threshold.detach(), rtol=0, atol=0)
         sae.fold_activation_norm_scaling_factor(s)
@@ -190,9 +194,16 @@ def test_trained_llama_scope_threshold_reads_back_in_saelens(trained_llama, monk
 def _tl_config(hf_config: Any) -> dict[str, Any]:
     """The planted model's dimensions in TransformerLens' config keys (overriding the real model's recipe)."""
     c = hf_config
-    dims = dict(d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
-                n_layers=c.num_hidden_layers, d_vocab=c.vocab_size, n_key_value_heads=c.num_key_value_heads,
-                eps=c.rms_norm_eps)
+    dims = dict(
+        d_model=c.hidden_size,
+        d_head=c.head_dim,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        d_vocab=c.vocab_size,
+        n_key_value_heads=c.num_key_value_heads,
+        eps=c.rms_norm_eps,
+    )
     if c.model_type == "llama":
         return {**dims, "rotary_dim": c.head_dim}
     dims |= dict(attn_types=[TL_ATTENTION[t] for t in c.layer_types], window_size=c.sliding_window)
@@ -206,10 +217,15 @@ def _hooked_transformer(snapshot: Path) -> HookedTransformer:
     hf = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.float32)
     recipe = tl_loading.convert_hf_model_config
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tl_loading, "convert_hf_model_config",
-                   lambda name, **kw: {**recipe(name, **kw), **_tl_config(hf.config)})
-        return HookedTransformer.from_pretrained(TL_RECIPE[hf.config.model_type], hf_model=hf, device="cpu",
-                                                 tokenizer=AutoTokenizer.from_pretrained(snapshot))
+        mp.setattr(
+            tl_loading, "convert_hf_model_config", lambda name, **kw: {**recipe(name, **kw), **_tl_config(hf.config)}
+        )
+        return HookedTransformer.from_pretrained(
+            TL_RECIPE[hf.config.model_type],
+            hf_model=hf,
+            device="cpu",
+            tokenizer=AutoTokenizer.from_pretrained(snapshot),
+        )
 
 
 def _tl_logits(model: HookedTransformer, directions: torch.Tensor) -> torch.Tensor:
@@ -250,17 +266,26 @@ SHARED = sorted((name, rid) for rid, release in load_registry().items() for name
 
 
 def test_registry_shares_releases_with_saelens():
-    assert {name for name, _ in SHARED} >= {"gemma-scope-2b-pt-res", "gemma-scope-2b-pt-res-canonical",
-                                           "gemma-scope-9b-pt-res", "gemma-scope-9b-pt-res-canonical",
-                                           "gemma-scope-9b-it-res", "gemma-scope-9b-it-res-canonical",
-                                           "llama_scope_lxr_8x", "llama_scope_lxr_32x", "gemma-scope-2-1b-pt-res",
-                                           "gemma-scope-2-1b-pt-res-all"}
+    assert {name for name, _ in SHARED} >= {
+        "gemma-scope-2b-pt-res",
+        "gemma-scope-2b-pt-res-canonical",
+        "gemma-scope-9b-pt-res",
+        "gemma-scope-9b-pt-res-canonical",
+        "gemma-scope-9b-it-res",
+        "gemma-scope-9b-it-res-canonical",
+        "llama_scope_lxr_8x",
+        "llama_scope_lxr_32x",
+        "gemma-scope-2-1b-pt-res",
+        "gemma-scope-2-1b-pt-res-all",
+    }
 
 
 # SAELens 6.54's pretrained_saes.yaml gives these two SAEs another SAE's Neuronpedia id (layer and width differ from
 # the SAE's own): slips in its data, not a convention.
-SAELENS_NEURONPEDIA_SLIPS = {"layer_2/width_16k/average_l0_8": "gemma-2-9b/20-gemmascope-res-131k__l0-10",
-                             "layer_20/width_131k/average_l0_114": "gemma-2-9b/20-gemmascope-res-131k__l0-12"}
+SAELENS_NEURONPEDIA_SLIPS = {
+    "layer_2/width_16k/average_l0_8": "gemma-2-9b/20-gemmascope-res-131k__l0-10",
+    "layer_20/width_131k/average_l0_114": "gemma-2-9b/20-gemmascope-res-131k__l0-12",
+}
 
 
 def known_neuronpedia_difference(release: Release, sae_id: str, theirs: str, ours: str) -> bool:
@@ -271,8 +296,11 @@ def known_neuronpedia_difference(release: Release, sae_id: str, theirs: str, our
         return True
     fields = release.sae(sae_id)
     suffixed = release.neuronpedia.format(layer=fields.layer, width=fields.width, l0=fields.l0)
-    return release.canonical is not None and theirs == suffixed and ours == release.canonical.neuronpedia.format(
-        layer=fields.layer, width=fields.width)
+    return (
+        release.canonical is not None
+        and theirs == suffixed
+        and ours == release.canonical.neuronpedia.format(layer=fields.layer, width=fields.width)
+    )
 
 
 def _same_neuronpedia(theirs: str, ref: SaeRef, known_error: str | None) -> bool:
@@ -307,8 +335,12 @@ def test_registry_ids_match_saelens(name, rid):
         if isinstance(sae.get("l0"), int) and ref.l0 != sae["l0"] and sae["l0"] != slip:
             mismatches.append((sae["id"], "l0", sae["l0"], ref.l0))
         theirs = sae.get("neuronpedia")
-        if theirs and ref.neuronpedia and theirs != ref.neuronpedia and not known_neuronpedia_difference(
-                release, sae["id"], theirs, ref.neuronpedia):
+        if (
+            theirs
+            and ref.neuronpedia
+            and theirs != ref.neuronpedia
+            and not known_neuronpedia_difference(release, sae["id"], theirs, ref.neuronpedia)
+        ):
             mismatches.append((sae["id"], "neuronpedia", theirs, ref.neuronpedia))
     assert mismatches == []
     assert [i for i in unparsed if not NOT_IN_REGISTRY.search(i)] == []

@@ -57,12 +57,16 @@ def load_sae(cache: Path, t: PlantedTruth, folder: str) -> tuple[torch.Tensor, t
         with np.load(path, allow_pickle=False) as z:
             w_enc, w_dec = torch.from_numpy(z["W_enc"]).T, torch.from_numpy(z["W_dec"])
     elif arch == "gemma3":
-        w = load_file(hf_hub_download(t.sae_repo, f"{folder}/params.safetensors", cache_dir=cache,
-                                      local_files_only=True))
+        w = load_file(
+            hf_hub_download(t.sae_repo, f"{folder}/params.safetensors", cache_dir=cache, local_files_only=True)
+        )
         w_enc, w_dec = w["w_enc"].T, w["w_dec"]
     else:
-        w = load_file(hf_hub_download(t.sae_repo, f"{folder}/checkpoints/final.safetensors", cache_dir=cache,
-                                      local_files_only=True))
+        w = load_file(
+            hf_hub_download(
+                t.sae_repo, f"{folder}/checkpoints/final.safetensors", cache_dir=cache, local_files_only=True
+            )
+        )
         w_enc, w_dec = w["encoder.weight"], w["decoder.weight"].T
     return _unit_t(w_enc.float()), _unit_t(w_dec.float())
 
@@ -103,10 +107,12 @@ class Circuits:
     def head(self, layer: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_Q^h, W_K^c, W_V^c (head_dim, d_model), W_O^h (d_model, head_dim))."""
         pre, hd, c = f"model.layers.{layer}.self_attn.", self.hd, h // (self.n_heads // self.n_kv)
-        return (self.state[pre + "q_proj.weight"][h * hd:(h + 1) * hd],
-                self.state[pre + "k_proj.weight"][c * hd:(c + 1) * hd],
-                self.state[pre + "v_proj.weight"][c * hd:(c + 1) * hd],
-                self.state[pre + "o_proj.weight"][:, h * hd:(h + 1) * hd])
+        return (
+            self.state[pre + "q_proj.weight"][h * hd : (h + 1) * hd],
+            self.state[pre + "k_proj.weight"][c * hd : (c + 1) * hd],
+            self.state[pre + "v_proj.weight"][c * hd : (c + 1) * hd],
+            self.state[pre + "o_proj.weight"][:, h * hd : (h + 1) * hd],
+        )
 
     def _top10(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.topk(10, dim=1).values.mean(1)
@@ -158,13 +164,20 @@ def phase_z(circ: Circuits, dirs: torch.Tensor, phase: str, sae_layer: int) -> t
         kinds, layer = (circ.qk_feature_key, circ.qk_feature_query, circ.ov_write_norm), sae_layer + 1
     else:
         return None
-    return torch.stack([torch.stack([robust_z(f(dirs, layer, h), f(null, layer, h)) for f in kinds]).mean(0)
-                        for h in range(circ.n_heads)], 1)
+    return torch.stack(
+        [
+            torch.stack([robust_z(f(dirs, layer, h), f(null, layer, h)) for f in kinds]).mean(0)
+            for h in range(circ.n_heads)
+        ],
+        1,
+    )
 
 
 # phase -> (the SAE truth's list of planted attention features, 0 = encoder / 1 = decoder directions)
-PHASES = {"encoder_embedding": ("attention_encoder_features", 0),
-          "decoder_unembedding": ("attention_decoder_features", 1)}
+PHASES = {
+    "encoder_embedding": ("attention_encoder_features", 0),
+    "decoder_unembedding": ("attention_decoder_features", 1),
+}
 
 
 def z_profiles(cache: Path, t: PlantedTruth) -> dict[str, dict[str, np.ndarray]]:
@@ -189,7 +202,7 @@ def z_profiles(cache: Path, t: PlantedTruth) -> dict[str, dict[str, np.ndarray]]
 def _shape_ok(values: np.ndarray, shape: str) -> bool:
     """U: both ends above the middle third; inverted-U: below; flat: no end-middle gap beyond 25 % of the mean."""
     n = len(values)
-    ends, middle = values[[0, -1]].mean(), values[n // 3:n - n // 3].mean()
+    ends, middle = values[[0, -1]].mean(), values[n // 3 : n - n // 3].mean()
     if shape == "U":
         return ends > 2 * middle
     if shape == "inverted-U":
@@ -231,12 +244,12 @@ def _gain(state: dict[str, np.ndarray], name: str, arch: str) -> np.ndarray:
 def _sae(cache: Path, t: PlantedTruth, folder: str) -> tuple[np.ndarray, np.ndarray]:
     """(W_enc (d_model, d_sae), W_dec (d_sae, d_model)) as float32."""
     if t.data["architecture"] == "gemma2":
-        path = hf_hub_download(t.sae_repo, f"{folder}/params.npz", cache_dir=cache,
-                               local_files_only=True)
+        path = hf_hub_download(t.sae_repo, f"{folder}/params.npz", cache_dir=cache, local_files_only=True)
         with np.load(path, allow_pickle=False) as z:
             return z["W_enc"], z["W_dec"]
-    path = hf_hub_download(t.sae_repo, f"{folder}/checkpoints/final.safetensors", cache_dir=cache,
-                           local_files_only=True)
+    path = hf_hub_download(
+        t.sae_repo, f"{folder}/checkpoints/final.safetensors", cache_dir=cache, local_files_only=True
+    )
     w = load_file(path)
     return w["encoder.weight"].float().numpy().T, w["decoder.weight"].float().numpy().T
 
@@ -246,8 +259,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rid", RELEASES)
-def test_transformers_loads_the_model(cache: Path, truths: dict[str, PlantedTruth],
-                                      rid: str) -> None:
+def test_transformers_loads_the_model(cache: Path, truths: dict[str, PlantedTruth], rid: str) -> None:
     t = truths[rid]
     snap = _snap(cache, t.model_repo)
     shards = sorted(p.name for p in snap.glob("model-*.safetensors"))
@@ -259,8 +271,12 @@ def test_transformers_loads_the_model(cache: Path, truths: dict[str, PlantedTrut
     assert by_id.to_dict() | {"_name_or_path": ""} == config.to_dict() | {"_name_or_path": ""}
     model = AutoModelForCausalLM.from_pretrained(snap)
     p = t.data["params"]
-    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads,
-            config.head_dim) == (p["d_model"], p["n_layers"], p["n_kv_heads"], p["head_dim"])
+    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.head_dim) == (
+        p["d_model"],
+        p["n_layers"],
+        p["n_kv_heads"],
+        p["head_dim"],
+    )
     if rid == "planted-gemma":
         assert type(model).__name__ == "Gemma2ForCausalLM" and model.dtype == torch.float32
         assert config.tie_word_embeddings and config.query_pre_attn_scalar == 24 != config.head_dim
@@ -283,16 +299,21 @@ def test_transformers_loads_the_model(cache: Path, truths: dict[str, PlantedTrut
 def test_gemma_scope_npz(cache: Path, truths: dict[str, PlantedTruth]) -> None:
     t = truths["planted-gemma"]
     p = t.data["params"]
-    assert set(t.data["saes"]) == {f"layer_{i}/width_512/average_l0_32"
-                                   for i in range(p["n_layers"])}
-    path = hf_hub_download(t.sae_repo, "layer_3/width_512/average_l0_32/params.npz",
-                           cache_dir=cache, local_files_only=True)
+    assert set(t.data["saes"]) == {f"layer_{i}/width_512/average_l0_32" for i in range(p["n_layers"])}
+    path = hf_hub_download(
+        t.sae_repo, "layer_3/width_512/average_l0_32/params.npz", cache_dir=cache, local_files_only=True
+    )
     with np.load(path, allow_pickle=False) as z:
         shapes = {k: (z[k].shape, z[k].dtype) for k in z.files}
         w_dec, threshold = z["W_dec"], z["threshold"]
     d, n, f32 = p["d_model"], p["d_sae"], np.dtype(np.float32)
-    assert shapes == {"W_enc": ((d, n), f32), "W_dec": ((n, d), f32), "b_enc": ((n,), f32),
-                      "b_dec": ((d,), f32), "threshold": ((n,), f32)}
+    assert shapes == {
+        "W_enc": ((d, n), f32),
+        "W_dec": ((n, d), f32),
+        "b_enc": ((n,), f32),
+        "b_dec": ((d,), f32),
+        "threshold": ((n,), f32),
+    }
     np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 1.0, atol=1e-5)
     assert (threshold > 0).all()
 
@@ -301,14 +322,21 @@ def test_llama_scope_safetensors(cache: Path, truths: dict[str, PlantedTruth]) -
     t = truths["planted-llama"]
     p = t.data["params"]
     folder = "Llama-tiny-L5R-8x"
-    w = load_file(hf_hub_download(t.sae_repo, f"{folder}/checkpoints/final.safetensors",
-                                  cache_dir=cache, local_files_only=True))
+    w = load_file(
+        hf_hub_download(t.sae_repo, f"{folder}/checkpoints/final.safetensors", cache_dir=cache, local_files_only=True)
+    )
     d, n = p["d_model"], p["d_sae"]
     assert {k: (tuple(v.shape), v.dtype) for k, v in w.items()} == {
-        "encoder.weight": ((n, d), torch.bfloat16), "encoder.bias": ((n,), torch.bfloat16),
-        "decoder.weight": ((d, n), torch.bfloat16), "decoder.bias": ((d,), torch.bfloat16)}
-    hyper = json.loads(Path(hf_hub_download(t.sae_repo, f"{folder}/hyperparams.json",
-                                            cache_dir=cache, local_files_only=True)).read_text())
+        "encoder.weight": ((n, d), torch.bfloat16),
+        "encoder.bias": ((n,), torch.bfloat16),
+        "decoder.weight": ((d, n), torch.bfloat16),
+        "decoder.bias": ((d,), torch.bfloat16),
+    }
+    hyper = json.loads(
+        Path(
+            hf_hub_download(t.sae_repo, f"{folder}/hyperparams.json", cache_dir=cache, local_files_only=True)
+        ).read_text()
+    )
     assert hyper["hook_point_in"] == hyper["hook_point_out"] == "blocks.5.hook_resid_post"
     assert (hyper["d_model"], hyper["d_sae"], hyper["expansion_factor"]) == (d, n, 8)
     assert hyper["act_fn"] == "jumprelu" and hyper["norm_activation"] == "dataset-wise"
@@ -321,13 +349,11 @@ def test_llama_scope_safetensors(cache: Path, truths: dict[str, PlantedTruth]) -
     sem = [f["index"] for f in t.data["saes"]["l5r_8x"]["semantic_features"]]
     non = np.setdiff1d(np.arange(n), sem)
     assert np.abs(dec_norm - 1).max() > 0.1  # not unit norm
-    assert dec_norm[sem].mean() / dec_norm[non].mean() == pytest.approx(p["semantic_decoder_ratio"],
-                                                                       rel=0.05)
+    assert dec_norm[sem].mean() / dec_norm[non].mean() == pytest.approx(p["semantic_decoder_ratio"], rel=0.05)
 
 
 @pytest.mark.parametrize("rid", RELEASES)
-def test_planted_features_are_recoverable_from_weights(cache: Path, truths: dict[str, PlantedTruth],
-                                                       rid: str) -> None:
+def test_planted_features_are_recoverable_from_weights(cache: Path, truths: dict[str, PlantedTruth], rid: str) -> None:
     t = truths[rid]
     arch, p = t.data["architecture"], t.data["params"]
     state = _state(cache, t)
@@ -351,7 +377,7 @@ def test_planted_features_are_recoverable_from_weights(cache: Path, truths: dict
         top_group = group_of[top]
         for i, f in sem.items():  # the output group fills the top min(10, |group|) tokens
             g = f["output_group"]
-            assert (top_group[i, :min(10, len(groups[g]))] == g).mean() >= 0.8
+            assert (top_group[i, : min(10, len(groups[g]))] == g).mean() >= 0.8
         # random directions: no group dominates the top 10 (count of the most frequent group)
         same = (top_group[:, :, None] == top_group[:, None, :]) & (top_group[:, :, None] >= 0)
         non = np.setdiff1d(np.arange(p["d_sae"]), list(sem))
@@ -363,8 +389,7 @@ def test_planted_features_are_recoverable_from_weights(cache: Path, truths: dict
         assert cos[idx, [sem[i]["input_group"] for i in idx]].min() > 0.6
         assert np.abs(cos[non]).max() < 0.5
         enc_norm = np.linalg.norm(w_enc, axis=0)
-        assert enc_norm[idx].mean() / enc_norm[non].mean() == pytest.approx(
-            p["semantic_encoder_ratio"], rel=0.05)
+        assert enc_norm[idx].mean() / enc_norm[non].mean() == pytest.approx(p["semantic_encoder_ratio"], rel=0.05)
         assert enc_norm[idx[0]] == pytest.approx(sem[idx[0]]["encoder_norm"], rel=1e-2)
 
 
@@ -375,8 +400,9 @@ def _amplitude(rows: np.ndarray, planted: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rid", RELEASES)
-def test_layer_l_carries_sae_l_minus_1_decoders_and_sae_l_encoders(cache: Path, truths: dict[str, PlantedTruth],
-                                                                    rid: str) -> None:
+def test_layer_l_carries_sae_l_minus_1_decoders_and_sae_l_encoders(
+    cache: Path, truths: dict[str, PlantedTruth], rid: str
+) -> None:
     """Weights: layer l's reader rows are SAE l-1's decoder directions (K, V) and the output groups' unembedding
     centres (Q, O); its writer rows read the input groups' embedding centres (V) and write SAE l's encoder
     directions (O); each with the planted amplitude over a background of norm ``background``."""
@@ -411,11 +437,11 @@ def test_layer_l_carries_sae_l_minus_1_decoders_and_sae_l_encoders(cache: Path, 
                 dhat = _unit(dirs[layer - 1][1][feats])  # SAE l-1's decoder directions
                 s = np.array(attn["decoder_unembedding"]["strength"][layer - 1])
                 for name, block in (("k", k), ("v", v)):
-                    est[name].append(_amplitude(block[kv * hd:kv * hd + r] / bg, dhat).mean())
+                    est[name].append(_amplitude(block[kv * hd : kv * hd + r] / bg, dhat).mean())
                     want[name].append(s[list(heads)].mean())
                 for h in heads:
-                    est["q"].append(_amplitude(q[h * hd:h * hd + r] / bg, c_out[grp]).mean())
-                    est["o"].append(_amplitude(o[:, h * hd:h * hd + r].T / bg, c_out[grp]).mean())
+                    est["q"].append(_amplitude(q[h * hd : h * hd + r] / bg, c_out[grp]).mean())
+                    est["o"].append(_amplitude(o[:, h * hd : h * hd + r].T / bg, c_out[grp]).mean())
                     want["q"].append(s[h])
                     want["o"].append(s[h])
             writer = rows["encoder_writers"]
@@ -423,10 +449,10 @@ def test_layer_l_carries_sae_l_minus_1_decoders_and_sae_l_encoders(cache: Path, 
             feats, grp = writer["features_per_kv_head"][kv], writer["input_groups_per_kv_head"][kv]
             ehat = _unit(dirs[layer][0].T[feats])  # SAE l's encoder directions
             s = np.array(attn["encoder_embedding"]["strength"][layer])
-            est["wv"].append(_amplitude(v[kv * hd + r:kv * hd + 2 * r] / bg, c_in[grp]).mean())
+            est["wv"].append(_amplitude(v[kv * hd + r : kv * hd + 2 * r] / bg, c_in[grp]).mean())
             want["wv"].append(s[list(heads)].mean())
             for h in heads:
-                est["wo"].append(_amplitude(o[:, h * hd + r:h * hd + 2 * r].T / bg, ehat).mean())
+                est["wo"].append(_amplitude(o[:, h * hd + r : h * hd + 2 * r].T / bg, ehat).mean())
                 want["wo"].append(s[h])
     for name in est:  # amplitude recovered (group centres from token means are ~6 % off their planted centre)
         np.testing.assert_allclose(est[name], want[name], rtol=0.2, atol=0.08, err_msg=name)
@@ -434,17 +460,20 @@ def test_layer_l_carries_sae_l_minus_1_decoders_and_sae_l_encoders(cache: Path, 
     # the per-SAE lists name the same features
     for layer, sae in saes.items():
         readers = attn["rows"].get(str(layer + 1), {}).get("decoder_readers")
-        assert sae["attention_decoder_features"] == (sorted(sum(readers["features_per_kv_head"], []))
-                                                     if readers else [])
+        assert sae["attention_decoder_features"] == (
+            sorted(sum(readers["features_per_kv_head"], [])) if readers else []
+        )
         assert sae["attention_encoder_features"] == sorted(
-            sum(attn["rows"][str(layer)]["encoder_writers"]["features_per_kv_head"], []))
+            sum(attn["rows"][str(layer)]["encoder_writers"]["features_per_kv_head"], [])
+        )
         assert len(sae["attention_encoder_features"]) == p["n_kv_heads"] * r
     assert saes[p["n_layers"] - 1]["attention_decoder_features"] == []  # the last SAE has no reader
 
 
 @pytest.mark.parametrize("rid", RELEASES)
-def test_z_profiles_recover_the_planted_shapes(profiles: dict[str, Any], truths: dict[str, PlantedTruth],
-                                               rid: str) -> None:
+def test_z_profiles_recover_the_planted_shapes(
+    profiles: dict[str, Any], truths: dict[str, PlantedTruth], rid: str
+) -> None:
     """The robust z (module doc) of the planted attention features follows the planted strength over SAE layers,
     monotone and unsaturated, in both phases; the shapes are read from the weights, not assumed."""
     attn = truths[rid].data["attention"]
@@ -455,13 +484,14 @@ def test_z_profiles_recover_the_planted_shapes(profiles: dict[str, Any], truths:
         assert _shape_ok(z, attn[phase]["shape"]), (phase, z)
         assert z.min() < 2 and 5 < z.max() < 20, (phase, z)  # a range, not saturated
         heads = profiles[rid][phase]["heads"]
-        assert (heads.mean(0)[0] > heads.mean(0)[-1]), heads  # head_scale: head 0 strongest
+        assert heads.mean(0)[0] > heads.mean(0)[-1], heads  # head_scale: head 0 strongest
         assert profiles[rid][phase]["all"].max() > 0.1  # the features lift the all-feature mean too
 
 
 @pytest.mark.parametrize("rid", NULL_RELEASES)
-def test_null_release_z_is_zero_at_every_layer(profiles: dict[str, Any], truths: dict[str, PlantedTruth],
-                                               rid: str) -> None:
+def test_null_release_z_is_zero_at_every_layer(
+    profiles: dict[str, Any], truths: dict[str, PlantedTruth], rid: str
+) -> None:
     """Random SAE directions through the parent's model: z ~ 0 whatever the layer and the parent's planted (and
     model-only) depth profiles, while the parent's planted features stand out through the same circuits."""
     parent = NULL_RELEASES[rid]
@@ -480,12 +510,15 @@ def test_null_release_same_model_random_saes(cache: Path, truths: dict[str, Plan
     assert t.data["null_sae"] and t.data["planted_features"].startswith("none")
     assert t.data["semantic_fraction"] == 0.0
     assert {k: v for k, v in t.data["params"].items() if k != "null_sae"} == {
-        k: v for k, v in parent.data["params"].items() if k != "null_sae"}
+        k: v for k, v in parent.data["params"].items() if k != "null_sae"
+    }
     for phase in PHASES:
         assert t.data["attention"][phase]["shape"] == "none"
         assert not np.any(t.data["attention"][phase]["strength"])
-        assert t.data["attention"]["model_only"]["feature_rows"][phase]["strength"] == (
-            parent.data["attention"][phase]["strength"])
+        assert (
+            t.data["attention"]["model_only"]["feature_rows"][phase]["strength"]
+            == (parent.data["attention"][phase]["strength"])
+        )
     state = _state(cache, t)
     w_e = state["model.embed_tokens.weight"]
     w_u = state.get("lm_head.weight", w_e)
@@ -520,15 +553,23 @@ def test_model_only_structure_is_strong_and_in_no_feature(cache: Path, truths: d
         g = circ.gain(f"model.layers.{layer}.input_layernorm.weight")
         keys = _unit_t(state[f"model.layers.{layer}.self_attn.k_proj.weight"][lo:hi] * g)  # ~ s b + background
         null = null_directions(circ.d, layer)
-        z.append(np.mean([robust_z(circ.qk_feature_key(keys, layer, h), circ.qk_feature_key(null, layer, h)).mean()
-                          for h in range(circ.n_heads)]))
+        z.append(
+            np.mean(
+                [
+                    robust_z(circ.qk_feature_key(keys, layer, h), circ.qk_feature_key(null, layer, h)).mean()
+                    for h in range(circ.n_heads)
+                ]
+            )
+        )
     z, s = np.array(z), np.array(attn["model_only"]["qk"]["strength"]).mean(1)
     assert attn["model_only"]["qk"]["shape"] == "U" != attn["decoder_unembedding"]["shape"]
     assert np.corrcoef(z, s)[0, 1] > 0.9 and z.max() > 5 and _shape_ok(z, "U"), z
 
 
-@pytest.mark.parametrize(("fraction", "rid"), [(0.05, "planted-gemma"), (0.60, "planted-gemma"),
-                                               (0.05, "planted-llama"), (0.02, "planted-gemma3")])
+@pytest.mark.parametrize(
+    ("fraction", "rid"),
+    [(0.05, "planted-gemma"), (0.60, "planted-gemma"), (0.05, "planted-llama"), (0.02, "planted-gemma3")],
+)
 def test_semantic_fraction_is_free(tmp_path: Path, fraction: float, rid: str) -> None:
     t = generate(rid, tmp_path, overrides={"semantic_fraction": fraction})
     p, attn = t.data["params"], t.data["attention"]
@@ -556,8 +597,12 @@ def test_z_rises_monotonically_with_the_planted_strength(tmp_path: Path) -> None
     means = []
     for i, s in enumerate((0.25, 0.5, 0.8, 1.2)):
         cache = tmp_path / str(i)
-        t = generate("planted-gemma", cache, layers=[1, 3], overrides={
-            "enc_profile": "flat", "dec_profile": "flat", "s_min": s, "s_max": s, "head_scale_min": 1.0})
+        t = generate(
+            "planted-gemma",
+            cache,
+            layers=[1, 3],
+            overrides={"enc_profile": "flat", "dec_profile": "flat", "s_min": s, "s_max": s, "head_scale_min": 1.0},
+        )
         prof = z_profiles(cache, t)
         means.append([prof[phase]["attn"].mean() for phase in PHASES])
     means = np.array(means)
@@ -571,8 +616,10 @@ def test_planted_z_survives_function_preserving_rescales(cache: Path, truths: di
     config, state = load_model(cache, t.model_repo)
     sae = t.data["saes"]["layer_2/width_512/average_l0_32"]
     enc, dec = load_sae(cache, t, sae["folder"])
-    before = [phase_z(Circuits(config, state), d, ph, 2) for d, ph in ((enc, "encoder_embedding"),
-                                                                     (dec, "decoder_unembedding"))]
+    before = [
+        phase_z(Circuits(config, state), d, ph, 2)
+        for d, ph in ((enc, "encoder_embedding"), (dec, "decoder_unembedding"))
+    ]
     rescaled = dict(state)
     for layer in (2, 3):
         pre = f"model.layers.{layer}.self_attn."
@@ -581,8 +628,10 @@ def test_planted_z_survives_function_preserving_rescales(cache: Path, truths: di
         rescaled[pre + "k_proj.weight"] = state[pre + "k_proj.weight"] / 3.0
         rescaled[pre + "v_proj.weight"] = state[pre + "v_proj.weight"] * 0.2
         rescaled[pre + "o_proj.weight"] = rescaled[pre + "o_proj.weight"] / 0.2
-    after = [phase_z(Circuits(config, rescaled), d, ph, 2) for d, ph in ((enc, "encoder_embedding"),
-                                                                       (dec, "decoder_unembedding"))]
+    after = [
+        phase_z(Circuits(config, rescaled), d, ph, 2)
+        for d, ph in ((enc, "encoder_embedding"), (dec, "decoder_unembedding"))
+    ]
     for b, a in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
@@ -599,8 +648,7 @@ def test_flat_profile(tmp_path: Path) -> None:
         assert _shape_ok(z, "flat") and z.min() > 2, (phase, z)
 
 
-def test_layers_subset_and_determinism(cache: Path, truths: dict[str, PlantedTruth],
-                                       tmp_path: Path) -> None:
+def test_layers_subset_and_determinism(cache: Path, truths: dict[str, PlantedTruth], tmp_path: Path) -> None:
     t = truths["planted-gemma"]
     sub = generate("planted-gemma", tmp_path, layers=[2])
     assert sub.model_commit == t.model_commit  # byte-identical model repo
@@ -626,8 +674,9 @@ def test_layers_subset_and_determinism(cache: Path, truths: dict[str, PlantedTru
 
 def test_truth_json_is_in_the_sae_repo(cache: Path, truths: dict[str, PlantedTruth]) -> None:
     t = truths["planted-llama"]
-    data: dict[str, Any] = json.loads(Path(hf_hub_download(
-        t.sae_repo, "planted_truth.json", cache_dir=cache, local_files_only=True)).read_text())
+    data: dict[str, Any] = json.loads(
+        Path(hf_hub_download(t.sae_repo, "planted_truth.json", cache_dir=cache, local_files_only=True)).read_text()
+    )
     assert data == json.loads(json.dumps(t.data))
     assert data["format_version"] == 1 and data["release_id"] == "planted-llama"
     assert data["model_commit"] == t.model_commit
@@ -646,8 +695,13 @@ def test_truth_json_is_in_the_sae_repo(cache: Path, truths: dict[str, PlantedTru
     assert np.array(attn["model_only"]["qk"]["strength"]).shape == (n - 1, heads)
     assert sorted(attn["rows"]) == sorted(str(layer) for layer in range(n))
     for sae in data["saes"].values():
-        assert {"semantic_features", "non_semantic_encoder_norm_mean", "non_semantic_decoder_norm_mean",
-                "attention_decoder_features", "attention_encoder_features"} <= sae.keys()
+        assert {
+            "semantic_features",
+            "non_semantic_encoder_norm_mean",
+            "non_semantic_decoder_norm_mean",
+            "attention_decoder_features",
+            "attention_encoder_features",
+        } <= sae.keys()
         assert sae["encoder_cross_talk_features"] == sae["decoder_cross_talk_features"] == []  # untied: none
 
 
@@ -666,7 +720,9 @@ if __name__ == "__main__":  # print the z profiles of every planted release (pyt
             print(f"{release}:")
             for phase, values in prof.items():
                 strength = np.array(truth.data["attention"][phase]["strength"]).mean(1)
-                print(f"  {phase} ({truth.data['attention'][phase]['shape']}), SAE layers "
-                      f"{truth.data['attention'][phase]['layers']}")
+                print(
+                    f"  {phase} ({truth.data['attention'][phase]['shape']}), SAE layers "
+                    f"{truth.data['attention'][phase]['layers']}"
+                )
                 for key, row in (("strength", strength), ("z attn", values["attn"]), ("z all", values["all"])):
                     print(f"    {key:9s}" + " ".join(f"{x:6.2f}" for x in row))

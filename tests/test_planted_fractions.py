@@ -39,8 +39,9 @@ def c1_rows(cache: Path, release: str) -> pd.DataFrame:
         for sample in ("feature", "control"):
             per_feature.append(out.rows(sample).assign(sample=sample, layer=ref.layer))
         sensitivity.append(out.classes.sensitivity.assign(layer=ref.layer))
-    return pd.DataFrame(c1_verdicts(pd.concat(per_feature, ignore_index=True),
-                                    pd.concat(sensitivity, ignore_index=True))).set_index("claim")
+    return pd.DataFrame(
+        c1_verdicts(pd.concat(per_feature, ignore_index=True), pd.concat(sensitivity, ignore_index=True))
+    ).set_index("claim")
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.60])

@@ -110,17 +110,39 @@ def test_paired_circuits_recover_the_planted_structure(loaded, planted):
     hits: dict[str, list[float]] = {"decoder_unembedding": [], "encoder_embedding": []}
     for layer, (_, sae, sae_truth) in sorted(saes.items()):
         sem = {f["index"]: f for f in sae_truth["semantic_features"]}
-        cases = [("encoder_embedding", "ov_writer", layer, sae.encoder_directions(),
-                  sae_truth["attention_encoder_features"], "input_group", circ.ov_writer)]
+        cases = [
+            (
+                "encoder_embedding",
+                "ov_writer",
+                layer,
+                sae.encoder_directions(),
+                sae_truth["attention_encoder_features"],
+                "input_group",
+                circ.ov_writer,
+            )
+        ]
         if layer + 1 < checkpoint.geometry.n_layers:  # the decoder is read by the NEXT layer
-            cases.append(("decoder_unembedding", "qk_feature_key", layer + 1, sae.decoder_directions(),
-                          sae_truth["attention_decoder_features"], "output_group", circ.qk_feature_key))
+            cases.append(
+                (
+                    "decoder_unembedding",
+                    "qk_feature_key",
+                    layer + 1,
+                    sae.decoder_directions(),
+                    sae_truth["attention_decoder_features"],
+                    "output_group",
+                    circ.qk_feature_key,
+                )
+            )
         for phase, kind, attn_layer, directions, feats, group_key, reference in cases:
             per_head = []
             for head in range(checkpoint.geometry.n_heads):
                 stats = circuit_stats(directions[feats], Circuit(phase, kind, attn_layer, head), operands, k=10)
-                torch.testing.assert_close(stats.top_values.mean(1).float(),
-                                           reference(directions[feats].float(), attn_layer, head), rtol=2e-3, atol=2e-3)
+                torch.testing.assert_close(
+                    stats.top_values.mean(1).float(),
+                    reference(directions[feats].float(), attn_layer, head),
+                    rtol=2e-3,
+                    atol=2e-3,
+                )
                 want = np.array([sem[f][group_key] for f in feats])[:, None]
                 per_head.append((group_of[stats.top_ids.numpy()] == want).mean())
             hits[phase].append(float(np.mean(per_head)))

@@ -130,8 +130,10 @@ def test_null_false_positive_rate_with_hub_tokens(hard):
     planted = {(s, f["index"]) for s, v in truth.data["saes"].items() for f in v["semantic_features"]}
     planted |= {(s, f) for s, v in truth.data["saes"].items() for c in HARD_CLASSES for f in v["hard_cases"][c]}
     random = features[[key not in planted for key in zip(features["sae_id"], features["feature"], strict=True)]]
-    print(f"\nnull output-predicting rate {null['output_predicting'].mean():.4f}; random features "
-          f"(n={len(random)}) {random['output_predicting'].mean():.4f}")
+    print(
+        f"\nnull output-predicting rate {null['output_predicting'].mean():.4f}; random features "
+        f"(n={len(random)}) {random['output_predicting'].mean():.4f}"
+    )
     assert random["output_predicting"].mean() <= 0.02  # out of sample: the SAE's own random features
 
 

@@ -83,8 +83,9 @@ def _top(directions: torch.Tensor, w: Written, lens=output_lens) -> list[list[in
 def _taken(data: dict) -> set[int]:
     """Token ids of the planted groups, string-free groups and hubs."""
     hard = data["hard"]
-    return ({i for g in data["token_groups"] + hard["string_free_groups"] for i in g["token_ids"]}
-            | set(hard["hub_tokens"]["token_ids"]))
+    return {i for g in data["token_groups"] + hard["string_free_groups"] for i in g["token_ids"]} | set(
+        hard["hub_tokens"]["token_ids"]
+    )
 
 
 def test_generation_stays_fast(written):
@@ -94,12 +95,16 @@ def test_generation_stays_fast(written):
 
 def test_trap_classes_are_drawn_as_configured(written):
     data, block = written.truth.data, _hard_block()
-    assert {c: data["hard"]["expected"][c] for c in TRAPS} == {
-        "case_variant": {"semantic_output": False, "output_predicting": False},
-        "byte_token": {"semantic_output": False, "output_predicting": False},
-        "unused_cluster": {"semantic_output": False, "output_predicting": False},
-        "current_token": {"token_identity": True},
-    } == {c: HARD_EXPECTED[c] for c in TRAPS}
+    assert (
+        {c: data["hard"]["expected"][c] for c in TRAPS}
+        == {
+            "case_variant": {"semantic_output": False, "output_predicting": False},
+            "byte_token": {"semantic_output": False, "output_predicting": False},
+            "unused_cluster": {"semantic_output": False, "output_predicting": False},
+            "current_token": {"token_identity": True},
+        }
+        == {c: HARD_EXPECTED[c] for c in TRAPS}
+    )
     for sae in data["saes"].values():
         cases, semantic = sae["hard_cases"], {f["index"] for f in sae["semantic_features"]}
         drawn = [f for c in HARD_CLASSES for f in cases[c]]
@@ -132,7 +137,7 @@ def test_case_variant_tops_are_one_words_variants(written):
         for d, top in zip(detail, _top(written.saes[sid].decoder_directions()[feats], written), strict=True):
             forms = {t.replace("Ġ", "").casefold() for t in d["tokens"]}
             assert forms == {d["word"]} and len(d["token_ids"]) >= 3 and taken.isdisjoint(d["token_ids"])
-            assert set(top[:len(d["token_ids"])]) == set(d["token_ids"]), (sid, d)
+            assert set(top[: len(d["token_ids"])]) == set(d["token_ids"]), (sid, d)
 
 
 def test_byte_token_tops_decode_to_replacement_char(written):

@@ -27,7 +27,9 @@ CLASS_COLUMNS = ("output_predicting", "semantic", "token_identity")
 
 
 def top_sets(tokens: pd.DataFrame) -> pd.Series:
-    rows = tokens[(tokens["sample"] == "feature") & (tokens["side"] == "top") & (tokens["rank"] <= K)]  # ranks count from 1
+    rows = tokens[
+        (tokens["sample"] == "feature") & (tokens["side"] == "top") & (tokens["rank"] <= K)
+    ]  # ranks count from 1
     return rows.groupby("feature")["token_id"].apply(frozenset)
 
 
@@ -39,8 +41,14 @@ def precision_effect(cache: Path, release: str) -> dict[str, float]:
     runs = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         lens = lens_stage(sae, checkpoint, vocabulary["token"].tolist(), ref.key, N_NULL, EngineSettings(K, dtype))
-        classes = class_stage(lens, pd.DataFrame(), pd.DataFrame(), normal_tokens(vocabulary),
-                              checkpoint.embedding().numpy(), checkpoint.unembedding().numpy()).rows("feature")
+        classes = class_stage(
+            lens,
+            pd.DataFrame(),
+            pd.DataFrame(),
+            normal_tokens(vocabulary),
+            checkpoint.embedding().numpy(),
+            checkpoint.unembedding().numpy(),
+        ).rows("feature")
         runs[name] = (lens["output_lens_tokens"], classes)
     (tokens32, classes32), (tokens16, classes16) = runs["fp32"], runs["bf16"]
     same = top_sets(tokens32) == top_sets(tokens16)

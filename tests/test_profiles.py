@@ -98,7 +98,9 @@ def test_stratified_rank_test_is_stratified_directional_and_matches_mann_whitney
     mw = mann_whitney(x, y)
     assert one.auroc == pytest.approx(mw.auroc) and one.strata == 1
     assert one.ci_low < one.auroc < one.ci_high
-    assert one.p_greater == pytest.approx(0.5 * math.erfc(((mw.u - 40 * 50 / 2) / math.sqrt(40 * 50 / 12 * 91)) / math.sqrt(2)), rel=0.05)
+    assert one.p_greater == pytest.approx(
+        0.5 * math.erfc(((mw.u - 40 * 50 / 2) / math.sqrt(40 * 50 / 12 * 91)) / math.sqrt(2)), rel=0.05
+    )
     # Simpson: within each layer no difference, but layer 1 has more semantic features and larger values
     a = (rng.normal(0, 1, 80), rng.normal(0, 1, 20))
     b = (rng.normal(5, 1, 20), rng.normal(5, 1, 80))
@@ -140,9 +142,23 @@ def circuit_frame(shape_enc: str, shape_dec: str, n_layers=6, n_feat=60, n_null=
                         v = rng.normal(0, 0.1, n)
                         if sample == "feature":
                             v[: n // 3] += 1 + 3 * prof[shape][layer]
-                        rows.append(pd.DataFrame({"release": "r", "sae_id": f"s{layer}", "layer": layer, "sample": sample,
-                                                  "feature": np.arange(n), "phase": phase, "kind": kind, "attn_layer": layer,
-                                                  "head": head, "value": c * v, "topk_mass": np.nan}))
+                        rows.append(
+                            pd.DataFrame(
+                                {
+                                    "release": "r",
+                                    "sae_id": f"s{layer}",
+                                    "layer": layer,
+                                    "sample": sample,
+                                    "feature": np.arange(n),
+                                    "phase": phase,
+                                    "kind": kind,
+                                    "attn_layer": layer,
+                                    "head": head,
+                                    "value": c * v,
+                                    "topk_mass": np.nan,
+                                }
+                            )
+                        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -185,8 +201,10 @@ def test_the_default_circuit_set_is_what_participation_reads_and_all_adds_only_u
     checkpoint = random_model("gemma2", 3, tmp_path)
     sae = random_sae(checkpoint.geometry.d_model, 32, 3)
     ids = {"release": "r", "sae_id": "s", "layer": 2}
-    runs = {name: circuit_stage(sae, checkpoint, "r:s", 2, 16, EngineSettings(), "adjacent", name)
-            for name in ("used", "all")}
+    runs = {
+        name: circuit_stage(sae, checkpoint, "r:s", 2, 16, EngineSettings(), "adjacent", name)
+        for name in ("used", "all")
+    }
     kinds = {name: set(out.circuit_stats["kind"]) for name, out in runs.items()}
     read = {kind for phase_kinds in SCORE_KINDS.values() for kind in phase_kinds} - {"ov_write_norm"}
     assert kinds == {"used": read, "all": read | {"ov"}}

@@ -100,7 +100,11 @@ def start(work: Path, name: str, home: Path, cache: Path, data: Path, keys: list
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(home), str(cache), str(data), *keys, *flags],
-            stdout=o, stderr=e, env=env, cwd=ROOT, start_new_session=True,
+            stdout=o,
+            stderr=e,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
         )
     return Run(name, proc, out, err)
 
@@ -281,7 +285,9 @@ def observe_after_kill(sc: Scenario) -> None:
             sc.unreadable_or_mixed[name] = str(error)[:500]
     sc.orphans_at_kill = temp_files(sc.data)
     sc.other_files_at_kill = [
-        p for p in sc.data.rglob("*") if p.is_file() and p.suffix not in (".parquet", ".tmp") and p.name != "results.duckdb"
+        p
+        for p in sc.data.rglob("*")
+        if p.is_file() and p.suffix not in (".parquet", ".tmp") and p.name != "results.duckdb"
     ]
     with duckdb.connect(str(sc.data / "results.duckdb"), read_only=True) as con:
         for table in {name.split("/")[0] for name in sc.expected}:
@@ -300,8 +306,12 @@ def scenario(reference, planted_cache, work, keys) -> Scenario:
        run of the second key — two runs on two partitions of one instance and data dir.
     """
     data = work / "data"
-    sc = Scenario(data, seed(data, reference), {n: read(p) for n, p in parquet_files(reference).items()},
-                  Reader(data / "results.duckdb", partition_tables(reference, keys[0])))
+    sc = Scenario(
+        data,
+        seed(data, reference),
+        {n: read(p) for n, p in parquet_files(reference).items()},
+        Reader(data / "results.duckdb", partition_tables(reference, keys[0])),
+    )
     thread = threading.Thread(target=sc.reader.loop, daemon=True)
     thread.start()
     assert sc.reader.started.wait(30)
@@ -348,7 +358,11 @@ def test_sigkill_at_random_points_of_a_table_write(tmp_path):
         kills += 1
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), "--store-loop", str(tmp_path), str(rows)],
-            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
         )
         assert proc.stdout.readline().startswith("wrote ")  # one whole version is in place
         time.sleep(rng.uniform(0.0, 0.2))
@@ -369,7 +383,9 @@ def test_sigkill_at_random_points_of_a_table_write(tmp_path):
     assert temp_files(tmp_path) == []
     assert mid_write >= 2, f"only {mid_write} of {kills} kills landed inside a write"
     COUNTS["kill_loop"] = {
-        "writers_killed": kills, "killed_mid_write": mid_write, "versions_seen": sorted(versions),
+        "writers_killed": kills,
+        "killed_mid_write": mid_write,
+        "versions_seen": sorted(versions),
         "rows_checked": kills * rows,
     }
 
@@ -405,9 +421,15 @@ def test_sigkill_of_a_run_mid_write_leaves_whole_files_and_a_rerun_matches(scena
         assert_identical(frame, sc.expected[name], f"rerun vs uninterrupted run: {name}")
         rows += len(frame)
     COUNTS["crash_run"] = {
-        "runs_killed": 2, "partition_tables": len(mine), "replaced_before_kill": len(replaced & mine),
-        "old_at_kill": len(mine - replaced), "orphans_at_kill": len(sc.orphans_at_kill), "orphans_after_rerun": 0,
-        "dead_runs_recovered": len(recovered), "files_compared": len(sc.expected), "rows_compared": rows,
+        "runs_killed": 2,
+        "partition_tables": len(mine),
+        "replaced_before_kill": len(replaced & mine),
+        "old_at_kill": len(mine - replaced),
+        "orphans_at_kill": len(sc.orphans_at_kill),
+        "orphans_after_rerun": 0,
+        "dead_runs_recovered": len(recovered),
+        "files_compared": len(sc.expected),
+        "rows_compared": rows,
     }
 
 
@@ -419,8 +441,9 @@ def expected_rows(planted_cache: Path, key: str) -> dict[str, int]:
     ref = parse_key(key)
     d_sae = int(re.search(r"width_(\d+)", ref.sae_id).group(1))
     _, checkpoint = fetch_model(RELEASE, Hub(cache_dir=planted_cache, offline=True))
-    circuits = len(all_circuits(checkpoint.geometry, paired_layers(ref.layer, checkpoint.geometry.n_layers),
-                                CIRCUIT_SETS["used"]))
+    circuits = len(
+        all_circuits(checkpoint.geometry, paired_layers(ref.layer, checkpoint.geometry.n_layers), CIRCUIT_SETS["used"])
+    )
     lens = 2 * (d_sae + COMPUTE["null_directions"])  # features, their control, the isotropic and the matched null
     return {
         "sae_features": d_sae,
@@ -479,8 +502,12 @@ def test_two_runs_at_once_with_an_outside_reader(scenario, reference, planted_ca
     assert store.keys("sae_features") == sorted(keys)
     assert temp_files(sc.data) == []
     COUNTS["concurrency"] = {
-        "concurrent_runs": len(sc.runs), "reader_rounds": reader.rounds, "reader_queries": reader.queries,
-        "reader_errors": len(reader.errors), "tables": len(tables), "rows_checked": counted,
+        "concurrent_runs": len(sc.runs),
+        "reader_rounds": reader.rounds,
+        "reader_queries": reader.queries,
+        "reader_errors": len(reader.errors),
+        "tables": len(tables),
+        "rows_checked": counted,
         "wall_seconds": round(sc.seconds, 1),
     }
 
@@ -513,8 +540,10 @@ def test_disk_full_and_read_only_data_dir_fail_clearly_and_keep_rows(reference, 
     full_fs, ro_fs = work / "full-fs", work / "ro-fs"
     if not mount_tmpfs(full_fs, "16m"):
         if os.geteuid() == 0:
-            pytest.skip("running as root without permission to mount a tmpfs: chmod does not stop root and no "
-                        "full filesystem can be made; only the data-dir-under-a-file case is tested")
+            pytest.skip(
+                "running as root without permission to mount a tmpfs: chmod does not stop root and no "
+                "full filesystem can be made; only the data-dir-under-a-file case is tested"
+            )
         pytest.skip("cannot mount a tmpfs (not root); test_unwritable_dir tests a chmod-ed dir instead")
     try:
         assert mount_tmpfs(ro_fs, "16m")
@@ -607,7 +636,8 @@ def test_canary_token_is_in_no_file_the_runs_leave(reference, reference_started,
     with duckdb.connect(str(reference / "results.duckdb"), read_only=True) as con:
         assert CANARY not in str(con.execute("SELECT sql FROM duckdb_views()").fetchall())
     COUNTS["canary"] = {
-        "worker_processes_with_token": len(list((work / "logs").glob("*.out"))), "completed_runs_with_token": len(runs),
+        "worker_processes_with_token": len(list((work / "logs").glob("*.out"))),
+        "completed_runs_with_token": len(runs),
         **{f"{k}_scanned": v for k, v in scanned.items()},
     }
 
@@ -628,5 +658,8 @@ def test_same_partition_twice_gives_bitwise_identical_tables(reference, scenario
         rows += len(a)
         same_bytes += path.read_bytes() == second[name].read_bytes()
     COUNTS["determinism"] = {
-        "materialisations_compared": 2, "tables": len(first), "rows_compared": rows, "files_byte_identical": same_bytes,
+        "materialisations_compared": 2,
+        "tables": len(first),
+        "rows_compared": rows,
+        "files_byte_identical": same_bytes,
     }

@@ -31,8 +31,16 @@ from core.hub_cache import read_tree, repo_cache_dir
 from core.model_weights import ModelCheckpoint
 from core.planted import generate
 from core.registry import get_release
-from tests.rewrites import (EXACT, INDEX_FILE, REWRITES, load_release_model, qk_head_scale, snapshot_dir,
-                            vo_head_scale, write_rewritten_release)
+from tests.rewrites import (
+    EXACT,
+    INDEX_FILE,
+    REWRITES,
+    load_release_model,
+    qk_head_scale,
+    snapshot_dir,
+    vo_head_scale,
+    write_rewritten_release,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -49,9 +57,11 @@ ALLOWED = {
     "vo_head_scale": r"model\.layers\.\d+\.self_attn\.[vo]_proj\.weight",
 }
 # The one release rewrite written into a hub cache per release, and a tensor it must change.
-WRITTEN = {"planted-gemma": ("o_proj_scale", "model.layers.0.self_attn.o_proj.weight"),
-           "planted-llama": ("residual_scale", "model.embed_tokens.weight"),
-           "planted-gemma3": ("o_proj_scale", "model.layers.1.self_attn.o_proj.weight")}
+WRITTEN = {
+    "planted-gemma": ("o_proj_scale", "model.layers.0.self_attn.o_proj.weight"),
+    "planted-llama": ("residual_scale", "model.embed_tokens.weight"),
+    "planted-gemma3": ("o_proj_scale", "model.layers.1.self_attn.o_proj.weight"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +134,10 @@ def test_rewrite_preserves_logits_and_changes_weights(originals, token_ids, rele
     o_projs = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(n_layers)}
     if name == "o_proj_scale":  # a different c per layer: every o_proj, none by the same factor as the next
         assert changed == o_projs
-        ratios = [(new_state[k].double() / state[k].double()).unique().tolist()
-                  for k in sorted(o_projs, key=lambda k: int(k.split(".")[2]))]
+        ratios = [
+            (new_state[k].double() / state[k].double()).unique().tolist()
+            for k in sorted(o_projs, key=lambda k: int(k.split(".")[2]))
+        ]
         assert all(len(r) == 1 for r in ratios) and all(a != b for a, b in zip(ratios, ratios[1:]))
     elif name == "residual_scale":
         downs = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(n_layers)}
@@ -156,8 +168,15 @@ def test_gqa_group_of_second_kv_head(arch, token_ids):
     """GQA (4 query heads, 2 kv heads): kv head 1 is read by query heads 2 and 3; the head rewrites touch only
     those rows / columns and stay exact. (The planted models have one kv head.)"""
     torch.manual_seed(0)
-    common = dict(vocab_size=16384, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    common = dict(
+        vocab_size=16384,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).to(torch.bfloat16)
     else:
@@ -167,8 +186,10 @@ def test_gqa_group_of_second_kv_head(arch, token_ids):
     ref = _logits(model, token_ids)
     hd = 16
     pre = "model.layers.1.self_attn."
-    for rewrite, kept in ((lambda m: qk_head_scale(m, 1, 1, 4.0), {"q_proj": slice(0, 2 * hd), "k_proj": slice(0, hd)}),
-                          (lambda m: vo_head_scale(m, 1, 1, 0.25), {"v_proj": slice(0, hd)})):
+    for rewrite, kept in (
+        (lambda m: qk_head_scale(m, 1, 1, 4.0), {"q_proj": slice(0, 2 * hd), "k_proj": slice(0, hd)}),
+        (lambda m: vo_head_scale(m, 1, 1, 0.25), {"v_proj": slice(0, hd)}),
+    ):
         new = rewrite(model).eval()
         assert torch.equal(_logits(new, token_ids), ref)
         old_s, new_s = model.state_dict(), new.state_dict()
@@ -177,8 +198,8 @@ def test_gqa_group_of_second_kv_head(arch, token_ids):
             assert torch.equal(w_old[rows], w_new[rows]) and not torch.equal(w_old, w_new)
         if "v_proj" in kept:
             o_old, o_new = old_s[pre + "o_proj.weight"], new_s[pre + "o_proj.weight"]
-            assert torch.equal(o_old[:, :2 * hd], o_new[:, :2 * hd])
-            assert torch.equal(o_new[:, 2 * hd:], o_old[:, 2 * hd:] * 4)
+            assert torch.equal(o_old[:, : 2 * hd], o_new[:, : 2 * hd])
+            assert torch.equal(o_new[:, 2 * hd :], o_old[:, 2 * hd :] * 4)
 
 
 @pytest.mark.parametrize("release", RELEASES)
@@ -212,8 +233,9 @@ def test_write_rewritten_release(rewrite_hub, tmp_path, originals, token_ids, re
     assert Path(snapshot_download(entry.model_repo, cache_dir=dst, local_files_only=True)) == snap
     weight_map = json.loads((snap / INDEX_FILE).read_text())["weight_map"]
     assert set(weight_map.values()) == set(shards)
-    assert set(weight_map) == set(json.loads((snapshot_dir(dst, entry.model_repo, old_commit) / INDEX_FILE)
-                                             .read_text())["weight_map"])
+    assert set(weight_map) == set(
+        json.loads((snapshot_dir(dst, entry.model_repo, old_commit) / INDEX_FILE).read_text())["weight_map"]
+    )
 
     # ModelCheckpoint reads the rewritten tensor; transformers loads the new commit offline
     model, state, ref = originals[release]
@@ -221,8 +243,9 @@ def test_write_rewritten_release(rewrite_hub, tmp_path, originals, token_ids, re
     got = ModelCheckpoint(snap).tensor(tensor)
     assert torch.equal(got, expected.state_dict()[tensor].float())
     assert not torch.equal(got, state[tensor].float())
-    loaded = AutoModelForCausalLM.from_pretrained(entry.model_repo, cache_dir=dst, local_files_only=True,
-                                                  dtype="auto", attn_implementation="eager").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        entry.model_repo, cache_dir=dst, local_files_only=True, dtype="auto", attn_implementation="eager"
+    ).eval()
     assert loaded.dtype == model.dtype
     out = _logits(loaded, token_ids)
     assert torch.equal(out, _logits(expected.eval(), token_ids))

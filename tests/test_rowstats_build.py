@@ -34,7 +34,9 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(
         rowstats.native.cache_clear()
 
 
-def streamed(lib: ctypes.CDLL, x: Tensor, k: int, cap: float | None, sample: Tensor, brackets: list) -> dict[str, Tensor]:
+def streamed(
+    lib: ctypes.CDLL, x: Tensor, k: int, cap: float | None, sample: Tensor, brackets: list
+) -> dict[str, Tensor]:
     """The kernel's statistics of the rows of ``x`` fed in blocks of 1000 columns (a ragged last one)."""
     blocks = ((c0, x[:, c0 : c0 + 1000]) for c0 in range(0, x.shape[1], 1000))
     return rowstats.compute(lib, x[:, sample], blocks, x.shape[1], k, cap, brackets, lambda rows: x[rows])
@@ -42,7 +44,9 @@ def streamed(lib: ctypes.CDLL, x: Tensor, k: int, cap: float | None, sample: Ten
 
 @pytest.mark.parametrize("cap", [None, 5.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_portable_build_matches_the_vector_build_and_the_reference(tmp_path: Path, cap: float | None, dtype: torch.dtype) -> None:
+def test_portable_build_matches_the_vector_build_and_the_reference(
+    tmp_path: Path, cap: float | None, dtype: torch.dtype
+) -> None:
     """The library built for the baseline x86-64 CPU (SSE2 lanes; no AVX2, FMA or AVX-512) gives what the
     default build gives
     (order statistics bit for bit; moments to float32 rounding) on ties, heavy tails, a constant row,
@@ -52,12 +56,14 @@ def test_portable_build_matches_the_vector_build_and_the_reference(tmp_path: Pat
     portable = rowstats.load(rowstats.build(tmp_path, ("-march=x86-64",)))
     g = torch.Generator().manual_seed(10)
     n = 70_001
-    rows = torch.stack([
-        torch.randn(n, generator=g) * 4,
-        torch.randint(-2, 3, (n,), generator=g).float(),
-        torch.randn(n, generator=g) ** 3,
-        torch.full((n,), 1.5),
-    ]).to(dtype)
+    rows = torch.stack(
+        [
+            torch.randn(n, generator=g) * 4,
+            torch.randint(-2, 3, (n,), generator=g).float(),
+            torch.randn(n, generator=g) ** 3,
+            torch.full((n,), 1.5),
+        ]
+    ).to(dtype)
     for x in (rows, rows[:, :37].contiguous()):
         sample = torch.randperm(x.shape[1], generator=g)[:64].sort().values
         brackets = engine._brackets(x.shape[1], len(sample))

@@ -42,8 +42,13 @@ def test_round_trip_renames_and_keeps_orientation(tmp_path):
     write(tmp_path, {**data, "affine_skip_connection": torch.zeros(D_MODEL, D_MODEL)})  # transcoder extra: ignored
     sae = FORMAT.read(tmp_path, d_model=D_MODEL)
     assert (sae.d_model, sae.d_sae) == (D_MODEL, D_SAE)
-    for theirs, ours in (("w_enc", "W_enc"), ("w_dec", "W_dec"), ("b_enc", "b_enc"), ("b_dec", "b_dec"),
-                         ("threshold", "threshold")):
+    for theirs, ours in (
+        ("w_enc", "W_enc"),
+        ("w_dec", "W_dec"),
+        ("b_enc", "b_enc"),
+        ("b_dec", "b_dec"),
+        ("threshold", "threshold"),
+    ):
         assert torch.equal(getattr(sae, ours), data[theirs])
     torch.testing.assert_close(sae.decoder_norms, torch.ones(D_SAE))
     assert sae.source.endswith("params.safetensors") and FORMAT.files == ("params.safetensors",)
@@ -99,8 +104,12 @@ def test_missing_or_gemma_scope_1_names_and_wrong_model_width(tmp_path):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cut=st.integers(min_value=0, max_value=3000), flip=st.integers(min_value=0, max_value=3000),
-       header=st.binary(max_size=32), length=st.one_of(st.none(), st.integers(min_value=0, max_value=2**40)))
+@given(
+    cut=st.integers(min_value=0, max_value=3000),
+    flip=st.integers(min_value=0, max_value=3000),
+    header=st.binary(max_size=32),
+    length=st.one_of(st.none(), st.integers(min_value=0, max_value=2**40)),
+)
 def test_mutated_bytes_never_crash_uncleanly(tmp_path, cut, flip, header, length):
     """Any truncation, byte flip or garbage header gives valid weights or a WeightFileError naming the file."""
     write(tmp_path, tensors())
@@ -128,14 +137,23 @@ def test_registry_entry_uses_saelens_ids_and_the_hub_folder_layout():
 
     release = get_release("gemma-scope-2-1b-pt-res")
     assert (release.format, release.sae_repo, release.model_repo) == (
-        "gemma_scope_2_safetensors", "google/gemma-scope-2-1b-pt", "google/gemma-3-1b-pt")
+        "gemma_scope_2_safetensors",
+        "google/gemma-scope-2-1b-pt",
+        "google/gemma-3-1b-pt",
+    )
     ref = release.sae("layer_13_width_16k_l0_medium")
     assert (ref.layer, ref.width, ref.folder) == (13, "16k", "resid_post/layer_13_width_16k_l0_medium")
-    listing = [f"resid_post/layer_{n}_width_{w}_l0_{b}/params.safetensors"
-               for n in (7, 22) for w in ("16k", "1m") for b in ("small", "big")]
-    listing += ["resid_post/layer_7_width_262k_l0_medium_seed_1/params.safetensors",
-                "resid_post_all/layer_3_width_16k_l0_small/params.safetensors",
-                "resid_post/layer_7_width_16k_l0_small/config.json"]
+    listing = [
+        f"resid_post/layer_{n}_width_{w}_l0_{b}/params.safetensors"
+        for n in (7, 22)
+        for w in ("16k", "1m")
+        for b in ("small", "big")
+    ]
+    listing += [
+        "resid_post/layer_7_width_262k_l0_medium_seed_1/params.safetensors",
+        "resid_post_all/layer_3_width_16k_l0_small/params.safetensors",
+        "resid_post/layer_7_width_16k_l0_small/config.json",
+    ]
     found = release.discover(listing, FORMAT.files[0])
     assert [r.sae_id for r in found][:2] == ["layer_7_width_16k_l0_small", "layer_7_width_16k_l0_big"]
     assert len(found) == 9 and {r.layer for r in found} == {7, 22}
@@ -153,13 +171,19 @@ def _ref(layer: int = 7, width: str = str(D_SAE)):
     return SaeRef("gemma-scope-2-1b-pt-res", sae_id, f"resid_post/{sae_id}", layer, width)
 
 
-@pytest.mark.parametrize(("config", "problem"), [
-    (None, None),  # no config.json: nothing more to check
-    ({"architecture": "jump_relu", "model_name": "gemma-3-1b-pt", "hf_hook_point_in": "model.layers.7.output"}, None),
-    ({"architecture": "jump_relu", "hf_hook_point_in": "model.layers.8.output"}, r"says \{'hf_hook_point_in'"),
-    ({"architecture": "topk", "hf_hook_point_in": "model.layers.7.output"}, r"says \{'architecture': 'topk'\}"),
-    ("{not json", "is not readable JSON"),
-])
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        (None, None),  # no config.json: nothing more to check
+        (
+            {"architecture": "jump_relu", "model_name": "gemma-3-1b-pt", "hf_hook_point_in": "model.layers.7.output"},
+            None,
+        ),
+        ({"architecture": "jump_relu", "hf_hook_point_in": "model.layers.8.output"}, r"says \{'hf_hook_point_in'"),
+        ({"architecture": "topk", "hf_hook_point_in": "model.layers.7.output"}, r"says \{'architecture': 'topk'\}"),
+        ("{not json", "is not readable JSON"),
+    ],
+)
 def test_a_folders_config_json_is_checked_against_the_sae_id(tmp_path, config, problem):
     import json
 

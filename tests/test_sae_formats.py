@@ -53,9 +53,14 @@ def llama_parts(avg_norm: float = 2.0) -> tuple[dict[str, torch.Tensor], dict]:
         "decoder.bias": torch.randn(D_MODEL, generator=g).bfloat16(),
     }
     hp = {
-        "d_model": D_MODEL, "d_sae": D_SAE, "act_fn": "jumprelu", "jump_relu_threshold": 0.5,
-        "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
-        "hook_point_in": "blocks.3.hook_resid_post", "hook_point_out": "blocks.3.hook_resid_post",
+        "d_model": D_MODEL,
+        "d_sae": D_SAE,
+        "act_fn": "jumprelu",
+        "jump_relu_threshold": 0.5,
+        "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
+        "hook_point_in": "blocks.3.hook_resid_post",
+        "hook_point_out": "blocks.3.hook_resid_post",
     }
     return tensors, hp
 

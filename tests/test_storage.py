@@ -24,7 +24,9 @@ GEMMA = "planted-gemma"
 
 
 def frame(key: str, n: int) -> pd.DataFrame:
-    return pd.DataFrame({"release": key.split(":")[0], "sae_id": key.split(":")[1], "feature": range(n), "value": [0.5] * n})
+    return pd.DataFrame(
+        {"release": key.split(":")[0], "sae_id": key.split(":")[1], "feature": range(n), "value": [0.5] * n}
+    )
 
 
 def test_write_read_views_and_partition_isolation(tmp_path):
@@ -67,13 +69,19 @@ def test_writes_succeed_while_another_process_holds_the_database(tmp_path):
     store.write("t", "rel:a", frame("rel:a", 3))
     assert store.refresh_views()
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import duckdb, sys, time
             con = duckdb.connect({str(store.db_path)!r})  # read-write: holds the file lock
             print(con.execute("SELECT count(*) FROM t").fetchone()[0], flush=True)
             sys.stdin.readline()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "3"
@@ -104,7 +112,10 @@ def test_sweep_removes_only_this_hosts_dead_writers_temp_files(tmp_path):
         path.write_bytes(b"half a parquet file")
     store.write("t", "b", pd.DataFrame({"x": [2]}))
     assert {name: path.exists() for name, path in leftovers.items()} == {
-        "dead_here": False, "alive_here": True, "other_host": True}
+        "dead_here": False,
+        "alive_here": True,
+        "other_host": True,
+    }
     assert store.read("t")["x"].tolist() in ([1, 2], [2, 1])
 
 
@@ -117,8 +128,13 @@ def duckdb_cli() -> str:
 
 def cli_rows(cwd: Path, database: str, query: str) -> list[str]:
     """The rows ``duckdb -readonly DATABASE -c QUERY`` prints as CSV, run in ``cwd``."""
-    proc = subprocess.run([duckdb_cli(), "-readonly", "-csv", "-noheader", database, "-c", query],
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [duckdb_cli(), "-readonly", "-csv", "-noheader", database, "-c", query],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and not proc.stderr, proc.stdout + proc.stderr
     return proc.stdout.splitlines()
 
@@ -127,8 +143,12 @@ def cli_rows(cwd: Path, database: str, query: str) -> list[str]:
 def duckdb1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Python duckdb 1.x installed into a folder of its own (this environment has 2.x)."""
     target = tmp_path_factory.mktemp("duckdb1")
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                           "duckdb<2"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), "duckdb<2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"pip could not install duckdb<2:\n{proc.stdout}{proc.stderr}"
     return target
 
@@ -141,24 +161,91 @@ def readme_store(root: Path) -> TableStore:
         key = f"{GEMMA}:layer_{layer}/width_512/average_l0_32"
         sae = {"release": GEMMA, "sae_id": key.split(":")[1], "layer": layer}
         feature = 7 if layer == 0 else 123
-        store.write("output_lens_tokens", key, pd.DataFrame([{
-            **sae, "sample": "feature", "feature": feature, "side": "top", "rank": rank, "token_id": rank,
-            "token": f"tok{rank}", "value": 1.0 / rank} for rank in (1, 2)]))
-        store.write("vocabulary", key, pd.DataFrame([{**sae, "token_id": i, "token": f"tok{i}",
-                                                      "token_class": ["normal", "byte", "unused"][i]} for i in range(3)]))
-        store.write("feature_classes", key, pd.DataFrame({**sae, "feature": [0, 1], "output_predicting": [True, False],
-                                                          "semantic": [True, True]}))
-        store.write("class_thresholds", key, pd.DataFrame({**sae, "side": "output", "metric": ["topk_z"],
-                                                           "threshold": [2.5]}))
-        store.write("circuit_stats", key, pd.DataFrame({**sae, "sample": "feature", "feature": [0],
-                                                        "kind": "qk_feature_query", "phase": "decoder_unembedding",
-                                                        "attn_layer": layer + 1, "head": [0], "softmax_max": [0.25]}))
-        store.write("c1_sensitivity", key, pd.DataFrame({**sae, "rule": "null_calibrated", "null": "matched",
-                                                         "quantile": [0.99], "k": [10], "sample": "feature",
-                                                         "n": [2], "hits": [1]}))
-    store.write("claim_verdicts", GEMMA, pd.DataFrame({"release": GEMMA, "sae_id": "", "claim": ["C1"],
-                                                       "verdict": ["consistent"], "value": [0.5], "control_value": [0.0],
-                                                       "p_value": [0.01], "rule": ["null_calibrated"]}))
+        store.write(
+            "output_lens_tokens",
+            key,
+            pd.DataFrame(
+                [
+                    {
+                        **sae,
+                        "sample": "feature",
+                        "feature": feature,
+                        "side": "top",
+                        "rank": rank,
+                        "token_id": rank,
+                        "token": f"tok{rank}",
+                        "value": 1.0 / rank,
+                    }
+                    for rank in (1, 2)
+                ]
+            ),
+        )
+        store.write(
+            "vocabulary",
+            key,
+            pd.DataFrame(
+                [
+                    {**sae, "token_id": i, "token": f"tok{i}", "token_class": ["normal", "byte", "unused"][i]}
+                    for i in range(3)
+                ]
+            ),
+        )
+        store.write(
+            "feature_classes",
+            key,
+            pd.DataFrame({**sae, "feature": [0, 1], "output_predicting": [True, False], "semantic": [True, True]}),
+        )
+        store.write(
+            "class_thresholds", key, pd.DataFrame({**sae, "side": "output", "metric": ["topk_z"], "threshold": [2.5]})
+        )
+        store.write(
+            "circuit_stats",
+            key,
+            pd.DataFrame(
+                {
+                    **sae,
+                    "sample": "feature",
+                    "feature": [0],
+                    "kind": "qk_feature_query",
+                    "phase": "decoder_unembedding",
+                    "attn_layer": layer + 1,
+                    "head": [0],
+                    "softmax_max": [0.25],
+                }
+            ),
+        )
+        store.write(
+            "c1_sensitivity",
+            key,
+            pd.DataFrame(
+                {
+                    **sae,
+                    "rule": "null_calibrated",
+                    "null": "matched",
+                    "quantile": [0.99],
+                    "k": [10],
+                    "sample": "feature",
+                    "n": [2],
+                    "hits": [1],
+                }
+            ),
+        )
+    store.write(
+        "claim_verdicts",
+        GEMMA,
+        pd.DataFrame(
+            {
+                "release": GEMMA,
+                "sae_id": "",
+                "claim": ["C1"],
+                "verdict": ["consistent"],
+                "value": [0.5],
+                "control_value": [0.0],
+                "p_value": [0.01],
+                "rule": ["null_calibrated"],
+            }
+        ),
+    )
     assert store.refresh_views()
     return store
 
@@ -169,18 +256,27 @@ def test_the_duckdb_cli_opens_the_database_from_the_directory_above(tmp_path):
     store.write("t", "rel:a", frame("rel:a", 3))
     assert store.refresh_views()
     assert cli_rows(tmp_path, "data/results.duckdb", "SELECT count(*) FROM t") == ["3"]
-    assert cli_rows(tmp_path, "data/results.duckdb",
-                    "SELECT tags['storage_version'] FROM duckdb_databases() WHERE NOT internal") == [f"{STORAGE_VERSION}+"]
+    assert cli_rows(
+        tmp_path, "data/results.duckdb", "SELECT tags['storage_version'] FROM duckdb_databases() WHERE NOT internal"
+    ) == [f"{STORAGE_VERSION}+"]
 
 
 def test_python_duckdb_1x_reads_the_database(tmp_path, duckdb1):
     store = TableStore(tmp_path / "data")
     store.write("t", "rel:a", frame("rel:a", 3))
     assert store.refresh_views()
-    code = ("import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
-            "print(duckdb.__version__, con.execute('SELECT count(*) FROM t').fetchone()[0])")
-    proc = subprocess.run([sys.executable, "-c", code, "data/results.duckdb"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(duckdb1)})
+    code = (
+        "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+        "print(duckdb.__version__, con.execute('SELECT count(*) FROM t').fetchone()[0])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "data/results.duckdb"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(duckdb1)},
+    )
     assert proc.returncode == 0, proc.stderr
     version, count = proc.stdout.split()
     assert version.startswith("1.") and count == "3"
@@ -215,8 +311,9 @@ def test_a_database_of_the_old_layout_is_rebuilt(tmp_path):
     store.write("t", "rel:a", frame("rel:a", 3))
     with duckdb.connect(str(store.db_path)) as con:
         con.execute(f"CREATE VIEW t AS SELECT * FROM read_parquet('{store.tables_dir}/t/*.parquet')")
-    proc = subprocess.run([duckdb_cli(), "-readonly", str(store.db_path), "-c", "SELECT 1"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [duckdb_cli(), "-readonly", str(store.db_path), "-c", "SELECT 1"], capture_output=True, text=True, timeout=60
+    )
     assert "version number" in proc.stdout + proc.stderr  # what a user of the CLI saw
     assert store.refresh_views()
     assert cli_rows(tmp_path, "data/results.duckdb", "SELECT count(*) FROM t") == ["3"]

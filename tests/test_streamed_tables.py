@@ -14,9 +14,16 @@ pytestmark = pytest.mark.unit
 
 def part(i: int, rows: int = 50) -> pd.DataFrame:
     rng = np.random.default_rng(i)
-    return pd.DataFrame({"release": "r", "feature": np.arange(rows) + i * rows, "kind": f"k{i % 3}",
-                         "mean": rng.normal(size=rows), "top_ids": [list(rng.integers(0, 99, 4)) for _ in range(rows)],
-                         "top_values": [list(rng.normal(size=4)) for _ in range(rows)]})
+    return pd.DataFrame(
+        {
+            "release": "r",
+            "feature": np.arange(rows) + i * rows,
+            "kind": f"k{i % 3}",
+            "mean": rng.normal(size=rows),
+            "top_ids": [list(rng.integers(0, 99, 4)) for _ in range(rows)],
+            "top_values": [list(rng.normal(size=4)) for _ in range(rows)],
+        }
+    )
 
 
 def test_appended_frames_equal_one_write(tmp_path):

@@ -21,7 +21,6 @@ from tests.conftest import FAST_TRAINED
 pytestmark = pytest.mark.chain  # trains small models: a minute
 
 
-
 def _blobs(cache, repo):
     return sorted((p.name, p.stat().st_size) for p in (repo_cache_dir(cache, repo) / "blobs").iterdir())
 
@@ -53,7 +52,10 @@ def test_the_model_learned_below_the_unigram_baseline_and_the_files_load_offline
     assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
     assert model.dtype == torch.bfloat16
     tok = AutoTokenizer.from_pretrained(model_dir)
-    assert len(tok) == FAST_TRAINED["vocab_size"] and tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
+    assert (
+        len(tok) == FAST_TRAINED["vocab_size"]
+        and tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
+    )
 
     sae_dir = snapshot_download(release.sae_repo, cache_dir=cache, local_files_only=True)
     stored = json.loads((Path(sae_dir) / METRICS_FILE).read_text())
@@ -96,14 +98,21 @@ def test_activation_measurements_match_a_hand_computed_last_layer_case(two_runs)
 
     (cache, release), _ = two_runs
     model = AutoModelForCausalLM.from_pretrained(
-        snapshot_download(release.model_repo, cache_dir=cache, local_files_only=True), dtype=torch.float32)
+        snapshot_download(release.model_repo, cache_dir=cache, local_files_only=True), dtype=torch.float32
+    )
     layer, d, v = model.config.num_hidden_layers - 1, model.config.hidden_size, 7
     chunks = torch.randint(0, FAST_TRAINED["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(0))
     w_dec = torch.zeros(2, d)
     w_dec[0] = model.lm_head.weight[v].detach() / model.model.norm.weight.detach()
     w_dec[0] /= w_dec[0].norm()
-    sae = SaeWeights(W_enc=torch.zeros(d, 2), W_dec=w_dec, b_enc=torch.tensor([0.5, -1e9]), b_dec=torch.zeros(d),
-                     threshold=torch.zeros(2), source="hand")
+    sae = SaeWeights(
+        W_enc=torch.zeros(d, 2),
+        W_dec=w_dec,
+        b_enc=torch.tensor([0.5, -1e9]),
+        b_dec=torch.zeros(d),
+        threshold=torch.zeros(2),
+        source="hand",
+    )
     fired = firing(model, sae, layer, chunks, n_contexts=4, k=3, min_count=1)
     assert fired.features["firing_rate"].tolist() == [1.0, 0.0]
     assert fired.features["mean_activation"].tolist() == [0.5, 0.0]
@@ -136,15 +145,23 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
     (cache, _), _ = two_runs
     instance, data, keys = materialise_planted(cache, tmp_path / "data", ["trained-llama"])
     assert len(keys) == get_release("trained-llama").n_layers
-    done = {str(r.partition_key) for r in instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("activation_agreement")), limit=10).records}
+    done = {
+        str(r.partition_key)
+        for r in instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("activation_agreement")), limit=10
+        ).records
+    }
     assert done == set(keys)
     store = TableStore(data)
     per_sae = store.read("agreement_summary")
     assert set(per_sae["sae_id"]) == {key.partition(":")[2] for key in keys} and per_sae["p_value"].between(0, 1).all()
     pooled = store.read("release_agreement", "trained-llama").set_index("statistic")
-    assert {"output_overlap", "input_overlap", "spearman_topk_z_output_score",
-            "spearman_decoder_participation_attention"} <= set(pooled.index)
+    assert {
+        "output_overlap",
+        "input_overlap",
+        "spearman_topk_z_output_score",
+        "spearman_decoder_participation_attention",
+    } <= set(pooled.index)
     readers = pooled.index.str.contains("attention")  # the last layer's SAE has no block reading it
     assert (pooled.loc[~readers, "saes"] == len(keys)).all() and (pooled.loc[readers, "saes"] <= len(keys) - 1).all()
     assert pooled.loc["spearman_decoder_participation_attention", "saes"] == len(keys) - 1  # the AUROC: where both
@@ -153,9 +170,12 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
     report = (data / "reports" / "trained-llama" / "report.md").read_text()
     assert "## Activation agreement" in report and AGREEMENT_LABELS["output_overlap"] in report
     assert "Not measured: the release provides no corpus" not in report
-    checks = [e.dagster_event.event_specific_data for run in instance.get_runs()
-              for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
-              if e.dagster_event.event_specific_data.asset_key == dg.AssetKey("activation_agreement")]
+    checks = [
+        e.dagster_event.event_specific_data
+        for run in instance.get_runs()
+        for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        if e.dagster_event.event_specific_data.asset_key == dg.AssetKey("activation_agreement")
+    ]
     assert len(checks) == 3 * len(keys) and all(c.passed for c in checks), [(c.check_name, c.passed) for c in checks]
 
 
@@ -169,9 +189,11 @@ def test_attention_received_matches_a_loop_over_positions_and_heads(two_runs):
     from core.sae_formats import FORMATS
 
     (cache, release), _ = two_runs
-    model = AutoModelForCausalLM.from_pretrained(snapshot_download(release.model_repo, cache_dir=cache,
-                                                                   local_files_only=True),
-                                                 dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        snapshot_download(release.model_repo, cache_dir=cache, local_files_only=True),
+        dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
     sae_dir = Path(snapshot_download(release.sae_repo, cache_dir=cache, local_files_only=True))
     q = next(q for q in release.metrics["saes"].values() if q["layer"] == 0)
     sae = FORMATS["llama_scope_safetensors"].read(sae_dir / q["folder"])

@@ -51,8 +51,13 @@ def browser() -> Iterator[webdriver.Chrome]:
     """Headless Chromium with a laptop-sized window."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
     try:
@@ -86,18 +91,25 @@ def open_markdown(browser: webdriver.Chrome, url: str, label: str) -> WebElement
     open_page(browser, url, f"{metadata_row(label)}//a[normalize-space()='[Show Markdown]']").click()
     image = WebDriverWait(browser, WAIT_S).until(lambda b: b.find_element(By.CSS_SELECTOR, ".bp5-dialog img"))
     dialog = image.find_element(By.XPATH, "ancestor::div[contains(@class, 'bp5-dialog')]")
-    WebDriverWait(browser, WAIT_S).until(lambda b: b.execute_script(  # loaded, and the opening animation over
-        """return [...arguments[0].querySelectorAll('img')].every((i) => i.complete)
-                  && arguments[0].closest('.bp5-overlay-content').classList.contains('bp5-overlay-enter-done')""", dialog))
+    WebDriverWait(browser, WAIT_S).until(
+        lambda b: b.execute_script(  # loaded, and the opening animation over
+            """return [...arguments[0].querySelectorAll('img')].every((i) => i.complete)
+                  && arguments[0].closest('.bp5-overlay-content').classList.contains('bp5-overlay-enter-done')""",
+            dialog,
+        )
+    )
     return dialog
 
 
 def image_geometry(browser: webdriver.Chrome, image: WebElement) -> dict:
     """The image's natural width, its box on screen, its dialog's box and the window's width."""
-    return browser.execute_script("""const image = arguments[0], box = image.getBoundingClientRect();
+    return browser.execute_script(
+        """const image = arguments[0], box = image.getBoundingClientRect();
         const dialog = image.closest('.bp5-dialog').getBoundingClientRect();
         return {natural: image.naturalWidth, left: box.left, right: box.right, width: box.width,
-                dialog_left: dialog.left, dialog_right: dialog.right, window: window.innerWidth};""", image)
+                dialog_left: dialog.left, dialog_right: dialog.right, window: window.innerWidth};""",
+        image,
+    )
 
 
 def assert_whole_and_readable(geometry: dict) -> None:
@@ -105,7 +117,10 @@ def assert_whole_and_readable(geometry: dict) -> None:
     dialog, which fits the window."""
     assert 0 < geometry["natural"] <= UI_PLOT_WIDTH
     assert geometry["width"] == geometry["natural"]  # drawn at its pixel size: nothing scaled down to illegible
-    assert geometry["dialog_left"] <= geometry["left"] and geometry["right"] <= geometry["dialog_right"] <= geometry["window"]
+    assert (
+        geometry["dialog_left"] <= geometry["left"]
+        and geometry["right"] <= geometry["dialog_right"] <= geometry["window"]
+    )
 
 
 def png_width(path: Path) -> int:
@@ -160,8 +175,10 @@ def test_feature_lookup_shows_a_planted_features_tokens(served, browser, shots):
     planted = served.truth["saes"][key.partition(":")[2]]["semantic_features"][0]
     group = served.truth["token_groups"][planted["output_group"]]
     vocabulary = StoreResource(data_dir=str(served.data)).tables().read("vocabulary", key)
-    expected = {json.dumps(token, ensure_ascii=False)[1:-1]
-                for token in vocabulary.loc[vocabulary["token_id"].isin(group["token_ids"]), "token"]}
+    expected = {
+        json.dumps(token, ensure_ascii=False)[1:-1]
+        for token in vocabulary.loc[vocabulary["token_id"].isin(group["token_ids"]), "token"]
+    }
     row = open_page(browser, f"{path.as_uri()}#{planted['index']}", f"//tr[@data-feature='{planted['index']}']")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#rows tr")) == 1
     assert "output_predicting" in row.find_element(By.XPATH, "td[2]").text

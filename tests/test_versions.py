@@ -19,36 +19,86 @@ import pytest
 pytestmark = pytest.mark.chain
 
 ROOT = Path(__file__).resolve().parents[1]
-PLOTS = {"plot_output_fraction", "plot_depth_profiles", "plot_participation_heatmap", "plot_semantic_violins",
-         "plot_calibration", "plot_c1_sensitivity"}
-ASSETS = {"sae_weights", "model_weights", "lens_tables", "circuit_tables", "feature_classes", "claim_statistics",
-          *PLOTS, "claims_report"}
-KERNEL_FUNCTION = "\nextern \"C\" int weightlens_unused_probe() { return 0; }\n"
+PLOTS = {
+    "plot_output_fraction",
+    "plot_depth_profiles",
+    "plot_participation_heatmap",
+    "plot_semantic_violins",
+    "plot_calibration",
+    "plot_c1_sensitivity",
+}
+ASSETS = {
+    "sae_weights",
+    "model_weights",
+    "lens_tables",
+    "circuit_tables",
+    "feature_classes",
+    "claim_statistics",
+    *PLOTS,
+    "claims_report",
+}
+KERNEL_FUNCTION = '\nextern "C" int weightlens_unused_probe() { return 0; }\n'
 
 # name -> (file, text to replace (None: append), replacement, the assets whose code version must change).
 # claims_report reads only ``core.plots.PLOT_FILES`` (file names), so a plot edit reaches its plot asset alone.
 EDITS: dict[str, tuple[str, str | None, str, set[str]]] = {
     "classify module docstring": ("core/classify.py", "1. Heavy-tailed output lens.", "1. Heavy-tailed lens.", set()),
     "classify function docstring": ("core/classify.py", '"""Per k: ``(mean', '"""For each k: ``(mean', set()),
-    "hub error message": ("core/hub.py", "revision {revision!r} not found on the hub",
-                          "revision {revision!r} does not exist", set()),
-    "c1 sensitivity plot title": ("core/plots.py", "C1 sensitivity to the threshold quantile",
-                                  "C1 against the threshold quantile", {"plot_c1_sensitivity"}),
-    "output fraction plot title": ("core/plots.py", "features whose decoder direction directly predicts",
-                                   "features whose decoder predicts", {"plot_output_fraction"}),
-    "token identity threshold": ("core/classify.py", "TOKEN_IDENTITY_JACCARD = 0.5", "TOKEN_IDENTITY_JACCARD = 0.6",
-                                 {"feature_classes"}),
-    "top-k z formula": ("core/classify.py", "out[k] = (top_mean - mean) / std",
-                        "out[k] = (top_mean - mean) / (std + 1e-9)", {"feature_classes"}),
+    "hub error message": (
+        "core/hub.py",
+        "revision {revision!r} not found on the hub",
+        "revision {revision!r} does not exist",
+        set(),
+    ),
+    "c1 sensitivity plot title": (
+        "core/plots.py",
+        "C1 sensitivity to the threshold quantile",
+        "C1 against the threshold quantile",
+        {"plot_c1_sensitivity"},
+    ),
+    "output fraction plot title": (
+        "core/plots.py",
+        "features whose decoder direction directly predicts",
+        "features whose decoder predicts",
+        {"plot_output_fraction"},
+    ),
+    "token identity threshold": (
+        "core/classify.py",
+        "TOKEN_IDENTITY_JACCARD = 0.5",
+        "TOKEN_IDENTITY_JACCARD = 0.6",
+        {"feature_classes"},
+    ),
+    "top-k z formula": (
+        "core/classify.py",
+        "out[k] = (top_mean - mean) / std",
+        "out[k] = (top_mean - mean) / (std + 1e-9)",
+        {"feature_classes"},
+    ),
     "native kernel": ("core/rowstats.cpp", None, KERNEL_FUNCTION, {"lens_tables", "circuit_tables"}),
-    "top_k default": ("orchestration/resources.py", "top_k: int = 10", "top_k: int = 12",
-                      {"lens_tables", "circuit_tables", "feature_classes"}),
-    "null_directions default": ("orchestration/resources.py", "null_directions: int = 1024",
-                                "null_directions: int = 512", {"lens_tables"}),
-    "circuit_layers default": ("orchestration/resources.py", 'circuit_layers: str = "adjacent"',
-                               'circuit_layers: str = "all"', {"circuit_tables"}),
-    "device default (neutral)": ("orchestration/resources.py", "device: Optional[str] = None",
-                                 'device: Optional[str] = "cpu"', set()),
+    "top_k default": (
+        "orchestration/resources.py",
+        "top_k: int = 10",
+        "top_k: int = 12",
+        {"lens_tables", "circuit_tables", "feature_classes"},
+    ),
+    "null_directions default": (
+        "orchestration/resources.py",
+        "null_directions: int = 1024",
+        "null_directions: int = 512",
+        {"lens_tables"},
+    ),
+    "circuit_layers default": (
+        "orchestration/resources.py",
+        'circuit_layers: str = "adjacent"',
+        'circuit_layers: str = "all"',
+        {"circuit_tables"},
+    ),
+    "device default (neutral)": (
+        "orchestration/resources.py",
+        "device: Optional[str] = None",
+        'device: Optional[str] = "cpu"',
+        set(),
+    ),
 }
 # the ComputeResource fields hashed into each asset's code version (every other asset: none)
 SETTINGS = {
@@ -103,16 +153,24 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict:
         shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     edits = {name: (file, old, new) for name, (file, old, new, _) in EDITS.items()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", DRIVER, json.dumps(edits)], cwd=copy, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", DRIVER, json.dumps(edits)],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(out["module"]).resolve().is_relative_to(copy.resolve()), "the copy was not imported first"
     print(f"\n{'edit':<30}" + "".join(f"{a.removeprefix('plot_')[:9]:>10}" for a in out["baseline"]))
     print(f"{'(baseline)':<30}" + "".join(f"{v[:8]:>10}" for v in out["baseline"].values()))
     for name, found in out["edited"].items():
-        print(f"{name[:29]:<30}" + "".join(f"{'changed' if found[a] != v else '.':>10}"
-                                           for a, v in out["baseline"].items()))
+        print(
+            f"{name[:29]:<30}"
+            + "".join(f"{'changed' if found[a] != v else '.':>10}" for a, v in out["baseline"].items())
+        )
     return out
 
 

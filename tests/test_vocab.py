@@ -22,9 +22,14 @@ GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>"
 LLAMA_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 RELEASES = Path(__file__).resolve().parents[1] / "core" / "releases.yaml"
 # The planted models' vocabulary sizes: PlantedParams' default and each planted release's own.
-PLANTED_VOCAB_SIZES = sorted({{f.name: f.default for f in dataclasses.fields(PlantedParams)}["vocab_size"]} | {
-    entry["planted"]["vocab_size"] for entry in yaml.safe_load(RELEASES.read_text())["releases"].values()
-    if "vocab_size" in entry.get("planted", {})})
+PLANTED_VOCAB_SIZES = sorted(
+    {{f.name: f.default for f in dataclasses.fields(PlantedParams)}["vocab_size"]}
+    | {
+        entry["planted"]["vocab_size"]
+        for entry in yaml.safe_load(RELEASES.read_text())["releases"].values()
+        if "vocab_size" in entry.get("planted", {})
+    }
+)
 
 
 def _save(tok: Tokenizer, folder: Path) -> Path:
@@ -61,14 +66,23 @@ def _gemma_tokenizer(strip: bool, size: int = 0) -> Tokenizer:
     """A Gemma-style SentencePiece BPE with byte fallback: its decoder replaces '▁' by ' ', reads <0xAB> pieces as
     bytes and fuses; ``strip`` adds a Strip of one leading space (Llama 2 style; Gemma's own decoder has none)."""
     spec = _gemma_spec(size)
-    tok = Tokenizer(models.BPE(vocab={p: i for i, (p, _) in enumerate(spec)}, merges=[], unk_token="<unk>",
-                               byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={p: i for i, (p, _) in enumerate(spec)},
+            merges=[],
+            unk_token="<unk>",
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
     tok.normalizer = normalizers.Replace(" ", "▁")
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if strip else []))
     tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in GEMMA_SPECIAL])
-    tok.add_tokens([AddedToken(f"<unused{i}>", special=False, normalized=False) for i in range(10)]
-                   + [AddedToken("<h1>", special=False, normalized=False)])
+    tok.add_tokens(
+        [AddedToken(f"<unused{i}>", special=False, normalized=False) for i in range(10)]
+        + [AddedToken("<h1>", special=False, normalized=False)]
+    )
     return tok
 
 
@@ -83,8 +97,17 @@ def _llama3_tokenizer() -> tuple[Tokenizer, list[str]]:
     """A Llama-3-style byte-level BPE (the 256 byte tokens first, words, then special added tokens) and the
     expected class of each id."""
     byte = _bytes_to_unicode()
-    words = {"Ġthe": "normal", "the": "normal", "ĠThe": "normal", "ĠParis": "normal", "ĠĠ": "whitespace",
-             "ĊĊ": "whitespace", "âĢ": "byte", "ĠâĢ": "byte", "âĢĶ": "normal"}  # 'âĢĶ' = E2 80 94 = '—'
+    words = {
+        "Ġthe": "normal",
+        "the": "normal",
+        "ĠThe": "normal",
+        "ĠParis": "normal",
+        "ĠĠ": "whitespace",
+        "ĊĊ": "whitespace",
+        "âĢ": "byte",
+        "ĠâĢ": "byte",
+        "âĢĶ": "normal",
+    }  # 'âĢĶ' = E2 80 94 = '—'
     vocab = {byte[b]: b for b in range(256)} | {w: 256 + i for i, w in enumerate(words)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -134,8 +157,11 @@ def test_llama3_style_byte_level_bpe(tmp_path: Path) -> None:
 def test_unigram_unk_id_and_t5_sentinels(tmp_path: Path) -> None:
     """A Unigram vocabulary (a list of [piece, score]): its unk_id marks <unk> special with no added token;
     T5's <extra_id_N> sentinels are trained control tokens, so special, not unused; BERT's [unusedN] is unused."""
-    tok = Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0), ("<0x41>", -2.0), ("[unused7]", -3.0)],
-                                   unk_id=0, byte_fallback=True))
+    tok = Tokenizer(
+        models.Unigram(
+            [("<unk>", 0.0), ("▁a", -1.0), ("<0x41>", -2.0), ("[unused7]", -3.0)], unk_id=0, byte_fallback=True
+        )
+    )
     tok.add_special_tokens([AddedToken("<extra_id_0>", special=True)])
     table = vocabulary_table(_save(tok, tmp_path), 5)
     assert table.token_class.tolist() == ["special", "normal", "byte", "unused", "special"]

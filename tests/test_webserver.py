@@ -22,8 +22,8 @@ import pytest
 
 from assets.common import CHECK_DESCRIPTIONS, check_specs
 from assets.plots import asset_name
-from core.plots import PLOT_FILES
 from core.planted import generate
+from core.plots import PLOT_FILES
 from orchestration.cli import materialize_all
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 
@@ -41,7 +41,8 @@ def free_port() -> int:
 
 def graphql(port: int, query: str) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -67,16 +68,29 @@ def served_chain(tmp_path_factory: pytest.TempPathFactory, layers: list[int]) ->
     (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
     truth = generate("planted-gemma", cache, layers=layers).data
     keys = [f"planted-gemma:layer_{layer}/width_512/average_l0_32" for layer in layers]
-    env = {**os.environ, "DAGSTER_HOME": str(home), "WEIGHTLENS_DATA_DIR": str(data), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    chain = {"hub": HubResource(cache_dir=str(cache), offline=True), "store": StoreResource(data_dir=str(data)),
-             "compute": ComputeResource(device="cpu", null_directions=256, circuit_null_directions=64)}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "WEIGHTLENS_DATA_DIR": str(data),
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+    }
+    chain = {
+        "hub": HubResource(cache_dir=str(cache), offline=True),
+        "store": StoreResource(data_dir=str(data)),
+        "compute": ComputeResource(device="cpu", null_directions=256, circuit_null_directions=64),
+    }
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("sae", keys)
         materialize_all(instance, keys, chain)
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dagster_webserver", "-m", "orchestration.definitions", "-p", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.time() + 120
@@ -86,7 +100,7 @@ def served_chain(tmp_path_factory: pytest.TempPathFactory, layers: list[int]) ->
                 break
             except OSError:
                 if process.poll() is not None:
-                    raise RuntimeError(process.stdout.read())
+                    raise RuntimeError(process.stdout.read()) from None
                 time.sleep(1)
         else:
             raise TimeoutError("dagster-webserver did not start in 120 s")
@@ -107,9 +121,13 @@ def latest_metadata(port: int, asset: str, partition: str | None = None) -> dict
     """The metadata entries (label -> entry) of ``asset``'s latest materialisation (of ``partition``), as the UI
     reads them."""
     partitions = f'partitions: ["{partition}"], ' if partition else ""
-    data = graphql(port, """{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset { assetMaterializations(%slimit: 1) {
+    data = graphql(
+        port,
+        """{ assetOrError(assetKey: {path: ["%s"]}) { ... on Asset { assetMaterializations(%slimit: 1) {
         metadataEntries { label ... on MarkdownMetadataEntry { mdStr } ... on TextMetadataEntry { text }
-        ... on IntMetadataEntry { intValue } ... on PathMetadataEntry { path } } } } } }""" % (asset, partitions))
+        ... on IntMetadataEntry { intValue } ... on PathMetadataEntry { path } } } } } }"""
+        % (asset, partitions),
+    )
     return {e["label"]: e for e in data["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
 
 
@@ -144,10 +162,16 @@ def test_asset_graph_partitions_and_metadata_are_served(server):
 
 
 def test_every_asset_check_is_described(server):
-    nodes = graphql(server, """{ assetNodes { assetKey { path }
-        assetChecksOrError { ... on AssetChecks { checks { name description } } } } }""")["assetNodes"]
-    checks = {("/".join(n["assetKey"]["path"]), c["name"]): c["description"]
-              for n in nodes for c in n["assetChecksOrError"].get("checks", [])}
+    nodes = graphql(
+        server,
+        """{ assetNodes { assetKey { path }
+        assetChecksOrError { ... on AssetChecks { checks { name description } } } } }""",
+    )["assetNodes"]
+    checks = {
+        ("/".join(n["assetKey"]["path"]), c["name"]): c["description"]
+        for n in nodes
+        for c in n["assetChecksOrError"].get("checks", [])
+    }
     assert checks and checks == CHECK_DESCRIPTIONS  # every check the UI lists carries its description, and only those
     with pytest.raises(KeyError, match="without a description"):
         check_specs("lens_tables", ["an_undescribed_check"])
