@@ -1,12 +1,15 @@
 """What every asset does the same way: resolve its SAE, store a table, describe it in metadata."""
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from core.registry import SaeRef, parse_key
-from core.table_checks import Check
+from core.stage_output import Fact, Markdown, StageOutput
+from core.table_checks import Check, combined
 from orchestration.resources import StoreResource
 
 # (asset, check) -> what the check asserts, shown on the asset's Checks tab
@@ -58,6 +61,11 @@ CHECK_DESCRIPTIONS: dict[tuple[str, str], str] = {
         "verdicts_valid",
     ): "Per release, every claim's verdict is one of consistent, not reproduced, inconclusive, not measured.",
 }
+
+
+def description(stage: Callable) -> str:
+    """An asset's description: the docstring of the core stage it runs (``core.pipeline``), its one home."""
+    return inspect.cleandoc(stage.__doc__ or "")
 
 
 def sae_of(context: dg.AssetExecutionContext) -> SaeRef:
@@ -113,3 +121,54 @@ def check_specs(asset: str, names: list[str]) -> list[dg.AssetCheckSpec]:
 
 def check_results(checks: list[Check]) -> list[dg.AssetCheckResult]:
     return [dg.AssetCheckResult(check_name=c.name, passed=c.passed, description=c.detail) for c in checks]
+
+
+def metadata_value(fact: Fact) -> dg.MetadataValue:
+    """A stage's fact as Dagster metadata of its kind (``core.stage_output.Fact``)."""
+    if isinstance(fact, Markdown):
+        return dg.MetadataValue.md(fact)
+    if isinstance(fact, bool):
+        return dg.MetadataValue.bool(fact)
+    if isinstance(fact, int):
+        return dg.MetadataValue.int(fact)
+    if isinstance(fact, float):
+        return dg.MetadataValue.float(fact)
+    if isinstance(fact, Path):
+        return dg.MetadataValue.path(str(fact))
+    if isinstance(fact, str):
+        return dg.MetadataValue.text(fact)
+    return dg.MetadataValue.json(fact)
+
+
+def materialize(
+    context: dg.AssetExecutionContext, store: StoreResource | None, outputs: StageOutput | list[StageOutput]
+) -> dg.MaterializeResult:
+    """Store every table of the stage's ``outputs`` (atomically, each under its output's key; ``store`` None:
+    outputs without tables), log their warnings, and report their facts as metadata and their check groups as
+    asset checks (a group's parts from all outputs combined)."""
+    outputs = [outputs] if isinstance(outputs, StageOutput) else outputs
+    if store is None and any(out.tables or out.streamed for out in outputs):
+        raise ValueError("a stage with tables needs the store")
+    metadata: dict[str, dg.MetadataValue] = {}
+    parts: dict[str, list[Check]] = {}
+    for out in outputs:
+        stored = {name: store_table(store, name, out.key, frame) for name, frame in out.tables.items()}
+        for name, rows in out.streamed.items():
+            stored[name] = stored_table_metadata(store, name, store.tables().file(name, out.key), rows)
+        for entries in stored.values():
+            metadata |= {out.label_prefix + label: value for label, value in entries.items()}
+        metadata |= {out.label_prefix + label: metadata_value(fact) for label, fact in out.facts.items()}
+        for name, found in out.checks.items():
+            parts.setdefault(name, []).extend(found)
+        for warning in out.warnings:
+            context.log.warning(warning)
+    checks = [
+        found[0] if len(found) == 1 and found[0].name == name else combined(name, found)
+        for name, found in parts.items()
+    ]
+    versions = {out.data_version for out in outputs} - {None}
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=check_results(checks),
+        data_version=dg.DataVersion(versions.pop()) if len(versions) == 1 else None,
+    )

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from core.errors import WeightFileError
 from core.hub import Hub, Snapshot, content_id
-from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint
+from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint, open_checkpoint
 from core.registry import REGISTRY_PATH, Release, SaeRef, get_release
 from core.sae_formats import FORMATS, GEMMA_SCOPE_2_CONFIG, SaeWeights
 
@@ -69,7 +69,7 @@ def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
     sharded = snapshot.path(INDEX_FILE).exists()  # else one file, whose header is read once it is downloaded
     shards = ModelCheckpoint(snapshot.root).needed_shards() if sharded else [SINGLE_FILE]
     snapshot = hub.fetch(release.model_repo, ["*.json", *shards], revision=snapshot.revision)
-    checkpoint = ModelCheckpoint(snapshot.root)
+    checkpoint = open_checkpoint(snapshot.root)
     if checkpoint.geometry.n_layers != release.n_layers:
         raise WeightFileError(
             snapshot.path("config.json"),

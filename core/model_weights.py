@@ -28,11 +28,14 @@ Geometry facts (transformers ``modeling_gemma2.py`` / ``modeling_gemma3.py`` / `
 Memory: a read holds the tensor as float32 and, while it converts a bf16 tensor, the bf16 copy too (1.5× the
 float32 size at most); the NaN/Inf check adds a few MiB (``core.sae_formats.nonfinite_count``). While a caller
 holds a tensor, asking for it again returns the same object (no second read, no second copy): a tied model's
-embedding and unembedding are one tensor.
+embedding and unembedding are one tensor. The vocabulary matrices (embedding, unembedding) are kept for the
+checkpoint's life, and ``core.discovery.fetch_model`` hands every stage of a process the same checkpoint
+(``open_checkpoint``), so stages that run in one process read them once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, fields
@@ -178,6 +181,7 @@ class ModelCheckpoint:
         self.root = Path(root)
         self.geometry = ModelGeometry.from_config(read_json(self.root / CONFIG_FILE), self.root / CONFIG_FILE)
         self._held: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+        self._kept: dict[str, torch.Tensor] = {}  # the vocabulary matrices: read once per checkpoint
 
     @staticmethod
     def needed_tensors(geometry: ModelGeometry) -> list[str]:
@@ -240,14 +244,19 @@ class ModelCheckpoint:
     def embedding(self) -> torch.Tensor:
         """Raw token embedding matrix W_E, (vocab, d_model) — without Gemma's sqrt(d_model) scale."""
         g = self.geometry
-        return self.tensor(g.tensor_prefix + "embed_tokens.weight", (g.vocab_size, g.d_model))
+        return self._kept_tensor(g.tensor_prefix + "embed_tokens.weight", (g.vocab_size, g.d_model))
 
     def unembedding(self) -> torch.Tensor:
         """W_U as rows per token, (vocab, d_model): the embedding if tied, else lm_head."""
         g = self.geometry
         if g.tied_embeddings:
             return self.embedding()
-        return self.tensor("lm_head.weight", (g.vocab_size, g.d_model))
+        return self._kept_tensor("lm_head.weight", (g.vocab_size, g.d_model))
+
+    def _kept_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self._kept:
+            self._kept[name] = self.tensor(name, shape)
+        return self._kept[name]
 
     def norm_gain(self, name: str, dim: int | None = None) -> torch.Tensor:
         """Effective RMSNorm gain of a norm weight of size ``dim`` (default d_model): ``norm_offset + w``."""
@@ -273,6 +282,27 @@ class ModelCheckpoint:
             q_norm_gain=self.norm_gain(p + "self_attn.q_norm.weight", g.head_dim) if g.qk_norm else None,
             k_norm_gain=self.norm_gain(p + "self_attn.k_norm.weight", g.head_dim) if g.qk_norm else None,
         )
+
+
+def _folder_state(root: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime in ns) of every file in ``root``, following the hub cache's symlinks to the blobs."""
+    return tuple((p.name, (s := p.stat()).st_size, s.st_mtime_ns) for p in sorted(root.iterdir()) if p.is_file())
+
+
+@functools.lru_cache(maxsize=1)
+def _checkpoint(root: Path, state: tuple[tuple[str, int, int], ...]) -> ModelCheckpoint:
+    return ModelCheckpoint(root)
+
+
+def open_checkpoint(root: Path) -> ModelCheckpoint:
+    """The process's checkpoint of the model folder ``root``: the same object while the folder's files are
+    unchanged (a new revision is a new folder; a rewritten file, a new state), so its kept vocabulary
+    matrices are read once for every stage run in this process — all of a partition's steps under the CLI
+    and ``dagster.materialize`` (in-process executor). Only the latest model is kept (one model's matrices
+    in memory). Under the multiprocess, Celery or k8s executors each step is its own process and reads them
+    once per step."""
+    root = Path(root).resolve()
+    return _checkpoint(root, _folder_state(root))
 
 
 def _checked_float32(path: Path, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from assets.classes import vocab_matrices
-from core import atomic
+from core import atomic, model_weights
 from core.errors import WeightFileError
-from core.model_weights import ModelCheckpoint
+from core.model_weights import ModelCheckpoint, open_checkpoint
+from core.pipeline import vocab_matrices
 from core.sae_formats import FINITE_CHUNK_ELEMENTS
 
 pytestmark = pytest.mark.unit
@@ -133,9 +133,9 @@ def test_finiteness_is_checked_in_chunks_and_finds_a_nan_in_the_middle(tmp_path,
     assert sum(seen) == vocab * d and len(seen) >= 3 and max(seen) <= FINITE_CHUNK_ELEMENTS
 
 
-def test_tied_embedding_is_one_tensor_read_once_and_not_kept(tmp_path):
+def test_tied_embedding_is_one_tensor_read_once_and_freed_with_its_checkpoint(tmp_path):
     """Gemma (tied): unembedding() is the embedding tensor itself, so the classes step's arrays share one buffer;
-    the checkpoint keeps no reference of its own, so the tensor is freed once its callers drop it."""
+    the checkpoint keeps it while it lives, and frees it with itself."""
     torch.manual_seed(0)
     config = Gemma2Config(
         vocab_size=64,
@@ -157,7 +157,31 @@ def test_tied_embedding_is_one_tensor_read_once_and_not_kept(tmp_path):
     held = weakref.ref(embedding)
     del embedding, unembedding, w_e, w_u
     gc.collect()
+    assert held() is not None  # kept: the next stage of this process reads no second copy
+    del ckpt
+    gc.collect()
     assert held() is None
+
+
+def test_a_process_reads_the_vocabulary_matrices_once_per_model_state(llama_dir, monkeypatch):
+    """``open_checkpoint`` (what ``fetch_model`` returns): one checkpoint per folder and file state, so every stage
+    of a process gets the embedding it read first; rewriting a file gives a new checkpoint that reads the new one."""
+    reads = []
+    real = model_weights.read_safetensors
+    monkeypatch.setattr(model_weights, "read_safetensors", lambda path, names: reads.append(names) or real(path, names))
+    first = open_checkpoint(llama_dir)
+    embedding = first.embedding()
+    del embedding
+    gc.collect()
+    assert open_checkpoint(llama_dir) is first and first.embedding() is first.embedding()
+    assert open_checkpoint(llama_dir).unembedding() is first.unembedding()
+    assert reads == [["model.embed_tokens.weight"], ["lm_head.weight"]]
+    config = llama_dir / "config.json"
+    config.write_text(config.read_text() + "\n")  # a new file state: the folder is not the model it was
+    second = open_checkpoint(llama_dir)
+    assert second is not first
+    second.embedding()
+    assert reads[-1] == ["model.embed_tokens.weight"]
 
 
 def test_untied_unembedding_is_its_own_tensor(llama_dir):

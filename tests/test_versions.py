@@ -95,8 +95,8 @@ EDITS: dict[str, tuple[str, str | None, str, set[str]]] = {
     ),
     "device default (neutral)": (
         "orchestration/resources.py",
-        "device: Optional[str] = None",
-        'device: Optional[str] = "cpu"',
+        "device: str | None = None",
+        'device: str | None = "cpu"',
         set(),
     ),
 }
