@@ -5,6 +5,7 @@ import dagster as dg
 from assets.common import check_specs, description, materialize
 from core import pipeline
 from core.claims import AGREEMENT_TABLES, CLASS_TABLES, RESULT_TABLES, ReleaseResults, results_from_tables
+from core.discovery import model_geometry
 from core.registry import get_release
 from core.truth import load_truth
 from orchestration.partitions import sae_partitions
@@ -24,7 +25,8 @@ def stored_results(store: StoreResource, hub: HubResource) -> dict[str, ReleaseR
     for release_id in sorted(frames["claim_verdicts"]["release"].unique()):
         release = get_release(str(release_id))
         truth = load_truth(release.id, hub.client()).data if release.planted else None
-        out[release.id] = results_from_tables(release, frames, truth, computed=True)
+        architecture = model_geometry(release.id, hub.client()).architecture
+        out[release.id] = results_from_tables(release, architecture, frames, truth, computed=True)
     return out
 
 

@@ -88,8 +88,8 @@ def planted_strength(truth: dict, n_layers: int) -> pd.DataFrame:
 
 
 @dataclass
-class PlantedTruth:
-    """Ground truth beside the measured values (planted releases)."""
+class TruthRecovery:
+    """The measured values against the ground truth (planted releases, ``core.truth``)."""
 
     output: Recovery
     semantic_auroc: float
@@ -112,7 +112,7 @@ class ReleaseResults:
     semantic_fraction: float
     missing_layers: list[int]
     coverage: pd.DataFrame  # sae_coverage: registered SAEs, analysed or missing
-    truth: PlantedTruth | None = None
+    truth: TruthRecovery | None = None
     profile: pd.DataFrame = field(default_factory=pd.DataFrame)  # core.profiles.depth_profile
     head_participation: pd.DataFrame = field(default_factory=pd.DataFrame)  # attention_participation rows
     per_feature: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per direction, samples feature/control
@@ -214,7 +214,7 @@ def release_results(
         feats = per_feature[per_feature["sample"] == "feature"]
         labels = [int(f) in semantic.get(str(s), set()) for s, f in zip(feats["sae_id"], feats["feature"])]
         analysed = {**truth, "saes": {k: v for k, v in truth["saes"].items() if k in set(classes["sae_id"])}}
-        results.truth = PlantedTruth(
+        results.truth = TruthRecovery(
             output=recovery(classes, semantic),
             semantic_auroc=auroc(feats["semantic_score"].to_numpy(), np.array(labels)) if any(labels) else float("nan"),
             shapes={p: truth["attention"][p]["shape"] for p in ("encoder_embedding", "decoder_unembedding")},
@@ -246,11 +246,6 @@ RESULT_TABLES = (
     "depth_profiles",
     "release_agreement",
 )  # what claim_statistics stores
-ARCHITECTURE = {
-    "gemma_scope_npz": "gemma2",
-    "llama_scope_safetensors": "llama",
-    "gemma_scope_2_safetensors": "gemma3",
-}  # SAE format -> model family
 
 
 def coverage_table(release: str, registered: Iterable[str], analysed: Iterable[str]) -> pd.DataFrame:
@@ -271,12 +266,14 @@ def missing_saes(coverage: pd.DataFrame) -> list[str]:
 
 def results_from_tables(
     release: Release,
+    architecture: str,
     tables: dict[str, pd.DataFrame],
     truth: dict | None = None,
     computed: bool = False,
     registered: Sequence[str] = (),
 ) -> ReleaseResults:
-    """``release_results`` of one release from the stored ``CLASS_TABLES`` and ``AGREEMENT_TABLES`` (all releases,
+    """``release_results`` of one release (``architecture``: its model's ``ModelGeometry.architecture``,
+    ``core.discovery.model_geometry``) from the stored ``CLASS_TABLES`` and ``AGREEMENT_TABLES`` (all releases,
     a missing table empty; filtered here); with
     ``computed``, the release's ``RESULT_TABLES`` are read from ``tables`` too instead of being computed;
     ``registered``: the release's registered SAE ids."""
@@ -286,7 +283,7 @@ def results_from_tables(
     }
     return release_results(
         release.id,
-        ARCHITECTURE.get(release.format, release.format),
+        architecture,
         release.n_layers,
         pick["feature_classes"],
         pick["control_classes"],

@@ -10,9 +10,9 @@ from typing import NamedTuple
 
 from core.errors import WeightFileError
 from core.hub import Hub, Snapshot, content_id
-from core.model_weights import INDEX_FILE, SINGLE_FILE, ModelCheckpoint, open_checkpoint
+from core.model_weights import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, ModelCheckpoint, ModelGeometry, open_checkpoint
 from core.registry import REGISTRY_PATH, Release, SaeRef, get_release
-from core.sae_formats import FORMATS, GEMMA_SCOPE_2_CONFIG, SaeWeights
+from core.sae_formats import FORMATS, GEMMA_SCOPE_2_CONFIG, SaeWeights, read_json
 
 # Gemma Scope's width labels are powers of two cut to decimal thousands / millions: 16k = 16384, 65k = 65536,
 # 131k = 131072, 1m = 1048576 latents
@@ -77,6 +77,14 @@ def fetch_model(release_id: str, hub: Hub) -> tuple[Snapshot, ModelCheckpoint]:
             f"release {release.id!r} in {REGISTRY_PATH} says n_layers: {release.n_layers}",
         )
     return snapshot, checkpoint
+
+
+def model_geometry(release_id: str, hub: Hub) -> ModelGeometry:
+    """The geometry of a release's model from its ``config.json`` alone (the model family of the release-level
+    statistics: which pre-registered shapes apply)."""
+    release = get_release(release_id)
+    config = hub_for(release, hub).fetch(release.model_repo, [CONFIG_FILE]).path(CONFIG_FILE)
+    return ModelGeometry.from_config(read_json(config), config)
 
 
 def fetch_runnable_model(release_id: str, hub: Hub) -> Snapshot:

@@ -24,7 +24,7 @@ from core.agreement import agreement_stage
 from core.claims import AGREEMENT_TABLES, CLASS_TABLES, missing_saes, results_from_tables, verdict_table
 from core.classify import NULLS, SIDES
 from core.control import control_sae
-from core.discovery import fetch_corpus, fetch_model, fetch_runnable_model, fetch_sae, load_sae
+from core.discovery import fetch_corpus, fetch_model, fetch_runnable_model, fetch_sae, load_sae, model_geometry
 from core.feature_browser import write_browser
 from core.frames import SUMMARY_COLUMNS, with_sae
 from core.hub import Hub, fingerprint
@@ -425,7 +425,8 @@ def claim_statistics(frames: dict[str, pd.DataFrame], registered: list[str], hub
         release = get_release(str(release_id))
         truth = load_truth(release.id, hub).data if release.planted else None
         saes = [key.partition(":")[2] for key in registered if key.startswith(f"{release.id}:")]
-        result = results_from_tables(release, frames, truth, registered=saes)
+        architecture = model_geometry(release.id, hub).architecture
+        result = results_from_tables(release, architecture, frames, truth, registered=saes)
         tables = {
             "sae_coverage": result.coverage,
             "claim_verdicts": result.verdicts,

@@ -206,9 +206,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from core.hub_cache import write_snapshot
+from core.registry import generator_entries
+from core.truth import GroundTruth
 
 __all__ = [
     "HARD_CLASSES",
@@ -228,7 +229,6 @@ GROUP_SUFFIXES: tuple[str, ...] = ("", "s", "es", "ed", "ing", "er", "ers", "ly"
 PROFILE_SHAPES: tuple[str, ...] = ("U", "inverted-U", "flat")
 # the depth shape of the model-only structure: opposite to the feature profile it sits beside
 OPPOSITE: dict[str, str] = {"U": "inverted-U", "inverted-U": "U", "flat": "flat"}
-_REGISTRY = Path(__file__).with_name("releases.yaml")
 _NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: np.savez stamps the wall clock
 
 
@@ -291,15 +291,14 @@ class TokenGroup:
 
 
 @dataclass(frozen=True)
-class PlantedTruth:
-    """What ``generate`` wrote: repos, commit shas and the ground truth (= planted_truth.json)."""
+class PlantedTruth(GroundTruth):
+    """What ``generate`` wrote: the ground truth (``data`` = planted_truth.json, as ``core.truth.load_truth``
+    reads it back) and where: repos and commit shas."""
 
-    release_id: str
     model_repo: str
     sae_repo: str
     model_commit: str
     sae_commit: str
-    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -314,12 +313,10 @@ class _Layer:
 
 
 def _release(release_id: str) -> dict[str, Any]:
-    releases: dict[str, Any] = yaml.safe_load(_REGISTRY.read_text())["releases"]
-    entry = releases.get(release_id)
-    if entry is None or "planted" not in entry:
-        planted = sorted(k for k, v in releases.items() if "planted" in v)
-        raise KeyError(f"{release_id!r} is not a planted release; planted ones: {planted}")
-    return entry
+    planted = generator_entries("planted")
+    if release_id not in planted:
+        raise KeyError(f"{release_id!r} is not a planted release; planted ones: {sorted(planted)}")
+    return planted[release_id]
 
 
 def _params(entry: dict[str, Any]) -> PlantedParams:
@@ -899,7 +896,7 @@ def generate(
         data["hard"] = _hard_truth(p, h, hard_vocab)
     sae_files["planted_truth.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
     sae_commit = write_snapshot(cache_dir, entry["sae_repo"], sae_files)
-    return PlantedTruth(release_id, entry["model_repo"], entry["sae_repo"], model_commit, sae_commit, data)
+    return PlantedTruth(release_id, data, entry["model_repo"], entry["sae_repo"], model_commit, sae_commit)
 
 
 @cache
@@ -1505,8 +1502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m core.planted [--cache-dir DIR] [release ...]``."""
     from huggingface_hub import constants
 
-    releases = yaml.safe_load(_REGISTRY.read_text())["releases"]
-    planted = [k for k, v in releases.items() if "planted" in v]
+    planted = list(generator_entries("planted"))
     parser = argparse.ArgumentParser(prog="python -m core.planted", description=__doc__.split("\n")[0])
     default = os.environ.get("WEIGHTLENS_PLANTED_CACHE") or constants.HF_HUB_CACHE  # scripts/env.sh sets the first
     parser.add_argument(

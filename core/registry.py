@@ -323,11 +323,22 @@ class Release:
 
 
 @cache
+def _raw_entries(path: Path) -> dict[str, dict[str, Any]]:
+    return (yaml.safe_load(path.read_text()) or {}).get("releases", {})
+
+
+def generator_entries(block: str, path: Path = REGISTRY_PATH) -> dict[str, dict[str, Any]]:
+    """The registry entries (as written, by id) that carry a generator's parameter ``block`` (``planted`` for
+    ``core.planted``, ``trained`` for ``core.trained``): the one reader of the registry file besides
+    ``load_registry``."""
+    return {rid: entry for rid, entry in _raw_entries(path).items() if block in entry}
+
+
+@cache
 def load_registry(path: Path = REGISTRY_PATH) -> dict[str, Release]:
     """All releases of a registry file, keyed by id. Raises ValueError naming the file on bad entries."""
-    raw = yaml.safe_load(path.read_text())
     releases = {}
-    for rid, entry in (raw or {}).get("releases", {}).items():
+    for rid, entry in _raw_entries(path).items():
         try:
             for name in entry:
                 _known("name", name, RELEASE_FIELDS, "(a release field)")

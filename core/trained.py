@@ -48,15 +48,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from core.hub_cache import write_snapshot
 from core.planted import npz_bytes
+from core.registry import generator_entries
 from core.sae_formats import FORMATS
 
 __all__ = ["TrainedParams", "TrainedRelease", "corpus_split", "generate", "main"]
 
-_REGISTRY = Path(__file__).with_name("releases.yaml")
 METRICS_FILE = "trained_metrics.json"
 EOT = "<|endoftext|>"
 
@@ -99,16 +98,15 @@ class TrainedRelease:
 
 
 def _entry(release_id: str) -> dict[str, Any]:
-    releases: dict[str, Any] = yaml.safe_load(_REGISTRY.read_text())["releases"]
-    entry = releases.get(release_id)
-    if entry is None or "trained" not in entry:
+    trained = generator_entries("trained")
+    if release_id not in trained:
         raise KeyError(f"{release_id!r} is not a trained release; trained ones: {trained_ids()}")
-    return entry
+    return trained[release_id]
 
 
 def trained_ids() -> list[str]:
     """The registry's trained release ids (a ``trained:`` block)."""
-    return [k for k, v in yaml.safe_load(_REGISTRY.read_text())["releases"].items() if "trained" in v]
+    return list(generator_entries("trained"))
 
 
 def corpus_split(heldout_every: int) -> tuple[list[str], list[str], dict[str, Any]]:

@@ -20,6 +20,8 @@ TRUTH_FILE = "planted_truth.json"
 
 @dataclass(frozen=True)
 class GroundTruth:
+    """A planted release's ground truth: ``data`` is its ``planted_truth.json`` (``core.planted`` writes it)."""
+
     release: str
     data: dict[str, Any]
 

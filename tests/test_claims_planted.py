@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from core.claims import CLASS_TABLES, render_report, results_from_tables
-from core.discovery import discover_saes, load_sae
+from core.discovery import discover_saes, load_sae, model_geometry
 from core.model_weights import TOKENIZER_FILE
 from core.plots import PLOT_FILES, PLOTS
 from core.registry import get_release
@@ -60,7 +60,12 @@ def results_of(data, planted_cache, releases):
     hub = HubResource(cache_dir=str(planted_cache), offline=True)
     return {
         r: {
-            "results": results_from_tables(get_release(r), frames, load_truth(r, hub.client()).data),
+            "results": results_from_tables(
+                get_release(r),
+                model_geometry(r, hub.client()).architecture,
+                frames,
+                load_truth(r, hub.client()).data,
+            ),
             "frames": frames,
             "hub": hub,
         }

@@ -13,10 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.claims import ARCHITECTURE
 from core.discovery import discover_saes, load_sae
 from core.model_weights import TOKENIZER_FILE
-from core.registry import get_release
 from core.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import analyse
@@ -42,7 +40,7 @@ def analysed(cache: Path, release_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         snapshot, checkpoint, sae = load_sae(ref, hub.client())
         saes.append((ref.layer, ref.sae_id, sae))
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), checkpoint.geometry.vocab_size)
-    family = ARCHITECTURE[get_release(release_id).format]
+    family = checkpoint.geometry.architecture
     return analyse(release_id, family, checkpoint, vocabulary, saes, n_null=N_NULL)
 
 
