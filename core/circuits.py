@@ -96,9 +96,11 @@ CIRCUIT_SETS: dict[str, dict[str, tuple[str, ...]]] = {  # name -> the kinds com
     "used": {"encoder_embedding": ("ov_writer",), "decoder_unembedding": ("qk_feature_query", "qk_feature_key")},
     "all": PHASE_KINDS,
 }
-# Vocabulary operands kept: in all_circuits' order a kv group's keys (both phases) and a head's OV operand are
-# reused while at most 4 other operands are touched in between, so each operand is computed once.
-OPERAND_CACHE_SIZE = 6
+# Vocabulary operands kept (each (vocab, head_dim) float32: 262 MB at Gemma-2's 256000 x 256). In all_circuits'
+# order (layer -> query head -> phase -> kind) the one operand used twice, a kv group's keys, is next needed after
+# at most 3 others (the head's queries and OV operand, the next head's OV-writer operand), so with 4 kept each
+# operand is computed once (tests/test_circuits_fidelity.py::test_all_circuits_and_operand_reuse).
+OPERAND_CACHE_SIZE = 4
 
 
 @dataclass(frozen=True)
