@@ -16,11 +16,12 @@ asset:
 * engine s / floor s: time inside ``core.engine.row_stats`` and the FLOPs it did (2 n_a n_b r per call) at
   the throughput of this machine's best blocked matmul for the lens shape (``engine_benchmark``'s grid);
 * floor / s: the share of the asset's time the floor would take — 100 % is an asset that is all matmul;
-* peak RSS and its excess over a bare process that imports the same modules, beside the bytes of the
-  tensors the chain reads (embedding + final norm + each needed layer's norms and attention weights,
-  and the SAE).
+* peak RSS (the process's own high-water mark, ``VmHWM``: a forked child's ``ru_maxrss`` would start at
+  its parent's) and its excess over a bare process that imports the same modules, beside the bytes of the
+  tensors a step needs (embedding + final norm + the norms and attention weights of the two layers the SAE
+  pairs with + the SAE).
 
-Not in CI: it needs ~11 GB of disk (twice that while the cache copies the shards) and ~15 minutes per dtype
+Not in CI: it needs ~11 GB of disk (twice that while the cache copies the shards) and ~50 minutes per dtype
 on 2 cores. ``--keep`` keeps ``DIR`` (model and results) for another run.
 """
 
@@ -168,12 +169,21 @@ def write_sae(staging: Path, seed: int = 1) -> dict[str, Path]:
 
 
 def read_bytes() -> int:
-    """Bytes of the tensors the chain reads for layer LAYER's SAE (attention of every layer it pairs with
-    is bounded by all layers': counted in full) plus the SAE."""
+    """Bytes of the float32 tensors a step of layer LAYER's SAE needs: the (tied) embedding, the final norm,
+    the norms and attention weights of the two layers it pairs with (``circuit_layers`` "adjacent") and the
+    SAE."""
     c = GEMMA_2_2B
     d, heads, kv, hd = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     per_layer = 2 * d * heads * hd + 2 * d * kv * hd + 4 * d
-    return 4 * (c["vocab_size"] * d + d + c["num_hidden_layers"] * per_layer + 2 * D_SAE * d + 2 * D_SAE + d)
+    return 4 * (c["vocab_size"] * d + d + 2 * per_layer + 2 * D_SAE * d + 2 * D_SAE + d)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # -- one asset per process ---------------------------------------------------------------------------------------
@@ -216,17 +226,14 @@ def step(args: argparse.Namespace) -> None:
         "seconds": seconds,
         "engine_seconds": sum(c["seconds"] for c in calls),
         "flop": sum(c["flop"] for c in calls),
+        "peak": peak_rss(),
     }
     (args.dir / f"step-{args.asset}.json").write_text(json.dumps(figures))
 
 
-def _child(argv: list[str], env: dict[str, str]) -> int:
-    """Run a child process; its own peak RSS in bytes (``wait4``'s rusage)."""
-    proc = subprocess.Popen(argv, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv)} failed with status {os.waitstatus_to_exitcode(status)}")
-    return usage.ru_maxrss * 1024
+def _child(argv: list[str], env: dict[str, str]) -> None:
+    if subprocess.run(argv, env=env).returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed")
 
 
 def floor_flops(dtype: torch.dtype) -> tuple[float, str]:
@@ -274,21 +281,20 @@ def main() -> None:
 
     flops, block = floor_flops(getattr(torch, args.dtype))
     me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--dtype", args.dtype]
-    bare = _child(
-        [sys.executable, "-c", "import torch, dagster, orchestration.definitions"],
-        {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
+    root = Path(__file__).resolve().parents[1]
+    bare_code = "import torch, dagster, orchestration.definitions, benchmarks.real_shape as r; print(r.peak_rss())"
+    bare = int(subprocess.check_output([sys.executable, "-c", bare_code], env={**env, "PYTHONPATH": str(root)}))
     rows = []
     for asset in chain_of(RELEASE):
         name = asset.to_user_string()
-        peak = _child([*me, "--asset", name], env)
+        _child([*me, "--asset", name], env)
         figures = json.loads((args.dir / f"step-{name}.json").read_text())
-        rows.append((name, figures, peak))
+        rows.append((name, figures, figures["peak"]))
 
     gib = 1 << 30
     print(
         f"\n{RELEASE}:{SAE_ID} on {MODEL_REPO}'s shapes, {args.dtype}, {torch.get_num_threads()} threads; "
-        f"floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors the chain reads "
+        f"floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors a step needs "
         f"{read_bytes() / gib:.2f} GiB; a bare process {bare / gib:.2f} GiB"
     )
     print(

@@ -430,6 +430,23 @@ def _token_groups(rng: np.random.Generator, p: PlantedParams, unused: int = 0) -
     return groups
 
 
+def config_fields(p: Any, vocab_size: int, eot: int) -> dict[str, Any]:
+    """The transformers config keywords of every generated model (planted here, trained in ``core.trained``):
+    the shape fields of ``p`` (``d_model, intermediate_size, n_layers, n_heads, n_kv_heads, head_dim``) and
+    ``eot`` as BOS and EOS."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=p.d_model,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.n_layers,
+        num_attention_heads=p.n_heads,
+        num_key_value_heads=p.n_kv_heads,
+        head_dim=p.head_dim,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -663,17 +680,7 @@ def _model(p: PlantedParams) -> Any:
 
     vocab, _ = _gpt2_files(p.vocab_size)
     eot = vocab["<|endoftext|>"]
-    common: dict[str, Any] = dict(
-        vocab_size=len(vocab),
-        hidden_size=p.d_model,
-        intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.n_layers,
-        num_attention_heads=p.n_heads,
-        num_key_value_heads=p.n_kv_heads,
-        head_dim=p.head_dim,
-        bos_token_id=eot,
-        eos_token_id=eot,
-    )
+    common = config_fields(p, len(vocab), eot)
     if p.architecture == "gemma2":
         gemma2 = Gemma2Config(
             **common,

@@ -54,6 +54,9 @@ METRICS = ("levenshtein", "cosine", "concentration")
 SPACE_MARKERS = ("Ġ", "▁")
 MIN_PASSES = 2  # of len(METRICS): the majority rule
 K_GRID = (5, 10, 20)  # set sizes measured (the sensitivity of C1 to k); the default k is the engine's top_k
+# Bytes of one temporary of the chunked vocabulary computations (whitening, cosine coherence): at Gemma-2's
+# d = 2304, 3640 rows of float64 / 364 directions' top-20 rows of float32; small models keep whole blocks.
+CHUNK_BYTES = 64 << 20
 CANDIDATES = 50  # best tokens each lens keeps per direction: room for max(K_GRID) forms after hygiene
 DOMINANCE = 5.0  # a principal component is dominant when its variance exceeds 5x the mean component variance
 NULL_QUANTILE_GRID = (0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -162,12 +165,19 @@ class Whitening:
         return centred - (centred @ self.components.T) @ self.components
 
 
+def _chunk_rows(most: int, row_bytes: int) -> int:
+    """Rows per block: at most ``most``, and at most ``CHUNK_BYTES`` of temporaries of ``row_bytes`` each."""
+    return max(1, min(most, CHUNK_BYTES // row_bytes))
+
+
 def whitening(vectors: np.ndarray, normal: np.ndarray, chunk: int = 65536) -> Whitening:
-    """The whitening of a (vocab, d) matrix estimated on its normal-token rows (chunked: memory O(chunk · d))."""
+    """The whitening of a (vocab, d) matrix estimated on its normal-token rows (blocks of at most ``chunk``
+    rows and ``CHUNK_BYTES`` of float64)."""
     rows = np.flatnonzero(normal)
     if len(rows) < 2:
         raise ValueError("cannot whiten a vocabulary with fewer than two normal tokens")
     d = vectors.shape[1]
+    chunk = _chunk_rows(chunk, 8 * d)
     total, gram = np.zeros(d), np.zeros((d, d))
     for start in range(0, len(rows), chunk):
         block = np.asarray(vectors[rows[start : start + chunk]], dtype=np.float64)
@@ -184,8 +194,10 @@ def cosine_coherence(
     ids: np.ndarray, vectors: np.ndarray, white: Whitening, ks: tuple[int, ...], chunk: int = 2048
 ) -> dict[int, np.ndarray]:
     """Per k: mean pairwise cosine of the whitened vectors of forms 2..k of each row of the (n, K) id matrix
-    (-1 = no form: NaN for every k the row cannot fill)."""
+    (-1 = no form: NaN for every k the row cannot fill); blocks of at most ``chunk`` rows and ``CHUNK_BYTES``
+    per (rows, k, d) float32 temporary."""
     n, k_max = ids.shape
+    chunk = _chunk_rows(chunk, 4 * k_max * vectors.shape[1])
     out = {k: np.full(n, np.nan) for k in ks}
     for start in range(0, n, chunk):
         block = ids[start : start + chunk]

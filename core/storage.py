@@ -57,6 +57,9 @@ from core.atomic import atomic_path, sweep_orphans, temporary_name
 
 DB_FILE = "results.duckdb"
 STORAGE_VERSION = "v1.0.0"  # storage version 64: read by every DuckDB since 0.10, the 1.5 CLI included
+# An appender's staging database spills past this (DuckDB's default is 80 % of the machine's memory, which it
+# would take as buffer pool while a stage's own tensors need it); one thread: appends are small and serial.
+STAGING_MEMORY = "256MB"
 WRITE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": STORAGE_VERSION}
 # The directory of the database file, with its trailing separator ('' when it cannot be told: paths stay
 # relative). The default temp_directory of a connection on <dir>/results.duckdb is <dir>/results.duckdb.tmp.
@@ -110,7 +113,7 @@ class TableStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             sweep_orphans(path.parent)
-            con = duckdb.connect(str(staging))
+            con = duckdb.connect(str(staging), config={"memory_limit": STAGING_MEMORY, "threads": 1})
         except (OSError, duckdb.Error) as error:
             raise _storage_error(path, table, key, error) from error
         try:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from core.hub_cache import write_snapshot
-from core.planted import npz_bytes
+from core.planted import config_fields, npz_bytes
 from core.registry import generator_entries
 from core.sae_formats import FORMATS
 
@@ -158,19 +158,7 @@ def _stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
 def _model(p: TrainedParams, vocab_size: int, eot: int) -> Any:
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    common: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=p.d_model,
-        intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.n_layers,
-        num_attention_heads=p.n_heads,
-        num_key_value_heads=p.n_kv_heads,
-        head_dim=p.head_dim,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-        max_position_embeddings=max(2048, p.context),
-    )
+    common = config_fields(p, vocab_size, eot) | dict(pad_token_id=eot, max_position_embeddings=max(2048, p.context))
     if p.architecture == "gemma2":
         return Gemma2ForCausalLM(
             Gemma2Config(
