@@ -1,13 +1,13 @@
-"""Release-level statistics behind the paper's claims (``core.claims``), from every SAE's tables."""
+"""Release-level statistics behind the paper's claims (``core.analysis.claims``), from every SAE's tables."""
 
 import dagster as dg
 
 from assets.common import check_specs, description, materialize
 from core import pipeline
-from core.claims import AGREEMENT_TABLES, CLASS_TABLES, RESULT_TABLES, ReleaseResults, results_from_tables
-from core.discovery import model_geometry
+from core.analysis.claims import AGREEMENT_TABLES, CLASS_TABLES, RESULT_TABLES, ReleaseResults, results_from_tables
 from core.registry import get_release
-from core.truth import load_truth
+from core.testbeds.truth import load_truth
+from core.weights.discovery import model_geometry
 from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource, StoreResource
 
@@ -15,8 +15,8 @@ STATISTICS_CHECKS = ["one_row_per_analysed_sae", "statistics_finite", "verdicts_
 
 
 def stored_results(store: StoreResource, hub: HubResource) -> dict[str, ReleaseResults]:
-    """Per release, what ``claim_statistics`` stored (``core.claims.RESULT_TABLES``) with the class tables it read
-    and, for planted releases, the ground truth: the one data path of the plots and the report (no pickle)."""
+    """Per release, what ``claim_statistics`` stored (``core.analysis.claims.RESULT_TABLES``) with the class tables it
+    read and, for planted releases, the ground truth: the one data path of the plots and the report (no pickle)."""
     tables = store.tables()
     frames = {name: tables.read(name) for name in (*CLASS_TABLES, *AGREEMENT_TABLES, *RESULT_TABLES)}
     if frames["claim_verdicts"].empty:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from core.registry import SaeRef, parse_key
 from core.stage_output import Fact, Markdown, StageOutput
-from core.table_checks import Check, combined
+from core.store.table_checks import Check, combined
 from orchestration.resources import StoreResource
 
 # (asset, check) -> what the check asserts, shown on the asset's Checks tab

@@ -1,4 +1,4 @@
-"""One asset per plot (``core.plots``): a PNG per release under ``<data>/reports/<release>/``, embedded in
+"""One asset per plot (``core.report.plots``): a PNG per release under ``<data>/reports/<release>/``, embedded in
 the asset's metadata for the Dagster UI (``[Show Markdown]`` opens it, scaled to fit: ``UI_PLOT_WIDTH``)."""
 
 import base64
@@ -9,7 +9,7 @@ import dagster as dg
 from PIL import Image
 
 from assets.claims import stored_results
-from core.plots import PLOT_FILES, PLOTS, Draw
+from core.report.plots import PLOT_FILES, PLOTS, Draw
 from orchestration.resources import HubResource, StoreResource
 
 # Dagster's UI shows markdown metadata of 1000 characters or more (any data-URI plot) behind "[Show Markdown]",
@@ -19,7 +19,7 @@ UI_PLOT_WIDTH = 1080
 
 
 def asset_name(plot: str) -> str:
-    """The plot asset's name for a plot of ``core.plots.PLOTS``: ``plot_<name>``."""
+    """The plot asset's name for a plot of ``core.report.plots.PLOTS``: ``plot_<name>``."""
     return f"plot_{plot}"
 
 
@@ -41,7 +41,7 @@ def png_data_uri(path: Path, width: int = UI_PLOT_WIDTH) -> str:
 
 
 def plot_asset(name: str, file_name: str, draw: Draw, description: str) -> dg.AssetsDefinition:
-    """The asset drawing plot ``name`` (``draw``: ``core.plots.PLOTS[name].draw``) for every release in
+    """The asset drawing plot ``name`` (``draw``: ``core.report.plots.PLOTS[name].draw``) for every release in
     ``claim_statistics``. The drawing function and the literals are captured one by one, so a plot's code
     version reaches its own drawing code only (``orchestration.versions``)."""
 

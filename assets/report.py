@@ -4,15 +4,15 @@ import dagster as dg
 
 from assets.claims import stored_results
 from assets.plots import asset_name, png_data_uri
-from core import atomic
-from core.claims import render_report
-from core.plots import PLOT_FILES
+from core.analysis.claims import render_report
+from core.report.plots import PLOT_FILES
+from core.store import atomic
 from orchestration.resources import HubResource, StoreResource
 
 
 @dg.asset(group_name="report", deps=["claim_statistics", *map(asset_name, PLOT_FILES)], kinds={"markdown"})
 def claims_report(context: dg.AssetExecutionContext, store: StoreResource, hub: HubResource) -> dg.MaterializeResult:
-    """``<data>/reports/<release>/report.md`` per release (``core.claims.render_report``): for each claim
+    """``<data>/reports/<release>/report.md`` per release (``core.analysis.claims.render_report``): for each claim
     the paper's statement, the value measured here, the verdict and the plot; planted releases show their
     ground truth beside the measured values; layers without an analysed SAE are listed. Reads what
     ``claim_statistics`` stored and the PNGs the plot assets drew (a plot with nothing to draw leaves none)."""

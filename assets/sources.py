@@ -4,9 +4,9 @@ from collections import defaultdict
 
 import dagster as dg
 
-from core.discovery import discover_saes
 from core.errors import HubError
 from core.registry import parse_key
+from core.weights.discovery import discover_saes
 from orchestration.partitions import sae_partitions
 from orchestration.resources import HubResource
 

@@ -20,8 +20,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from core.planted import generate
-from core.storage import TableStore
+from core.store.storage import TableStore
+from core.testbeds.planted import generate
 from orchestration.cli import materialize_all
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 

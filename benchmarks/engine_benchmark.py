@@ -15,7 +15,7 @@ d = 2304, n_b = 256000 vocabulary rows, tanh softcap 30.
   block shape it found is printed. It computes no statistic: the floor any exact engine is measured against.
 * matmul: the same with the engine's own tile (its rows × the whole vocabulary): what the engine's tiling
   costs before any statistic.
-* engine: ``core.engine.row_stats`` with every statistic.
+* engine: ``core.compute.engine.row_stats`` with every statistic.
 * naive: what a user writes — ``s = left @ right.T`` whole, then top-k / quantiles / softmax / std_mean on it.
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core import engine  # noqa: E402
+from core.compute import engine  # noqa: E402
 
 D, N_B, SOFTCAP, K = 2304, 256_000, 30.0, 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -13,7 +13,7 @@ own process (so each peak is its own), with a persistent Dagster instance under 
 asset:
 
 * seconds: wall time of the asset's run in its process (Dagster's start-up excluded);
-* engine s / floor s: time inside ``core.engine.row_stats`` and the FLOPs it did (2 n_a n_b r per call) at
+* engine s / floor s: time inside ``core.compute.engine.row_stats`` and the FLOPs it did (2 n_a n_b r per call) at
   the throughput of this machine's best blocked matmul for the lens shape (``engine_benchmark``'s grid);
 * floor / s: the share of the asset's time the floor would take — 100 % is an asset that is all matmul;
 * peak RSS (the process's own high-water mark, ``VmHWM``: a forked child's ``ru_maxrss`` would start at
@@ -135,7 +135,7 @@ def _tokenizer(vocab_size: int):  # noqa: ANN202 - tokenizers.Tokenizer
     two of them (real-looking strings; Gemma's own vocabulary is not on this machine)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from core.planted import _gpt2_files
+    from core.testbeds.planted import _gpt2_files
 
     vocab, merges = _gpt2_files()
     pieces = sorted(vocab, key=vocab.get)
@@ -191,7 +191,7 @@ def peak_rss() -> int:
 
 def step(args: argparse.Namespace) -> None:
     """Materialise one asset of the partition (``--asset``) with the engine counted; write its figures."""
-    from core import engine
+    from core.compute import engine
 
     calls: list[dict[str, float]] = []
     inner = engine.row_stats
@@ -261,7 +261,7 @@ def main() -> None:
         step(args)
         return
 
-    from core.hub_cache import write_snapshot
+    from core.weights.hub_cache import write_snapshot
     from orchestration.cli import chain_of
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DAGSTER_HOME": str(args.dir / "dagster")}

@@ -20,34 +20,34 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.agreement import agreement_stage
-from core.claims import AGREEMENT_TABLES, CLASS_TABLES, missing_saes, results_from_tables, verdict_table
-from core.classify import NULLS, SIDES
-from core.control import control_sae
-from core.discovery import fetch_corpus, fetch_model, fetch_runnable_model, fetch_sae, load_sae, model_geometry
-from core.feature_browser import write_browser
-from core.frames import SUMMARY_COLUMNS, with_sae
-from core.hub import Hub, fingerprint
-from core.model_weights import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, ModelCheckpoint
-from core.neuronpedia import (
+from core.analysis.agreement import agreement_stage
+from core.analysis.claims import AGREEMENT_TABLES, CLASS_TABLES, missing_saes, results_from_tables, verdict_table
+from core.analysis.classify import NULLS, SIDES
+from core.analysis.profiles import PROFILE_STATS
+from core.analysis.semantic import CANDIDATES
+from core.analysis.statistics import DEFAULT_QUANTILE, wilson_interval
+from core.analysis.verdicts import VERDICTS
+from core.lens.control import control_sae
+from core.lens.frames import SUMMARY_COLUMNS, with_sae
+from core.registry import SaeRef, get_release
+from core.report.feature_browser import write_browser
+from core.report.neuronpedia import (
     NeuronpediaSource,
     dashboard_frame,
     dashboard_tokens,
     dashboard_top_logits,
     write_json_export,
 )
-from core.profiles import PROFILE_STATS
-from core.registry import SaeRef, get_release
-from core.sae_formats import FORMATS
-from core.semantic import CANDIDATES
 from core.stage_output import Fact, Markdown, StageOutput
 from core.stages import LENS_SIDES, EngineSettings, circuit_stage, class_stage, lens_stage
-from core.statistics import DEFAULT_QUANTILE, wilson_interval
-from core.storage import TableStore
-from core.table_checks import Check, RowTally, finite, ids_in_range, rows_match
-from core.truth import load_truth
-from core.verdicts import VERDICTS
-from core.vocab import normal_tokens, vocabulary_table
+from core.store.storage import TableStore
+from core.store.table_checks import Check, RowTally, finite, ids_in_range, rows_match
+from core.testbeds.truth import load_truth
+from core.weights.discovery import fetch_corpus, fetch_model, fetch_runnable_model, fetch_sae, load_sae, model_geometry
+from core.weights.hub import Hub, fingerprint
+from core.weights.model_weights import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, ModelCheckpoint
+from core.weights.sae_formats import FORMATS
+from core.weights.vocab import normal_tokens, vocabulary_table
 
 STAT_COLUMNS = [*SUMMARY_COLUMNS, "top_mean"]  # the engine statistics every lens and circuit row carries
 LENS_TABLES = tuple(f"{lens}_lens_{part}" for lens in LENS_SIDES for part in ("tokens", "stats"))
@@ -132,20 +132,20 @@ def _top_tokens_preview(token_rows: pd.DataFrame) -> Markdown:
 
 
 def lens_tables(ref: SaeRef, hub: Hub, n_null: int, settings: EngineSettings, exports: Path) -> StageOutput:
-    """Vocabulary lenses (``core.stages.lens_stage``) of every feature, of the control SAE (``core.control``)
+    """Vocabulary lenses (``core.stages.lens_stage``) of every feature, of the control SAE (``core.lens.control``)
     and of random unit directions (the null):
 
-    - output (decoder–unembedding) lens, ``core.output_lens``: final RMSNorm gain folded, Gemma's final
+    - output (decoder–unembedding) lens, ``core.lens.output_lens``: final RMSNorm gain folded, Gemma's final
       softcap applied — tables ``output_lens_tokens`` and ``output_lens_stats``;
-    - input (encoder–embedding) lens, ``core.circuits.input_lens``: which token embeddings drive the
+    - input (encoder–embedding) lens, ``core.lens.circuits.input_lens``: which token embeddings drive the
       feature's encoder — tables ``input_lens_tokens`` and ``input_lens_stats``.
 
     ``*_tokens``: ``sample`` 'feature' | 'control' | 'null' | 'matched_null', ``feature`` (row index), ``side, rank,
-    token_id, token, value`` (top: the ``core.semantic.CANDIDATES`` best, bottom: top_k). ``*_stats``: ``sample``,
-    ``feature``, mean/std/median/p75, softmax max/entropy/top-k mass (over the candidates), ``top_mean`` (top_k),
-    ``top1_cosine``. ``vocabulary``: ``token_id, token, token_class`` (``core.vocab``) of the model's
+    token_id, token, value`` (top: the ``core.analysis.semantic.CANDIDATES`` best, bottom: top_k). ``*_stats``:
+    ``sample``, ``feature``, mean/std/median/p75, softmax max/entropy/top-k mass (over the candidates), ``top_mean``
+    (top_k), ``top1_cosine``. ``vocabulary``: ``token_id, token, token_class`` (``core.weights.vocab``) of the model's
     tokenizer. ``neuronpedia_top_logits`` and the Neuronpedia batch JSON: top/bottom logits in SAEDashboard's
-    convention (``core.neuronpedia``).
+    convention (``core.report.neuronpedia``).
 
     ``n_null`` directions per null; the Neuronpedia batch JSON goes under ``exports``."""
     snapshot, checkpoint, sae = load_sae(ref, hub)
@@ -199,7 +199,7 @@ def circuit_tables(
     circuit_set: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageOutput:
-    """Attention circuits (``core.stages.circuit_stage``, ``core.circuits``) of the features, the control
+    """Attention circuits (``core.stages.circuit_stage``, ``core.lens.circuits``) of the features, the control
     and random unit directions (the null), at the layers paired with the SAE's hook
     (``scope``): the encoder–embedding writer circuit ``ov_writer`` at layer L,
     the decoder–unembedding QK (feature as query / as key) and OV circuits at reader layer L+1.
@@ -209,7 +209,7 @@ def circuit_tables(
     vocabulary), ``top_ids``/``top_values`` (lists, k each); ``head_writes``: ``sample, feature, phase, kind
     ('ov_write_norm'), attn_layer, head, value`` (‖W_O W_V n(d)‖ at the reader layers).
 
-    ``scope``: ``core.circuits.paired_layers``; ``circuit_set``: ``core.circuits.CIRCUIT_SETS``. The
+    ``scope``: ``core.lens.circuits.paired_layers``; ``circuit_set``: ``core.lens.circuits.CIRCUIT_SETS``. The
     ``circuit_stats`` rows go to ``tables`` circuit by circuit as they are produced (memory flat in the
     number of circuits)."""
     _, checkpoint, sae = load_sae(ref, hub)
@@ -251,10 +251,10 @@ def vocab_matrices(checkpoint: ModelCheckpoint) -> tuple[np.ndarray, np.ndarray]
 
 
 def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers: Path) -> StageOutput:
-    """Feature classes of one SAE and of its control (``core.stages.class_stage``: ``core.classify``,
-    ``core.semantic``, ``core.profiles``), every threshold calibrated at the null's P99 — the SAE-matched null
-    by default (``core.control.matched_null``), the isotropic one for the record; reads the stored lens,
-    vocabulary and circuit tables only.
+    """Feature classes of one SAE and of its control (``core.stages.class_stage``: ``core.analysis.classify``,
+    ``core.analysis.semantic``, ``core.analysis.profiles``), every threshold calibrated at the null's P99 — the
+    SAE-matched null by default (``core.lens.control.matched_null``), the isotropic one for the record; reads the
+    stored lens, vocabulary and circuit tables only.
 
     Tables:
     - ``feature_classes``: ``feature, topk_z, heavy_tailed, {out,in}_{levenshtein, cosine, concentration,
@@ -263,21 +263,21 @@ def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers:
       in_top_forms`` (the normal forms tested), ``token_jaccard, top1_share, token_identity``,
       ``out_whitening_components, in_whitening_components`` (principal components the cosine removed), ``threshold,
       null_quantile, null_size, null, rule, k``;
-    - ``control_classes``: the same columns for the control SAE (``core.control``), plus its
+    - ``control_classes``: the same columns for the control SAE (``core.lens.control``), plus its
       ``encoder_norm`` / ``decoder_norm`` (the SAE's norms in a seeded random order);
     - ``semantic_null``: the same columns for both nulls' directions (``sample`` null | matched_null);
     - ``class_thresholds``: ``side, metric, threshold, null_median, quantile, null_size, null`` (matched |
       isotropic | string_permutation: Levenshtein only), ``rule, k``;
     - ``null_quantiles``: ``side, metric, q, value, null`` (the null distributions);
     - ``c1_sensitivity``: ``rule, null, quantile, k, sample, n, hits, fraction``, and the same without
-      token-identity features (``core.classify.c1_sensitivity``);
+      token-identity features (``core.analysis.classify.c1_sensitivity``);
     - ``attention_participation``: ``sample, feature, phase, attn_layer, head, score`` (mean null-z of the
       phase's circuits), ``topk_mass, threshold, participates`` (features and control; the null's
       false-positive rate in the metadata);
     - ``feature_participation``: ``sample, feature, phase, mean_score, max_score, mean_topk_mass,
       heads_participating, participates``.
 
-    And the feature browser ``<data>/browser/<release>/<sae_id>.html`` (``core.feature_browser``, path in the
+    And the feature browser ``<data>/browser/<release>/<sae_id>.html`` (``core.report.feature_browser``, path in the
     ``feature_browser`` metadata; ``browsers``: its folder): every feature's top output and input tokens and
     classes, searchable."""
     _, checkpoint, sae = load_sae(ref, hub)
@@ -343,7 +343,7 @@ AGREEMENT_CHECKS = ("one_row_per_feature", "values_valid", "token_ids_in_vocab")
 
 
 def agreement_checks(out: dict[str, pd.DataFrame], d_sae: int, vocab_size: int) -> list[Check]:
-    """The asset checks of ``core.agreement.agreement_stage``'s tables (descriptions: ``assets.common``)."""
+    """The asset checks of ``core.analysis.agreement.agreement_stage``'s tables (descriptions: ``assets.common``)."""
     summary, agree = out["agreement_summary"], out["activation_agreement"]
     overlaps = agree.drop(columns="feature").to_numpy(dtype=float)
     in_range = bool(
@@ -364,9 +364,10 @@ def agreement_checks(out: dict[str, pd.DataFrame], d_sae: int, vocab_size: int) 
 def activation_agreement(ref: SaeRef, hub: Hub, tables: TableStore, k: int, device: str) -> StageOutput:
     """For releases with a corpus (``corpus`` in releases.yaml: the trained releases' held-out text), the model is
     run on it (transformers, ``compute.device``) and each feature's firing, input tokens and removal effect
-    (``core.activations``) are compared with its lenses and classes (``core.agreement.agreement_stage``).
-    Tables ``activation_features``, ``activation_tokens``, ``activation_agreement``, ``agreement_summary``
-    (statistic, value, control = shuffled features / labels, n). Releases without a corpus record that only."""
+    (``core.analysis.activations``) are compared with its lenses and classes
+    (``core.analysis.agreement.agreement_stage``). Tables ``activation_features``, ``activation_tokens``,
+    ``activation_agreement``, ``agreement_summary`` (statistic, value, control = shuffled features / labels, n).
+    Releases without a corpus record that only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     corpus = fetch_corpus(ref.release, hub)
@@ -408,12 +409,12 @@ def activation_agreement(ref: SaeRef, hub: Hub, tables: TableStore, k: int, devi
 
 def claim_statistics(frames: dict[str, pd.DataFrame], registered: list[str], hub: Hub) -> list[StageOutput]:
     """Per release with stored feature classes: every measured quantity of claims C1–C4 for the features
-    and their control (``core.claims.release_results``), stored as tables (the plot and report assets read
-    them back, ``stored_results``): ``claim_verdicts`` (``core.verdicts``: ``release, claim, verdict, statistic,
-    value, ci_low, ci_high, control_value, p_value, n, rule``), ``output_fraction_by_layer`` (``sample, layer, sae_id,
-    n, hits, fraction, ci_low, ci_high``) and ``depth_profiles`` (``sample, phase, layer, depth, n,
+    and their control (``core.analysis.claims.release_results``), stored as tables (the plot and report assets read
+    them back, ``stored_results``): ``claim_verdicts`` (``core.analysis.verdicts``: ``release, claim, verdict,
+    statistic, value, ci_low, ci_high, control_value, p_value, n, rule``), ``output_fraction_by_layer`` (``sample,
+    layer, sae_id, n, hits, fraction, ci_low, ci_high``) and ``depth_profiles`` (``sample, phase, layer, depth, n,
     participating, mean/median/p75`` with 95 % bands) and, where ``activation_agreement`` ran (releases with a
-    corpus), ``release_agreement`` (``core.agreement.release_agreement``). Planted releases carry their ground
+    corpus), ``release_agreement`` (``core.analysis.agreement.release_agreement``). Planted releases carry their ground
     truth.
 
     ``frames``: the stored ``STATISTICS_INPUTS`` of every release; ``registered``: the partition keys

@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from core.sae_formats import FORMATS
+from core.weights.sae_formats import FORMATS
 
 REGISTRY_PATH = Path(__file__).with_name("releases.yaml")
-HOOKS = ("resid_post",)  # hook points the lenses and the layer pairing implement (core.circuits.paired_layers)
+HOOKS = ("resid_post",)  # hook points the lenses and the layer pairing implement (core.lens.circuits.paired_layers)
 # Fields of folder / SAE id patterns: ``l0`` is Gemma Scope's numeric average_l0_N, ``sparsity`` Gemma Scope 2's
 # named L0 bucket (``l0_small`` / ``l0_medium`` / ``l0_big``), ``seed`` its retrainings (``_seed_1``).
 _FIELDS = {
@@ -206,8 +206,8 @@ class Release:
 
     @property
     def generated(self) -> bool:
-        """Written on this machine (``core.planted`` / ``core.trained``), on no hub: read offline, from the
-        generated releases' own cache, on CPU."""
+        """Written on this machine (``core.testbeds.planted`` / ``core.testbeds.trained``), on no hub: read offline,
+        from the generated releases' own cache, on CPU."""
         return bool(self.planted or self.trained)
 
     def __post_init__(self) -> None:
@@ -329,7 +329,7 @@ def _raw_entries(path: Path) -> dict[str, dict[str, Any]]:
 
 def generator_entries(block: str, path: Path = REGISTRY_PATH) -> dict[str, dict[str, Any]]:
     """The registry entries (as written, by id) that carry a generator's parameter ``block`` (``planted`` for
-    ``core.planted``, ``trained`` for ``core.trained``): the one reader of the registry file besides
+    ``core.testbeds.planted``, ``trained`` for ``core.testbeds.trained``): the one reader of the registry file besides
     ``load_registry``."""
     return {rid: entry for rid, entry in _raw_entries(path).items() if block in entry}
 

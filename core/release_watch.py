@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from core.discovery import discover_saes, hub_for
 from core.errors import HubError, WeightFileError
-from core.hub import Hub
 from core.registry import Release, UnknownReleaseError, load_registry
+from core.weights.discovery import discover_saes, hub_for
+from core.weights.hub import Hub
 
 
 @dataclass(frozen=True)

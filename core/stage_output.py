@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.table_checks import Check
+from core.store.table_checks import Check
 
 
 class Markdown(str):

@@ -1,8 +1,8 @@
 """The per-SAE pipeline stages as plain functions: lenses, circuits, classes (the assets are adapters).
 
-Every stage runs the SAE's features, its control (``core.control``) and isotropic null directions through
+Every stage runs the SAE's features, its control (``core.lens.control``) and isotropic null directions through
 the same computation; rows carry ``sample`` = 'feature' | 'control' | 'null'. The null calibrates thresholds
-and z-scores; the control is the reference the verdicts compare the features with (``core.verdicts``).
+and z-scores; the control is the reference the verdicts compare the features with (``core.analysis.verdicts``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.circuits import (
+from core.analysis.classify import FeatureClasses, classify_features
+from core.analysis.profiles import circuit_values, feature_participation, head_write_frame, participation
+from core.analysis.semantic import CANDIDATES
+from core.analysis.statistics import DEFAULT_QUANTILE
+from core.compute.engine import RowStats
+from core.lens.circuits import (
     CIRCUIT_SETS,
     VocabOperands,
     all_circuits,
@@ -23,16 +28,11 @@ from core.circuits import (
     ov_write_norms,
     paired_layers,
 )
-from core.classify import FeatureClasses, classify_features
-from core.control import control_sae, matched_null
-from core.engine import RowStats
-from core.frames import circuit_frame, summary_frame, topk_frame
-from core.model_weights import ModelCheckpoint
-from core.output_lens import lens_operand, null_directions, output_lens, top_token_cosine
-from core.profiles import circuit_values, feature_participation, head_write_frame, participation
-from core.sae_formats import SaeWeights
-from core.semantic import CANDIDATES
-from core.statistics import DEFAULT_QUANTILE
+from core.lens.control import control_sae, matched_null
+from core.lens.frames import circuit_frame, summary_frame, topk_frame
+from core.lens.output_lens import lens_operand, null_directions, output_lens, top_token_cosine
+from core.weights.model_weights import ModelCheckpoint
+from core.weights.sae_formats import SaeWeights
 
 SAMPLES = ("feature", "control", "null")  # through every circuit
 LENS_SAMPLES = (*SAMPLES, "matched_null")  # through the lenses: the class thresholds' default null too
@@ -53,7 +53,7 @@ def sample_directions(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per sample, per phase, the unit directions (rows): the SAE's encoder / decoder directions, the
     control's, ``n_null`` isotropic null directions (the same for both phases) and, when ``matched``, ``n_null``
-    SAE-matched null directions (``core.control.matched_null``), all seeded by ``key``."""
+    SAE-matched null directions (``core.lens.control.matched_null``), all seeded by ``key``."""
     control = control_sae(sae, key)
     null = null_directions(n_null, sae.d_model, key)
     out = {
@@ -74,10 +74,10 @@ def lens_stage(
     sae: SaeWeights, checkpoint: ModelCheckpoint, tokens: list[str], key: str, n_null: int, settings: EngineSettings
 ) -> dict[str, pd.DataFrame]:
     """Tables ``output_lens_tokens``, ``output_lens_stats``, ``input_lens_tokens``, ``input_lens_stats``
-    (``core.output_lens``, ``core.circuits.input_lens``) for every sample of ``LENS_SAMPLES``: the
-    ``CANDIDATES`` best tokens (the semantic tests pick their normal forms, ``core.semantic``) and ``settings.k``
-    bottom ones; stats incl. ``top_mean`` over the best ``settings.k`` and ``top1_cosine`` (cosine of the lens
-    operand with the best token's row: ``core.classify`` token identity)."""
+    (``core.lens.output_lens``, ``core.lens.circuits.input_lens``) for every sample of ``LENS_SAMPLES``: the
+    ``CANDIDATES`` best tokens (the semantic tests pick their normal forms, ``core.analysis.semantic``) and
+    ``settings.k`` bottom ones; stats incl. ``top_mean`` over the best ``settings.k`` and ``top1_cosine`` (cosine of
+    the lens operand with the best token's row: ``core.analysis.classify`` token identity)."""
     directions = sample_directions(sae, key, n_null, matched=True)
     operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}
     matrix = {"output": checkpoint.unembedding(), "input": checkpoint.embedding()}
@@ -131,7 +131,7 @@ def circuit_stage(
     progress: Callable[[int, int], None] | None = None,
     sink: Callable[[pd.DataFrame], None] | None = None,
 ) -> CircuitTables:
-    """The circuits of ``core.circuits.CIRCUIT_SETS[circuit_set]`` at the layers ``paired_layers(sae_layer, …,
+    """The circuits of ``core.lens.circuits.CIRCUIT_SETS[circuit_set]`` at the layers ``paired_layers(sae_layer, …,
     scope)`` for every sample, and the decoder directions' write norms at the reader layers. With ``sink``,
     each circuit's ``circuit_stats`` rows (all samples) are handed to it as soon as they exist and not kept
     (``TableStore.appender`` streams them to disk), so memory does not grow with the number of circuits."""
@@ -205,9 +205,9 @@ def class_stage(
     quantile: float = DEFAULT_QUANTILE,
     k: int = 10,
 ) -> ClassTables:
-    """Classes (``core.classify``; ``normal``: per token id, a normal token, ``core.vocab``) and participation
-    (``core.profiles``) from the stored tables of one SAE (circuit tables carrying ``release, sae_id, layer``);
-    never reads attention weights."""
+    """Classes (``core.analysis.classify``; ``normal``: per token id, a normal token, ``core.weights.vocab``) and
+    participation (``core.analysis.profiles``) from the stored tables of one SAE (circuit tables carrying ``release,
+    sae_id, layer``); never reads attention weights."""
     classes = classify_features(lens, normal, unembedding, embedding, quantile, k)
     if len(circuit_stats) or len(head_writes):
         part = participation(circuit_values(circuit_stats, head_writes), quantile)

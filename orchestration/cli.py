@@ -8,7 +8,7 @@
 
 ``RELEASE``: registry release ids or aliases (``core/releases.yaml``; default: the planted releases the sensor
 tracks); a SAELens ``-canonical`` release id (``gemma-scope-2b-pt-res-canonical``) selects that release's canonical
-SAEs. Every SAE the release lists (``core.discovery.discover_saes``: the hub, or the cache offline) becomes a
+SAEs. Every SAE the release lists (``core.weights.discovery.discover_saes``: the hub, or the cache offline) becomes a
 partition; the selection flags, SAELens' vocabulary, pick which of them run (all given flags must hold):
 ``--sae`` an SAE id of a named release (``layer_12/width_16k/average_l0_82``, a canonical alias
 ``layer_12/width_16k/canonical``, ``l12r_8x``) or a partition key ``RELEASE:SAE_ID`` (which also names its
@@ -66,11 +66,11 @@ from dagster._utils.error import SerializableErrorInfo
 from dagster_shared.check import CheckError
 from dagster_shared.yaml_utils import load_yaml_from_glob_list
 
-from core.circuits import CIRCUIT_SETS, LAYER_SCOPES
-from core.discovery import ReleaseListing, discover_saes, hub_for
 from core.errors import HubError, WeightFileError
-from core.hub import content_id
+from core.lens.circuits import CIRCUIT_SETS, LAYER_SCOPES
 from core.registry import Release, SaeRef, UnknownReleaseError, get_release, load_registry, parse_key
+from core.weights.discovery import ReleaseListing, discover_saes, hub_for
+from core.weights.hub import content_id
 from orchestration.definitions import ACTIVATION_ASSETS, REPORT_ASSETS, SAE_ASSETS, defs
 from orchestration.partitions import sae_partitions
 from orchestration.recovery import fail_dead_runs

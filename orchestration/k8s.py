@@ -144,8 +144,8 @@ defs = dg.Definitions(
 def prefetch(release_ids: list[str]) -> None:
     """Stage the model files of these releases in this machine's hub cache (``HF_HUB_CACHE``): run once per
     GPU node by deploy/k8s/prefetch-daemonset.yaml, so step pods find the weights on the node's volume."""
-    from core.discovery import fetch_model
-    from core.hub import Hub
+    from core.weights.discovery import fetch_model
+    from core.weights.hub import Hub
 
     for release_id in release_ids:
         snapshot, checkpoint = fetch_model(release_id, Hub())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from core.atomic import process_alive
+from core.store.atomic import process_alive
 
 UNFINISHED = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED]
 

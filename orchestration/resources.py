@@ -8,10 +8,10 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from core.hub import Hub
 from core.registry import load_registry
 from core.stages import EngineSettings
-from core.storage import TableStore
+from core.store.storage import TableStore
+from core.weights.hub import Hub
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PLANTED_CACHE_ENV = "WEIGHTLENS_PLANTED_CACHE"
@@ -27,7 +27,7 @@ class HubResource(dg.ConfigurableResource):
     HF_HOME), so weights a user already has are not downloaded again; ``offline`` None = follow
     HF_HUB_OFFLINE; ``planted_cache_dir`` None = ``$WEIGHTLENS_PLANTED_CACHE`` (``scripts/env.sh``:
     ``<data dir>/planted-hub``, where ``scripts/demo.sh`` generates them): the cache the planted releases are
-    read from when the hub cache lacks them (``core.hub``); unset too, the hub cache only. The token is never
+    read from when the hub cache lacks them (``core.weights.hub``); unset too, the hub cache only. The token is never
     part of this config: it is read by huggingface_hub from HF_TOKEN or ``hf auth login``."""
 
     cache_dir: str | None = None
@@ -69,9 +69,9 @@ class ComputeResource(dg.ConfigurableResource):
     """Interaction-engine settings. ``device`` None = CUDA when available, else CPU; ``dtype`` is the
     matmul precision (statistics are always accumulated in float32). ``null_directions`` random unit
     directions calibrate the lenses, ``circuit_null_directions`` the attention circuits.
-    ``circuit_layers`` (``core.circuits.paired_layers``): "adjacent" = the writer layer L and the reader layer
+    ``circuit_layers`` (``core.lens.circuits.paired_layers``): "adjacent" = the writer layer L and the reader layer
     L+1 of a resid_post(L) SAE (every head); "all" = writers 0..L and readers L+1..N−1 (the full grid, a GPU
-    job at real scale). ``circuit_set`` (``core.circuits.CIRCUIT_SETS``): "used" = the circuit kinds the classes
+    job at real scale). ``circuit_set`` (``core.lens.circuits.CIRCUIT_SETS``): "used" = the circuit kinds the classes
     and claims read; "all" adds the decoder-side ``ov`` logit circuits to ``circuit_stats``."""
 
     device: str | None = None

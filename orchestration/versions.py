@@ -7,7 +7,7 @@ annotation (annotations are how methods called on a typed argument are reached) 
 through the defining module's top-level bindings and its ``from X import Y`` / ``import X`` lines, with the
 names local to a function or comprehension (arguments, assignments) shadowing the module's, as in Python.
 A class is hashed whole (every method and field), a constant as the statement(s) binding it (so a dict of
-functions reaches every function in it; ``claims_report`` reads ``core.plots.PLOT_FILES``, the file names
+functions reaches every function in it; ``claims_report`` reads ``core.report.plots.PLOT_FILES``, the file names
 alone, and so no plot's drawing code). The pieces are hashed in sorted order under module-relative
 names, so a version is deterministic and the same in every checkout. Editing a helper changes only the
 assets that reach it; editing a module an asset imports for something else does not. Not seen (and so not
@@ -22,9 +22,9 @@ exception type stays) — none of which changes a result. Compute functions buil
 assets) add what their closure captured: captured functions are followed, literals (file names) hashed.
 
 The native kernel: a string literal in hashed code that names a C/C++ source beside its module
-(``SOURCE = Path(__file__).with_name("rowstats.cpp")`` in ``core.rowstats``, read by ``build``, which
+(``SOURCE = Path(__file__).with_name("rowstats.cpp")`` in ``core.compute.rowstats``, read by ``build``, which
 compiles it) adds that file's full text — comments included, as the compiled library is keyed by the same
-text. It reaches ``lens_tables`` and ``circuit_tables`` (``core.engine.row_stats``), no other asset.
+text. It reaches ``lens_tables`` and ``circuit_tables`` (``core.compute.engine.row_stats``), no other asset.
 
 Settings: a resource argument (a ``dg.ConfigurableResource`` subclass in an annotation) is hashed member by
 member — only the fields and methods the code reads (``compute.top_k``, ``compute.engine()`` and through it
@@ -201,7 +201,7 @@ def _bound(scope: ast.AST) -> set[str]:
 
 def _scoped(tree: ast.AST) -> Iterator[tuple[ast.AST, frozenset[str]]]:
     """Every node of ``tree`` with the names local to the scopes around it, which shadow the module's (a
-    parameter ``circuit_stats`` is not the function ``core.circuits.circuit_stats``)."""
+    parameter ``circuit_stats`` is not the function ``core.lens.circuits.circuit_stats``)."""
     stack: list[tuple[ast.AST, frozenset[str]]] = [(tree, frozenset())]
     while stack:
         node, local = stack.pop()

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 export HF_HUB_OFFLINE=1   # the planted releases exist only on this machine
-python -m core.planted --cache-dir "$WEIGHTLENS_PLANTED_CACHE"
+python -m core.testbeds.planted --cache-dir "$WEIGHTLENS_PLANTED_CACHE"
 python -m orchestration.cli materialize
 cat <<MSG
 

@@ -12,7 +12,7 @@ os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / 
 # a release "present" that a test expects missing.
 os.environ.pop("WEIGHTLENS_PLANTED_CACHE", None)
 
-from core.planted import generate  # noqa: E402
+from core.testbeds.planted import generate  # noqa: E402
 from tests.planted_chain import PLANTED, PLANTED_NULL, materialise_planted  # noqa: E402
 
 TIERS = ("unit", "chain", "system")  # pyproject.toml [tool.pytest.ini_options] markers
@@ -34,15 +34,15 @@ def planted_cache(tmp_path_factory) -> Path:
     return cache
 
 
-# core.trained overrides that train in seconds (a few dozen steps); the registry's parameters are what
-# ``python -m core.trained`` trains (README, "Trained releases")
+# core.testbeds.trained overrides that train in seconds (a few dozen steps); the registry's parameters are what
+# ``python -m core.testbeds.trained`` trains (README, "Trained releases")
 FAST_TRAINED = {"steps": 80, "sae_steps": 60, "sae_positions": 4096, "vocab_size": 512, "d_sae": 256}
 
 
 @pytest.fixture(scope="session")
 def trained_llama(tmp_path_factory):
-    """(hub cache, ``core.trained.TrainedRelease``) of trained-llama generated with ``FAST_TRAINED``."""
-    from core.trained import generate as train
+    """(hub cache, ``core.testbeds.trained.TrainedRelease``) of trained-llama generated with ``FAST_TRAINED``."""
+    from core.testbeds.trained import generate as train
 
     cache = tmp_path_factory.mktemp("trained-hub")
     return cache, train("trained-llama", cache, overrides=FAST_TRAINED)

@@ -11,14 +11,14 @@ import pandas as pd
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from core.claims import per_feature_table
-from core.control import control_sae
-from core.model_weights import ModelCheckpoint
-from core.planted import gpt2_tokenizer
-from core.sae_formats import SaeWeights
+from core.analysis.claims import per_feature_table
+from core.analysis.verdicts import claim_verdicts
+from core.lens.control import control_sae
 from core.stages import ClassTables, EngineSettings, circuit_stage, class_stage, lens_stage
-from core.verdicts import claim_verdicts
-from core.vocab import normal_tokens, vocabulary_table
+from core.testbeds.planted import gpt2_tokenizer
+from core.weights.model_weights import ModelCheckpoint
+from core.weights.sae_formats import SaeWeights
+from core.weights.vocab import normal_tokens, vocabulary_table
 
 SIZE = dict(
     vocab_size=2048,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
-from core.hub_cache import read_tree, repo_cache_dir
+from core.weights.hub_cache import read_tree, repo_cache_dir
 
 
 @dataclass(frozen=True)

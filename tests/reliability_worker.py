@@ -41,7 +41,7 @@ def store_loop(data: str, rows: int) -> int:
     import numpy as np
     import pandas as pd
 
-    from core.storage import TableStore
+    from core.store.storage import TableStore
 
     store = TableStore(data)
     values = np.random.default_rng(0).random(rows)
@@ -55,7 +55,7 @@ def store_loop(data: str, rows: int) -> int:
 
 
 def pause_before_replace(table: str) -> None:
-    """Wrap os.replace (the rename in core.atomic) so the rename of TABLE's temp file never happens."""
+    """Wrap os.replace (the rename in core.store.atomic) so the rename of TABLE's temp file never happens."""
     real_replace = os.replace
 
     def replace(src, dst, *args, **kwargs):

@@ -57,8 +57,8 @@ from typing import Any
 
 import torch
 
-from core.hub_cache import read_tree, repo_cache_dir, write_snapshot
 from core.registry import get_release
+from core.weights.hub_cache import read_tree, repo_cache_dir, write_snapshot
 
 __all__ = [
     "EXACT",

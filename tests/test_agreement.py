@@ -1,10 +1,11 @@
-"""core.agreement on cases with a known answer: agreement that must be perfect, and agreement that must be chance."""
+"""core.analysis.agreement on cases with a known answer: agreement that must be perfect, and agreement that must be
+chance."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from core.agreement import agreement_summary, feature_agreement, fisher_combined, release_agreement, top_lists
+from core.analysis.agreement import agreement_summary, feature_agreement, fisher_combined, release_agreement, top_lists
 
 pytestmark = pytest.mark.unit
 

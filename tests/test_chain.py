@@ -15,10 +15,10 @@ import duckdb
 import pytest
 
 from assets.plots import asset_name
-from core.hub_cache import write_snapshot
-from core.plots import PLOT_FILES
+from core.analysis.semantic import CANDIDATES
 from core.registry import get_release, parse_key
-from core.semantic import CANDIDATES
+from core.report.plots import PLOT_FILES
+from core.weights.hub_cache import write_snapshot
 from orchestration.definitions import SAE_ASSETS, defs
 from tests.planted_chain import PLANTED, chain_resources
 

@@ -1,4 +1,4 @@
-"""Every circuit of ``core.circuits`` equals what transformers' own Gemma2/Llama modules compute.
+"""Every circuit of ``core.lens.circuits`` equals what transformers' own Gemma2/Llama modules compute.
 
 Tiny random models (4 query / 2 kv heads, Gemma-2 with query_pre_attn_scalar != head_dim and both softcaps,
 random norm gains, Llama untied) are saved sharded and read back by ``ModelCheckpoint``.
@@ -22,7 +22,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from core.circuits import (
+from core.compute.engine import RowStats
+from core.lens.circuits import (
     KINDS,
     PHASE_KINDS,
     PHASES,
@@ -36,8 +37,7 @@ from core.circuits import (
     ov_write_norms,
     paired_layers,
 )
-from core.engine import RowStats
-from core.model_weights import ModelCheckpoint
+from core.weights.model_weights import ModelCheckpoint
 from tests.device import DEVICE
 
 pytestmark = pytest.mark.unit

@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
-from core.claims import CLASS_TABLES, render_report, results_from_tables
-from core.discovery import discover_saes, load_sae, model_geometry
-from core.model_weights import TOKENIZER_FILE
-from core.plots import PLOT_FILES, PLOTS
+from core.analysis.claims import CLASS_TABLES, render_report, results_from_tables
+from core.analysis.verdicts import C2_HYPOTHESIS
 from core.registry import get_release
-from core.sae_formats import SaeWeights
-from core.storage import TableStore
-from core.truth import load_truth
-from core.verdicts import C2_HYPOTHESIS
-from core.vocab import vocabulary_table
+from core.report.plots import PLOT_FILES, PLOTS
+from core.store.storage import TableStore
+from core.testbeds.truth import load_truth
+from core.weights.discovery import discover_saes, load_sae, model_geometry
+from core.weights.model_weights import TOKENIZER_FILE
+from core.weights.sae_formats import SaeWeights
+from core.weights.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import lens_classes
 from tests.planted_chain import PLANTED, PLANTED_NULL

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.classify import (
+from core.analysis.classify import (
     NULLS,
     c1_sensitivity,
     call_classes,
@@ -15,7 +15,7 @@ from core.classify import (
     output_predicting,
     paper_rule,
 )
-from core.semantic import (
+from core.analysis.semantic import (
     MIN_PASSES,
     Whitening,
     calibrate,

@@ -21,8 +21,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from core.hub_cache import write_snapshot
-from core.planted import generate
+from core.testbeds.planted import generate
+from core.weights.hub_cache import write_snapshot
 from orchestration import cli
 from orchestration.definitions import REPORT_ASSETS, SAE_ASSETS
 from tests.fake_hub import FakeHub

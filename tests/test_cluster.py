@@ -41,8 +41,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.discovery import discover_saes
-from core.storage import TableStore
+from core.store.storage import TableStore
+from core.weights.discovery import discover_saes
 from orchestration.cli import materialize_all
 from orchestration.jobs import REPORT_ASSETS, SAE_ASSETS
 from orchestration.partitions import sae_partitions

@@ -1,6 +1,6 @@
-"""core.engine.row_stats against a naive reference that materialises the score matrix.
+"""core.compute.engine.row_stats against a naive reference that materialises the score matrix.
 
-Every test runs on both paths: the compiled one (core/rowstats.cpp, CPU; with its default and with its
+Every test runs on both paths: the compiled one (core/compute/rowstats.cpp, CPU; with its default and with its
 smallest column blocks) and torch's (CUDA, or a machine without a C++ compiler)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from core import engine, rowstats
-from core.engine import RowStats, row_stats
+from core.compute import engine, rowstats
+from core.compute.engine import RowStats, row_stats
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 """The weight-only circuits equal what transformers' own Gemma2/Llama modules compute.
 
 Tiny random models are saved by transformers (sharded safetensors, real tensor names and config.json)
-and read back by ``core.model_weights``. The reference is the full ``*ForCausalLM`` forward pass of a
+and read back by ``core.weights.model_weights``. The reference is the full ``*ForCausalLM`` forward pass of a
 model whose blocks write nothing to the residual stream (o_proj and down_proj zeroed), so the logits of
 an input vector are exactly transformers' final norm → lm_head → final softcap of that vector.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from core.model_weights import ModelCheckpoint, ModelGeometry
-from core.output_lens import output_lens
+from core.lens.output_lens import output_lens
+from core.weights.model_weights import ModelCheckpoint, ModelGeometry
 
 pytestmark = pytest.mark.unit
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from dagster._core.definitions.partitions.context import partition_loading_context
 
-from core.hub_cache import write_snapshot
-from core.planted import generate
 from core.registry import get_release, parse_key
+from core.testbeds.planted import generate
+from core.weights.hub_cache import write_snapshot
 from orchestration.cli import materialize_all
 from orchestration.definitions import defs
 from orchestration.jobs import ALL_ASSETS, REPORT_ASSETS, report_job, sae_chain_job

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from core.planted import generate
-from core.storage import TableStore
+from core.store.storage import TableStore
+from core.testbeds.planted import generate
 from orchestration.definitions import SAE_ASSETS
 from orchestration.partitions import sae_partitions
 from tests.planted_chain import chain_resources

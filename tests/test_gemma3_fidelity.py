@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from core.circuits import Circuit, VocabOperands, circuit_scores, input_lens
-from core.model_weights import INDEX_FILE, ModelCheckpoint, ModelGeometry
-from core.output_lens import output_lens
+from core.lens.circuits import Circuit, VocabOperands, circuit_scores, input_lens
+from core.lens.output_lens import output_lens
+from core.weights.model_weights import INDEX_FILE, ModelCheckpoint, ModelGeometry
 from tests.device import DEVICE
 from tests.test_circuits_fidelity import assert_ov_circuits_match, assert_qk_circuits_match, assert_stats_match
 

@@ -1,4 +1,4 @@
-"""core.hub_cache writes a cache that huggingface_hub itself reads offline."""
+"""core.weights.hub_cache writes a cache that huggingface_hub itself reads offline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 
-from core.hub_cache import blob_hash, read_tree, repo_cache_dir, write_snapshot
+from core.weights.hub_cache import blob_hash, read_tree, repo_cache_dir, write_snapshot
 
 pytestmark = pytest.mark.unit
 

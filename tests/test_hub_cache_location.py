@@ -13,10 +13,10 @@ import pytest
 from huggingface_hub import constants
 
 from core.errors import HubError
-from core.hub import Hub
-from core.hub_cache import repo_cache_dir, write_snapshot
-from core.planted import generate
 from core.registry import get_release
+from core.testbeds.planted import generate
+from core.weights.hub import Hub
+from core.weights.hub_cache import repo_cache_dir, write_snapshot
 from orchestration.resources import PLANTED_CACHE_ENV, HubResource
 
 pytestmark = pytest.mark.system
@@ -99,7 +99,7 @@ def test_huggingface_hubs_default_cache_is_the_hub_cache_when_none_is_configured
 
 
 def test_a_hub_cache_that_holds_a_planted_repository_is_read_first(caches, monkeypatch):
-    """A cache filled with the planted releases on purpose (the tests', or ``core.planted --cache-dir`` pointed
+    """A cache filled with the planted releases on purpose (the tests', or ``core.testbeds.planted --cache-dir`` pointed
     at the hub cache) keeps working as before the planted cache existed."""
     hub_cache, planted = caches
     write_snapshot(hub_cache, PLANTED.sae_repo, {"marker.txt": b"hub cache's own"})
@@ -115,7 +115,7 @@ def test_a_missing_planted_release_names_both_caches_and_how_to_generate_it(tmp_
         hub.fetch(PLANTED.sae_repo, ["marker.txt"])
     message = str(error.value)
     assert f"is not in {tmp_path / 'hub-cache'} nor in the planted releases' cache {tmp_path / 'planted'} " in message
-    assert f"python -m core.planted --cache-dir {tmp_path / 'planted'}" in message
+    assert f"python -m core.testbeds.planted --cache-dir {tmp_path / 'planted'}" in message
 
 
 def test_the_cli_in_a_fresh_shell_finds_the_planted_release_and_leaves_the_users_cache_alone(tmp_path):

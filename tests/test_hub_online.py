@@ -1,4 +1,4 @@
-"""The online hub path for real: ``core.hub`` -> huggingface_hub -> HTTP -> a fake hub on 127.0.0.1.
+"""The online hub path for real: ``core.weights.hub`` -> huggingface_hub -> HTTP -> a fake hub on 127.0.0.1.
 
 huggingface_hub reads ``HF_ENDPOINT`` at import time and this test process has imported it already, so
 every online call runs in a child process started with ``HF_ENDPOINT`` (the fake hub), ``HF_HUB_CACHE``
@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from core.discovery import discover_saes
 from core.errors import HubError
-from core.hub import Hub
-from core.hub_cache import read_tree, repo_cache_dir, write_snapshot
-from core.planted import generate
+from core.testbeds.planted import generate
+from core.weights.discovery import discover_saes
+from core.weights.hub import Hub
+from core.weights.hub_cache import read_tree, repo_cache_dir, write_snapshot
 from tests.fake_hub import FakeHub
 
 pytestmark = pytest.mark.system
@@ -37,7 +37,7 @@ PRELUDE = """
 import json, os
 from pathlib import Path
 from core.errors import HubError
-from core.hub import Hub
+from core.weights.hub import Hub
 HUB = Hub(cache_dir=Path(os.environ["HF_HUB_CACHE"]), offline=False)
 def attempt(call):
     try:
@@ -235,8 +235,8 @@ result = sorted(r.partition_key for r in sae_release_sensor(context).run_request
 
 
 RELEASE_CODE = """
-from core.discovery import discover_saes, fetch_sae
-from core.hub import fingerprint
+from core.weights.discovery import discover_saes, fetch_sae
+from core.weights.hub import fingerprint
 from core.registry import get_release
 from core.release_watch import current_states
 listing = discover_saes("gemma-scope-2b-pt-res", HUB)

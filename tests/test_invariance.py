@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.discovery import discover_saes, load_sae
-from core.model_weights import TOKENIZER_FILE
-from core.vocab import vocabulary_table
+from core.weights.discovery import discover_saes, load_sae
+from core.weights.model_weights import TOKENIZER_FILE
+from core.weights.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import analyse
 from tests.planted_chain import PLANTED

@@ -4,7 +4,7 @@ A random Gemma-2-format model whose embedding (= unembedding, tied) has ``N_HEAV
 heavy-tailed (Student-t) coordinates, and a random SAE whose decoder directions lean towards those directions
 (no feature is built to predict anything). Calibrated on isotropic random directions, the top-k z test calls many
 of these random features heavy-tailed — the anisotropy, not the features, makes their logits heavy-tailed. The
-SAE-matched null (``core.control.matched_null``: directions with the SAE's own second moments) shares the lean,
+SAE-matched null (``core.lens.control.matched_null``: directions with the SAE's own second moments) shares the lean,
 so it brings the rate back to the nominal 1 %.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.classify import call_classes, lens_measures
-from core.sae_formats import SaeWeights
+from core.analysis.classify import call_classes, lens_measures
 from core.stages import EngineSettings, lens_stage
-from core.vocab import normal_tokens, vocabulary_table
+from core.weights.sae_formats import SaeWeights
+from core.weights.vocab import normal_tokens, vocabulary_table
 from tests.core_chain import SIZE, random_model
 
 pytestmark = pytest.mark.unit

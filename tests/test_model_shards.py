@@ -5,7 +5,7 @@ tied Gemma-2 saved as three shards, the last holding only MLP weights (never rea
 downloads it), served as ``google/gemma-2-2b`` — the model of a real release, so the online path is
 taken (planted releases are always read offline). Online: through the fake hub (``tests/fake_hub.py``) in a
 child process. Offline: from a hub cache holding exactly what ``fetch_model`` downloads, written by
-``core.hub_cache.write_snapshot``.
+``core.weights.hub_cache.write_snapshot``.
 
 Memory: reading a tied model's embedding and unembedding, as peak RSS growth in a fresh process.
 """
@@ -25,10 +25,10 @@ from safetensors.torch import save, save_file
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from assets.weights import model_weights
-from core import atomic
-from core.hub import fingerprint
-from core.hub_cache import read_tree, write_snapshot
-from core.model_weights import ModelCheckpoint
+from core.store import atomic
+from core.weights.hub import fingerprint
+from core.weights.hub_cache import read_tree, write_snapshot
+from core.weights.model_weights import ModelCheckpoint
 from orchestration.resources import HubResource
 from tests.fake_hub import FakeHub
 from tests.test_hub_online import resolve_requests, run_client
@@ -152,7 +152,7 @@ def test_reading_a_tied_embedding_costs_one_float32_copy(tmp_path):
         save_file({"model.embed_tokens.weight": torch.ones(rows, d)}, path)
     code = f"""
 import resource
-from core.model_weights import ModelCheckpoint
+from core.weights.model_weights import ModelCheckpoint
 ckpt = ModelCheckpoint({str(tmp_path)!r})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 embedding, unembedding = ckpt.embedding(), ckpt.unembedding()

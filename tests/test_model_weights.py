@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import save
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from core import atomic, model_weights
 from core.errors import WeightFileError
-from core.model_weights import ModelCheckpoint, open_checkpoint
 from core.pipeline import vocab_matrices
-from core.sae_formats import FINITE_CHUNK_ELEMENTS
+from core.store import atomic
+from core.weights import model_weights
+from core.weights.model_weights import ModelCheckpoint, open_checkpoint
+from core.weights.sae_formats import FINITE_CHUNK_ELEMENTS
 
 pytestmark = pytest.mark.unit
 

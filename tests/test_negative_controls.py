@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from core.control import control_sae
-from core.sae_formats import SaeWeights
-from core.verdicts import VERDICTS, claim_verdicts
+from core.analysis.verdicts import VERDICTS, claim_verdicts
+from core.lens.control import control_sae
+from core.weights.sae_formats import SaeWeights
 from tests.core_chain import random_release_verdicts
 
 pytestmark = pytest.mark.chain

@@ -1,5 +1,5 @@
-"""The Neuronpedia top-logits export is SAEDashboard 0.8.0's convention (``core.neuronpedia``), checked against an
-independent computation from transformers' own modules, and its batch file is Neuronpedia's schema."""
+"""The Neuronpedia top-logits export is SAEDashboard 0.8.0's convention (``core.report.neuronpedia``), checked against
+an independent computation from transformers' own modules, and its batch file is Neuronpedia's schema."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core.discovery import fetch_model, fetch_sae
-from core.hub import Hub
-from core.model_weights import TOKENIZER_FILE
-from core.neuronpedia import (
+from core.registry import get_release, parse_key
+from core.report.neuronpedia import (
     FEATURE_FIELDS,
     OUT_OF_RANGE_TOKEN,
     NeuronpediaSource,
@@ -26,10 +24,12 @@ from core.neuronpedia import (
     neuronpedia_batch,
     write_json_export,
 )
-from core.planted import generate
-from core.registry import get_release, parse_key
-from core.sae_formats import FORMATS, SaeWeights
-from core.vocab import token_strings
+from core.testbeds.planted import generate
+from core.weights.discovery import fetch_model, fetch_sae
+from core.weights.hub import Hub
+from core.weights.model_weights import TOKENIZER_FILE
+from core.weights.sae_formats import FORMATS, SaeWeights
+from core.weights.vocab import token_strings
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ Needs the optional extra ``peer`` (``pip install -e ".[test,peer]"``: sae-lens, 
 the whole module is skipped where ``sae_lens`` is not importable.
 
 * SAE weights: SAELens' own loaders (``sae_lens.loading.pretrained_sae_loaders``), called on the planted repos of
-  every format, give the same W_enc, W_dec, b_enc, b_dec, threshold as ``core.sae_formats`` — bit for bit. Gemma
+  every format, give the same W_enc, W_dec, b_enc, b_dec, threshold as ``core.weights.sae_formats`` — bit for bit. Gemma
   Scope 2 and Llama Scope go through ``SAE.from_pretrained`` (the repo id as release, the folder as SAE id, the
   format's loader as converter); for Llama Scope SAELens then skips its activation-norm fold (the planted release has
   no ``norm_scaling_factor`` in its ``pretrained_saes.yaml``; every real Llama Scope SAE has one), so the test applies
@@ -15,7 +15,7 @@ the whole module is skipped where ``sae_lens`` is not importable.
   config) are compared.
 * Output lens: TransformerLens' processed unembedding (``HookedTransformer.from_pretrained`` on the planted
   transformers model with TL's default processing: ``fold_ln``, ``center_writing_weights``, ``center_unembed`` —
-  which TL turns off under a logit softcap) gives the same top-k tokens and values as ``core.output_lens``.
+  which TL turns off under a logit softcap) gives the same top-k tokens and values as ``core.lens.output_lens``.
   ``from_pretrained`` accepts only official model names, so TL's config recipe of the real model (gemma-2-2b,
   gemma-3-1b-pt, Llama-3.1-8B) is resized to the planted config; only the final norm and the unembedding are read.
 * Registry: for every release both know, SAELens' ``pretrained_saes.yaml`` and ``core/releases.yaml`` give the same
@@ -54,12 +54,12 @@ from safetensors import safe_open  # noqa: E402
 from transformer_lens import HookedTransformer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from core.discovery import discover_saes, fetch_model, fetch_sae  # noqa: E402
-from core.hub import Hub  # noqa: E402
-from core.output_lens import null_directions, output_lens  # noqa: E402
-from core.planted import generate  # noqa: E402
+from core.lens.output_lens import null_directions, output_lens  # noqa: E402
 from core.registry import Release, SaeRef, UnknownReleaseError, get_release, load_registry  # noqa: E402
-from core.sae_formats import FORMATS, SaeWeights  # noqa: E402
+from core.testbeds.planted import generate  # noqa: E402
+from core.weights.discovery import discover_saes, fetch_model, fetch_sae  # noqa: E402
+from core.weights.hub import Hub  # noqa: E402
+from core.weights.sae_formats import FORMATS, SaeWeights  # noqa: E402
 
 PLANTED = ("planted-gemma", "planted-llama", "planted-gemma3")  # one per format
 TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -122,7 +122,7 @@ def saelens_offline(peer_cache: Path, monkeypatch) -> Path:
 
 
 def _ours(rid: str, cache: Path) -> dict[SaeRef, SaeWeights]:
-    """Every SAE of a planted release read by ``core.sae_formats``."""
+    """Every SAE of a planted release read by ``core.weights.sae_formats``."""
     hub = Hub(cache_dir=cache, offline=True)
     fmt = FORMATS[get_release(rid).format]
     return {ref: fmt.read(fetch_sae(ref, hub).path(ref.folder)) for ref in discover_saes(rid, hub).saes}
@@ -169,9 +169,9 @@ def test_llama_scope_matches_saelens_from_pretrained_with_its_norm_fold(saelens_
 
 
 def test_trained_llama_scope_threshold_reads_back_in_saelens(trained_llama, monkeypatch):
-    """The trained Llama Scope SAEs store ``jump_relu_threshold = θ / s`` (``core.trained``) so that SAELens'
-    ``threshold = jump_relu_threshold · s`` is the trained θ: SAELens and ``core.sae_formats`` read the same θ, and
-    after SAELens' own fold every tensor is the same."""
+    """The trained Llama Scope SAEs store ``jump_relu_threshold = θ / s`` (``core.testbeds.trained``) so that SAELens'
+    ``threshold = jump_relu_threshold · s`` is the trained θ: SAELens and ``core.weights.sae_formats`` read the same θ,
+    and after SAELens' own fold every tensor is the same."""
     cache, release = trained_llama
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -1,4 +1,4 @@
-"""core.planted: real formats, loadable by transformers, deterministic, planted truth holds.
+"""core.testbeds.planted: real formats, loadable by transformers, deterministic, planted truth holds.
 
 Also the reference z-profile helper (``z_profiles``; run ``python -m tests.test_planted`` to print the profiles of
 every planted release): per (direction, circuit, query head h) the value of the circuit, z-scored robustly against
@@ -29,8 +29,8 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from core.hub_cache import repo_cache_dir
-from core.planted import PlantedTruth, generate, main
+from core.testbeds.planted import PlantedTruth, generate, main
+from core.weights.hub_cache import repo_cache_dir
 
 pytestmark = pytest.mark.chain
 
@@ -710,7 +710,7 @@ if __name__ == "__main__":  # print the z profiles of every planted release (pyt
 
     import yaml
 
-    from core.planted import _REGISTRY
+    from core.testbeds.planted import _REGISTRY
 
     registry = yaml.safe_load(_REGISTRY.read_text())["releases"]
     with tempfile.TemporaryDirectory() as tmp:

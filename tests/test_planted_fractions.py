@@ -1,10 +1,10 @@
 """C1 can fail on a planted release: planted output-predicting fractions outside the paper's band.
 
-planted-gemma regenerated with ``semantic_fraction`` 0.05 and 0.60 (``core.planted.generate(overrides=)``: the same
-model and generator, only the fraction moves), three of its SAEs taken through the chain's lens and class stages
+planted-gemma regenerated with ``semantic_fraction`` 0.05 and 0.60 (``core.testbeds.planted.generate(overrides=)``: the
+same model and generator, only the fraction moves), three of its SAEs taken through the chain's lens and class stages
 (``core.stages``; the classes read only the lenses) and C1's verdict computed as the claim asset does
-(``core.verdicts.c1_verdicts``): both must be ``not reproduced``, the measured fraction must track the planted one,
-and the control must stay near zero. The in-band case (0.25) is the chain's own planted-gemma.
+(``core.analysis.verdicts.c1_verdicts``): both must be ``not reproduced``, the measured fraction must track the planted
+one, and the control must stay near zero. The in-band case (0.25) is the chain's own planted-gemma.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.discovery import discover_saes, load_sae
-from core.model_weights import TOKENIZER_FILE
-from core.planted import generate
-from core.verdicts import c1_verdicts
-from core.vocab import vocabulary_table
+from core.analysis.verdicts import c1_verdicts
+from core.testbeds.planted import generate
+from core.weights.discovery import discover_saes, load_sae
+from core.weights.model_weights import TOKENIZER_FILE
+from core.weights.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import lens_classes
 

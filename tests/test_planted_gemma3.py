@@ -6,7 +6,7 @@ the hub cache, the Gemma Scope 2 loader and the Gemma 3 geometry, and its plante
 * the output lens finds exactly the planted output-predicting features (their token group fills the top tokens;
   no group shows in a non-semantic feature's top tokens);
 * with the layer pairing (an SAE at layer L: decoder read by attention layer L+1, encoder written by layer L) the
-  pipeline's circuits (``core.circuits``, q/k head norms folded) find the planted features' token groups at the
+  pipeline's circuits (``core.lens.circuits``, q/k head norms folded) find the planted features' token groups at the
   strongly planted layers and agree with the reference helper of ``tests/test_planted.py``, whose robust z profile
   follows both planted depth shapes.
 
@@ -22,14 +22,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core.circuits import Circuit, VocabOperands, circuit_stats
-from core.discovery import discover_saes, fetch_model, fetch_sae
-from core.hub import Hub
-from core.output_lens import output_lens
-from core.planted import PlantedTruth, generate
+from core.lens.circuits import Circuit, VocabOperands, circuit_stats
+from core.lens.output_lens import output_lens
 from core.registry import get_release
 from core.release_watch import tracked_releases
-from core.sae_formats import FORMATS
+from core.testbeds.planted import PlantedTruth, generate
+from core.weights.discovery import discover_saes, fetch_model, fetch_sae
+from core.weights.hub import Hub
+from core.weights.sae_formats import FORMATS
 from tests.test_planted import Circuits, load_model, z_profiles
 
 pytestmark = pytest.mark.unit

@@ -1,9 +1,9 @@
-"""Hard cases of the planted test bed (release ``planted-gemma-hard``, ``core.planted`` "hard cases"): what the
+"""Hard cases of the planted test bed (release ``planted-gemma-hard``, ``core.testbeds.planted`` "hard cases"): what the
 classifier calls features it should NOT call output-predicting, and its power along a strength continuum.
 
 The release is generated into a temporary hub cache and taken through the chain's lens and class stages
 (``core.stages.lens_stage`` / ``class_stage``, 512 null directions per SAE as in the chain tests; no circuits:
-the classes read only the lenses). ``core.power`` turns the per-feature classes and the truth into the tables,
+the classes read only the lenses). ``core.analysis.power`` turns the per-feature classes and the truth into the tables,
 printed by every run (``pytest -s``) and by ``python -m tests.test_planted_hard``.
 
 Measured (all 6 SAEs, 96 features per hard class, 768 planted semantic features, noise U(0.2, 1.6), SAE-matched
@@ -22,11 +22,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.discovery import discover_saes, load_sae
-from core.model_weights import TOKENIZER_FILE
-from core.planted import HARD_CLASSES, PlantedTruth, generate
-from core.power import class_recovery_table, hard_case_table, power_table
-from core.vocab import vocabulary_table
+from core.analysis.power import class_recovery_table, hard_case_table, power_table
+from core.testbeds.planted import HARD_CLASSES, PlantedTruth, generate
+from core.weights.discovery import discover_saes, load_sae
+from core.weights.model_weights import TOKENIZER_FILE
+from core.weights.vocab import vocabulary_table
 from orchestration.resources import HubResource
 from tests.core_chain import lens_classes
 

@@ -1,8 +1,8 @@
-"""Vocabulary traps of the planted test bed (release ``planted-gemma-hard``, ``core.planted`` "Hard cases"): each
-trap class is what the truth says it is, read back from the written hub files with the project's loaders
-(``core.model_weights``, ``core.sae_formats``, ``core.output_lens``, ``core.circuits.input_lens``). What the
-classifier calls these features is tests/test_planted_hard.py's business (``HARD_EXPECTED``).
-
+"""Vocabulary traps of the planted test bed (release ``planted-gemma-hard``, ``core.testbeds.planted`` "Hard cases"):
+each trap class is what the truth says it is, read back from the written hub files with the project's loaders
+(``core.weights.model_weights``, ``core.weights.sae_formats``, ``core.lens.output_lens``,
+``core.lens.circuits.input_lens``). What the classifier calls these features is tests/test_planted_hard.py's business
+(``HARD_EXPECTED``).
 - ``case_variant``: the top output-lens tokens are exactly one word's case / space variants;
 - ``byte_token``: the top 10 all decode to U+FFFD;
 - ``unused_cluster``: the top 10 are ``<unusedN>`` placeholders, which the written tokenizer.json holds at the
@@ -21,13 +21,13 @@ import torch
 import yaml
 from tokenizers import Tokenizer
 
-from core.circuits import input_lens
-from core.hub_cache import repo_cache_dir
-from core.model_weights import TOKENIZER_FILE, ModelCheckpoint
-from core.output_lens import output_lens
-from core.planted import HARD_CLASSES, HARD_EXPECTED, PlantedTruth, generate
+from core.lens.circuits import input_lens
+from core.lens.output_lens import output_lens
 from core.registry import REGISTRY_PATH, get_release
-from core.sae_formats import FORMATS, SaeWeights
+from core.testbeds.planted import HARD_CLASSES, HARD_EXPECTED, PlantedTruth, generate
+from core.weights.hub_cache import repo_cache_dir
+from core.weights.model_weights import TOKENIZER_FILE, ModelCheckpoint
+from core.weights.sae_formats import FORMATS, SaeWeights
 
 pytestmark = pytest.mark.unit
 

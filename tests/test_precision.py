@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from core.discovery import discover_saes, load_sae
-from core.model_weights import TOKENIZER_FILE
-from core.planted import generate
 from core.stages import EngineSettings, class_stage, lens_stage
-from core.vocab import normal_tokens, vocabulary_table
+from core.testbeds.planted import generate
+from core.weights.discovery import discover_saes, load_sae
+from core.weights.model_weights import TOKENIZER_FILE
+from core.weights.vocab import normal_tokens, vocabulary_table
 from orchestration.resources import HubResource
 
 pytestmark = pytest.mark.chain

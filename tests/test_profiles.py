@@ -10,8 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.profiles import SCORE_KINDS, circuit_values, depth_profile, feature_participation, null_z, participation
-from core.statistics import (
+from core.analysis.profiles import (
+    SCORE_KINDS,
+    circuit_values,
+    depth_profile,
+    feature_participation,
+    null_z,
+    participation,
+)
+from core.analysis.statistics import (
     auroc,
     layer_bootstrap,
     mann_whitney,

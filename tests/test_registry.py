@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
-from core.discovery import discover_saes, fetch_model
 from core.errors import WeightFileError
-from core.hub import Hub
 from core.registry import UnknownReleaseError, get_release, load_registry, parse_key
+from core.weights.discovery import discover_saes, fetch_model
+from core.weights.hub import Hub
 
 pytestmark = pytest.mark.unit
 
@@ -282,7 +282,7 @@ def test_good_entry_loads(tmp_path):
 
 def test_n_layers_is_checked_against_the_models_config(planted_cache, monkeypatch):
     real = get_release("planted-llama")  # 8 layers; a registry entry saying 9 would pair layer 7 with a layer 8
-    monkeypatch.setattr("core.discovery.get_release", lambda _: dataclasses.replace(real, n_layers=9))
+    monkeypatch.setattr("core.weights.discovery.get_release", lambda _: dataclasses.replace(real, n_layers=9))
     with pytest.raises(
         WeightFileError,
         match=r"config.json.*the model has 8 layers but release 'planted-llama' "

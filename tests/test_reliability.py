@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.circuits import CIRCUIT_SETS, all_circuits, paired_layers
-from core.discovery import discover_saes, fetch_model
-from core.hub import Hub
+from core.analysis.semantic import CANDIDATES
+from core.lens.circuits import CIRCUIT_SETS, all_circuits, paired_layers
 from core.registry import parse_key
-from core.semantic import CANDIDATES
-from core.storage import StorageError, TableStore
+from core.store.storage import StorageError, TableStore
+from core.weights.discovery import discover_saes, fetch_model
+from core.weights.hub import Hub
 from tests.reliability_worker import COMPUTE, LOOP_KEY
 
 pytestmark = pytest.mark.system

@@ -27,10 +27,10 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from core.hub_cache import read_tree, repo_cache_dir
-from core.model_weights import ModelCheckpoint
-from core.planted import generate
 from core.registry import get_release
+from core.testbeds.planted import generate
+from core.weights.hub_cache import read_tree, repo_cache_dir
+from core.weights.model_weights import ModelCheckpoint
 from tests.rewrites import (
     EXACT,
     INDEX_FILE,

@@ -1,4 +1,4 @@
-"""Building and loading the compiled row statistics (core/rowstats.py), and its portable build."""
+"""Building and loading the compiled row statistics (core/compute/rowstats.py), and its portable build."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from core import engine, rowstats
-from core.engine import row_stats
+from core.compute import engine, rowstats
+from core.compute.engine import row_stats
 from tests.test_engine import EXACT, assert_matches, integer_inputs, reference
 
 pytestmark = pytest.mark.system

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from core.errors import WeightFileError
-from core.sae_formats import FORMATS
+from core.weights.sae_formats import FORMATS
 
 pytestmark = pytest.mark.unit
 
@@ -187,7 +187,7 @@ def _ref(layer: int = 7, width: str = str(D_SAE)):
 def test_a_folders_config_json_is_checked_against_the_sae_id(tmp_path, config, problem):
     import json
 
-    from core.discovery import check_sae_files
+    from core.weights.discovery import check_sae_files
 
     write(tmp_path, tensors())
     if config is not None:
@@ -201,7 +201,7 @@ def test_a_folders_config_json_is_checked_against_the_sae_id(tmp_path, config, p
 
 
 def test_a_width_label_that_is_not_the_files_width_is_refused(tmp_path):
-    from core.discovery import check_sae_files, width_matches
+    from core.weights.discovery import check_sae_files, width_matches
 
     real = {"4k": 4096, "16k": 16384, "32k": 32768, "65k": 65536, "131k": 131072, "262k": 262144, "1m": 1 << 20}
     assert all(width_matches(label, n) for label, n in real.items()) and width_matches("512", 512)

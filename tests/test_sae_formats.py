@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from core.errors import WeightFileError
-from core.sae_formats import FORMATS
+from core.weights.sae_formats import FORMATS
 
 pytestmark = pytest.mark.unit
 

@@ -14,8 +14,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from core.atomic import HOST
-from core.storage import STORAGE_VERSION, TableStore
+from core.store.atomic import HOST
+from core.store.storage import STORAGE_VERSION, TableStore
 from tests.test_chain import readme_queries
 
 pytestmark = pytest.mark.system
@@ -57,7 +57,7 @@ def test_failed_write_keeps_previous_rows(tmp_path, monkeypatch):
     def disk_error(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("core.atomic.os.fsync", disk_error)  # fails after the temp file is written
+    monkeypatch.setattr("core.store.atomic.os.fsync", disk_error)  # fails after the temp file is written
     with pytest.raises(OSError, match="No space left"):
         store.write("t", "rel:a", frame("rel:a", 7))
     assert len(store.read("t", "rel:a")) == 3

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.storage import TableStore
+from core.store.storage import TableStore
 
 pytestmark = pytest.mark.unit
 

@@ -1,8 +1,8 @@
-"""The trained-release generator (core.trained): deterministic files in the hub layout that the real loaders read,
-a model that learned something, and SAEs whose stored quality is what the files do.
+"""The trained-release generator (core.testbeds.trained): deterministic files in the hub layout that the real loaders
+read, a model that learned something, and SAEs whose stored quality is what the files do.
 
 Small overrides (``tests.conftest.FAST_TRAINED``: a few dozen steps) keep this fast; the registry's parameters are
-what ``python -m core.trained`` trains (README, "Trained releases")."""
+what ``python -m core.testbeds.trained`` trains (README, "Trained releases")."""
 
 import json
 from pathlib import Path
@@ -12,10 +12,10 @@ import pytest
 import torch
 from huggingface_hub import snapshot_download
 
-from core.hub_cache import repo_cache_dir
 from core.registry import get_release
-from core.sae_formats import FORMATS
-from core.trained import METRICS_FILE, corpus_split, generate, resid_post, sae_quality
+from core.testbeds.trained import METRICS_FILE, corpus_split, generate, resid_post, sae_quality
+from core.weights.hub_cache import repo_cache_dir
+from core.weights.sae_formats import FORMATS
 from tests.conftest import FAST_TRAINED
 
 pytestmark = pytest.mark.chain  # trains small models: a minute
@@ -93,8 +93,8 @@ def test_activation_measurements_match_a_hand_computed_last_layer_case(two_runs)
     transformers' own final norm and lm_head."""
     from transformers import AutoModelForCausalLM
 
-    from core.activations import ablation, firing
-    from core.sae_formats import SaeWeights
+    from core.analysis.activations import ablation, firing
+    from core.weights.sae_formats import SaeWeights
 
     (cache, release), _ = two_runs
     model = AutoModelForCausalLM.from_pretrained(
@@ -138,8 +138,8 @@ def test_activation_measurements_match_a_hand_computed_last_layer_case(two_runs)
 def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report_pools_it(two_runs, tmp_path):
     """Through the CLI's chain (``materialize_all``): a release with a corpus gets ``activation_agreement`` per SAE,
     ``claim_statistics`` pools it into ``release_agreement`` and the report shows it beside its controls."""
-    from core.claims import AGREEMENT_LABELS
-    from core.storage import TableStore
+    from core.analysis.claims import AGREEMENT_LABELS
+    from core.store.storage import TableStore
     from tests.planted_chain import materialise_planted
 
     (cache, _), _ = two_runs
@@ -185,8 +185,8 @@ def test_attention_received_matches_a_loop_over_positions_and_heads(two_runs):
     would pay them (key 0 left out); the last layer's SAE has no reader."""
     from transformers import AutoModelForCausalLM
 
-    from core.activations import attention_received, sae_activations
-    from core.sae_formats import FORMATS
+    from core.analysis.activations import attention_received, sae_activations
+    from core.weights.sae_formats import FORMATS
 
     (cache, release), _ = two_runs
     model = AutoModelForCausalLM.from_pretrained(
@@ -221,8 +221,8 @@ def test_attention_received_matches_a_loop_over_positions_and_heads(two_runs):
 
 def test_regenerating_with_other_parameters_leaves_no_folder_of_the_last_run(tmp_path):
     """Gemma Scope folder names carry the L0: a regeneration into the same cache must list only its own SAEs."""
-    from core.discovery import discover_saes
-    from core.hub import Hub
+    from core.weights.discovery import discover_saes
+    from core.weights.hub import Hub
 
     tiny = {**FAST_TRAINED, "steps": 2}
     first = generate("trained-gemma", tmp_path, overrides=tiny)

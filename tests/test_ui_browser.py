@@ -21,7 +21,7 @@ from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from assets.plots import UI_PLOT_WIDTH  # noqa: E402
-from core.plots import PLOT_FILES  # noqa: E402
+from core.report.plots import PLOT_FILES  # noqa: E402
 from orchestration.resources import StoreResource  # noqa: E402
 from tests.test_webserver import Served, graphql, served_chain  # noqa: E402
 

@@ -40,41 +40,46 @@ ASSETS = {
 KERNEL_FUNCTION = '\nextern "C" int weightlens_unused_probe() { return 0; }\n'
 
 # name -> (file, text to replace (None: append), replacement, the assets whose code version must change).
-# claims_report reads only ``core.plots.PLOT_FILES`` (file names), so a plot edit reaches its plot asset alone.
+# claims_report reads only ``core.report.plots.PLOT_FILES`` (file names), so a plot edit reaches its plot asset alone.
 EDITS: dict[str, tuple[str, str | None, str, set[str]]] = {
-    "classify module docstring": ("core/classify.py", "1. Heavy-tailed output lens.", "1. Heavy-tailed lens.", set()),
-    "classify function docstring": ("core/classify.py", '"""Per k: ``(mean', '"""For each k: ``(mean', set()),
+    "classify module docstring": (
+        "core/analysis/classify.py",
+        "1. Heavy-tailed output lens.",
+        "1. Heavy-tailed lens.",
+        set(),
+    ),
+    "classify function docstring": ("core/analysis/classify.py", '"""Per k: ``(mean', '"""For each k: ``(mean', set()),
     "hub error message": (
-        "core/hub.py",
+        "core/weights/hub.py",
         "revision {revision!r} not found on the hub",
         "revision {revision!r} does not exist",
         set(),
     ),
     "c1 sensitivity plot title": (
-        "core/plots.py",
+        "core/report/plots.py",
         "C1 sensitivity to the threshold quantile",
         "C1 against the threshold quantile",
         {"plot_c1_sensitivity"},
     ),
     "output fraction plot title": (
-        "core/plots.py",
+        "core/report/plots.py",
         "features whose decoder direction directly predicts",
         "features whose decoder predicts",
         {"plot_output_fraction"},
     ),
     "token identity threshold": (
-        "core/classify.py",
+        "core/analysis/classify.py",
         "TOKEN_IDENTITY_JACCARD = 0.5",
         "TOKEN_IDENTITY_JACCARD = 0.6",
         {"feature_classes"},
     ),
     "top-k z formula": (
-        "core/classify.py",
+        "core/analysis/classify.py",
         "out[k] = (top_mean - mean) / std",
         "out[k] = (top_mean - mean) / (std + 1e-9)",
         {"feature_classes"},
     ),
-    "native kernel": ("core/rowstats.cpp", None, KERNEL_FUNCTION, {"lens_tables", "circuit_tables"}),
+    "native kernel": ("core/compute/rowstats.cpp", None, KERNEL_FUNCTION, {"lens_tables", "circuit_tables"}),
     "top_k default": (
         "orchestration/resources.py",
         "top_k: int = 10",

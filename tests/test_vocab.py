@@ -1,4 +1,4 @@
-"""Vocabulary hygiene (core.vocab): every token id's class on Gemma-, Llama-3- and GPT-2-style tokenizers built
+"""Vocabulary hygiene (core.weights.vocab): every token id's class on Gemma-, Llama-3- and GPT-2-style tokenizers built
 offline, and the errors for files that cannot be used."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from core.errors import WeightFileError
-from core.planted import PlantedParams, gpt2_tokenizer
-from core.vocab import PADDING_TOLERANCE, TOKEN_CLASSES, token_strings, vocabulary_table
+from core.testbeds.planted import PlantedParams, gpt2_tokenizer
+from core.weights.vocab import PADDING_TOLERANCE, TOKEN_CLASSES, token_strings, vocabulary_table
 
 pytestmark = pytest.mark.unit
 

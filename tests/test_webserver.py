@@ -22,8 +22,8 @@ import pytest
 
 from assets.common import CHECK_DESCRIPTIONS, check_specs
 from assets.plots import asset_name
-from core.planted import generate
-from core.plots import PLOT_FILES
+from core.report.plots import PLOT_FILES
+from core.testbeds.planted import generate
 from orchestration.cli import materialize_all
 from orchestration.resources import ComputeResource, HubResource, StoreResource
 

@@ -1,0 +1,2 @@
+"""Lenses and circuits: what a feature direction reads and writes through the model's weights, the control SAE and
+null directions."""

@@ -1,0 +1,1 @@
+"""What users look at: plots, the feature browser, the Neuronpedia export."""

@@ -1,0 +1,2 @@
+"""Releases with known truth, generated here: planted (structure designed in) and trained (structure learned from
+text)."""
