@@ -152,14 +152,16 @@ def lens_tables(ref: SaeRef, hub: Hub, n_null: int, settings: EngineSettings, ex
     vocab_size = checkpoint.geometry.vocab_size
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), vocab_size)
     start = time.perf_counter()
-    lenses = lens_stage(sae, checkpoint, vocabulary["token"].tolist(), ref.key, n_null, settings)
+    tokens = vocabulary["token"].tolist()
+    computed = lens_stage(sae, checkpoint, tokens, ref.key, n_null, settings)
+    # each frame replaced by its stored form in turn, so the stage's frames are not all kept beside their copies
+    lenses = {name: with_sae(computed.pop(name), ref) for name in list(computed)}
     seconds = round(time.perf_counter() - start, 3)
     dashboard_vocab = dashboard_tokens(snapshot.path(TOKENIZER_FILE), vocab_size)
     dashboard = with_sae(dashboard_frame(dashboard_top_logits(sae, checkpoint, settings.device), dashboard_vocab), ref)
     source = NeuronpediaSource.of(ref, get_release(ref.release))
     export = write_json_export(dashboard, source, exports / "neuronpedia" / ref.release, ref.sae_id)
-    tables = {"vocabulary": vocabulary, **lenses}
-    out = StageOutput(ref.key, tables={name: with_sae(frame, ref) for name, frame in tables.items()})
+    out = StageOutput(ref.key, tables={"vocabulary": with_sae(vocabulary, ref), **lenses})
     out.tables["neuronpedia_top_logits"] = dashboard
     out.facts = {
         "lens/seconds": seconds,

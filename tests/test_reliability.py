@@ -284,11 +284,17 @@ def observe_after_kill(sc: Scenario) -> None:
         except (AssertionError, duckdb.Error) as error:
             sc.unreadable_or_mixed[name] = str(error)[:500]
     sc.orphans_at_kill = temp_files(sc.data)
+    artifacts = [sc.data / "exports", sc.data / "browser"]  # whole files users open, each written atomically
     sc.other_files_at_kill = [
         p
         for p in sc.data.rglob("*")
-        if p.is_file() and p.suffix not in (".parquet", ".tmp") and p.name != "results.duckdb"
+        if p.is_file()
+        and p.suffix not in (".parquet", ".tmp")
+        and p.name != "results.duckdb"
+        and not any(p.is_relative_to(a) for a in artifacts)
     ]
+    for export in (sc.data / "exports").rglob("*.json"):  # a stage writes its export before its tables are stored
+        json.loads(export.read_text())
     with duckdb.connect(str(sc.data / "results.duckdb"), read_only=True) as con:
         for table in {name.split("/")[0] for name in sc.expected}:
             sc.view_counts_at_kill[table] = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
