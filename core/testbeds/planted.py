@@ -1505,29 +1505,36 @@ def _hard_truth(p: PlantedParams, h: HardParams, hv: _HardVocab) -> dict[str, An
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m core.testbeds.planted [--cache-dir DIR] [release ...]``."""
+def generator_args(block: str, module: str, doc: str, argv: Sequence[str] | None) -> tuple[list[str], Path]:
+    """A test-bed generator's command line ``python -m MODULE [--cache-dir DIR] [release ...]``: the releases with
+    a ``block`` entry to write (default: all of them) and the hub cache to write into."""
     from huggingface_hub import constants
 
-    planted = list(generator_entries("planted"))
-    parser = argparse.ArgumentParser(prog="python -m core.testbeds.planted", description=__doc__.split("\n")[0])
+    known = list(generator_entries(block))
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     default = os.environ.get("WEIGHTLENS_PLANTED_CACHE") or constants.HF_HUB_CACHE  # scripts/env.sh sets the first
     parser.add_argument(
         "--cache-dir",
         type=Path,
         default=Path(default),
-        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the planted releases' own "
+        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the generated releases' own "
         "cache, else huggingface_hub's HF_HUB_CACHE)",
     )
     parser.add_argument(
-        "releases", nargs="*", metavar="release", help=f"planted release ids (default: {' '.join(planted)})"
+        "releases", nargs="*", metavar="release", help=f"{block} release ids (default: {' '.join(known)})"
     )
     args = parser.parse_args(argv)
-    if unknown := sorted(set(args.releases) - set(planted)):
-        parser.error(f"not planted releases: {unknown}; choose from {planted}")
-    for release_id in args.releases or planted:
-        t = generate(release_id, args.cache_dir)
-        print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} -> {args.cache_dir}")
+    if unknown := sorted(set(args.releases) - set(known)):
+        parser.error(f"not {block} releases: {unknown}; choose from {known}")
+    return args.releases or known, args.cache_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: ``python -m core.testbeds.planted [--cache-dir DIR] [release ...]``."""
+    releases, cache_dir = generator_args("planted", "core.testbeds.planted", __doc__ or "", argv)
+    for release_id in releases:
+        t = generate(release_id, cache_dir)
+        print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} -> {cache_dir}")
 
 
 if __name__ == "__main__":

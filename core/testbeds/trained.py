@@ -33,11 +33,9 @@ included) give the same files and commits (``tests/test_trained.py``).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import tempfile
 import time
@@ -50,7 +48,7 @@ import numpy as np
 import torch
 
 from core.registry import generator_entries
-from core.testbeds.planted import config_fields, npz_bytes
+from core.testbeds.planted import config_fields, generator_args, npz_bytes
 from core.weights.hub_cache import write_snapshot
 from core.weights.sae_formats import FORMATS
 
@@ -423,28 +421,11 @@ def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_di
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m core.testbeds.trained [--cache-dir DIR] [release ...]``."""
-    from huggingface_hub import constants
-
-    ids = trained_ids()
-    parser = argparse.ArgumentParser(prog="python -m core.testbeds.trained", description=__doc__.split("\n")[0])
-    default = os.environ.get("WEIGHTLENS_PLANTED_CACHE") or constants.HF_HUB_CACHE
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(default),
-        help="hub cache to write into (default: $WEIGHTLENS_PLANTED_CACHE, the generated releases' "
-        "own cache, else huggingface_hub's HF_HUB_CACHE)",
-    )
-    parser.add_argument(
-        "releases", nargs="*", metavar="release", help=f"trained release ids (default: {' '.join(ids)})"
-    )
-    args = parser.parse_args(argv)
-    if unknown := sorted(set(args.releases) - set(ids)):
-        parser.error(f"not trained releases: {unknown}; choose from {ids}")
-    for release_id in args.releases or ids:
-        t = generate(release_id, args.cache_dir)
+    releases, cache_dir = generator_args("trained", "core.testbeds.trained", __doc__ or "", argv)
+    for release_id in releases:
+        t = generate(release_id, cache_dir)
         loss = t.metrics["loss_nats_per_token"]
-        print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} -> {args.cache_dir}")
+        print(f"{release_id}: {t.model_repo}@{t.model_commit} {t.sae_repo}@{t.sae_commit} -> {cache_dir}")
         print(
             f"  held-out loss {loss['heldout']:.3f} nats/token vs unigram baseline {loss['unigram_baseline']:.3f}; "
             f"{t.metrics['seconds']}"
