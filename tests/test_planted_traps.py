@@ -12,6 +12,8 @@ each trap class is what the truth says it is, read back from the written hub fil
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +36,10 @@ pytestmark = pytest.mark.unit
 RELEASE = "planted-gemma-hard"
 TRAPS = ("case_variant", "byte_token", "unused_cluster", "current_token")
 K = 10
-# planted-gemma-hard's model commit with every trap count 0 (the hard block of the registry before the traps; recorded
-# when the token groups were completed to group_forms forms): traps off must leave the model as it was without them.
-# Re-record on a deliberate change of the default generator.
-MODEL_COMMIT_WITHOUT_TRAPS = "2a9308d9a409b1592a1a3dd3ecaf1e98744e1e9f"
+# planted-gemma-hard's model with every trap count 0 (the hard block of the registry before the traps; recorded when
+# the token groups were completed to group_forms forms), as ``_model_digest``: traps off must leave the model as it was
+# without them. Re-record on a deliberate change of the default generator.
+MODEL_DIGEST_WITHOUT_TRAPS = "0659023e865f2f3a1855631dd1b10a683e37483d"
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,27 @@ def test_current_token_tops_both_lenses_on_its_token(written):
         assert out_top == in_top == tokens and taken.isdisjoint(tokens), sid
 
 
+def _model_digest(snapshot: Path) -> str:
+    """sha1 over what defines the model's function: the weight shards, the tokenizer and config.json without the
+    ``transformers_version`` stamp (the snapshot's commit hashes that stamp too, so it moves with every transformers
+    release: 5.24 -> 5.25 changed nothing else)."""
+    digest = hashlib.sha1()
+    for path in sorted(snapshot.iterdir()):
+        if path.name == "config.json":
+            config = {k: v for k, v in json.loads(path.read_text()).items() if k != "transformers_version"}
+            data = json.dumps(config, sort_keys=True).encode()
+        elif path.suffix == ".safetensors" or path.name == TOKENIZER_FILE:
+            data = path.read_bytes()
+        else:
+            continue
+        digest.update(path.name.encode() + data)
+    return digest.hexdigest()
+
+
 def test_traps_off_leave_the_model_as_before(tmp_path: Path):
     off = {**_hard_block(), **{c: 0 for c in (*TRAPS, "unused_tokens")}}
     truth = generate(RELEASE, tmp_path, overrides={"hard": off})
-    assert truth.model_commit == MODEL_COMMIT_WITHOUT_TRAPS
+    assert _model_digest(repo_cache_dir(tmp_path, truth.model_repo) / "snapshots" / truth.model_commit) == (
+        MODEL_DIGEST_WITHOUT_TRAPS
+    )
     assert all(not sae["hard_cases"][c] for sae in truth.data["saes"].values() for c in TRAPS)
