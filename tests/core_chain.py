@@ -71,6 +71,13 @@ def lens_classes(
 ) -> ClassTables:
     """The classes of ``sae`` from its lenses only (no circuits: the classes read only the lenses)."""
     lens = lens_stage(sae, checkpoint, vocabulary["token"].tolist(), key, n_null, EngineSettings())
+    return classes_from_lens(lens, checkpoint, vocabulary)
+
+
+def classes_from_lens(
+    lens: dict[str, pd.DataFrame], checkpoint: ModelCheckpoint, vocabulary: pd.DataFrame
+) -> ClassTables:
+    """``class_stage`` on the lens tables alone (no circuit or participation tables)."""
     return class_stage(
         lens,
         pd.DataFrame(),

@@ -21,6 +21,7 @@ from core.report.plots import PLOT_FILES
 from core.weights.hub_cache import write_snapshot
 from orchestration.definitions import SAE_ASSETS, defs
 from tests.planted_chain import PLANTED, chain_resources
+from tests.test_versions import ASSETS
 
 pytestmark = pytest.mark.chain
 
@@ -32,16 +33,8 @@ def truth(cache: Path, release_id: str) -> dict:
 
 
 def test_definitions_load():
-    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
-        "sae_weights",
-        "model_weights",
-        "lens_tables",
-        "circuit_tables",
-        "feature_classes",
-        "claim_statistics",
-        "claims_report",
-        *map(asset_name, PLOT_FILES),
-    }
+    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= ASSETS
+    assert set(map(asset_name, PLOT_FILES)) <= ASSETS  # every plot of the registry is an asset
 
 
 def test_every_sae_partition_is_registered_and_materialised(chain):

@@ -38,19 +38,10 @@ from core.lens.circuits import (
     paired_layers,
 )
 from core.weights.model_weights import ModelCheckpoint
-from tests.device import DEVICE
+from tests.device import DEVICE, TINY
 
 pytestmark = pytest.mark.unit
 
-TINY = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
 N_FEAT, K = 6, 5
 TOL = dict(rtol=1e-4, atol=1e-5)
 

@@ -14,18 +14,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from core.lens.output_lens import output_lens
 from core.weights.model_weights import ModelCheckpoint, ModelGeometry
+from tests.device import TINY
 
 pytestmark = pytest.mark.unit
-
-TINY = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
 
 
 def build(arch: str, tmp_path) -> tuple[torch.nn.Module, ModelCheckpoint]:

@@ -27,19 +27,13 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from core.lens.circuits import Circuit, VocabOperands, circuit_scores, input_lens
 from core.lens.output_lens import output_lens
 from core.weights.model_weights import INDEX_FILE, ModelCheckpoint, ModelGeometry
-from tests.device import DEVICE
+from tests.device import DEVICE, TINY
 from tests.test_circuits_fidelity import assert_ov_circuits_match, assert_qk_circuits_match, assert_stats_match
 
 pytestmark = pytest.mark.unit
 
-TINY = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
+GEMMA3 = dict(
+    **TINY,
     query_pre_attn_scalar=24,
     sliding_window=4,
     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -50,7 +44,7 @@ N_FEAT, K = 6, 5
 
 def build(caps: dict, path) -> Gemma3ForCausalLM:
     torch.manual_seed(0)
-    config = Gemma3TextConfig(**TINY, **caps)
+    config = Gemma3TextConfig(**GEMMA3, **caps)
     config._attn_implementation = "eager"  # returns the attention weights
     model = Gemma3ForCausalLM(config)
     with torch.no_grad():

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from core.stages import EngineSettings, class_stage, lens_stage
+from core.stages import EngineSettings, lens_stage
 from core.testbeds.planted import generate
 from core.weights.discovery import discover_saes, load_sae
 from core.weights.model_weights import TOKENIZER_FILE
-from core.weights.vocab import normal_tokens, vocabulary_table
+from core.weights.vocab import vocabulary_table
 from orchestration.resources import HubResource
+from tests.core_chain import classes_from_lens
 
 pytestmark = pytest.mark.chain
 
@@ -41,14 +42,7 @@ def precision_effect(cache: Path, release: str) -> dict[str, float]:
     runs = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         lens = lens_stage(sae, checkpoint, vocabulary["token"].tolist(), ref.key, N_NULL, EngineSettings(K, dtype))
-        classes = class_stage(
-            lens,
-            pd.DataFrame(),
-            pd.DataFrame(),
-            normal_tokens(vocabulary),
-            checkpoint.embedding().numpy(),
-            checkpoint.unembedding().numpy(),
-        ).rows("feature")
+        classes = classes_from_lens(lens, checkpoint, vocabulary).rows("feature")
         runs[name] = (lens["output_lens_tokens"], classes)
     (tokens32, classes32), (tokens16, classes16) = runs["fp32"], runs["bf16"]
     same = top_sets(tokens32) == top_sets(tokens16)

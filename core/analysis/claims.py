@@ -445,28 +445,18 @@ def render_report(results: ReleaseResults, plots: dict[str, str]) -> str:
             ],
             "",
         ]
-        lines += [
-            "Precision and recall per class against the planted truth (semantic features expected in every "
-            "class but token identity, hard features as their class expects, all others in none):",
-            "",
-            t.class_recovery.to_markdown(index=False, floatfmt=".3f"),
-            "",
-        ]
-        if not t.power.empty:
-            lines += [
-                "Power: fraction of the planted output-predicting features called so, per planted direction-noise "
-                "bin (95 % Wilson interval):",
-                "",
-                t.power.to_markdown(index=False, floatfmt=".3f"),
-                "",
-            ]
-        if not t.hard_cases.empty:
-            lines += [
-                "Hard cases (planted to be misread; `holds` = the pipeline's calls match the expected outcome):",
-                "",
-                t.hard_cases.to_markdown(index=False, floatfmt=".3f"),
-                "",
-            ]
+        captioned = {
+            "Precision and recall per class against the planted truth (semantic features expected in every class but "
+            "token identity, hard features as their class expects, all others in none):": t.class_recovery,
+            "Power: fraction of the planted output-predicting features called so, per planted direction-noise bin "
+            "(95 % Wilson interval):": t.power,
+            "Hard cases (planted to be misread; `holds` = the pipeline's calls match the expected outcome):": (
+                t.hard_cases
+            ),
+        }
+        for caption, table in captioned.items():
+            if not table.empty:
+                lines += [caption, "", table.to_markdown(index=False, floatfmt=".3f"), ""]
     plot = plots.get
 
     def image(name: str, alt: str) -> str:

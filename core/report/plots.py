@@ -24,8 +24,12 @@ if TYPE_CHECKING:
     from core.analysis.claims import ReleaseResults
 
 
-def save(fig: plt.Figure, path: Path) -> Path:
-    """Write a figure atomically (temp file + rename) and close it."""
+def save(fig: plt.Figure, path: Path, suptitle: str | None = None) -> Path:
+    """Write a figure atomically (temp file + rename) and close it; with ``suptitle``, the figure gets that title and
+    a tight layout first."""
+    if suptitle is not None:
+        fig.suptitle(suptitle)
+        fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
@@ -133,9 +137,7 @@ def participation_heatmap(part: pd.DataFrame, release: str, path: Path) -> Path:
         ax.set_xlabel("query head")
         ax.set_ylabel("attention layer")
         ax.set_title(PHASE_LABELS[phase] + "\ncell: mean score / % of features participating", fontsize=9)
-    fig.suptitle(f"{release}: feature participation per layer and head")
-    fig.tight_layout()
-    return save(fig, path)
+    return save(fig, path, suptitle=f"{release}: feature participation per layer and head")
 
 
 def semantic_violins(frame: pd.DataFrame, values: dict[str, str], release: str, path: Path) -> Path:
@@ -161,9 +163,7 @@ def semantic_violins(frame: pd.DataFrame, values: dict[str, str], release: str, 
         )
         ax.set_xlabel("")
         ax.set_ylabel(values[col], fontsize=8)
-    fig.suptitle(f"{release}: semantic vs non-semantic features (all layers)")
-    fig.tight_layout()
-    return save(fig, path)
+    return save(fig, path, suptitle=f"{release}: semantic vs non-semantic features (all layers)")
 
 
 METRIC_LABELS = {
@@ -211,9 +211,9 @@ def null_vs_observed_plot(
         ax.set_xlabel(METRIC_LABELS[metric], fontsize=8)
         ax.set_title(f"{side} tokens", fontsize=9)
     axes.flat[-1].axis("off")
-    fig.suptitle(f"{release}: calibration — features vs null directions (red: threshold, median over SAEs)")
-    fig.tight_layout()
-    return save(fig, path)
+    return save(
+        fig, path, suptitle=f"{release}: calibration — features vs null directions (red: threshold, median over SAEs)"
+    )
 
 
 def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> Path:
@@ -249,9 +249,7 @@ def c1_sensitivity_plot(sensitivity: pd.DataFrame, release: str, path: Path) -> 
         ax.set_title(f"{null} null", fontsize=9)
     axes.flat[0].set_ylabel("fraction output-predicting")
     axes.flat[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"{release}: C1 sensitivity to the threshold quantile, k and the null")
-    fig.tight_layout()
-    return save(fig, path)
+    return save(fig, path, suptitle=f"{release}: C1 sensitivity to the threshold quantile, k and the null")
 
 
 VIOLIN_VALUES = {

@@ -729,6 +729,52 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def llama_scope_files(
+    sae: dict[str, torch.Tensor],
+    *,
+    layer: int,
+    jump_relu_threshold: float,
+    average_norm: float,
+    include_decoder_norm: bool,
+    top_k: int | None = None,
+) -> dict[str, bytes]:
+    """One Llama Scope SAE folder (``fnlp/Llama3_1-8B-Base-L{L}R-8x``): ``checkpoints/final.safetensors`` in bf16
+    (``encoder.weight [d_sae, d_model]``, ``decoder.weight [d_model, d_sae]``: the transposes of ``sae``'s
+    ``W_enc (d_model, d_sae)`` / ``W_dec (d_sae, d_model)``) and ``hyperparams.json`` with the
+    ``jump_relu_threshold`` and ``dataset_average_activation_norm`` the readers turn into the input scale
+    ``sqrt(d_model) / average_norm`` (``core.weights.sae_formats.llama_scope_input_scale``)."""
+    from safetensors.torch import save
+
+    d_model, d_sae = sae["W_enc"].shape
+    tensors = {
+        "encoder.weight": sae["W_enc"].T,
+        "encoder.bias": sae["b_enc"],
+        "decoder.weight": sae["W_dec"].T,
+        "decoder.bias": sae["b_dec"],
+    }
+    hook = f"blocks.{layer}.hook_resid_post"
+    hyper: dict[str, Any] = {
+        "d_model": d_model,
+        "d_sae": d_sae,
+        "expansion_factor": d_sae // d_model,
+        "hook_point_in": hook,
+        "hook_point_out": hook,
+        "act_fn": "jumprelu",
+        "jump_relu_threshold": jump_relu_threshold,
+        "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": average_norm, "out": average_norm},
+        "sparsity_include_decoder_norm": include_decoder_norm,
+        "use_decoder_bias": True,
+        "apply_decoder_bias_to_pre_encoder": False,
+    }
+    if top_k is not None:
+        hyper["top_k"] = top_k
+    return {
+        "checkpoints/final.safetensors": save({k: t.contiguous().to(torch.bfloat16) for k, t in tensors.items()}),
+        "hyperparams.json": json.dumps(hyper, indent=2).encode(),
+    }
+
+
 def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer) -> tuple[str, str, dict[str, bytes]]:
     """(sae_id, folder, {repo path: bytes}) of one layer's SAE in the release's format."""
     rng = np.random.default_rng([p.seed, 3, layer])
@@ -760,33 +806,18 @@ def _sae_files(p: PlantedParams, entry: dict[str, Any], layer: int, sae: _Layer)
     if entry["format"] != "llama_scope_safetensors":
         raise ValueError(f"no planted writer for format {entry['format']!r}")
 
-    tensors = {"encoder.weight": w_enc.T, "encoder.bias": b_enc, "decoder.weight": w_dec.T, "decoder.bias": b_dec}
-    weights = save({k: torch.from_numpy(np.ascontiguousarray(t)).to(torch.bfloat16) for k, t in tensors.items()})
     avg_norm = round(math.sqrt(p.d_model) * float(rng.uniform(0.5, 2.0)), 4)
-    hook = f"blocks.{layer}.hook_resid_post"
-    hyper = {
-        "d_model": p.d_model,
-        "d_sae": p.d_sae,
-        "expansion_factor": p.d_sae // p.d_model,
-        "hook_point_in": hook,
-        "hook_point_out": hook,
-        "act_fn": "jumprelu",
-        "jump_relu_threshold": round(float(rng.uniform(0.3, 0.8)), 4),
-        "norm_activation": "dataset-wise",
-        "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
-        "sparsity_include_decoder_norm": True,
-        "use_decoder_bias": True,
-        "apply_decoder_bias_to_pre_encoder": False,
-        "top_k": 50,
-    }
-    return (
-        sae_id,
-        folder,
-        {
-            f"{folder}/checkpoints/final.safetensors": weights,
-            f"{folder}/hyperparams.json": json.dumps(hyper, indent=2).encode(),
-        },
+    theta = round(float(rng.uniform(0.3, 0.8)), 4)
+    arrays = dict(W_enc=w_enc, b_enc=b_enc, W_dec=w_dec, b_dec=b_dec)
+    files = llama_scope_files(
+        {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()},
+        layer=layer,
+        jump_relu_threshold=theta,
+        average_norm=avg_norm,
+        include_decoder_norm=True,
+        top_k=50,
     )
+    return sae_id, folder, {f"{folder}/{name}": data for name, data in files.items()}
 
 
 def _r(x: float) -> float:

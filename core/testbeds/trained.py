@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from core.registry import generator_entries
-from core.testbeds.planted import config_fields, generator_args, npz_bytes
+from core.testbeds.planted import config_fields, generator_args, llama_scope_files, npz_bytes
 from core.weights.hub_cache import write_snapshot
 from core.weights.sae_formats import FORMATS
 
@@ -287,33 +287,13 @@ def _sae_files(
         return {"params.npz": npz_bytes({k: v.numpy().astype(np.float32) for k, v in arrays.items()})}
     if fmt != "llama_scope_safetensors":
         raise ValueError(f"no trained writer for format {fmt!r}")
-    from safetensors.torch import save
-
-    tensors = {
-        "encoder.weight": sae["W_enc"].T,
-        "encoder.bias": sae["b_enc"],
-        "decoder.weight": sae["W_dec"].T,
-        "decoder.bias": sae["b_dec"],
-    }
-    hook = f"blocks.{layer}.hook_resid_post"
-    hyper = {
-        "d_model": p.d_model,
-        "d_sae": p.d_sae,
-        "expansion_factor": p.d_sae // p.d_model,
-        "hook_point_in": hook,
-        "hook_point_out": hook,
-        "act_fn": "jumprelu",
-        "jump_relu_threshold": theta / scale,
-        "norm_activation": "dataset-wise",
-        "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
-        "sparsity_include_decoder_norm": False,
-        "use_decoder_bias": True,
-        "apply_decoder_bias_to_pre_encoder": False,
-    }
-    return {
-        "checkpoints/final.safetensors": save({k: v.contiguous().to(torch.bfloat16) for k, v in tensors.items()}),
-        "hyperparams.json": json.dumps(hyper, indent=2).encode(),
-    }
+    return llama_scope_files(
+        sae,
+        layer=layer,
+        jump_relu_threshold=theta / scale,
+        average_norm=avg_norm,
+        include_decoder_norm=False,
+    )
 
 
 def sae_quality(x: torch.Tensor, folder: Path, fmt: str) -> dict[str, float]:
