@@ -380,7 +380,8 @@ def activation_agreement(ref: SaeRef, hub: Hub, tables: TableStore, k: int, devi
             facts={"skipped": "the release provides no corpus"},
             checks={n: [Check(n, True, skipped)] for n in AGREEMENT_CHECKS},
         )
-    _, _, sae = load_sae(ref, hub)
+    _, checkpoint, sae = load_sae(ref, hub)
+    embedding, unembedding = vocab_matrices(checkpoint)
     root = fetch_runnable_model(ref.release, hub).root
     model: Any = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, attn_implementation="eager")
     model = model.to(device).eval()
@@ -397,6 +398,8 @@ def activation_agreement(ref: SaeRef, hub: Hub, tables: TableStore, k: int, devi
         lens,
         classes,
         participation,
+        tables.read("vocabulary", ref.key),
+        {"output": unembedding, "input": embedding},
         k=k,
         seed=zlib.crc32(ref.key.encode()),
     )

@@ -5,6 +5,7 @@ smallest column blocks) and torch's (CUDA, or a machine without a C++ compiler).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -209,3 +210,18 @@ def test_property_random_shapes(n_a: int, n_b: int, k_frac: float, tile: int, ti
         assert_matches(got, scores, k)
     else:
         assert got.top_ids.shape == (0, k)
+
+
+def test_shifted_stats_equal_the_stats_of_the_shifted_rows():
+    """``RowStats.shifted(c)`` is ``row_stats`` of ``left @ right.T + c[:, None]`` (a column of c on the left, of ones
+    on the right): values, mean and quantiles move, ids, std and the softmax statistics stay."""
+    g = torch.Generator().manual_seed(3)
+    left, right, offset = (
+        torch.randn(40, 16, generator=g),
+        torch.randn(500, 16, generator=g),
+        torch.randn(40, generator=g),
+    )
+    shifted = row_stats(left, right, k=5).shifted(offset)
+    direct = row_stats(torch.cat([left, offset[:, None]], 1), torch.cat([right, torch.ones(500, 1)], 1), k=5)
+    for field in dataclasses.fields(direct):
+        torch.testing.assert_close(getattr(shifted, field.name), getattr(direct, field.name), rtol=1e-5, atol=1e-5)

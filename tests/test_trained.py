@@ -161,6 +161,8 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
         "input_overlap",
         "spearman_topk_z_output_score",
         "spearman_decoder_participation_attention",
+        "spearman_out_semantic_score_output_coherence",
+        "spearman_in_semantic_score_input_coherence",
     } <= set(pooled.index)
     readers = pooled.index.str.contains("attention")  # the last layer's SAE has no block reading it
     assert (pooled.loc[~readers, "saes"] == len(keys)).all() and (pooled.loc[readers, "saes"] <= len(keys) - 1).all()

@@ -18,7 +18,19 @@ weight score ``topk_z`` with ``output_score`` (both p: ``(1 + #{null ≥ value})
 attention counterpart of the decoder phase: the AUROC of ``attention_log_ratio`` (``core.analysis.activations.
 attention_received``: attention the next block pays to the positions where the feature fires) for the weight-based
 ``participates`` call of phase ``decoder_unembedding`` (``feature_participation``), and Spearman's correlation of
-its ``mean_score`` with ``attention_log_ratio``.
+its ``mean_score`` with ``attention_log_ratio``; and the semantic counterpart of each side
+(``activation_coherence``): the AUROC of the coherence of the feature's activation list (``promotes`` for the output
+side, ``fires_on`` for the input side) for the weight-based ``semantic_{side}`` call, and Spearman's correlation of
+the weight-based ``{out,in}_semantic_score`` with it.
+
+Activation coherence (``activation_coherence``) takes the weight side's own set and metrics
+(``core.analysis.semantic``) to the activation lists: the first k normal forms of the list (the lists are kept
+``LIST_LENGTH`` long, so hygiene and merged variants leave room for k forms), their mean pairwise Levenshtein
+similarity and their mean pairwise whitened cosine (unembedding rows for ``promotes``, embedding rows for
+``fires_on``); ``coherence`` is the mean of the two metrics' percentile ranks among the SAE's measured features
+(NaN where the list holds fewer than k forms). The lens metric ``concentration`` has no activation counterpart (it
+needs the direction's values over the whole vocabulary), so the activation side has no threshold and no class of
+its own: it is compared with the weight side by rank statistics only.
 
 Per release (``release_agreement``, what the report shows), pooled over its SAEs: the overlaps over every
 measured feature (sign flips again), the AUROC and Spearman rows as ``n``-weighted means with the SAEs' p-values
@@ -28,14 +40,64 @@ reading agrees with the activations more than another feature's reading does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
+from core.analysis.semantic import CANDIDATES, cosine_coherence, levenshtein_coherence, token_sets, whitening
 from core.analysis.statistics import auroc, sign_flip_test
 from core.analysis.verdicts import ALPHA
+from core.weights.vocab import normal_tokens
 
-__all__ = ["agreement_summary", "feature_agreement", "release_agreement", "top_lists"]
+__all__ = [
+    "activation_coherence",
+    "agreement_summary",
+    "feature_agreement",
+    "release_agreement",
+    "top_lists",
+]
 OVERLAPS = ("output_overlap", "input_overlap")
+SEMANTIC_LISTS = {"output": "promotes", "input": "fires_on"}  # side -> the activation list its lens set meets
+LIST_LENGTH = CANDIDATES  # tokens kept per activation list: room for k forms after hygiene, as on the lens side
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A weight-based class and score of each feature against an activation-based score: the AUROC of ``activation``
+    for ``weight_class`` (row ``auroc``) and Spearman's correlation of ``weight_score`` with it (row ``spearman``)."""
+
+    activation: str
+    weight_class: str
+    weight_score: str
+    auroc: str
+    spearman: str
+
+
+OUTPUT = Comparison(
+    "output_score",
+    "output_predicting",
+    "topk_z",
+    "output_score_auroc_for_output_predicting",
+    "spearman_topk_z_output_score",
+)
+ATTENTION = Comparison(
+    "attention_log_ratio",
+    "participates",
+    "mean_score",
+    "attention_auroc_for_decoder_participation",
+    "spearman_decoder_participation_attention",
+)
+SEMANTIC = {
+    side: Comparison(
+        f"{side}_coherence",
+        f"semantic_{side}",
+        f"{prefix}_semantic_score",
+        f"{side}_coherence_auroc_for_semantic_{side}",
+        f"spearman_{prefix}_semantic_score_{side}_coherence",
+    )
+    for side, prefix in (("output", "out"), ("input", "in"))
+}
 
 
 def top_lists(frame: pd.DataFrame, k: int, by: str = "rank") -> dict[int, list[int]]:
@@ -73,6 +135,32 @@ def feature_agreement(
     return pd.DataFrame(rows)
 
 
+def activation_coherence(
+    tokens: pd.DataFrame, vocabulary: pd.DataFrame, vectors: dict[str, np.ndarray], k: int
+) -> pd.DataFrame:
+    """``feature, side, levenshtein, cosine, coherence`` of each feature's activation lists (module docstring):
+    ``tokens``: the stage's ``activation_tokens`` (``side`` promotes | fires_on, ``feature, rank, token_id, value``);
+    ``vocabulary``: ``core.weights.vocab.vocabulary_table``; ``vectors``: ``output`` -> unembedding, ``input`` ->
+    embedding rows, (vocab, d_model), as the lens side's classes read them."""
+    normal = normal_tokens(vocabulary)
+    strings = vocabulary["token"].to_numpy()
+    parts = []
+    for side, listed in SEMANTIC_LISTS.items():
+        rows = tokens[tokens["side"] == listed]
+        sets = token_sets(
+            rows.assign(sample="feature", side="top", token=strings[rows["token_id"].to_numpy()]), normal, k
+        )
+        white = whitening(vectors[side], normal)
+        part = sets.keys[["feature"]].assign(
+            side=side,
+            levenshtein=[levenshtein_coherence(forms, (k,))[k] for forms in sets.forms],
+            cosine=cosine_coherence(sets.ids, vectors[side], white, (k,))[k],
+        )
+        part["coherence"] = part[["levenshtein", "cosine"]].rank(pct=True).mean(axis=1, skipna=False)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -87,65 +175,49 @@ def agreement_summary(
     n_shuffles: int = 200,
     attention: pd.DataFrame | None = None,
     participation: pd.DataFrame | None = None,
+    coherence: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """``statistic, value, control, p_value, n`` for one SAE (see module docstring). ``classes``: ``feature,
-    output_predicting, topk_z`` (``feature_classes``); ``effects``: ``core.analysis.activations.ablation``'s table;
-    ``attention``: ``core.analysis.activations.attention_received``'s; ``participation``: ``feature, mean_score,
-    participates`` of the decoder phase (both optional: no attention rows without them)."""
+    output_predicting, topk_z`` (``feature_classes``; with ``coherence`` also ``semantic_{output,input}`` and
+    ``{out,in}_semantic_score``); ``effects``: ``core.analysis.activations.ablation``'s table; ``attention``:
+    ``core.analysis.activations.attention_received``'s; ``participation``: ``feature, mean_score, participates`` of
+    the decoder phase (both optional: no attention rows without them); ``coherence``: ``activation_coherence``'s
+    table (optional: no semantic rows without it)."""
     rng = np.random.default_rng(seed)
-    rows = [_overlap_row(agree, statistic, seed) for statistic in OVERLAPS]
-    output = effects.merge(classes[["feature", "output_predicting", "topk_z"]], on="feature")
-    rows += _score_rows(
-        output,
-        "output_score",
-        "output_predicting",
-        "topk_z",
-        ("output_score_auroc_for_output_predicting", "spearman_topk_z_output_score"),
-        rng,
-        n_shuffles,
-    )
+    compared = [(effects, classes, OUTPUT)]
     if attention is not None and participation is not None:
-        reading = attention.merge(participation[["feature", "participates", "mean_score"]], on="feature")
-        rows += _score_rows(
-            reading,
-            "attention_log_ratio",
-            "participates",
-            "mean_score",
-            ("attention_auroc_for_decoder_participation", "spearman_decoder_participation_attention"),
-            rng,
-            n_shuffles,
-        )
+        compared.append((attention, participation, ATTENTION))
+    if coherence is not None:
+        for side, c in SEMANTIC.items():
+            scores = coherence.loc[coherence["side"] == side, ["feature", "coherence"]]
+            compared.append((scores.rename(columns={"coherence": c.activation}), classes, c))
+    rows = [_overlap_row(agree, statistic, seed) for statistic in OVERLAPS]
+    for activations, weights, c in compared:
+        frame = activations[["feature", c.activation]].merge(weights[["feature", c.weight_class, c.weight_score]])
+        rows += _score_rows(frame, c, rng, n_shuffles)
     return pd.DataFrame(rows, columns=["statistic", "value", "control", "p_value", "n"])
 
 
-def _score_rows(
-    frame: pd.DataFrame,
-    activation: str,
-    weight_class: str,
-    weight_score: str,
-    names: tuple[str, str],
-    rng: np.random.Generator,
-    n_shuffles: int,
-) -> list[dict]:
-    """AUROC of the ``activation`` score for the weight-based ``weight_class`` and Spearman of ``weight_score``
-    with it, each against ``n_shuffles`` permutations (rows only where measurable: both classes present, > 2)."""
-    frame = frame.dropna(subset=[activation, weight_score])
-    score, labels = frame[activation].to_numpy(), frame[weight_class].to_numpy(bool)
+def _score_rows(frame: pd.DataFrame, c: Comparison, rng: np.random.Generator, n_shuffles: int) -> list[dict]:
+    """The AUROC and Spearman rows of comparison ``c`` on ``frame``, each against ``n_shuffles`` permutations (rows
+    only where measurable: both classes present, > 2 features)."""
+    frame = frame.dropna(subset=[c.activation, c.weight_score])
+    score, labels = frame[c.activation].to_numpy(), frame[c.weight_class].to_numpy(bool)
     rows = []
     if 0 < labels.sum() < len(labels):
         rows.append(
             _permutation_row(
-                names[0],
+                c.auroc,
                 auroc(score, labels),
                 [auroc(score, rng.permutation(labels)) for _ in range(n_shuffles)],
                 len(frame),
             )
         )
     if len(frame) > 2:
-        weights = frame[weight_score].to_numpy()
+        weights = frame[c.weight_score].to_numpy()
         rows.append(
             _permutation_row(
-                names[1],
+                c.spearman,
                 _spearman(weights, score),
                 [_spearman(rng.permutation(weights), score) for _ in range(n_shuffles)],
                 len(frame),
@@ -217,6 +289,8 @@ def agreement_stage(
     lens_tokens: dict[str, pd.DataFrame],
     classes: pd.DataFrame,
     participation: pd.DataFrame,
+    vocabulary: pd.DataFrame,
+    vectors: dict[str, np.ndarray],
     *,
     k: int,
     seed: int,
@@ -229,10 +303,12 @@ def agreement_stage(
     by any activation, so the input lens list holds its best *observable* tokens. The output side needs no such
     filter: removing a feature changes the probability of every token, seen or not. ``participation``: the SAE's
     ``feature_participation`` table (its feature rows of the decoder phase are compared with
-    ``attention_received``; the model must return attention probabilities). Tables ``activation_features``
-    (``firing`` + ``ablation`` + ``attention_received`` per feature),
-    ``activation_tokens`` (``side`` fires_on | promotes, ``feature, rank, token_id, value``),
-    ``activation_agreement`` (``feature_agreement``) and ``agreement_summary``."""
+    ``attention_received``; the model must return attention probabilities). ``vocabulary`` and ``vectors``: as
+    ``activation_coherence`` reads them. Tables ``activation_features`` (``firing`` + ``ablation`` +
+    ``attention_received`` per feature, and the ``activation_coherence`` columns ``{side}_levenshtein``,
+    ``{side}_cosine``, ``{side}_coherence``), ``activation_tokens`` (``side`` fires_on | promotes, ``feature, rank,
+    token_id, value``: ``LIST_LENGTH`` per list; the overlaps read the first k), ``activation_agreement``
+    (``feature_agreement``) and ``agreement_summary``."""
     import torch
 
     from core.analysis.activations import MIN_COUNT, ablation, attention_received, firing
@@ -245,8 +321,8 @@ def agreement_stage(
         return top_lists(table if tokens is None else table[table["token_id"].isin(tokens)], k)
 
     lens_out, lens_in = lens(lens_tokens["output"]), lens(lens_tokens["input"], observable)
-    fired = firing(model, sae, layer, chunks, n_contexts=n_contexts, k=k, min_count=MIN_COUNT)
-    effects, promotes = ablation(model, sae, layer, chunks, fired.contexts, lens_out, k=k)
+    fired = firing(model, sae, layer, chunks, n_contexts=n_contexts, k=LIST_LENGTH, min_count=MIN_COUNT)
+    effects, promotes = ablation(model, sae, layer, chunks, fired.contexts, lens_out, k=LIST_LENGTH)
     tokens = pd.concat(
         [
             fired.fires_on.rename(columns={"mean_activation": "value"})
@@ -259,10 +335,17 @@ def agreement_stage(
     agree = feature_agreement(lens_out, lens_in, top_lists(promotes, k), top_lists(fired.fires_on, k), k, seed)
     attention = attention_received(model, sae, layer, chunks)
     decoder = participation[(participation["sample"] == "feature") & (participation["phase"] == "decoder_unembedding")]
-    features = fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left").merge(
-        attention, on="feature", how="left"
+    coherence = activation_coherence(tokens, vocabulary, vectors, k)
+    by_side = coherence.pivot(index="feature", columns="side", values=["levenshtein", "cosine", "coherence"])
+    by_side.columns = [f"{side}_{metric}" for metric, side in by_side.columns]
+    features = (
+        fired.features.merge(effects.drop(columns="n_contexts"), on="feature", how="left")
+        .merge(attention, on="feature", how="left")
+        .merge(by_side.reset_index(), on="feature", how="left")
     )
-    summary = agreement_summary(agree, effects, classes, seed=seed, attention=attention, participation=decoder)
+    summary = agreement_summary(
+        agree, effects, classes, seed=seed, attention=attention, participation=decoder, coherence=coherence
+    )
     return {
         "activation_features": features,
         "activation_tokens": tokens,

@@ -346,6 +346,18 @@ AGREEMENT_LABELS = {
     "spearman_decoder_participation_attention": (
         "Spearman: decoder-phase participation score vs attention paid where it fires"
     ),
+    "output_coherence_auroc_for_semantic_output": (
+        "AUROC of the coherence of the tokens its removal demotes most, for the semantic (output) call"
+    ),
+    "spearman_out_semantic_score_output_coherence": (
+        "Spearman: output semantic score vs coherence of the tokens its removal demotes most"
+    ),
+    "input_coherence_auroc_for_semantic_input": (
+        "AUROC of the coherence of the tokens it fires on most, for the semantic (input) call"
+    ),
+    "spearman_in_semantic_score_input_coherence": (
+        "Spearman: input semantic score vs coherence of the tokens it fires on most"
+    ),
 }
 
 

@@ -62,7 +62,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -95,6 +95,19 @@ class RowStats:
     softmax_max: Tensor
     softmax_entropy: Tensor
     topk_mass: Tensor
+
+    def shifted(self, offset: Tensor) -> RowStats:
+        """The statistics of each row r plus ``offset[r]``: values, mean and quantiles move by it; ids, std and the
+        softmax statistics do not (a softmax is invariant to a constant added to its row)."""
+        col = offset.to(torch.float32)[:, None]
+        return replace(
+            self,
+            top_values=self.top_values + col,
+            bottom_values=self.bottom_values + col,
+            mean=self.mean + col[:, 0],
+            median=self.median + col[:, 0],
+            p75=self.p75 + col[:, 0],
+        )
 
 
 def row_stats(

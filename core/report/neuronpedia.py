@@ -80,27 +80,19 @@ FRAME_COLUMNS = ["feature", "pos_str", "pos_values", "neg_str", "neg_values", "p
 FEATURE_FIELDS = ["feature_index", "pos_str", "pos_values", "neg_str", "neg_values"]
 
 
-def dashboard_unembedding(checkpoint: ModelCheckpoint) -> torch.Tensor:
-    """TransformerLens' processed ``W_U`` as rows per token, (vocab, d_model) float32: the final RMSNorm gain
-    folded in (``W_U[t] ⊙ g``), then centred over the vocabulary (each d_model column minus its mean over tokens)
-    unless the model has a final logit softcap. See the module docstring for the TransformerLens source."""
-    processed = checkpoint.unembedding() * checkpoint.final_norm_gain()
-    if checkpoint.geometry.final_softcap is None:
-        processed -= processed.mean(dim=0, keepdim=True)
-    return processed
-
-
 def dashboard_top_logits(sae: SaeWeights, checkpoint: ModelCheckpoint, device: str | None = None) -> RowStats:
-    """Top/bottom ``DASHBOARD_K`` of ``logit[i, t] = (W_dec[i] / ||W_dec[i]||) · U[t]`` (``dashboard_unembedding``),
-    streamed by the engine in float32, SAEDashboard's default model dtype (values are rounded to 3 decimals, which a
-    bfloat16 product would not reproduce)."""
-    return row_stats(
-        sae.decoder_directions(),
-        dashboard_unembedding(checkpoint),
-        k=DASHBOARD_K,
-        compute_dtype=torch.float32,
-        device=device,
-    )
+    """Top/bottom ``DASHBOARD_K`` of ``logit[i, t] = d_i · U[:, t]`` (module docstring), streamed by the engine in
+    float32, SAEDashboard's default model dtype (values are rounded to 3 decimals, which a bfloat16 product would
+    not reproduce). Computed as ``(g ⊙ d_i) · W_U[:, t] − (g ⊙ d_i) · mean_t' W_U[:, t']`` (the last term only
+    where the vocabulary is centred): the gain folded into the feature side and the centring a per-feature offset
+    (it moves every logit of the feature alike, so the order is the same), so no processed copy of the
+    unembedding — 2.2 GiB at Gemma-2-2B's vocabulary — is made."""
+    left = sae.decoder_directions() * checkpoint.final_norm_gain()
+    unembedding = checkpoint.unembedding()
+    stats = row_stats(left, unembedding, k=DASHBOARD_K, compute_dtype=torch.float32, device=device)
+    if checkpoint.geometry.final_softcap is not None:  # TransformerLens leaves a softcapped W_U uncentred
+        return stats
+    return stats.shifted(-(left @ unembedding.mean(dim=0)))
 
 
 def dashboard_token(piece: str) -> str:
