@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.memory import peak_rss  # noqa: E402
+
 ROWS = 2 * 16384 + 256  # features + control + circuit null directions of a 16k SAE
 K = 10
 STATS = ("mean", "std", "median", "p75", "top_mean", "softmax_max", "softmax_entropy", "topk_mass")
@@ -49,13 +53,6 @@ def circuit_rows(i: int, rng: np.random.Generator) -> pd.DataFrame:
     frame["top_ids"] = rng.integers(0, 256000, (ROWS, K)).tolist()
     frame["top_values"] = rng.normal(size=(ROWS, K)).astype(np.float32).tolist()
     return frame
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def stream(n: int, folder: Path) -> None:

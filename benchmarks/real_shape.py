@@ -16,10 +16,11 @@ asset:
 * engine s / floor s: time inside ``core.compute.engine.row_stats`` and the FLOPs it did (2 n_a n_b r per call) at
   the throughput of this machine's best blocked matmul for the lens shape (``engine_benchmark``'s grid);
 * floor / s: the share of the asset's time the floor would take — 100 % is an asset that is all matmul;
-* peak RSS (the process's own high-water mark, ``VmHWM``: a forked child's ``ru_maxrss`` would start at
-  its parent's) and its excess over a bare process that imports the same modules, beside the bytes of the
-  tensors a step needs (embedding + final norm + the norms and attention weights of the two layers the SAE
-  pairs with + the SAE).
+* peak RSS (the process's own high-water mark, ``benchmarks.memory.peak_rss``) and its excess over a bare process
+  that imports the same modules, beside the bytes of the tensors a step needs (embedding + final norm + the norms
+  and attention weights of the two layers the SAE pairs with + the SAE);
+* where the resident set rose (``benchmarks.memory.HighWater``: each rise of 32 MiB with the code line running),
+  in ``DIR/step-<asset>-memory.txt``, its highest record printed under the table.
 
 Not in CI: it needs ~11 GB of disk (twice that while the cache copies the shards) and ~50 minutes per dtype
 on 2 cores. ``--keep`` keeps ``DIR`` (model and results) for another run.
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.memory import HighWater, peak_rss  # noqa: E402
 
 RELEASE, MODEL_REPO, SAE_REPO = "gemma-scope-2b-pt-res", "google/gemma-2-2b", "google/gemma-scope-2b-pt-res"
 LAYER, D_SAE, L0 = 12, 16384, 82
@@ -178,14 +181,6 @@ def read_bytes() -> int:
     return 4 * (c["vocab_size"] * d + d + 2 * per_layer + 2 * D_SAE * d + 2 * D_SAE + d)
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 # -- one asset per process ---------------------------------------------------------------------------------------
 
 
@@ -220,8 +215,10 @@ def step(args: argparse.Namespace) -> None:
     if not instance.has_dynamic_partition("sae", partition):
         instance.add_dynamic_partitions("sae", [partition])
     start = time.perf_counter()
-    run_assets(instance, [dg.AssetKey.from_user_string(args.asset)], partition, resources)
+    with HighWater() as trace:
+        run_assets(instance, [dg.AssetKey.from_user_string(args.asset)], partition, resources)
     seconds = time.perf_counter() - start
+    (args.dir / f"step-{args.asset}-memory.txt").write_text(trace.report() + "\n")
     figures = {
         "seconds": seconds,
         "engine_seconds": sum(c["seconds"] for c in calls),
@@ -282,7 +279,7 @@ def main() -> None:
     flops, block = floor_flops(getattr(torch, args.dtype))
     me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--dtype", args.dtype]
     root = Path(__file__).resolve().parents[1]
-    bare_code = "import torch, dagster, orchestration.definitions, benchmarks.real_shape as r; print(r.peak_rss())"
+    bare_code = "import torch, dagster, orchestration.definitions, benchmarks.memory as m; print(m.peak_rss())"
     bare = int(subprocess.check_output([sys.executable, "-c", bare_code], env={**env, "PYTHONPATH": str(root)}))
     rows = []
     for asset in chain_of(RELEASE):
@@ -311,6 +308,9 @@ def main() -> None:
         f"{'total':<22} {total:8.1f} {sum(f['engine_seconds'] for _, f, _ in rows):9.1f} "
         f"{sum(f['flop'] for _, f, _ in rows) / flops:8.1f}"
     )
+    for name, _, _ in rows:
+        trace = (args.dir / f"step-{name}-memory.txt").read_text().splitlines()
+        print(f"{name}: highest rise {next((line for line in trace if line.startswith('*')), 'none')}")
     if not args.keep:
         shutil.rmtree(args.dir)
 
