@@ -217,8 +217,8 @@ class VocabOperands:
             operand = self._token_projection(c.phase, _head_rows(w.v, g.kv_head(c.head), g), w)  # v_t
             if w.output_gain is not None:  # Gemma-2/3 post-attention norm: 1/rms(W_O^h v_t) per token
                 o = _head_cols(w.o, c.head, g)
-                mean_sq = ((operand @ (o.T @ o)) * operand).sum(1) / g.d_model
-                operand = operand * torch.rsqrt(mean_sq + g.rms_norm_eps)[:, None]
+                mean_sq = _row_quadratic(operand, o.T @ o) / g.d_model
+                operand.mul_(torch.rsqrt(mean_sq + g.rms_norm_eps)[:, None])
         else:
             proj = _head_rows(w.k, g.kv_head(c.head), g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
             operand = self._token_projection(c.phase, proj, w)
@@ -229,8 +229,9 @@ class VocabOperands:
         return operand
 
     def _token_projection(self, phase: str, proj: Tensor, w: AttentionWeights) -> Tensor:
-        """(vocab, head_dim) ``ρ_t · (X[t] @ (proj ⊙ g_l)ᵀ)`` = proj applied to n_l(σ X[t])."""
-        return (self.raw[phase] @ (proj * w.input_gain).T) * self.inv_rms(phase)[:, None]
+        """(vocab, head_dim) ``ρ_t · (X[t] @ (proj ⊙ g_l)ᵀ)`` = proj applied to n_l(σ X[t]) (scaled in place: one
+        (vocab, head_dim) tensor at a time)."""
+        return (self.raw[phase] @ (proj * w.input_gain).T).mul_(self.inv_rms(phase)[:, None])
 
 
 def circuit_operands(
@@ -332,6 +333,11 @@ def ov_write_norms(directions: Tensor, layer: int, operands: VocabOperands) -> T
     g, w = operands.geometry, operands.attention(layer)
     normed = rms_normalize(directions.to(operands.device, torch.float32), w.input_gain, g.rms_norm_eps)
     return torch.stack([head_write(normed, w, h, g)[1].norm(dim=1) for h in range(g.n_heads)], dim=1).cpu()
+
+
+def _row_quadratic(x: Tensor, gram: Tensor, block: int = 16384) -> Tensor:
+    """``xᵢ · (gram xᵢ)`` per row of x, in row blocks (temporaries of ``block`` rows, not of x's size)."""
+    return torch.cat([((part @ gram) * part).sum(1) for part in x.split(block)])
 
 
 def _head_norm(x: Tensor, gain: Tensor | None, g: ModelGeometry) -> Tensor:
