@@ -171,6 +171,9 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
     assert pooled["control"].notna().all()
     report = (data / "reports" / "trained-llama" / "report.md").read_text()
     assert "## Activation agreement" in report and AGREEMENT_LABELS["output_overlap"] in report
+    disagree = [AGREEMENT_LABELS.get(s, s) for s in pooled.index[~pooled["beyond_chance"].astype(bool)]]
+    plain = next(line for line in report.splitlines() if "the readings disagree" in line or "Every reading" in line)
+    assert all(label in plain for label in disagree) and (not disagree) == plain.startswith("Every reading")
     assert "Not measured: the release provides no corpus" not in report
     checks = [
         e.dagster_event.event_specific_data

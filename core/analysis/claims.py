@@ -375,7 +375,15 @@ def agreement_section(results: ReleaseResults) -> list[str]:
         statistic=results.agreement["statistic"].map(AGREEMENT_LABELS).fillna(results.agreement["statistic"])
     )
     by_sae = results.agreement_by_sae.sort_values(["layer", "sae_id", "statistic"])
+    disagree = pooled.loc[~pooled["beyond_chance"].astype(bool), "statistic"].tolist()
+    plainly = (
+        "Where the readings disagree (no agreement beyond chance): " + "; ".join(disagree) + "."
+        if disagree
+        else "Every reading below agrees with the activations beyond chance."
+    )
     return lines + [
+        plainly,
+        "",
         "Control: the same statistic with another feature's lens list (overlaps) or permuted labels / scores "
         f"(AUROC, Spearman) — chance for this SAE and vocabulary. `beyond_chance`: one-sided p < {ALPHA} "
         "(overlaps: sign flips of per-feature differences; AUROC and Spearman: permutations, SAEs combined by "
