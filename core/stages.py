@@ -138,10 +138,11 @@ def circuit_stage(
     directions = sample_directions(sae, key, n_null)
     geometry = checkpoint.geometry
     layers = paired_layers(sae_layer, geometry.n_layers, scope)
-    operands = VocabOperands(checkpoint, device=settings.device)
     if circuit_set not in CIRCUIT_SETS:
         raise ValueError(f"circuit set {circuit_set!r} is not one of {sorted(CIRCUIT_SETS)}")
     circuits = all_circuits(geometry, layers, CIRCUIT_SETS[circuit_set])
+    # each circuit's operand is asked for once per sample
+    operands = VocabOperands(checkpoint, device=settings.device, plan=[c for c in circuits for _ in SAMPLES])
     frames: list[pd.DataFrame] = []
     for i, circuit in enumerate(circuits, 1):
         rows = pd.concat(

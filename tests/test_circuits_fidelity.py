@@ -296,7 +296,8 @@ def test_bf16_stays_within_the_rounding_bound(tiny):
 
 
 def test_all_circuits_and_operand_reuse(tiny):
-    """Every (phase, kind, layer, head) once; in that order each vocabulary operand is computed once."""
+    """Every (phase, kind, layer, head) once; with the circuits as its plan, ``VocabOperands`` computes each
+    vocabulary operand once and keeps at most one between circuits."""
     _, ckpt, _, _ = tiny
     g = ckpt.geometry
     circuits = all_circuits(g)
@@ -304,14 +305,23 @@ def test_all_circuits_and_operand_reuse(tiny):
     assert len(set(circuits)) == len(circuits) == per_layer_head * g.n_layers * g.n_heads
     paired = all_circuits(g, paired_layers(0, g.n_layers))
     assert {(c.phase, c.layer) for c in paired} == {("encoder_embedding", 0), ("decoder_unembedding", 1)}
-    operands, seen = VocabOperands(ckpt, DEVICE), {}
+    operands = VocabOperands(ckpt, DEVICE, plan=circuits)
+    computed, kept = [], []
+    compute = operands._compute
+
+    def counted(c):
+        computed.append(operands.operand_key(c))
+        return compute(c)
+
+    operands._compute = counted
     for c in circuits:
-        key = {
-            "qk_feature_query": ("k", c.phase, c.layer, g.kv_head(c.head)),
-            "qk_feature_key": ("q", c.phase, c.layer, c.head),
-            "ov": ("u", c.layer, c.head),
-            "ov_writer": ("w", c.phase, c.layer, c.head),
-        }[c.kind]
-        assert seen.setdefault(key, operands.right(c)) is operands.right(c)
+        operands.right(c)
+        kept.append(len(operands._kept))
+    assert len(computed) == len(set(computed))  # each operand once
+    assert {operands.operand_key(c) for c in circuits} == set(computed)
+    assert max(kept) == 1 and kept[-1] == 0  # only a kv group's keys wait for the group's next head; none left
+    assert sum(key[0] == "k" for key in computed) == g.n_layers * g.n_kv_heads
+    unplanned = VocabOperands(ckpt, DEVICE)
+    assert unplanned.right(circuits[0]) is not unplanned.right(circuits[0])  # no plan: nothing kept
     with pytest.raises(ValueError, match="unknown phase/kind"):
         Circuit("encoder_embedding", "qk", 0, 0)

@@ -74,7 +74,7 @@ vocab × d_model matrix is formed beyond W_E / W_U themselves.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -96,11 +96,6 @@ CIRCUIT_SETS: dict[str, dict[str, tuple[str, ...]]] = {  # name -> the kinds com
     "used": {"encoder_embedding": ("ov_writer",), "decoder_unembedding": ("qk_feature_query", "qk_feature_key")},
     "all": PHASE_KINDS,
 }
-# Vocabulary operands kept (each (vocab, head_dim) float32: 262 MB at Gemma-2's 256000 x 256). In all_circuits'
-# order (layer -> query head -> phase -> kind) the one operand used twice, a kv group's keys, is next needed after
-# at most 3 others (the head's queries and OV operand, the next head's OV-writer operand), so with 4 kept each
-# operand is computed once (tests/test_circuits_fidelity.py::test_all_circuits_and_operand_reuse).
-OPERAND_CACHE_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -143,8 +138,8 @@ def all_circuits(
 ) -> list[Circuit]:
     """The circuits of ``kinds`` (default: every analysed kind, ``PHASE_KINDS``; or a ``CIRCUIT_SETS`` entry) at
     each phase's ``layers`` (default: every layer for both phases), ordered layer → query head (kv groups
-    contiguous) → phase → kind, the order in which
-    ``VocabOperands``' cache computes each vocabulary operand once."""
+    contiguous) → phase → kind: the query heads that share a kv group's keys follow each other, so
+    ``VocabOperands`` keeps at most one operand between circuits."""
     every = range(geometry.n_layers)
     chosen = {phase: set(every if layers is None else layers.get(phase, ())) for phase in PHASES}
     return [
@@ -160,11 +155,16 @@ def all_circuits(
 class VocabOperands:
     """The vocabulary-side operands of one checkpoint's circuits, computed on ``device`` in float32.
 
-    Holds W_E and W_U (one tensor if tied), the per-token 1/rms factors per phase, one layer's attention
-    weights and at most ``OPERAND_CACHE_SIZE`` (vocab, head_dim) operands (least recently used evicted).
+    Holds W_E and W_U (one tensor if tied), the per-token 1/rms factors per phase and one layer's attention weights.
+    A (vocab, head_dim) operand (262 MB at Gemma-2's 256000 x 256) is kept exactly while a circuit of ``plan`` (the
+    circuits the caller will ask for, in any order) still needs it, and dropped after its last use; without a plan
+    none is kept. Only a kv group's keys serve several circuits (the query heads of the group), so in
+    ``all_circuits``' order (kv groups contiguous) at most one operand is kept between circuits.
     """
 
-    def __init__(self, checkpoint: ModelCheckpoint, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, checkpoint: ModelCheckpoint, device: str | torch.device | None = None, plan: Sequence[Circuit] = ()
+    ) -> None:
         self.checkpoint = checkpoint
         self.geometry = checkpoint.geometry
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -174,7 +174,8 @@ class VocabOperands:
         self.final_gain = checkpoint.final_norm_gain().to(self.device)
         self._inv_rms: dict[str, Tensor] = {}
         self._layer: tuple[int, AttentionWeights] | None = None
-        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._uses_left = Counter(self.operand_key(c) for c in plan)
+        self._kept: dict[tuple, Tensor] = {}
 
     def token_scale(self, phase: str) -> float:
         """σ for the phase's token vectors: the embedding scale for inputs, 1 for unembedding rows."""
@@ -194,21 +195,33 @@ class VocabOperands:
             self._layer = (layer, self.checkpoint.attention(layer).to(self.device))
         return self._layer[1]
 
-    def right(self, circuit: Circuit) -> Tensor:
-        """The (vocab, head_dim) operand of ``circuit``: token keys, token queries or U_h (see module doc)."""
-        g, c = self.geometry, circuit
-        key: tuple[str | int, ...]
+    def operand_key(self, circuit: Circuit) -> tuple[str | int, ...]:
+        """What ``circuit``'s operand depends on: circuits with one key share one operand."""
+        c, g = circuit, self.geometry
         if c.kind == "qk_feature_query":
-            key = ("k", c.phase, c.layer, g.kv_head(c.head))
-        elif c.kind == "qk_feature_key":
-            key = ("q", c.phase, c.layer, c.head)
-        elif c.kind == "ov_writer":
-            key = ("w", c.phase, c.layer, c.head)
-        else:
-            key = ("u", c.layer, c.head)  # phase-independent
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+            return ("k", c.phase, c.layer, g.kv_head(c.head))
+        if c.kind == "qk_feature_key":
+            return ("q", c.phase, c.layer, c.head)
+        if c.kind == "ov_writer":
+            return ("w", c.phase, c.layer, c.head)
+        return ("u", c.layer, c.head)  # phase-independent
+
+    def right(self, circuit: Circuit) -> Tensor:
+        """The (vocab, head_dim) operand of ``circuit``: token keys, token queries or U_h (see module doc); counts
+        as one use of the plan."""
+        key = self.operand_key(circuit)
+        operand = self._kept.pop(key, None)
+        if operand is None:
+            operand = self._compute(circuit)
+        if self._uses_left[key] > 0:
+            self._uses_left[key] -= 1
+        if self._uses_left[key] > 0:
+            self._kept[key] = operand
+        return operand
+
+    def _compute(self, c: Circuit) -> Tensor:
+        """``c``'s operand, computed (module doc: keys, queries, U_h or the writer's v_t)."""
+        g = self.geometry
         w = self.attention(c.layer)
         if c.kind == "ov":
             out_gain = self.final_gain if w.output_gain is None else self.final_gain * w.output_gain
@@ -223,9 +236,6 @@ class VocabOperands:
             proj = _head_rows(w.k, g.kv_head(c.head), g) if c.kind == "qk_feature_query" else _head_rows(w.q, c.head, g)
             operand = self._token_projection(c.phase, proj, w)
             operand = _head_norm(operand, w.k_norm_gain if c.kind == "qk_feature_query" else w.q_norm_gain, g)
-        self._cache[key] = operand
-        if len(self._cache) > OPERAND_CACHE_SIZE:
-            self._cache.popitem(last=False)
         return operand
 
     def _token_projection(self, phase: str, proj: Tensor, w: AttentionWeights) -> Tensor:
