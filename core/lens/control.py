@@ -58,22 +58,25 @@ def control_sae(sae: SaeWeights, key: str, n: int | None = None) -> ControlSae:
             f"{tuple(decoder_dirs.shape)} directions"
         )
     rows = torch.cat([encoder_dirs, decoder_dirs], dim=1).to(torch.float32)
+    del encoder_dirs, decoder_dirs  # rows holds them: at most two (width, 2d) matrices live from here
     if not torch.isfinite(rows).all():
         raise ValueError("cannot draw a control: the SAE's directions are not all finite")
     n = width if n is None else n
     gen = torch.Generator().manual_seed(seed_of(key, "control"))
     z = _second_moment_draw(rows, n, gen)
+    del rows
     order = torch.randint(0, width, (n,), generator=gen) if n != width else torch.randperm(width, generator=gen)
     return ControlSae(_unit(z[:, :d]), _unit(z[:, d:]), encoder_norm[order].float(), decoder_norm[order].float())
 
 
 def _second_moment_draw(rows: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` Gaussian rows ``g [rows] / sqrt(width)``, ``g ~ N(0, I_width)``: second moment exactly that of ``rows``."""
-    parts = [
-        torch.randn(min(CONTROL_CHUNK, n - start), rows.shape[0], generator=gen) @ rows
-        for start in range(0, n, CONTROL_CHUNK)
-    ]
-    return torch.cat(parts) / rows.shape[0] ** 0.5
+    """``n`` Gaussian rows ``g [rows] / sqrt(width)``, ``g ~ N(0, I_width)``: second moment exactly that of ``rows``
+    (drawn ``CONTROL_CHUNK`` rows at a time into one (n, columns) result, scaled in place)."""
+    out = torch.empty(n, rows.shape[1])
+    for start in range(0, n, CONTROL_CHUNK):
+        g = torch.randn(min(CONTROL_CHUNK, n - start), rows.shape[0], generator=gen)
+        torch.matmul(g, rows, out=out[start : start + len(g)])
+    return out.div_(rows.shape[0] ** 0.5)
 
 
 def matched_null(sae: SaeWeights, key: str, n: int) -> dict[str, torch.Tensor]:
