@@ -719,6 +719,22 @@ def _model(p: PlantedParams) -> Any:
     return LlamaForCausalLM(llama)
 
 
+# The transformers_version stamp written into the generated config.json / generation_config.json: the version the
+# generators' commits were recorded with. The installed version's stamp would change every commit at each transformers
+# release though nothing else changes (5.24 -> 5.25 did exactly that); no loader reads it.
+TRANSFORMERS_STAMP = "5.24.0"
+
+
+def saved_files(folder: Path) -> dict[str, bytes]:
+    """The files ``save_pretrained`` wrote into ``folder`` (name -> bytes), with the installed transformers' version
+    stamp replaced by ``TRANSFORMERS_STAMP``, so that the same parameters give the same files and commits."""
+    import transformers
+
+    installed = f'"transformers_version": "{transformers.__version__}"'.encode()
+    stamp = f'"transformers_version": "{TRANSFORMERS_STAMP}"'.encode()
+    return {f.name: f.read_bytes().replace(installed, stamp) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """``np.savez`` layout (uncompressed zip of ``.npy`` members) with fixed timestamps."""
     buf = io.BytesIO()
@@ -887,7 +903,7 @@ def generate(
         shard = max(1, p.d_model * vocab_size * model.dtype.itemsize // 3)
         model.save_pretrained(tmp, max_shard_size=shard)
         gpt2_tokenizer(p.vocab_size, n_unused).save_pretrained(tmp)
-        model_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+        model_files = saved_files(Path(tmp))
     model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files)
 
     written = [_null_sae_layer(p, layer) for layer in range(p.n_layers)] if p.null_sae else saes

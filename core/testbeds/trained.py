@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from core.registry import generator_entries
-from core.testbeds.planted import config_fields, generator_args, llama_scope_files, npz_bytes
+from core.testbeds.planted import config_fields, generator_args, llama_scope_files, npz_bytes, saved_files
 from core.weights.hub_cache import write_snapshot
 from core.weights.sae_formats import FORMATS
 
@@ -352,7 +352,7 @@ def _generate(release_id: str, entry: dict[str, Any], p: TrainedParams, cache_di
         model.to(dtype).save_pretrained(tmp, max_shard_size=max(1, p.d_model * len(tokenizer) * dtype.itemsize))
         model.float()
         tokenizer.save_pretrained(tmp)
-        model_files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+        model_files = saved_files(Path(tmp))
     # base=None: each repo holds exactly what this generation wrote (regenerating with other parameters into the
     # same cache must not keep the last run's SAE folders, whose names carry their L0)
     model_commit = write_snapshot(cache_dir, entry["model_repo"], model_files, base=None)
