@@ -185,7 +185,8 @@ class VocabOperands:
         """(vocab,) factors ρ_t = σ / sqrt(mean((σ X[t])²) + eps), so that n_l(σ X[t]) = ρ_t · (X[t] ⊙ g_l)."""
         if phase not in self._inv_rms:
             sigma = self.token_scale(phase)
-            mean_sq = self.raw[phase].pow(2).mean(1) * sigma**2
+            # in row blocks: raw.pow(2) whole would be a second (vocab, d_model) matrix (2.4 GB at Gemma-2-2B)
+            mean_sq = torch.cat([rows.pow(2).mean(1) for rows in self.raw[phase].split(16384)]) * sigma**2
             self._inv_rms[phase] = torch.rsqrt(mean_sq + self.geometry.rms_norm_eps) * sigma
         return self._inv_rms[phase]
 
