@@ -142,8 +142,8 @@ def activation_coherence(
     ``tokens``: the stage's ``activation_tokens`` (``side`` promotes | fires_on, ``feature, rank, token_id, value``);
     ``vocabulary``: ``core.weights.vocab.vocabulary_table``; ``vectors``: ``output`` -> unembedding, ``input`` ->
     embedding rows, (vocab, d_model), as the lens side's classes read them."""
-    normal = normal_tokens(vocabulary)
-    strings = vocabulary["token"].to_numpy()
+    normal = normal_tokens(vocabulary)  # checks that every id 0..n-1 is there once
+    strings = vocabulary.sort_values("token_id")["token"].to_numpy()
     parts = []
     for side, listed in SEMANTIC_LISTS.items():
         rows = tokens[tokens["side"] == listed]
