@@ -11,8 +11,9 @@ import torch
 
 
 def rms_normalize(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim: ``x / sqrt(mean(x²) + eps) · gain`` (gain already includes Gemma's +1)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+    """RMSNorm over the last dim: ``x / sqrt(mean(x²) + eps) · gain`` (gain already includes Gemma's +1); the gain is
+    applied in place, so the result is the only x-sized tensor made besides ``x²``."""
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).mul_(gain)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -55,10 +55,16 @@ def lens_operand(directions: torch.Tensor, checkpoint: ModelCheckpoint) -> torch
     return rms_normalize(directions.to(torch.float32), checkpoint.final_norm_gain(), g.rms_norm_eps)
 
 
-def top_token_cosine(left: torch.Tensor, matrix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def top_token_cosine(left: torch.Tensor, matrix: torch.Tensor, ids: torch.Tensor, block: int = 4096) -> torch.Tensor:
     """``cos(left[r], matrix[ids[r]])`` per row r: how much of a lens operand its best token's row explains
-    (cos² = the share of its energy along that row)."""
-    rows = matrix[ids].to(torch.float32)
+    (cos² = the share of its energy along that row); in blocks of ``block`` rows, so the gathered rows and products
+    are never the size of ``left``."""
+    return torch.cat(
+        [_cosines(part, matrix[i].to(torch.float32)) for part, i in zip(left.split(block), ids.split(block))]
+    )
+
+
+def _cosines(left: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     left = left.to(torch.float32)
     norms = (left.norm(dim=1) * rows.norm(dim=1)).clamp_min(torch.finfo(torch.float32).tiny)
     return (left * rows).sum(dim=1) / norms
