@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from core.registry import get_release
+from core.testbeds.planted import saved_files
 from core.weights.hub_cache import read_tree, repo_cache_dir, write_snapshot
 
 __all__ = [
@@ -309,7 +310,7 @@ def write_rewritten_release(src_cache: Path, dst_cache: Path, release_id: str, r
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
         _save_like(new, old_index, out)
-        files: dict[str, bytes | Path] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
+        files: dict[str, bytes | Path] = dict(saved_files(out))  # the generators' transformers_version stamp
     for path in old_tree:
         if path not in files and path.startswith("tokenizer"):
             files[path] = (old_snap / path).read_bytes()

@@ -165,7 +165,10 @@ def test_the_chain_runs_activation_agreement_for_a_corpus_release_and_the_report
         "spearman_in_semantic_score_input_coherence",
     } <= set(pooled.index)
     readers = pooled.index.str.contains("attention")  # the last layer's SAE has no block reading it
-    assert (pooled.loc[~readers, "saes"] == len(keys)).all() and (pooled.loc[readers, "saes"] <= len(keys) - 1).all()
+    # semantic rows only where a list holds k normal forms (the fast model's 512 tokens leave few on the output side)
+    semantic = pooled.index.str.contains("semantic")
+    assert (pooled.loc[~readers & ~semantic, "saes"] == len(keys)).all()
+    assert (pooled.loc[readers, "saes"] <= len(keys) - 1).all() and pooled.loc[semantic, "saes"].between(1, 4).all()
     assert pooled.loc["spearman_decoder_participation_attention", "saes"] == len(keys) - 1  # the AUROC: where both
     # participation calls occur
     assert pooled["control"].notna().all()
