@@ -11,5 +11,5 @@ python -m pip install --quiet --disable-pip-version-check -c <(echo torch==2.13.
 ruff check . && ruff format --check .  # lint and format ([tool.ruff] in pyproject.toml)
 python -m mypy  # types on core/ ([tool.mypy])
 export HF_HUB_OFFLINE=1
-# two workers (one per CI core); tests sharing a session fixture of minutes run on one of them (tests/conftest.py)
-exec python -m pytest -q -n 2 --dist loadgroup "$@"
+# two workers (one per CI core), each test module whole on one of them (its module fixtures built once)
+exec python -m pytest -q -n 2 --dist loadfile "$@"

@@ -18,24 +18,16 @@ from core.testbeds.planted import generate  # noqa: E402
 from tests.planted_chain import PLANTED, PLANTED_NULL, materialise_planted  # noqa: E402
 
 TIERS = ("unit", "chain", "system")  # pyproject.toml [tool.pytest.ini_options] markers
-# Under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup) a module's tests run on one worker, so its module
-# fixtures are built once; so do the modules that share one of these session fixtures of minutes.
-SHARED_FIXTURES = {"chain": "planted-chain", "null_chain": "planted-chain", "trained_llama": "trained"}
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: torch's own threads would oversubscribe them
+if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: one worker per core, so one torch thread each
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test carries exactly one tier marker (a module's ``pytestmark``), so ``-m unit`` selects a known set;
-    each test is grouped with its module, or with the session fixture of ``SHARED_FIXTURES`` it uses."""
+    """Every test carries exactly one tier marker (a module's ``pytestmark``), so ``-m unit`` selects a known set."""
     unmarked = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
     if unmarked:
         raise pytest.UsageError(f"tests without exactly one of the markers {TIERS}: {unmarked[:5]}")
-    for item in items:
-        shared = sorted({SHARED_FIXTURES[f] for f in item.fixturenames if f in SHARED_FIXTURES})
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.name))
 
 
 @pytest.fixture(scope="session")
