@@ -23,7 +23,7 @@ import torch
 from core.analysis.agreement import agreement_stage
 from core.analysis.claims import AGREEMENT_TABLES, CLASS_TABLES, missing_saes, results_from_tables, verdict_table
 from core.analysis.classify import NULLS, SIDES
-from core.analysis.profiles import PROFILE_STATS
+from core.analysis.profiles import CIRCUIT_STATS_READ, PROFILE_STATS
 from core.analysis.semantic import CANDIDATES
 from core.analysis.statistics import DEFAULT_QUANTILE, wilson_interval
 from core.analysis.verdicts import VERDICTS
@@ -51,6 +51,14 @@ from core.weights.vocab import normal_tokens, vocabulary_table
 
 STAT_COLUMNS = [*SUMMARY_COLUMNS, "top_mean"]  # the engine statistics every lens and circuit row carries
 LENS_TABLES = tuple(f"{lens}_lens_{part}" for lens in LENS_SIDES for part in ("tokens", "stats"))
+# The columns feature_classes reads of its stored inputs, where not all (the lens tables' release / sae_id / layer
+# and the circuits' top-token lists are most of what a read would hold).
+LENS_TOKENS_READ = ["sample", "feature", "side", "rank", "token_id", "token", "value"]
+CLASS_READS = {
+    **{f"{side}_lens_tokens": LENS_TOKENS_READ for side in LENS_SIDES},
+    "vocabulary": ["token_id", "token_class"],
+    "circuit_stats": CIRCUIT_STATS_READ,
+}
 CALIBRATED = 7  # thresholds per null: top-k z + three coherence metrics per side (+ Levenshtein's string null per side)
 CORPUS_CONTEXT = 64  # tokens per corpus window of the activation measurements
 STATISTICS_INPUTS = (*CLASS_TABLES, *AGREEMENT_TABLES)  # what claim_statistics reads of every release
@@ -281,18 +289,21 @@ def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers:
 
     And the feature browser ``<data>/browser/<release>/<sae_id>.html`` (``core.report.feature_browser``, path in the
     ``feature_browser`` metadata; ``browsers``: its folder): every feature's top output and input tokens and
-    classes, searchable."""
+    classes, searchable.
+
+    Of the stored tables it reads only the columns in ``CLASS_READS`` (memory: ``core.store.storage.TableStore.read``)."""
     _, checkpoint, sae = load_sae(ref, hub)
-    lens = {name: tables.read(name, ref.key) for name in LENS_TABLES}
-    normal = normal_tokens(tables.read("vocabulary", ref.key))
-    circuits = tables.read("circuit_stats", ref.key), tables.read("head_writes", ref.key)
+    control = control_sae(sae, ref.key)  # first, while little else is held: only its norms are kept
+    norms = {"encoder_norm": control.encoder_norm.numpy(), "decoder_norm": control.decoder_norm.numpy()}
+    width = sae.d_sae
+    del control, sae
+    lens = {name: tables.read(name, ref.key, CLASS_READS.get(name)) for name in LENS_TABLES}
+    normal = normal_tokens(tables.read("vocabulary", ref.key, CLASS_READS["vocabulary"]))
+    circuits = (tables.read(name, ref.key, CLASS_READS.get(name)) for name in ("circuit_stats", "head_writes"))
     found = class_stage(lens, *circuits, normal, *vocab_matrices(checkpoint), DEFAULT_QUANTILE, k)
     classes, part = found.classes, found.participation
-    control = control_sae(sae, ref.key)
     features = found.rows("feature")
-    control_rows = found.rows("control").assign(
-        encoder_norm=control.encoder_norm.numpy(), decoder_norm=control.decoder_norm.numpy()
-    )
+    control_rows = found.rows("control").assign(**norms)
     null_rows = classes.rows[classes.rows["sample"].isin(list(NULLS.values()))].reset_index(drop=True)
     features_part = part[part["sample"] != "null"].reset_index(drop=True)
     stored = {
@@ -324,9 +335,9 @@ def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers:
     n_phases = found.feature_participation["phase"].nunique()
     out.checks = {
         "one_row_per_feature": [
-            rows_match("feature_classes", features, sae.d_sae),
-            rows_match("control_classes", control_rows, sae.d_sae),
-            rows_match("feature_participation", found.feature_participation, 2 * sae.d_sae * n_phases),
+            rows_match("feature_classes", features, width),
+            rows_match("control_classes", control_rows, width),
+            rows_match("feature_participation", found.feature_participation, 2 * width * n_phases),
         ],
         "scores_finite": [
             finite("feature_classes", features, ["topk_z"]),  # NaN coherence metrics are findings, not defects

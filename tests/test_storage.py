@@ -44,6 +44,32 @@ def test_write_read_views_and_partition_isolation(tmp_path):
     assert not [p for p in (tmp_path / "tables" / "t").iterdir() if p.suffix != ".parquet"]
 
 
+def test_read_is_the_stored_frame_in_chunks_with_each_string_held_once(tmp_path, monkeypatch):
+    """Chunked reads give exactly DuckDB's whole-table frame (strings, missing values, list columns, the dtypes),
+    with one Python object per distinct string across chunks, and ``columns`` selects in the order given."""
+    monkeypatch.setattr("core.store.storage.READ_ROWS", 2048)  # five chunks of the 10k rows below
+    n = 10_000
+    rows = pd.DataFrame(
+        {
+            "release": "rel",
+            "side": ["top", "bottom"] * (n // 2),
+            "token": [f"tok{i % 300}" if i % 7 else None for i in range(n)],
+            "ids": [[i, i + 1] for i in range(n)],
+            "value": [i / 3 for i in range(n)],
+        }
+    )
+    store = TableStore(tmp_path)
+    store.write("t", "rel:a", rows)
+    read = store.read("t", "rel:a")
+    whole = duckdb.connect().execute(f"SELECT * FROM '{store.file('t', 'rel:a')}'").df()
+    pd.testing.assert_frame_equal(read, whole)
+    assert len({id(v) for v in read["side"]}) == 2
+    assert len({id(v) for v in read["token"].dropna()}) == 300
+    assert read["token"].isna().sum() == len(range(0, n, 7))
+    assert list(store.read("t", "rel:a", ["value", "side"]).columns) == ["value", "side"]
+    assert len(store.read("t", columns=["side"])) == n
+
+
 def test_missing_partition_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no rows stored for 'rel:x'"):
         TableStore(tmp_path).read("t", "rel:x")

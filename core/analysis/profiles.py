@@ -44,6 +44,8 @@ SCORE_KINDS: dict[str, tuple[str, ...]] = {  # the default circuit set, plus the
 MAD_TO_SD = 1.4826  # MAD of a normal distribution × 1.4826 = its standard deviation
 PROFILE_STATS = ("mean", "median", "p75", "p99")
 SAE_COLUMNS = ["release", "sae_id", "layer"]
+# The circuit_stats columns circuit_values reads.
+CIRCUIT_STATS_READ = [*SAE_COLUMNS, "sample", "feature", "phase", "kind", "attn_layer", "head", "top_mean", "topk_mass"]
 
 
 def circuit_values(circuit_stats: pd.DataFrame, head_writes: pd.DataFrame | None = None) -> pd.DataFrame:
