@@ -159,14 +159,15 @@ def lens_tables(ref: SaeRef, hub: Hub, n_null: int, settings: EngineSettings, ex
     snapshot, checkpoint, sae = load_sae(ref, hub)
     vocab_size = checkpoint.geometry.vocab_size
     vocabulary = vocabulary_table(snapshot.path(TOKENIZER_FILE), vocab_size)
+    # the dashboard first, while no lens rows are held (its engine tiles and theirs never coexist)
+    dashboard_vocab = dashboard_tokens(snapshot.path(TOKENIZER_FILE), vocab_size)
+    dashboard = with_sae(dashboard_frame(dashboard_top_logits(sae, checkpoint, settings.device), dashboard_vocab), ref)
     start = time.perf_counter()
     tokens = vocabulary["token"].tolist()
     computed = lens_stage(sae, checkpoint, tokens, ref.key, n_null, settings)
     # each frame replaced by its stored form in turn, so the stage's frames are not all kept beside their copies
     lenses = {name: with_sae(computed.pop(name), ref) for name in list(computed)}
     seconds = round(time.perf_counter() - start, 3)
-    dashboard_vocab = dashboard_tokens(snapshot.path(TOKENIZER_FILE), vocab_size)
-    dashboard = with_sae(dashboard_frame(dashboard_top_logits(sae, checkpoint, settings.device), dashboard_vocab), ref)
     source = NeuronpediaSource.of(ref, get_release(ref.release))
     export = write_json_export(dashboard, source, exports / "neuronpedia" / ref.release, ref.sae_id)
     out = StageOutput(ref.key, tables={"vocabulary": with_sae(vocabulary, ref), **lenses})
@@ -291,7 +292,7 @@ def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers:
     ``feature_browser`` metadata; ``browsers``: its folder): every feature's top output and input tokens and
     classes, searchable.
 
-    Of the stored tables it reads only the columns in ``CLASS_READS`` (memory: ``core.store.storage.TableStore.read``)."""
+    Of the stored tables it reads only the columns in ``CLASS_READS`` (``core.store.storage.TableStore.read``)."""
     _, checkpoint, sae = load_sae(ref, hub)
     control = control_sae(sae, ref.key)  # first, while little else is held: only its norms are kept
     norms = {"encoder_norm": control.encoder_norm.numpy(), "decoder_norm": control.decoder_norm.numpy()}
@@ -299,8 +300,8 @@ def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers:
     del control, sae
     lens = {name: tables.read(name, ref.key, CLASS_READS.get(name)) for name in LENS_TABLES}
     normal = normal_tokens(tables.read("vocabulary", ref.key, CLASS_READS["vocabulary"]))
-    circuits = (tables.read(name, ref.key, CLASS_READS.get(name)) for name in ("circuit_stats", "head_writes"))
-    found = class_stage(lens, *circuits, normal, *vocab_matrices(checkpoint), DEFAULT_QUANTILE, k)
+    stats, writes = (tables.read(name, ref.key, CLASS_READS.get(name)) for name in ("circuit_stats", "head_writes"))
+    found = class_stage(lens, stats, writes, normal, *vocab_matrices(checkpoint), DEFAULT_QUANTILE, k)
     classes, part = found.classes, found.participation
     features = found.rows("feature")
     control_rows = found.rows("control").assign(**norms)

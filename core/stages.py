@@ -21,6 +21,7 @@ from core.analysis.statistics import DEFAULT_QUANTILE
 from core.compute.engine import RowStats
 from core.lens.circuits import (
     CIRCUIT_SETS,
+    PHASES,
     VocabOperands,
     all_circuits,
     circuit_stats,
@@ -49,19 +50,24 @@ class EngineSettings:
 
 
 def sample_directions(
-    sae: SaeWeights, key: str, n_null: int, matched: bool = False
+    sae: SaeWeights, key: str, n_null: int, matched: bool = False, phases: tuple[str, ...] = PHASES
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per sample, per phase, the unit directions (rows): the SAE's encoder / decoder directions, the
+    """Per sample, per phase of ``phases``, the unit directions (rows): the SAE's encoder / decoder directions, the
     control's, ``n_null`` isotropic null directions (the same for both phases) and, when ``matched``, ``n_null``
-    SAE-matched null directions (``core.lens.control.matched_null``), all seeded by ``key``."""
+    SAE-matched null directions (``core.lens.control.matched_null``), all seeded by ``key`` — the same directions
+    whichever ``phases`` are asked for (a stage that reads one phase at a time holds only that phase's)."""
     control = control_sae(sae, key)
     null = null_directions(n_null, sae.d_model, key)
+    own = {"encoder_embedding": sae.encoder_directions, "decoder_unembedding": sae.decoder_directions}
+    drawn = {"encoder_embedding": control.encoder_directions, "decoder_unembedding": control.decoder_directions}
     out = {
-        "feature": {"encoder_embedding": sae.encoder_directions(), "decoder_unembedding": sae.decoder_directions()},
-        "control": {"encoder_embedding": control.encoder_directions, "decoder_unembedding": control.decoder_directions},
-        "null": {"encoder_embedding": null, "decoder_unembedding": null},
+        "feature": {phase: own[phase]() for phase in phases},
+        "control": {phase: drawn[phase] for phase in phases},
+        "null": {phase: null for phase in phases},
     }
-    return out | ({"matched_null": matched_null(sae, key, n_null)} if matched else {})
+    if matched:
+        out["matched_null"] = {phase: d for phase, d in matched_null(sae, key, n_null).items() if phase in phases}
+    return out
 
 
 def _stacked(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -77,36 +83,48 @@ def lens_stage(
     (``core.lens.output_lens``, ``core.lens.circuits.input_lens``) for every sample of ``LENS_SAMPLES``: the
     ``CANDIDATES`` best tokens (the semantic tests pick their normal forms, ``core.analysis.semantic``) and
     ``settings.k`` bottom ones; stats incl. ``top_mean`` over the best ``settings.k`` and ``top1_cosine`` (cosine of
-    the lens operand with the best token's row: ``core.analysis.classify`` token identity)."""
-    directions = sample_directions(sae, key, n_null, matched=True)
-    operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}
-    matrix = {"output": checkpoint.unembedding(), "input": checkpoint.embedding()}
-    compute: dict[str, Callable[..., RowStats]] = {"output": output_lens, "input": input_lens}
-    candidates = min(CANDIDATES, checkpoint.geometry.vocab_size)
+    the lens operand with the best token's row: ``core.analysis.classify`` token identity). One lens at a time,
+    each with only the directions it reads."""
     tables = {}
-    for lens, phase in LENS_SIDES.items():
-        stats: dict[str, RowStats] = {
-            s: compute[lens](
-                directions[s][phase],
-                checkpoint,
-                k=candidates,
-                compute_dtype=settings.compute_dtype,
-                device=settings.device,
-            )
-            for s in LENS_SAMPLES
-        }
-        tables[f"{lens}_lens_tokens"] = _stacked({s: topk_frame(v, tokens, settings.k) for s, v in stats.items()})
-        tables[f"{lens}_lens_stats"] = _stacked(
-            {
-                s: summary_frame(v, settings.k).assign(
-                    top1_cosine=top_token_cosine(
-                        operand[lens](directions[s][phase]), matrix[lens], v.top_ids[:, 0]
-                    ).numpy()
-                )
-                for s, v in stats.items()
-            }
+    for lens in LENS_SIDES:
+        tables[f"{lens}_lens_tokens"], tables[f"{lens}_lens_stats"] = _lens_side(
+            lens, sae, checkpoint, tokens, key, n_null, settings
         )
     return tables
+
+
+def _lens_side(
+    lens: str,
+    sae: SaeWeights,
+    checkpoint: ModelCheckpoint,
+    tokens: list[str],
+    key: str,
+    n_null: int,
+    settings: EngineSettings,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tokens and stats tables of one lens (``lens_stage``)."""
+    phase = LENS_SIDES[lens]
+    directions = {s: d[phase] for s, d in sample_directions(sae, key, n_null, matched=True, phases=(phase,)).items()}
+    compute: Callable[..., RowStats] = output_lens if lens == "output" else input_lens
+    operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}[lens]
+    matrix = checkpoint.unembedding() if lens == "output" else checkpoint.embedding()
+    candidates = min(CANDIDATES, checkpoint.geometry.vocab_size)
+    stats: dict[str, RowStats] = {
+        s: compute(
+            directions[s], checkpoint, k=candidates, compute_dtype=settings.compute_dtype, device=settings.device
+        )
+        for s in LENS_SAMPLES
+    }
+    token_rows = _stacked({s: topk_frame(v, tokens, settings.k) for s, v in stats.items()})
+    summary = _stacked(
+        {
+            s: summary_frame(v, settings.k).assign(
+                top1_cosine=top_token_cosine(operand(directions[s]), matrix, v.top_ids[:, 0]).numpy()
+            )
+            for s, v in stats.items()
+        }
+    )
+    return token_rows, summary
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ def _relative_glob(table: str) -> str:
 def _share_strings(frame: pd.DataFrame, shared: dict[str, str]) -> pd.DataFrame:
     """``frame`` with every string cell replaced, in place, by the one object ``shared`` holds for that value (added
     when new): equal values, one object. Columns of other objects (lists) and missing values are left as they are."""
-    for name in frame.columns[frame.dtypes == object]:
+    for name in frame.select_dtypes(object).columns:
         values = frame[name].to_numpy()
         if pd.api.types.infer_dtype(values, skipna=True) != "string":
             continue
