@@ -59,8 +59,10 @@ from core.store.atomic import atomic_path, sweep_orphans, temporary_name
 DB_FILE = "results.duckdb"
 STORAGE_VERSION = "v1.0.0"  # storage version 64: read by every DuckDB since 0.10, the 1.5 CLI included
 # An appender's staging database spills past this (DuckDB's default is 80 % of the machine's memory, which it
-# would take as buffer pool while a stage's own tensors need it); one thread: appends are small and serial.
-STAGING_MEMORY = "256MB"
+# would take as buffer pool while a stage's own tensors need it); one thread: appends are small and serial. Its
+# buffer pool fills to the limit as rows arrive, so the limit is what streaming costs: 64 MB holds a 65k SAE's
+# 133k rows per circuit (benchmarks/circuit_rows_memory.py); 32 MB runs out of memory.
+STAGING_MEMORY = "64MB"
 READ_ROWS = 64 * 2048  # rows fetched at a time by TableStore.read (DuckDB hands out vectors of 2048 rows)
 WRITE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": STORAGE_VERSION}
 # The directory of the database file, with its trailing separator ('' when it cannot be told: paths stay
