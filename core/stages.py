@@ -70,6 +70,23 @@ def sample_directions(
     return out
 
 
+class PhaseDirections:
+    """``sample_directions`` one phase at a time: asking for another phase drops the held one before drawing it,
+    so a stage holds one phase's directions (features and control: 0.28 GiB at a 16k Gemma-2-2B SAE) in any
+    order of phases (a switch back draws them again, the same directions)."""
+
+    def __init__(self, sae: SaeWeights, key: str, n_null: int, matched: bool = False) -> None:
+        self._draw = lambda phase: sample_directions(sae, key, n_null, matched, (phase,))
+        self._held: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def __call__(self, phase: str) -> dict[str, torch.Tensor]:
+        """Per sample, the unit directions of ``phase`` (rows)."""
+        if self._held is None or self._held[0] != phase:
+            self._held = None
+            self._held = (phase, {sample: d[phase] for sample, d in self._draw(phase).items()})
+        return self._held[1]
+
+
 def _stacked(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([f.assign(sample=s) for s, f in frames.items()], ignore_index=True).rename(
         columns={"row": "feature"}
@@ -85,26 +102,23 @@ def lens_stage(
     ``settings.k`` bottom ones; stats incl. ``top_mean`` over the best ``settings.k`` and ``top1_cosine`` (cosine of
     the lens operand with the best token's row: ``core.analysis.classify`` token identity). One lens at a time,
     each with only the directions it reads."""
+    directions = PhaseDirections(sae, key, n_null, matched=True)
     tables = {}
     for lens in LENS_SIDES:
         tables[f"{lens}_lens_tokens"], tables[f"{lens}_lens_stats"] = _lens_side(
-            lens, sae, checkpoint, tokens, key, n_null, settings
+            lens, directions(LENS_SIDES[lens]), checkpoint, tokens, settings
         )
     return tables
 
 
 def _lens_side(
     lens: str,
-    sae: SaeWeights,
+    directions: dict[str, torch.Tensor],
     checkpoint: ModelCheckpoint,
     tokens: list[str],
-    key: str,
-    n_null: int,
     settings: EngineSettings,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tokens and stats tables of one lens (``lens_stage``)."""
-    phase = LENS_SIDES[lens]
-    directions = {s: d[phase] for s, d in sample_directions(sae, key, n_null, matched=True, phases=(phase,)).items()}
+    """The tokens and stats tables of one lens (``lens_stage``) from each sample's ``directions``."""
     compute: Callable[..., RowStats] = output_lens if lens == "output" else input_lens
     operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}[lens]
     matrix = checkpoint.unembedding() if lens == "output" else checkpoint.embedding()
@@ -153,7 +167,7 @@ def circuit_stage(
     scope)`` for every sample, and the decoder directions' write norms at the reader layers. With ``sink``,
     each circuit's ``circuit_stats`` rows (all samples) are handed to it as soon as they exist and not kept
     (``TableStore.appender`` streams them to disk), so memory does not grow with the number of circuits."""
-    directions = sample_directions(sae, key, n_null)
+    directions = PhaseDirections(sae, key, n_null)
     geometry = checkpoint.geometry
     layers = paired_layers(sae_layer, geometry.n_layers, scope)
     if circuit_set not in CIRCUIT_SETS:
@@ -167,7 +181,7 @@ def circuit_stage(
             [
                 circuit_frame(
                     circuit_stats(
-                        directions[sample][circuit.phase],
+                        directions(circuit.phase)[sample],
                         circuit,
                         operands,
                         k=settings.k,
@@ -188,7 +202,7 @@ def circuit_stage(
             progress(i, len(circuits))
     writes = [
         head_write_frame(
-            {s: ov_write_norms(directions[s]["decoder_unembedding"], layer, operands).numpy() for s in SAMPLES}, layer
+            {s: ov_write_norms(d, layer, operands).numpy() for s, d in directions("decoder_unembedding").items()}, layer
         )
         for layer in layers["decoder_unembedding"]
     ]
