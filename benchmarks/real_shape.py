@@ -1,15 +1,23 @@
 """The asset chain on one SAE of a random-weight model with a real model's exact shapes: seconds, the engine's
 matmul floor and peak memory per asset.
 
-Run: .venv/bin/python benchmarks/real_shape.py --dir DIR [--dtype float32|bfloat16] [--keep]
+Run: .venv/bin/python benchmarks/real_shape.py --dir DIR [--model gemma-2-2b|llama-3.1-8b]
+     [--dtype float32|bfloat16] [--keep]
 
-Writes, in the exact hub layout of a Hugging Face cache under ``DIR/hub``, a model with google/gemma-2-2b's
-config (vocabulary 256000, d 2304, 26 layers, 8 query / 4 key-value heads of 256, fp32, tied embedding) as
-the real repo is laid out (safetensors shards + index; here the embedding, norms and attention weights
-first and the MLP weights in shards of their own, which the chain never reads or downloads) and one
-Gemma Scope SAE (layer 12, width 16k, the canonical L0 82) — every tensor drawn at random and streamed to
-disk shard by shard (~11 GB). Then it materialises the chain of that partition offline, each asset in its
-own process (so each peak is its own), with a persistent Dagster instance under ``DIR``, and prints per
+Writes, in the exact hub layout of a Hugging Face cache under ``DIR/hub``, a model with the named real model's
+config and one SAE of its release (``MODELS``):
+
+* ``gemma-2-2b``: google/gemma-2-2b (vocabulary 256000, d 2304, 26 layers, 8 query / 4 key-value heads of 256,
+  float32 on the hub, tied embedding) and one Gemma Scope SAE (layer 12, width 16k, the canonical L0 82);
+* ``llama-3.1-8b``: meta-llama/Llama-3.1-8B (vocabulary 128256, d 4096, 32 layers, 32 query / 8 key-value heads
+  of 128, bfloat16 on the hub, separate lm_head) and one Llama Scope SAE (layer 15, 8x: 32768 latents).
+
+The model is laid out as the real repo is (safetensors shards + index) with the embedding, norms and attention
+weights first and the MLP weights in shards of their own. The MLP shards are listed in the index but not
+written: the chain never reads them, and a cache the chain filled online holds only the shards with tensors it
+needs (``ModelCheckpoint.needed_shards``). Every tensor is drawn at random and streamed to disk shard by shard.
+Then it materialises the chain of that partition offline, each asset in its own process (so each peak is its
+own), with a persistent Dagster instance under ``DIR``, and prints per
 asset:
 
 * seconds: wall time of the asset's run in its process (Dagster's start-up excluded);
@@ -22,8 +30,9 @@ asset:
 * where the resident set rose (``benchmarks.memory.HighWater``: each rise of 32 MiB with the code line running),
   in ``DIR/step-<asset>-memory.txt``, its highest record printed under the table.
 
-Not in CI: it needs ~11 GB of disk (twice that while the cache copies the shards) and ~50 minutes per dtype
-on 2 cores. ``--keep`` keeps ``DIR`` (model and results) for another run.
+Not in CI: Gemma-2-2B needs ~3 GB of disk (twice that while the cache copies the shards) and ~50 minutes per
+dtype on 2 cores; Llama-3.1-8B ~2.5 GB and longer (96 circuits). ``--keep`` keeps ``DIR`` (model and results)
+for another run.
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,9 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.memory import HighWater, peak_rss  # noqa: E402
 
-RELEASE, MODEL_REPO, SAE_REPO = "gemma-scope-2b-pt-res", "google/gemma-2-2b", "google/gemma-scope-2b-pt-res"
-LAYER, D_SAE, L0 = 12, 16384, 82
-SAE_ID = f"layer_{LAYER}/width_16k/average_l0_{L0}"
 GEMMA_2_2B = dict(  # google/gemma-2-2b config.json
     architectures=["Gemma2ForCausalLM"],
     model_type="gemma2",
@@ -74,63 +82,130 @@ GEMMA_2_2B = dict(  # google/gemma-2-2b config.json
     pad_token_id=0,
     torch_dtype="float32",
 )
+LLAMA_3_1_8B = dict(  # meta-llama/Llama-3.1-8B config.json
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_act="silu",
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    attention_bias=False,
+    attention_dropout=0.0,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    torch_dtype="bfloat16",
+)
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A real model's config and the release, layer and width of the SAE the benchmark pairs with it."""
+
+    config: dict[str, Any]
+    model_repo: str
+    release: str
+    sae_repo: str
+    layer: int
+    d_sae: int
+    sae_id: str
+
+    @property
+    def file_dtype(self) -> torch.dtype:
+        return getattr(torch, self.config["torch_dtype"])
+
+
+MODELS = {
+    "gemma-2-2b": RealModel(
+        GEMMA_2_2B,
+        "google/gemma-2-2b",
+        "gemma-scope-2b-pt-res",
+        "google/gemma-scope-2b-pt-res",
+        12,
+        16384,
+        "layer_12/width_16k/average_l0_82",
+    ),
+    "llama-3.1-8b": RealModel(
+        LLAMA_3_1_8B,
+        "meta-llama/Llama-3.1-8B",
+        "llama_scope_lxr_8x",
+        "fnlp/Llama3_1-8B-Base-LXR-8x",
+        15,
+        32768,
+        "l15r_8x",
+    ),
+}
 SHARD_BYTES = 2 << 30
-READ_BY_CHAIN = ("embed_tokens", "norm", "self_attn", "layernorm")  # MLP weights are never read
+READ_BY_CHAIN = ("embed_tokens", "lm_head", "norm", "self_attn", "layernorm")  # MLP weights are never read
 
 
-def _tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+def _tensor(name: str, shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """A random tensor: RMSNorm gains near Gemma's 1 + w = 1, matrices with unit-variance rows' outputs."""
     if len(shape) == 1:
-        return torch.randn(shape, generator=g) * 0.05
-    return torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        return (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    return (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
 
 
-def write_model(staging: Path, seed: int = 0) -> dict[str, Path]:
-    """The model repo's files in ``staging``: config, a tokenizer of the vocabulary's size, shards and index."""
+def write_model(model: RealModel, staging: Path, seed: int = 0) -> dict[str, Path]:
+    """The model repo's files in ``staging``: config, a tokenizer of the vocabulary's size, the shards holding
+    tensors the chain reads, and the index of every shard (the MLP shards listed, not written: module doc)."""
     from safetensors.torch import save_file
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = Gemma2Config(**{k: v for k, v in GEMMA_2_2B.items() if k not in ("architectures", "model_type")})
+    settings = {k: v for k, v in model.config.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    config = AutoConfig.for_model(model.config["model_type"], **settings)
     with torch.device("meta"):
-        shapes = {
-            name: tuple(t.shape)
-            for name, t in Gemma2ForCausalLM(config).state_dict().items()
-            if name != "lm_head.weight"
-        }  # tied: the repo stores the embedding once
-    order = sorted(shapes, key=lambda name: not any(part in name for part in READ_BY_CHAIN))
-    files: dict[str, Path] = {}
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in order:
-        nbytes = 4 * int(np.prod(shapes[name]))
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+        state = AutoModelForCausalLM.from_config(config).state_dict()
+    tied = model.config["tie_word_embeddings"]
+    shapes = {name: tuple(t.shape) for name, t in state.items() if not (tied and name == "lm_head.weight")}
+    width = model.file_dtype.itemsize
+    read = [name for name in shapes if any(part in name for part in READ_BY_CHAIN)]
+    unread = [name for name in shapes if name not in read]
+    shards: list[tuple[bool, list[str]]] = []
+    for written, names in ((True, read), (False, unread)):
+        size = 0
+        shards.append((written, []))
+        for name in names:
+            nbytes = width * int(np.prod(shapes[name]))
+            if shards[-1][1] and size + nbytes > SHARD_BYTES:
+                shards.append((written, []))
+                size = 0
+            shards[-1][1].append(name)
+            size += nbytes
     g = torch.Generator().manual_seed(seed)
+    files: dict[str, Path] = {}
     weight_map = {}
-    for i, names in enumerate(shards, 1):
+    for i, (written, names) in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(
-            {name: _tensor(name, shapes[name], g) for name in names}, str(staging / file), metadata={"format": "pt"}
-        )
         weight_map |= {name: file for name in names}
-        files[file] = staging / file
-        print(f"  wrote {file} ({len(names)} tensors)", flush=True)
-    total = sum(4 * int(np.prod(s)) for s in shapes.values())
+        if written:
+            tensors = {name: _tensor(name, shapes[name], g, model.file_dtype) for name in names}
+            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+            files[file] = staging / file
+            print(f"  wrote {file} ({len(names)} tensors)", flush=True)
+    total = sum(width * int(np.prod(s)) for s in shapes.values())
     (staging / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
-    (staging / "config.json").write_text(json.dumps(GEMMA_2_2B, indent=2))
-    files |= {
-        "model.safetensors.index.json": staging / "model.safetensors.index.json",
-        "config.json": staging / "config.json",
-    }
+    (staging / "config.json").write_text(json.dumps(model.config, indent=2))
     tokenizer = staging / "tokenizer.json"
-    _tokenizer(GEMMA_2_2B["vocab_size"]).save(str(tokenizer))
-    files["tokenizer.json"] = tokenizer
-    return files
+    _tokenizer(model.config["vocab_size"]).save(str(tokenizer))
+    return files | {name: staging / name for name in ("model.safetensors.index.json", "config.json", "tokenizer.json")}
 
 
 def _tokenizer(vocab_size: int):  # noqa: ANN202 - tokenizers.Tokenizer
@@ -153,32 +228,50 @@ def _tokenizer(vocab_size: int):  # noqa: ANN202 - tokenizers.Tokenizer
     return tok
 
 
-def write_sae(staging: Path, seed: int = 1) -> dict[str, Path]:
-    """One Gemma Scope ``params.npz``: JumpReLU W_enc (d, d_sae), W_dec (d_sae, d), biases, thresholds."""
+def write_sae(model: RealModel, staging: Path, seed: int = 1) -> dict[str, Path]:
+    """The SAE's files in its release's format, random unit decoder rows (the encoder their transpose): a Gemma
+    Scope ``params.npz`` (JumpReLU W_enc (d, d_sae), W_dec (d_sae, d), biases, thresholds) or a Llama Scope folder
+    (``core.testbeds.planted.llama_scope_files``: bf16 safetensors and ``hyperparams.json``)."""
+    from core.registry import get_release
+    from core.testbeds.planted import llama_scope_files
+
     rng = np.random.default_rng(seed)
-    d = GEMMA_2_2B["hidden_size"]
-    w_dec = rng.standard_normal((D_SAE, d), dtype=np.float32)
+    d = model.config["hidden_size"]
+    w_dec = rng.standard_normal((model.d_sae, d), dtype=np.float32)
     w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
     arrays = dict(
         W_enc=np.ascontiguousarray(w_dec.T),
         W_dec=w_dec,
-        b_enc=np.zeros(D_SAE, np.float32),
+        b_enc=np.zeros(model.d_sae, np.float32),
         b_dec=np.zeros(d, np.float32),
-        threshold=rng.uniform(0.05, 0.5, D_SAE).astype(np.float32),
+        threshold=rng.uniform(0.05, 0.5, model.d_sae).astype(np.float32),
     )
-    path = staging / "params.npz"
-    np.savez(path, **arrays)
-    return {f"{SAE_ID}/params.npz": path}
+    folder = get_release(model.release).sae(model.sae_id).folder
+    if model.config["model_type"] == "gemma2":
+        path = staging / "params.npz"
+        np.savez(path, **arrays)
+        return {f"{folder}/params.npz": path}
+    tensors = {name: torch.from_numpy(a) for name, a in arrays.items() if name != "threshold"}
+    files = llama_scope_files(
+        tensors, layer=model.layer, jump_relu_threshold=0.5, average_norm=d**0.5, include_decoder_norm=False
+    )
+    out = {}
+    for name, data in files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(data)
+        out[f"{folder}/{name}"] = staging / name
+    return out
 
 
-def read_bytes() -> int:
-    """Bytes of the float32 tensors a step of layer LAYER's SAE needs: the (tied) embedding, the final norm,
-    the norms and attention weights of the two layers it pairs with (``circuit_layers`` "adjacent") and the
-    SAE."""
-    c = GEMMA_2_2B
+def read_bytes(model: RealModel) -> int:
+    """Bytes of the float32 tensors a step of the SAE needs: the embedding (and a separate unembedding), the
+    final norm, the norms and attention weights of the two layers it pairs with (``circuit_layers`` "adjacent")
+    and the SAE."""
+    c = model.config
     d, heads, kv, hd = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     per_layer = 2 * d * heads * hd + 2 * d * kv * hd + 4 * d
-    return 4 * (c["vocab_size"] * d + d + 2 * per_layer + 2 * D_SAE * d + 2 * D_SAE + d)
+    vocab = c["vocab_size"] * d * (1 if c["tie_word_embeddings"] else 2)
+    return 4 * (vocab + d + 2 * per_layer + 2 * model.d_sae * d + 2 * model.d_sae + d)
 
 
 # -- one asset per process ---------------------------------------------------------------------------------------
@@ -211,7 +304,8 @@ def step(args: argparse.Namespace) -> None:
         "compute": ComputeResource(dtype=args.dtype),
     }
     instance = dg.DagsterInstance.get()  # DAGSTER_HOME: one instance for the whole chain
-    partition = f"{RELEASE}:{SAE_ID}"
+    model = MODELS[args.model]
+    partition = f"{model.release}:{model.sae_id}"
     if not instance.has_dynamic_partition("sae", partition):
         instance.add_dynamic_partitions("sae", [partition])
     start = time.perf_counter()
@@ -233,12 +327,12 @@ def _child(argv: list[str], env: dict[str, str]) -> None:
         raise SystemExit(f"{' '.join(argv)} failed")
 
 
-def floor_flops(dtype: torch.dtype) -> tuple[float, str]:
+def floor_flops(model: RealModel, dtype: torch.dtype) -> tuple[float, str]:
     """FLOP/s of this machine's best blocked matmul for the lens shape (1024 rows x the vocabulary)."""
     from benchmarks.engine_benchmark import best_block, blocked_matmul, timed
 
     g = torch.Generator().manual_seed(0)
-    c = GEMMA_2_2B
+    c = model.config
     left = torch.randn(1024, c["hidden_size"], generator=g)
     right = torch.randn(c["vocab_size"], c["hidden_size"], generator=g).to(dtype)
     rows, cols = best_block(left, right, dtype)
@@ -249,11 +343,13 @@ def floor_flops(dtype: torch.dtype) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--model", default="gemma-2-2b", choices=sorted(MODELS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--asset", help=argparse.SUPPRESS)  # internal: one asset in this process
     args = parser.parse_args()
     args.dir = args.dir.resolve()
+    model = MODELS[args.model]
     if args.asset:
         step(args)
         return
@@ -268,21 +364,22 @@ def main() -> None:
         staging = args.dir / "staging"
         staging.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        write_snapshot(hub, MODEL_REPO, write_model(staging), base=None)
-        write_snapshot(hub, SAE_REPO, write_sae(staging), base=None)
+        write_snapshot(hub, model.model_repo, write_model(model, staging), base=None)
+        write_snapshot(hub, model.sae_repo, write_sae(model, staging), base=None)
         shutil.rmtree(staging)
         print(f"model and SAE written in {time.perf_counter() - start:.0f} s", flush=True)
     for old in (args.dir / "data", args.dir / "dagster"):
         shutil.rmtree(old, ignore_errors=True)
     (args.dir / "dagster").mkdir()
 
-    flops, block = floor_flops(getattr(torch, args.dtype))
-    me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--dtype", args.dtype]
+    flops, block = floor_flops(model, getattr(torch, args.dtype))
+    me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--model", args.model]
+    me += ["--dtype", args.dtype]
     root = Path(__file__).resolve().parents[1]
     bare_code = "import torch, dagster, orchestration.definitions, benchmarks.memory as m; print(m.peak_rss())"
     bare = int(subprocess.check_output([sys.executable, "-c", bare_code], env={**env, "PYTHONPATH": str(root)}))
     rows = []
-    for asset in chain_of(RELEASE):
+    for asset in chain_of(model.release):
         name = asset.to_user_string()
         _child([*me, "--asset", name], env)
         figures = json.loads((args.dir / f"step-{name}.json").read_text())
@@ -290,9 +387,9 @@ def main() -> None:
 
     gib = 1 << 30
     print(
-        f"\n{RELEASE}:{SAE_ID} on {MODEL_REPO}'s shapes, {args.dtype}, {torch.get_num_threads()} threads; "
-        f"floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors a step needs "
-        f"{read_bytes() / gib:.2f} GiB; a bare process {bare / gib:.2f} GiB"
+        f"\n{model.release}:{model.sae_id} on {model.model_repo}'s shapes, {args.dtype}, {torch.get_num_threads()} "
+        f"threads; floor: best blocked matmul {flops / 1e9:.1f} GFLOP/s ({block}); tensors a step needs "
+        f"{read_bytes(model) / gib:.2f} GiB; a bare process {bare / gib:.2f} GiB"
     )
     print(
         f"{'asset':<22} {'seconds':>8} {'engine s':>9} {'floor s':>8} {'floor/s':>8} {'peak GiB':>9} {'over bare':>9}"
