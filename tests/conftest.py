@@ -18,16 +18,54 @@ from core.testbeds.planted import generate  # noqa: E402
 from tests.planted_chain import PLANTED, PLANTED_NULL, materialise_planted  # noqa: E402
 
 TIERS = ("unit", "chain", "system")  # pyproject.toml [tool.pytest.ini_options] markers
+# Under pytest-xdist (scripts/test.sh) each module runs whole on one worker; these modules share a session fixture
+# of minutes with another one (``chain`` / ``null_chain``, ``trained_llama``), so they run on that module's worker
+# and the fixture is built once.
+SAME_WORKER = {"test_claims_planted.py": "test_chain.py", "test_peer_saelens.py": "test_trained.py"}
+# The modules of minutes, longest first (measured): the workers start on them, so no long module is left for the
+# end while the other worker idles; the rest follow in file order.
+LONGEST_FIRST = (
+    "test_chain.py",
+    "test_claims_planted.py",
+    "test_invariance.py",
+    "test_cluster.py",
+    "test_reliability.py",
+    "test_trained.py",
+    "test_peer_saelens.py",
+    "test_gpu_check.py",
+    "test_negative_controls.py",
+    "test_cli.py",
+    "test_ui_browser.py",
+    "test_freshness.py",
+)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: one worker per core, so one torch thread each
     torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test carries exactly one tier marker (a module's ``pytestmark``), so ``-m unit`` selects a known set."""
+    """Every test carries exactly one tier marker (a module's ``pytestmark``), so ``-m unit`` selects a known set;
+    the modules of ``LONGEST_FIRST`` are run first, in that order (a stable sort: within a module, file order)."""
     unmarked = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
     if unmarked:
         raise pytest.UsageError(f"tests without exactly one of the markers {TIERS}: {unmarked[:5]}")
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's module-at-a-time scheduling (``--dist loadfile``), with the modules of ``SAME_WORKER`` in one unit and
+    the units handed out in collection order (``LONGEST_FIRST``) instead of by their number of tests."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            path = Path(module)
+            return str(path.with_name(SAME_WORKER.get(path.name, path.name)))
+
+    config.option.loadscopereorder = False
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from core.analysis.classify import call_classes, lens_measures
-from core.stages import EngineSettings, lens_stage
+from core.stages import EngineSettings, PhaseDirections, lens_stage, sample_directions
 from core.weights.sae_formats import SaeWeights
 from core.weights.vocab import normal_tokens, vocabulary_table
 from tests.core_chain import SIZE, random_model
@@ -79,3 +79,27 @@ def test_matched_null_holds_the_nominal_rate(rates):
     for sample in ("feature", "control"):
         assert rates["matched", sample, "heavy_tailed"] <= 0.025
         assert rates["matched", sample, "output_predicting"] <= 0.02
+
+
+def test_one_phase_at_a_time_gives_the_directions_of_both_at_once():
+    """``sample_directions`` of one phase and ``PhaseDirections`` (switching phases, and back) give exactly the
+    directions drawn for both phases together: a stage that holds one phase at a time sees the same samples."""
+    gen = torch.Generator().manual_seed(5)
+    d, width = 32, 96
+    sae = SaeWeights(
+        torch.randn(d, width, generator=gen),
+        torch.randn(width, d, generator=gen),
+        torch.zeros(width),
+        torch.zeros(d),
+        torch.zeros(width),
+        "random SAE",
+    )
+    both = sample_directions(sae, "r:s", 16, matched=True)
+    held = PhaseDirections(sae, "r:s", 16, matched=True)
+    for phase in ("decoder_unembedding", "encoder_embedding", "decoder_unembedding"):
+        alone = sample_directions(sae, "r:s", 16, matched=True, phases=(phase,))
+        assert set(alone) == set(both) == set(held(phase)) == {"feature", "control", "null", "matched_null"}
+        for sample, directions in both.items():
+            assert set(alone[sample]) == {phase}
+            assert torch.equal(alone[sample][phase], directions[phase])
+            assert torch.equal(held(phase)[sample], directions[phase])
