@@ -294,10 +294,10 @@ def feature_classes(ref: SaeRef, hub: Hub, tables: TableStore, k: int, browsers:
 
     Of the stored tables it reads only the columns in ``CLASS_READS`` (``core.store.storage.TableStore.read``)."""
     _, checkpoint, sae = load_sae(ref, hub)
-    control = control_sae(sae, ref.key)  # first, while little else is held: only its norms are kept
+    control = control_sae(sae, ref.key, halves=())  # the norms the control's rows carry
     norms = {"encoder_norm": control.encoder_norm.numpy(), "decoder_norm": control.decoder_norm.numpy()}
     width = sae.d_sae
-    del control, sae
+    del sae
     lens = {name: tables.read(name, ref.key, CLASS_READS.get(name)) for name in LENS_TABLES}
     normal = normal_tokens(tables.read("vocabulary", ref.key, CLASS_READS["vocabulary"]))
     stats, writes = (tables.read(name, ref.key, CLASS_READS.get(name)) for name in ("circuit_stats", "head_writes"))

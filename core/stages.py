@@ -38,6 +38,7 @@ from core.weights.sae_formats import SaeWeights
 SAMPLES = ("feature", "control", "null")  # through every circuit
 LENS_SAMPLES = (*SAMPLES, "matched_null")  # through the lenses: the class thresholds' default null too
 LENS_SIDES = {"output": "decoder_unembedding", "input": "encoder_embedding"}  # lens -> the directions it reads
+CONTROL_HALF = {"encoder_embedding": "encoder", "decoder_unembedding": "decoder"}  # phase -> core.lens.control half
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,15 @@ def sample_directions(
     control's, ``n_null`` isotropic null directions (the same for both phases) and, when ``matched``, ``n_null``
     SAE-matched null directions (``core.lens.control.matched_null``), all seeded by ``key`` — the same directions
     whichever ``phases`` are asked for (a stage that reads one phase at a time holds only that phase's)."""
-    control = control_sae(sae, key)
-    null = null_directions(n_null, sae.d_model, key)
     own = {"encoder_embedding": sae.encoder_directions, "decoder_unembedding": sae.decoder_directions}
-    drawn = {"encoder_embedding": control.encoder_directions, "decoder_unembedding": control.decoder_directions}
+    control = control_sae(sae, key, halves=tuple(CONTROL_HALF[phase] for phase in phases)).directions
+    null = null_directions(n_null, sae.d_model, key)
     out = {
         "feature": {phase: own[phase]() for phase in phases},
-        "control": {phase: drawn[phase] for phase in phases},
+        "control": {phase: control.pop(CONTROL_HALF[phase]) for phase in phases},
         "null": {phase: null for phase in phases},
     }
-    if matched:
-        out["matched_null"] = {phase: d for phase, d in matched_null(sae, key, n_null).items() if phase in phases}
-    return out
+    return out | ({"matched_null": matched_null(sae, key, n_null, phases)} if matched else {})
 
 
 class PhaseDirections:

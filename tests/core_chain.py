@@ -114,7 +114,7 @@ def analyse(
             checkpoint.embedding().numpy(),
             checkpoint.unembedding().numpy(),
         )
-        drawn = control_sae(sae, key)
+        drawn = control_sae(sae, key, halves=())
         classes.append(out.rows("feature").assign(**ids))
         control.append(
             out.rows("control").assign(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from core.analysis.classify import call_classes, lens_measures
+from core.lens.control import control_sae
 from core.stages import EngineSettings, PhaseDirections, lens_stage, sample_directions
 from core.weights.sae_formats import SaeWeights
 from core.weights.vocab import normal_tokens, vocabulary_table
@@ -103,3 +104,26 @@ def test_one_phase_at_a_time_gives_the_directions_of_both_at_once():
             assert set(alone[sample]) == {phase}
             assert torch.equal(alone[sample][phase], directions[phase])
             assert torch.equal(held(phase)[sample], directions[phase])
+
+
+def test_control_halves_drawn_alone_are_those_drawn_together_and_keep_the_cross_moment():
+    """Each control half drawn alone equals the same half drawn with the other (one Gaussian draw shared); the
+    norms do not depend on the halves; the two halves keep the SAE's encoder–decoder cross second moment."""
+    gen = torch.Generator().manual_seed(6)
+    d, width, n = 12, 64, 40_000
+    w_enc = torch.randn(d, width, generator=gen)
+    w_dec = w_enc.T + 0.3 * torch.randn(width, d, generator=gen)  # decoder rows lean on their encoder columns
+    sae = SaeWeights(w_enc, w_dec, torch.zeros(width), torch.zeros(d), torch.zeros(width), "correlated SAE")
+    both = control_sae(sae, "r:s", n)
+    for half in ("encoder", "decoder"):
+        alone = control_sae(sae, "r:s", n, halves=(half,))
+        assert list(alone.directions) == [half] and torch.equal(alone.directions[half], both.directions[half])
+    norms_only = control_sae(sae, "r:s", n, halves=())
+    assert not norms_only.directions
+    assert torch.equal(norms_only.encoder_norm, both.encoder_norm)
+    assert torch.equal(norms_only.decoder_norm, both.decoder_norm)
+    target = sae.encoder_directions().T @ sae.decoder_directions() / width
+    drawn = both.encoder_directions.T @ both.decoder_directions / n
+    assert torch.linalg.norm(drawn - target) < 0.1 * torch.linalg.norm(target)
+    shuffled = both.encoder_directions.T @ both.decoder_directions[torch.randperm(n, generator=gen)] / n
+    assert torch.linalg.norm(shuffled - target) > 0.5 * torch.linalg.norm(target)  # the pairing carries it
