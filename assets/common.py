@@ -5,10 +5,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
 from core.registry import SaeRef, parse_key
 from core.stage_output import Fact, Markdown, StageOutput
+from core.store.storage import TableStore
 from core.store.table_checks import Check, combined
 from orchestration.resources import StoreResource
 
@@ -87,17 +87,11 @@ def sae_metadata(ref: SaeRef) -> dict[str, dg.MetadataValue]:
     }
 
 
-def store_table(store: StoreResource, table: str, key: str, frame: pd.DataFrame) -> dict[str, dg.MetadataValue]:
-    """Write one partition's rows (atomically) and refresh the DuckDB views; return metadata saying
-    where the rows are and how to query them."""
-    return stored_table_metadata(store, table, store.tables().write(table, key, frame), len(frame))
-
-
-def stored_table_metadata(store: StoreResource, table: str, path: Path, rows: int) -> dict[str, dg.MetadataValue]:
-    """Refresh the DuckDB views after ``rows`` rows of ``table`` were stored at ``path``; the metadata saying
-    where they are and how to query them."""
-    tables = store.tables()
-    views_ok = tables.refresh_views()
+def table_metadata(
+    tables: TableStore, table: str, path: Path, rows: int, views_ok: bool
+) -> dict[str, dg.MetadataValue]:
+    """The metadata saying where ``rows`` rows of ``table`` are stored (``path``) and how to query them (``views_ok``:
+    whether the DuckDB views were refreshed after they were stored)."""
     return {
         f"{table}/rows": dg.MetadataValue.int(rows),
         f"{table}/parquet": dg.MetadataValue.path(str(path)),
@@ -147,16 +141,21 @@ def materialize(
     outputs without tables), log their warnings, and report their facts as metadata and their check groups as
     asset checks (a group's parts from all outputs combined)."""
     outputs = [outputs] if isinstance(outputs, StageOutput) else outputs
-    if store is None and any(out.tables or out.streamed for out in outputs):
-        raise ValueError("a stage with tables needs the store")
+    written = [(out, name, frame) for out in outputs for name, frame in out.tables.items()]
+    streamed = [(out, name, rows) for out in outputs for name, rows in out.streamed.items()]
     metadata: dict[str, dg.MetadataValue] = {}
+    if written or streamed:
+        if store is None:
+            raise ValueError("a stage with tables needs the store")
+        tables = store.tables()
+        places = [(out, name, tables.write(name, out.key, frame), len(frame)) for out, name, frame in written]
+        places += [(out, name, tables.file(name, out.key), rows) for out, name, rows in streamed]
+        views_ok = tables.refresh_views()  # once, after every table is stored
+        for out, name, path, rows in places:
+            entries = table_metadata(tables, name, path, rows, views_ok)
+            metadata |= {out.label_prefix + label: value for label, value in entries.items()}
     parts: dict[str, list[Check]] = {}
     for out in outputs:
-        stored = {name: store_table(store, name, out.key, frame) for name, frame in out.tables.items()}
-        for name, rows in out.streamed.items():
-            stored[name] = stored_table_metadata(store, name, store.tables().file(name, out.key), rows)
-        for entries in stored.values():
-            metadata |= {out.label_prefix + label: value for label, value in entries.items()}
         metadata |= {out.label_prefix + label: metadata_value(fact) for label, fact in out.facts.items()}
         for name, found in out.checks.items():
             parts.setdefault(name, []).extend(found)
