@@ -129,7 +129,8 @@ def nonfinite_count(t: torch.Tensor, chunk_elements: int = FINITE_CHUNK_ELEMENTS
 
 
 def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | None = None) -> SaeWeights:
-    """Check shapes, dtypes and finiteness of SAELens-oriented tensors; return float32 ``SaeWeights``.
+    """Check shapes, dtypes and finiteness of SAELens-oriented tensors; return float32 ``SaeWeights`` (taking the
+    tensors out of ``tensors`` one at a time, so a tensor and its float32 copy are never all held at once).
 
     ``d_model``, when given, is the model's residual width the SAE must match.
     """
@@ -148,7 +149,7 @@ def validated(source: Path, tensors: dict[str, torch.Tensor], d_model: int | Non
             )
     if d_model is not None and dm != d_model:
         raise WeightFileError(source, f"SAE d_model {dm} does not match the model's hidden size {d_model}")
-    out = {name: t.to(torch.float32).contiguous() for name, t in tensors.items()}
+    out = {name: tensors.pop(name).to(torch.float32).contiguous() for name in list(tensors)}  # one copy at a time
     for name, t in out.items():
         bad = nonfinite_count(t)
         if bad:
@@ -211,13 +212,21 @@ class LlamaScopeSafetensors:
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise WeightFileError(hp_path, f"missing or malformed hyperparameter: {exc!r}") from exc
         names = ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]
-        raw = {n: t.float() if t.is_floating_point() else t for n, t in read_safetensors(weights_path, names).items()}
+        raw = read_safetensors(weights_path, names)
         d_sae = raw["encoder.bias"].shape[0] if raw["encoder.bias"].ndim == 1 else -1
-        tensors = {  # scaled in float32 (not in the file's bf16), as SAELens does after its float32 cast
-            "W_enc": raw["encoder.weight"].T * s,
-            "W_dec": raw["decoder.weight"].T / s,
-            "b_enc": raw["encoder.bias"],
-            "b_dec": raw["decoder.bias"] / s,
+
+        def scaled(name: str, times: float = 1.0, over: float = 1.0, transpose: bool = False) -> torch.Tensor:
+            """``name`` taken out of ``raw`` (transposed in the file's dtype, half a float32 copy's bytes), as
+            float32, scaled in place — in float32 (not in the file's bf16), as SAELens does after its cast."""
+            t = raw.pop(name)
+            t = t.T.contiguous() if transpose else t
+            return t.float().mul_(times).div_(over) if t.is_floating_point() else t
+
+        tensors = {
+            "W_enc": scaled("encoder.weight", times=s, transpose=True),
+            "W_dec": scaled("decoder.weight", over=s, transpose=True),
+            "b_enc": scaled("encoder.bias"),
+            "b_dec": scaled("decoder.bias", over=s),
             "threshold": torch.full((max(d_sae, 0),), threshold * s),
         }
         if hp.get("d_sae") is not None and int(hp["d_sae"]) != d_sae:
