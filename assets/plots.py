@@ -30,7 +30,7 @@ def fitted_png(path: Path, width: int) -> bytes:
             return path.read_bytes()
         small = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    small.save(buffer, format="PNG", optimize=True)
+    small.save(buffer, format="PNG")  # optimize=True: 1 % smaller, 3x the time
     return buffer.getvalue()
 
 
