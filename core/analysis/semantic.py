@@ -104,6 +104,7 @@ def token_sets(tokens: pd.DataFrame, normal: np.ndarray, k_max: int) -> TokenSet
     excluded = np.zeros((n, k_max), dtype=np.int64)
     collapsed = np.zeros((n, k_max), dtype=np.int64)
     forms: list[list[str]] = []
+    normalised: dict[str, str] = {}  # each distinct token string normalised once (a vocabulary, not every candidate)
     start = 0
     for r, size in enumerate(sizes):
         seen: list[str] = []
@@ -112,7 +113,9 @@ def token_sets(tokens: pd.DataFrame, normal: np.ndarray, k_max: int) -> TokenSet
             if not normal[ids_all[i]]:
                 skipped += 1
                 continue
-            form = normalise_token(strings[i])
+            form = normalised.get(strings[i])
+            if form is None:
+                form = normalised[strings[i]] = normalise_token(strings[i])
             if form in seen:
                 merged += 1
                 continue
