@@ -16,7 +16,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 from core.errors import WeightFileError
 from core.pipeline import vocab_matrices
 from core.store import atomic
-from core.weights import model_weights
+from core.weights import model_weights, sae_formats
 from core.weights.model_weights import ModelCheckpoint, open_checkpoint
 from core.weights.sae_formats import FINITE_CHUNK_ELEMENTS
 
@@ -168,21 +168,21 @@ def test_a_process_reads_the_vocabulary_matrices_once_per_model_state(llama_dir,
     """``open_checkpoint`` (what ``fetch_model`` returns): one checkpoint per folder and file state, so every stage
     of a process gets the embedding it read first; rewriting a file gives a new checkpoint that reads the new one."""
     reads = []
-    real = model_weights.read_safetensors
-    monkeypatch.setattr(model_weights, "read_safetensors", lambda path, names: reads.append(names) or real(path, names))
+    real = model_weights.read_float32
+    monkeypatch.setattr(model_weights, "read_float32", lambda path, name: reads.append(name) or real(path, name))
     first = open_checkpoint(llama_dir)
     embedding = first.embedding()
     del embedding
     gc.collect()
     assert open_checkpoint(llama_dir) is first and first.embedding() is first.embedding()
     assert open_checkpoint(llama_dir).unembedding() is first.unembedding()
-    assert reads == [["model.embed_tokens.weight"], ["lm_head.weight"]]
+    assert reads == ["model.embed_tokens.weight", "lm_head.weight"]
     config = llama_dir / "config.json"
     config.write_text(config.read_text() + "\n")  # a new file state: the folder is not the model it was
     second = open_checkpoint(llama_dir)
     assert second is not first
     second.embedding()
-    assert reads[-1] == ["model.embed_tokens.weight"]
+    assert reads[-1] == "model.embed_tokens.weight"
 
 
 def test_untied_unembedding_is_its_own_tensor(llama_dir):
@@ -190,3 +190,17 @@ def test_untied_unembedding_is_its_own_tensor(llama_dir):
     embedding, unembedding = ckpt.embedding(), ckpt.unembedding()
     assert unembedding is not embedding and not torch.equal(unembedding, embedding)
     assert ckpt.embedding() is embedding  # held by the caller: the same object, not a second read
+
+
+def test_a_bf16_tensor_is_read_to_float32_in_row_blocks(tmp_path, monkeypatch):
+    """``read_float32``: a bf16 tensor converted block by block (several blocks here, a ragged last one) equals its
+    float32 cast; a float32 tensor comes back as stored; a missing name is an error naming the file."""
+    monkeypatch.setattr(sae_formats, "FLOAT32_BLOCK_BYTES", 4 * 16 * 7)  # 7 rows of 16 per block
+    gen = torch.Generator().manual_seed(0)
+    stored = {"w": torch.randn(50, 16, generator=gen).to(torch.bfloat16), "f": torch.randn(3, 4, generator=gen)}
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(save(stored))
+    assert torch.equal(sae_formats.read_float32(path, "w"), stored["w"].float())
+    assert torch.equal(sae_formats.read_float32(path, "f"), stored["f"])
+    with pytest.raises(WeightFileError, match="t.safetensors.*missing tensors"):
+        sae_formats.read_float32(path, "absent")

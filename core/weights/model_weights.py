@@ -47,7 +47,7 @@ import torch
 from safetensors import safe_open
 
 from core.errors import WeightFileError
-from core.weights.sae_formats import nonfinite_count, read_json, read_safetensors
+from core.weights.sae_formats import nonfinite_count, read_float32, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -234,7 +234,7 @@ class ModelCheckpoint:
             raise WeightFileError(self.root / INDEX_FILE, f"tensor {name!r} is not in the weight map")
         path = self.root / shard
         held = self._held.get(name)
-        t = held if held is not None else read_safetensors(path, [name])[name]
+        t = held if held is not None else read_float32(path, name)
         if shape is not None and tuple(t.shape) != shape:
             raise WeightFileError(path, f"{name} has shape {tuple(t.shape)}, config.json implies {shape}")
         if held is None:

@@ -45,9 +45,11 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -113,6 +115,7 @@ class SaeFormat(Protocol):
 
 
 FINITE_CHUNK_ELEMENTS = 1 << 20  # elements per finiteness pass: 4 MiB of float32
+FLOAT32_BLOCK_BYTES = 64 << 20  # float32 bytes per block of read_float32's conversion
 
 
 def nonfinite_count(t: torch.Tensor, chunk_elements: int = FINITE_CHUNK_ELEMENTS) -> int:
@@ -267,12 +270,39 @@ def read_json(path: Path) -> dict:
 
 def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Only the named tensors of a safetensors file (memory-mapped read), with file-naming errors."""
-    try:
+    with _safetensors_errors(path), safe_open(path, framework="pt") as f:
+        missing = [n for n in names if n not in f.keys()]
+        if missing:
+            raise WeightFileError(path, f"missing tensors {missing}")
+        return {n: f.get_tensor(n) for n in names}
+
+
+def read_float32(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file as float32, converted in row blocks of ``FLOAT32_BLOCK_BYTES``: a bf16
+    tensor costs its float32 copy, not that plus the whole bf16 one (1 GiB more for Llama-3.1-8B's embedding). The
+    file is mapped anew for each block, since the pages of a mapping read so far count in the resident set until
+    it is closed. File-naming errors as ``read_safetensors``; a float32 tensor is read as it is."""
+    with _safetensors_errors(path):
         with safe_open(path, framework="pt") as f:
-            missing = [n for n in names if n not in f.keys()]
-            if missing:
-                raise WeightFileError(path, f"missing tensors {missing}")
-            return {n: f.get_tensor(n) for n in names}
+            if name not in f.keys():
+                raise WeightFileError(path, f"missing tensors {[name]}")
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            if part.get_dtype() == "F32" or not shape:
+                return f.get_tensor(name)
+        out = torch.empty(shape, dtype=torch.float32)
+        rows = max(1, FLOAT32_BLOCK_BYTES // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            with safe_open(path, framework="pt") as f:
+                out[start : start + rows] = f.get_slice(name)[start : start + rows]
+        return out
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: Path) -> Iterator[None]:
+    """Errors of reading the safetensors file ``path`` as ``WeightFileError`` naming it."""
+    try:
+        yield
     except WeightFileError:
         raise
     except FileNotFoundError as exc:
