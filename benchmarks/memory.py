@@ -66,14 +66,15 @@ class HighWater:
             if rss < last + self.step:
                 continue
             last = rss
-            frame = sys._current_frames().get(self._main)  # the way to read another thread's frames
-            frames = traceback.extract_stack(frame) if frame is not None else []
-            ours = [
-                f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}"
-                for f in frames
-                if f.filename.startswith(PROJECT)
-            ]
-            self.records.append((time.perf_counter() - self._start, rss, ours[-self.depth :]))
+            self.records.append((time.perf_counter() - self._start, rss, self._main_frames()))
+
+    def _main_frames(self) -> list[str]:
+        """The main thread's innermost project frames, as text. The frame object is dropped on return: held, it
+        would keep that call's locals (its tensors) alive after the call ends, inflating what is measured."""
+        frame = sys._current_frames().get(self._main)  # the way to read another thread's frames
+        summary = traceback.extract_stack(frame) if frame is not None else []
+        ours = [f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}" for f in summary if f.filename.startswith(PROJECT)]
+        return ours[-self.depth :]
 
     def report(self, baseline: int = 0) -> str:
         """One line per record (GiB over ``baseline``), innermost frame last; the highest record marked."""

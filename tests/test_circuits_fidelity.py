@@ -297,7 +297,8 @@ def test_bf16_stays_within_the_rounding_bound(tiny):
 
 def test_all_circuits_and_operand_reuse(tiny):
     """Every (phase, kind, layer, head) once; with the circuits as its plan, ``VocabOperands`` computes each
-    vocabulary operand once and keeps at most one between circuits."""
+    vocabulary operand once, keeps at most one between circuits and none while it computes another (one
+    (vocab, head_dim) operand alive at a time)."""
     _, ckpt, _, _ = tiny
     g = ckpt.geometry
     circuits = all_circuits(g)
@@ -306,11 +307,12 @@ def test_all_circuits_and_operand_reuse(tiny):
     paired = all_circuits(g, paired_layers(0, g.n_layers))
     assert {(c.phase, c.layer) for c in paired} == {("encoder_embedding", 0), ("decoder_unembedding", 1)}
     operands = VocabOperands(ckpt, DEVICE, plan=circuits)
-    computed, kept = [], []
+    computed, kept, held_while_computing = [], [], []
     compute = operands._compute
 
     def counted(c):
         computed.append(operands.operand_key(c))
+        held_while_computing.append(len(operands._kept))
         return compute(c)
 
     operands._compute = counted
@@ -320,6 +322,7 @@ def test_all_circuits_and_operand_reuse(tiny):
     assert len(computed) == len(set(computed))  # each operand once
     assert {operands.operand_key(c) for c in circuits} == set(computed)
     assert max(kept) == 1 and kept[-1] == 0  # only a kv group's keys wait for the group's next head; none left
+    assert g.n_heads > g.n_kv_heads and max(held_while_computing) == 0  # the group's heads use its keys back to back
     assert sum(key[0] == "k" for key in computed) == g.n_layers * g.n_kv_heads
     unplanned = VocabOperands(ckpt, DEVICE)
     assert unplanned.right(circuits[0]) is not unplanned.right(circuits[0])  # no plan: nothing kept

@@ -137,18 +137,20 @@ def all_circuits(
     kinds: Mapping[str, tuple[str, ...]] = PHASE_KINDS,
 ) -> list[Circuit]:
     """The circuits of ``kinds`` (default: every analysed kind, ``PHASE_KINDS``; or a ``CIRCUIT_SETS`` entry) at
-    each phase's ``layers`` (default: every layer for both phases), ordered layer → query head (kv groups
-    contiguous) → phase → kind: the query heads that share a kv group's keys follow each other, so
-    ``VocabOperands`` keeps at most one operand between circuits."""
+    each phase's ``layers`` (default: every layer for both phases), ordered layer → kv group → phase → kind → query
+    head of the group: the circuits that share a kv group's keys (``qk_feature_query`` of the group's query heads)
+    follow each other, so ``VocabOperands`` never holds a kept operand while it computes another."""
     every = range(geometry.n_layers)
     chosen = {phase: set(every if layers is None else layers.get(phase, ())) for phase in PHASES}
+    per_group = geometry.n_heads // geometry.n_kv_heads
     return [
         Circuit(phase, kind, layer, head)
         for layer in every
-        for head in range(geometry.n_heads)
+        for group in range(geometry.n_kv_heads)
         for phase in PHASES
         if layer in chosen[phase]
         for kind in kinds.get(phase, ())
+        for head in range(group * per_group, (group + 1) * per_group)
     ]
 
 
@@ -158,8 +160,9 @@ class VocabOperands:
     Holds W_E and W_U (one tensor if tied), the per-token 1/rms factors per phase and one layer's attention weights.
     A (vocab, head_dim) operand (262 MB at Gemma-2's 256000 x 256) is kept exactly while a circuit of ``plan`` (the
     circuits the caller will ask for, in any order) still needs it, and dropped after its last use; without a plan
-    none is kept. Only a kv group's keys serve several circuits (the query heads of the group), so in
-    ``all_circuits``' order (kv groups contiguous) at most one operand is kept between circuits.
+    none is kept. Only a kv group's keys serve several circuits (the query heads of the group), and
+    ``all_circuits`` puts those circuits next to each other: an operand is kept only from one circuit to the next,
+    never while another is computed (one (vocab, head_dim) operand alive at a time).
     """
 
     def __init__(
