@@ -2,7 +2,7 @@
 matmul floor and peak memory per asset.
 
 Run: .venv/bin/python benchmarks/real_shape.py --dir DIR [--model gemma-2-2b|llama-3.1-8b]
-     [--dtype float32|bfloat16] [--keep]
+     [--dtype float32|bfloat16] [--circuit-layers adjacent|all] [--circuits N] [--keep]
 
 Writes, in the exact hub layout of a Hugging Face cache under ``DIR/hub``, a model with the named real model's
 config and one SAE of its release (``MODELS``):
@@ -30,6 +30,10 @@ asset:
 * where the resident set rose (``benchmarks.memory.HighWater``: each rise of 32 MiB with the code line running),
   in ``DIR/step-<asset>-memory.txt``, its highest record printed under the table.
 
+``--circuit-layers all`` runs the full layer grid (``ComputeResource.circuit_layers``); ``--circuits N`` keeps the
+first N/2 circuits of each phase of the scope (a slice, for the memory curve of a grid that takes hours: the step's
+resident set after each circuit is printed with its slope per circuit, to extrapolate from).
+
 Not in CI: Gemma-2-2B needs ~3 GB of disk (twice that while the cache copies the shards) and ~50 minutes per
 dtype on 2 cores; Llama-3.1-8B ~2.5 GB and longer (96 circuits). ``--keep`` keeps ``DIR`` (model and results)
 for another run.
@@ -53,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.memory import HighWater, peak_rss  # noqa: E402
+from benchmarks.memory import HighWater, current_rss, peak_rss  # noqa: E402
 
 GEMMA_2_2B = dict(  # google/gemma-2-2b config.json
     architectures=["Gemma2ForCausalLM"],
@@ -288,11 +292,17 @@ def step(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         result = inner(left, right, **kwargs)  # type: ignore[arg-type]
         calls.append(
-            {"flop": 2.0 * left.shape[0] * right.shape[0] * left.shape[1], "seconds": time.perf_counter() - start}
+            {
+                "flop": 2.0 * left.shape[0] * right.shape[0] * left.shape[1],
+                "seconds": time.perf_counter() - start,
+                "rss": current_rss(),
+            }
         )
         return result
 
     engine.row_stats = counted  # before the stages import it by name
+    if args.circuits:
+        _slice_circuits(args.circuits)
     import dagster as dg
 
     from orchestration.cli import run_assets
@@ -301,7 +311,7 @@ def step(args: argparse.Namespace) -> None:
     resources = {
         "hub": HubResource(cache_dir=str(args.dir / "hub"), offline=True),
         "store": StoreResource(data_dir=str(args.dir / "data")),
-        "compute": ComputeResource(dtype=args.dtype),
+        "compute": ComputeResource(dtype=args.dtype, circuit_layers=args.circuit_layers),
     }
     instance = dg.DagsterInstance.get()  # DAGSTER_HOME: one instance for the whole chain
     model = MODELS[args.model]
@@ -309,7 +319,7 @@ def step(args: argparse.Namespace) -> None:
     if not instance.has_dynamic_partition("sae", partition):
         instance.add_dynamic_partitions("sae", [partition])
     start = time.perf_counter()
-    with HighWater() as trace:
+    with HighWater(interval=0.02) as trace:
         run_assets(instance, [dg.AssetKey.from_user_string(args.asset)], partition, resources)
     seconds = time.perf_counter() - start
     (args.dir / f"step-{args.asset}-memory.txt").write_text(trace.report() + "\n")
@@ -318,8 +328,40 @@ def step(args: argparse.Namespace) -> None:
         "engine_seconds": sum(c["seconds"] for c in calls),
         "flop": sum(c["flop"] for c in calls),
         "peak": peak_rss(),
+        "rss_after_calls": [c["rss"] for c in calls],
     }
     (args.dir / f"step-{args.asset}.json").write_text(json.dumps(figures))
+
+
+def _slice_circuits(n: int) -> None:
+    """Make the circuit stage run only the first ``n // 2`` circuits of each phase of its scope (``--circuits``)."""
+    from core import stages
+    from core.lens.circuits import PHASES
+
+    every = stages.all_circuits
+
+    def sliced(*args: Any, **kwargs: Any) -> list:
+        found = every(*args, **kwargs)
+        return [c for phase in PHASES for c in [c for c in found if c.phase == phase][: n // 2]]
+
+    stages.all_circuits = sliced
+
+
+def circuit_curve(rss_after_calls: list[int]) -> str:
+    """The circuit step's resident set after each circuit (every ``len(SAMPLES)`` engine calls: one per sample),
+    first / middle / last, and its least-squares slope per circuit over the second half (MiB)."""
+    from core.stages import SAMPLES
+
+    after = np.array(rss_after_calls[len(SAMPLES) - 1 :: len(SAMPLES)], dtype=np.float64) / (1 << 30)
+    if len(after) < 4:
+        return f"{len(after)} circuits: too few for a curve"
+    half = after[len(after) // 2 :]
+    slope = round(float(np.polyfit(np.arange(len(half)), half, 1)[0]) * 1024, 1) + 0.0  # no "-0.0"
+    return (
+        f"{len(after)} circuits, resident set after circuit 1 / {len(after) // 2} / {len(after)}: "
+        f"{after[0]:.2f} / {after[len(after) // 2 - 1]:.2f} / {after[-1]:.2f} GiB, slope over the second half "
+        f"{slope:+.1f} MiB per circuit"
+    )
 
 
 def _child(argv: list[str], env: dict[str, str]) -> None:
@@ -346,6 +388,8 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-2-2b", choices=sorted(MODELS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--circuit-layers", default="adjacent", choices=["adjacent", "all"])
+    parser.add_argument("--circuits", type=int, default=0, help="the first N/2 circuits of each phase (0: all)")
     parser.add_argument("--asset", help=argparse.SUPPRESS)  # internal: one asset in this process
     args = parser.parse_args()
     args.dir = args.dir.resolve()
@@ -374,7 +418,7 @@ def main() -> None:
 
     flops, block = floor_flops(model, getattr(torch, args.dtype))
     me = [sys.executable, str(Path(__file__).resolve()), "--dir", str(args.dir), "--model", args.model]
-    me += ["--dtype", args.dtype]
+    me += ["--dtype", args.dtype, "--circuit-layers", args.circuit_layers, "--circuits", str(args.circuits)]
     root = Path(__file__).resolve().parents[1]
     bare_code = "import torch, dagster, orchestration.definitions, benchmarks.memory as m; print(m.peak_rss())"
     bare = int(subprocess.check_output([sys.executable, "-c", bare_code], env={**env, "PYTHONPATH": str(root)}))
@@ -408,6 +452,8 @@ def main() -> None:
     for name, _, _ in rows:
         trace = (args.dir / f"step-{name}-memory.txt").read_text().splitlines()
         print(f"{name}: highest rise {next((line for line in trace if line.startswith('*')), 'none')}")
+    circuits = next(f for name, f, _ in rows if name == "circuit_tables")
+    print(f"circuit_tables: {circuit_curve(circuits['rss_after_calls'])}")
     if not args.keep:
         shutil.rmtree(args.dir)
 

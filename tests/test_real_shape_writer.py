@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from benchmarks.real_shape import MODELS, read_bytes, write_model, write_sae
+from benchmarks.real_shape import MODELS, circuit_curve, read_bytes, write_model, write_sae
 from core.registry import parse_key
 from core.weights.discovery import load_sae
 from core.weights.hub_cache import write_snapshot
@@ -46,3 +46,13 @@ def test_each_real_model_is_written_in_the_hub_layout_the_chain_loads(name: str,
     assert set(checkpoint.needed_shards()) <= set(written) < set(checkpoint.weight_map.values())
     vocabulary = checkpoint.unembedding().numel() * (1 if checkpoint.geometry.tied_embeddings else 2)
     assert read_bytes(model) >= 4 * (vocabulary + sae.W_enc.numel() + sae.W_dec.numel())  # what a step holds
+
+
+def test_circuit_curve_reads_one_point_per_circuit_and_its_slope() -> None:
+    gib, mib = 1 << 30, 1 << 20
+    # three engine calls per circuit (feature, control, null); the last of each is the circuit's point
+    flat = [g for _ in range(10) for g in (3 * gib, 4 * gib, 3 * gib)]
+    assert "+0.0 MiB per circuit" in circuit_curve(flat)
+    growing = [g for c in range(10) for g in (0, 0, 3 * gib + 20 * mib * c)]
+    assert "+20.0 MiB per circuit" in circuit_curve(growing)
+    assert "3.00 / 3.08 / 3.18 GiB" in circuit_curve(growing)
