@@ -73,7 +73,11 @@ class HighWater:
         would keep that call's locals (its tensors) alive after the call ends, inflating what is measured."""
         frame = sys._current_frames().get(self._main)  # the way to read another thread's frames
         summary = traceback.extract_stack(frame) if frame is not None else []
-        ours = [f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}" for f in summary if f.filename.startswith(PROJECT)]
+        ours = [
+            f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}"
+            for f in summary
+            if f.filename.startswith(PROJECT)
+        ]
         return ours[-self.depth :]
 
     def report(self, baseline: int = 0) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -50,22 +51,29 @@ class EngineSettings:
     device: str = "cpu"
 
 
+def sample_direction(sae: SaeWeights, key: str, n_null: int, phase: str, sample: str) -> torch.Tensor:
+    """One sample's unit directions (rows) of one phase, drawn alone: the SAE's encoder / decoder directions
+    (``feature``), the control's (``control``, ``core.lens.control``), ``n_null`` isotropic null directions (``null``,
+    the same for both phases) or ``n_null`` SAE-matched null directions (``matched_null``,
+    ``core.lens.control.matched_null``), all seeded by ``key`` — the same directions whatever else is drawn."""
+    if sample == "feature":
+        return {"encoder_embedding": sae.encoder_directions, "decoder_unembedding": sae.decoder_directions}[phase]()
+    if sample == "control":
+        return control_sae(sae, key, halves=(CONTROL_HALF[phase],)).directions[CONTROL_HALF[phase]]
+    if sample == "null":
+        return null_directions(n_null, sae.d_model, key)
+    if sample == "matched_null":
+        return matched_null(sae, key, n_null, (phase,))[phase]
+    raise ValueError(f"sample {sample!r} is not one of {LENS_SAMPLES}")
+
+
 def sample_directions(
     sae: SaeWeights, key: str, n_null: int, matched: bool = False, phases: tuple[str, ...] = PHASES
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per sample, per phase of ``phases``, the unit directions (rows): the SAE's encoder / decoder directions, the
-    control's, ``n_null`` isotropic null directions (the same for both phases) and, when ``matched``, ``n_null``
-    SAE-matched null directions (``core.lens.control.matched_null``), all seeded by ``key`` — the same directions
-    whichever ``phases`` are asked for (a stage that reads one phase at a time holds only that phase's)."""
-    own = {"encoder_embedding": sae.encoder_directions, "decoder_unembedding": sae.decoder_directions}
-    control = control_sae(sae, key, halves=tuple(CONTROL_HALF[phase] for phase in phases)).directions
-    null = null_directions(n_null, sae.d_model, key)
-    out = {
-        "feature": {phase: own[phase]() for phase in phases},
-        "control": {phase: control.pop(CONTROL_HALF[phase]) for phase in phases},
-        "null": {phase: null for phase in phases},
-    }
-    return out | ({"matched_null": matched_null(sae, key, n_null, phases)} if matched else {})
+    """Per sample (``SAMPLES``, and ``matched_null`` when ``matched``), per phase of ``phases``, the unit directions
+    of ``sample_direction``."""
+    samples = LENS_SAMPLES if matched else SAMPLES
+    return {s: {phase: sample_direction(sae, key, n_null, phase, s) for phase in phases} for s in samples}
 
 
 class PhaseDirections:
@@ -73,8 +81,8 @@ class PhaseDirections:
     so a stage holds one phase's directions (features and control: 0.28 GiB at a 16k Gemma-2-2B SAE) in any
     order of phases (a switch back draws them again, the same directions)."""
 
-    def __init__(self, sae: SaeWeights, key: str, n_null: int, matched: bool = False) -> None:
-        self._draw = lambda phase: sample_directions(sae, key, n_null, matched, (phase,))
+    def __init__(self, sae: SaeWeights, key: str, n_null: int) -> None:
+        self._draw = lambda phase: sample_directions(sae, key, n_null, phases=(phase,))
         self._held: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def __call__(self, phase: str) -> dict[str, torch.Tensor]:
@@ -98,45 +106,40 @@ def lens_stage(
     (``core.lens.output_lens``, ``core.lens.circuits.input_lens``) for every sample of ``LENS_SAMPLES``: the
     ``CANDIDATES`` best tokens (the semantic tests pick their normal forms, ``core.analysis.semantic``) and
     ``settings.k`` bottom ones; stats incl. ``top_mean`` over the best ``settings.k`` and ``top1_cosine`` (cosine of
-    the lens operand with the best token's row: ``core.analysis.classify`` token identity). One lens at a time,
-    each with only the directions it reads."""
-    directions = PhaseDirections(sae, key, n_null, matched=True)
+    the lens operand with the best token's row: ``core.analysis.classify`` token identity). One lens and one sample at
+    a time: only that sample's directions of the lens's phase are held (``sample_direction``)."""
     tables = {}
-    for lens in LENS_SIDES:
+    for lens, phase in LENS_SIDES.items():
         tables[f"{lens}_lens_tokens"], tables[f"{lens}_lens_stats"] = _lens_side(
-            lens, directions(LENS_SIDES[lens]), checkpoint, tokens, settings
+            lens, partial(sample_direction, sae, key, n_null, phase), checkpoint, tokens, settings
         )
     return tables
 
 
 def _lens_side(
     lens: str,
-    directions: dict[str, torch.Tensor],
+    draw: Callable[[str], torch.Tensor],
     checkpoint: ModelCheckpoint,
     tokens: list[str],
     settings: EngineSettings,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tokens and stats tables of one lens (``lens_stage``) from each sample's ``directions``."""
+    """The tokens and stats tables of one lens (``lens_stage``); ``draw(sample)`` gives a sample's directions, asked
+    for one sample at a time."""
     compute: Callable[..., RowStats] = output_lens if lens == "output" else input_lens
     operand = {"output": lambda d: lens_operand(d, checkpoint), "input": lambda d: d}[lens]
     matrix = checkpoint.unembedding() if lens == "output" else checkpoint.embedding()
     candidates = min(CANDIDATES, checkpoint.geometry.vocab_size)
-    stats: dict[str, RowStats] = {
-        s: compute(
-            directions[s], checkpoint, k=candidates, compute_dtype=settings.compute_dtype, device=settings.device
+    token_rows, summaries = {}, {}
+    for sample in LENS_SAMPLES:
+        directions = draw(sample)
+        stats = compute(
+            directions, checkpoint, k=candidates, compute_dtype=settings.compute_dtype, device=settings.device
         )
-        for s in LENS_SAMPLES
-    }
-    token_rows = _stacked({s: topk_frame(v, tokens, settings.k) for s, v in stats.items()})
-    summary = _stacked(
-        {
-            s: summary_frame(v, settings.k).assign(
-                top1_cosine=top_token_cosine(operand(directions[s]), matrix, v.top_ids[:, 0]).numpy()
-            )
-            for s, v in stats.items()
-        }
-    )
-    return token_rows, summary
+        token_rows[sample] = topk_frame(stats, tokens, settings.k)
+        cosine = top_token_cosine(operand(directions), matrix, stats.top_ids[:, 0])
+        summaries[sample] = summary_frame(stats, settings.k).assign(top1_cosine=cosine.numpy())
+        del directions, stats  # before the next sample's are drawn
+    return _stacked(token_rows), _stacked(summaries)
 
 
 @dataclass(frozen=True)

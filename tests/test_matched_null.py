@@ -15,7 +15,15 @@ import torch
 
 from core.analysis.classify import call_classes, lens_measures
 from core.lens.control import control_sae
-from core.stages import EngineSettings, PhaseDirections, lens_stage, sample_directions
+from core.stages import (
+    LENS_SAMPLES,
+    SAMPLES,
+    EngineSettings,
+    PhaseDirections,
+    lens_stage,
+    sample_direction,
+    sample_directions,
+)
 from core.weights.sae_formats import SaeWeights
 from core.weights.vocab import normal_tokens, vocabulary_table
 from tests.core_chain import SIZE, random_model
@@ -82,9 +90,10 @@ def test_matched_null_holds_the_nominal_rate(rates):
         assert rates["matched", sample, "output_predicting"] <= 0.02
 
 
-def test_one_phase_at_a_time_gives_the_directions_of_both_at_once():
-    """``sample_directions`` of one phase and ``PhaseDirections`` (switching phases, and back) give exactly the
-    directions drawn for both phases together: a stage that holds one phase at a time sees the same samples."""
+def test_one_phase_or_sample_at_a_time_gives_the_directions_of_all_at_once():
+    """``sample_direction`` (one sample, one phase), ``sample_directions`` of one phase and ``PhaseDirections``
+    (switching phases, and back) give exactly the directions drawn for every sample and phase together: a stage that
+    holds one phase or one sample at a time sees the same samples."""
     gen = torch.Generator().manual_seed(5)
     d, width = 32, 96
     sae = SaeWeights(
@@ -96,14 +105,19 @@ def test_one_phase_at_a_time_gives_the_directions_of_both_at_once():
         "random SAE",
     )
     both = sample_directions(sae, "r:s", 16, matched=True)
-    held = PhaseDirections(sae, "r:s", 16, matched=True)
+    assert set(both) == set(LENS_SAMPLES) and set(sample_directions(sae, "r:s", 16)) == set(SAMPLES)
+    held = PhaseDirections(sae, "r:s", 16)
     for phase in ("decoder_unembedding", "encoder_embedding", "decoder_unembedding"):
         alone = sample_directions(sae, "r:s", 16, matched=True, phases=(phase,))
-        assert set(alone) == set(both) == set(held(phase)) == {"feature", "control", "null", "matched_null"}
+        assert set(held(phase)) == set(SAMPLES)
         for sample, directions in both.items():
             assert set(alone[sample]) == {phase}
             assert torch.equal(alone[sample][phase], directions[phase])
-            assert torch.equal(held(phase)[sample], directions[phase])
+            assert torch.equal(sample_direction(sae, "r:s", 16, phase, sample), directions[phase])
+            if sample in SAMPLES:
+                assert torch.equal(held(phase)[sample], directions[phase])
+    with pytest.raises(ValueError, match="sample 'nul' is not one of"):
+        sample_direction(sae, "r:s", 16, "encoder_embedding", "nul")
 
 
 def test_control_halves_drawn_alone_are_those_drawn_together_and_keep_the_cross_moment():
