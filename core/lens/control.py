@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.weights.sae_formats import SaeWeights
+from core.weights.sae_formats import SaeWeights, nonfinite_count
 
 CONTROL_CHUNK = 1024  # control rows drawn per matmul
 
@@ -75,7 +75,7 @@ def control_sae(sae: SaeWeights, key: str, n: int | None = None, halves: tuple[s
     directions = {}
     for half in halves:
         rows = own[half]().to(torch.float32)
-        if not torch.isfinite(rows).all():
+        if nonfinite_count(rows):
             raise ValueError(f"cannot draw a control: the SAE's {half} directions are not all finite")
         gen = torch.Generator().manual_seed(seed_of(key, "control"))
         z = _second_moment_draw(rows, n, gen)

@@ -95,8 +95,10 @@ class SaeWeights:
         return self.W_dec / self.decoder_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
 
     def encoder_directions(self) -> torch.Tensor:
-        """Unit encoder directions e_i = W_enc[:, i] / ||W_enc[:, i]||, as rows (d_sae, d_model)."""
-        return (self.W_enc / self.encoder_norms.clamp_min(torch.finfo(torch.float32).tiny)).T.contiguous()
+        """Unit encoder directions e_i = W_enc[:, i] / ||W_enc[:, i]||, as rows (d_sae, d_model): transposed, then
+        divided in place (one copy of W_enc's size, not two)."""
+        rows = self.W_enc.T.contiguous()
+        return rows.div_(self.encoder_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
 
 
 GEMMA_SCOPE_2_CONFIG = "config.json"  # per folder: architecture, model_name, hf_hook_point_in (SAELens' Gemma 3 loader)
