@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from core.errors import WeightFileError
-from core.weights.sae_formats import FORMATS
+from core.weights.sae_formats import FORMATS, SaeWeights
 
 pytestmark = pytest.mark.unit
 
@@ -244,3 +244,25 @@ def test_zip_without_npy_members(tmp_path):
         zf.writestr("W_enc.txt", "not an array")
     with pytest.raises(WeightFileError, match="missing arrays"):
         FORMATS["gemma_scope_npz"].read(tmp_path)
+
+
+@pytest.mark.parametrize("stored", ["rows", "transposed"])
+def test_encoder_directions_are_a_copy_whatever_the_layout_of_w_enc(stored):
+    """Unit rows e_i = W_enc[:, i] / ||W_enc[:, i]||, and W_enc untouched — also when it is stored transposed (a view
+    whose transpose is contiguous), where normalising 'a contiguous transpose' in place would rewrite the SAE."""
+    gen = torch.Generator().manual_seed(0)
+    w_enc = torch.randn(D_MODEL, D_SAE, generator=gen) * 3
+    if stored == "transposed":
+        w_enc = w_enc.T.contiguous().T
+    before = w_enc.clone()
+    sae = SaeWeights(
+        w_enc,
+        torch.randn(D_SAE, D_MODEL, generator=gen),
+        torch.zeros(D_SAE),
+        torch.zeros(D_MODEL),
+        torch.zeros(D_SAE),
+        "test",
+    )
+    rows = sae.encoder_directions()
+    assert torch.equal(sae.W_enc, before) and rows.is_contiguous()
+    assert torch.equal(rows, (before / before.norm(dim=0)).T)

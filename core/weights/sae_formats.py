@@ -95,9 +95,10 @@ class SaeWeights:
         return self.W_dec / self.decoder_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
 
     def encoder_directions(self) -> torch.Tensor:
-        """Unit encoder directions e_i = W_enc[:, i] / ||W_enc[:, i]||, as rows (d_sae, d_model): transposed, then
-        divided in place (one copy of W_enc's size, not two)."""
-        rows = self.W_enc.T.contiguous()
+        """Unit encoder directions e_i = W_enc[:, i] / ||W_enc[:, i]||, as rows (d_sae, d_model): a transposed copy
+        (always a copy: ``contiguous`` would hand back W_enc itself when it is stored transposed), divided in place —
+        one copy of W_enc's size, not two."""
+        rows = self.W_enc.T.clone(memory_format=torch.contiguous_format)
         return rows.div_(self.encoder_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
 
 
